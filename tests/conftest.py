@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny real runs (16 px, a few dozen steps) made once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vaediag.cli import main
+
+#: A 16 px model small enough that 40 steps take about a second on a laptop CPU.
+TINY = [
+    "--set", "data.resolution=16", "--set", "data.toyfaces_size=256", "--set", "data.val_size=16",
+    "--set", "model.channels=[8,16]", "--set", "model.latent_dim=4",
+    "--set", "train.batch_size=16", "--no-progress",
+]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the vaediag command in-process; return (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 30-step toyfaces run (16 steps per epoch), shared read-only by tests."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    code = main(["train", "--out", str(out), "--steps", "30", *TINY])
+    assert code == 0
+    return out

@@ -1,0 +1,39 @@
+"""vaediag: training diagnostics for VAE instability.
+
+``vaediag.load_run(path)`` reads a run directory (pandas DataFrames, no torch needed);
+``vaediag.Monitor`` records a user's own training loop; ``vaediag.train`` runs the built-in
+trainer. Heavy modules are imported on first use, so reading runs stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from vaediag.config import Config as Config
+    from vaediag.config import build_config as build_config
+    from vaediag.monitor import Monitor as Monitor
+    from vaediag.rundir import Run as Run
+    from vaediag.rundir import load_run as load_run
+    from vaediag.trainer import train as train
+
+_LAZY = {
+    "load_run": "vaediag.rundir",
+    "Run": "vaediag.rundir",
+    "Config": "vaediag.config",
+    "build_config": "vaediag.config",
+    "Monitor": "vaediag.monitor",
+    "train": "vaediag.trainer",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vaediag' has no attribute {name!r}")

@@ -1,0 +1,217 @@
+"""Command line: thin click commands over the library. ``vaediag --help`` lists them.
+
+Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 3 training stopped by the
+non-finite policy; 130 interrupted (the run dir is checkpointed and can be resumed).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vaediag import __version__
+from vaediag.errors import ConfigError, TrainingStopped, UserError
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+EXIT_INTERRUPTED = 130
+
+#: Keys a resumed run may not change: they define the data, the model's shape or the data order.
+RESUME_LOCKED = ("data.", "model.", "train.seed", "train.batch_size", "loss.recon",
+                 "loss.decoder_scale", "loss.learn_decoder_scale")
+
+
+def _err(message: str) -> None:
+    click.echo(f"vaediag: error: {message}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="vaediag")
+def cli() -> None:
+    """vaediag: training diagnostics for VAE instability.
+
+    Train a VAE with probes recording what matters at every step (vaediag train), then read
+    the run directory it writes (vaediag.load_run in Python).
+    """
+
+
+def _config_options(f):
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override one config key, e.g. --set optim.lr=3e-4 --set "
+                          "model.channels=[16,32]. Values are TOML; bare words are strings. "
+                          "Repeatable; 'vaediag config' lists every key.")(f)
+    f = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     metavar="FILE.toml",
+                     help="A TOML config file (sections [data], [model], [loss], [optim], "
+                          "[train], [eval], [log]), applied over the preset.")(f)
+    f = click.option("--preset", type=click.Choice(_preset_names()), default=None,
+                     help="A named starting configuration (default: 'default'; 'tiny' is a "
+                          "one-minute smoke test).")(f)
+    return f
+
+
+def _preset_names() -> list[str]:
+    from vaediag.config import PRESETS
+
+    return list(PRESETS)
+
+
+@cli.command()
+@_config_options
+@click.option("--data", metavar="SOURCE",
+              help="'toyfaces' (built in, offline: procedural faces with known factors), a folder "
+                   "of images (searched recursively), or a .npz/.npy image array. Same as --set "
+                   "data.source=SOURCE.")
+@click.option("--out", "out", type=click.Path(file_okay=False), metavar="RUN_DIR",
+              help="Run directory to write. Default: runs/run-N, the first that does not exist. "
+                   "A non-empty RUN_DIR is refused unless --resume or --overwrite is given.")
+@click.option("--steps", type=click.IntRange(min=1), metavar="N",
+              help="Train for N optimizer steps (overrides --epochs and train.epochs).")
+@click.option("--epochs", type=click.IntRange(min=1), metavar="N",
+              help="Train for N epochs of the training set.")
+@click.option("--resume", is_flag=True,
+              help="Continue RUN_DIR from its last checkpoint with its saved config: step numbers "
+                   "continue, nothing is duplicated. --steps/--epochs extend it; --set may change "
+                   "optimizer, loss-weight and logging keys.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing run directory at RUN_DIR (only a vaediag run directory).")
+@click.option("--device", metavar="auto|cpu|cuda|cuda:N|mps",
+              help="Where to train (default auto: cuda, then mps, then cpu).")
+@click.option("--seed", type=int, metavar="N",
+              help="Training seed: initialisation, data order, sampling, the grid's fixed z "
+                   "(data.seed fixes the data and its split separately).")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar (default: only when stderr is a terminal; otherwise "
+                   "a log line every 5% of the run).")
+def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...],
+          data: str | None, out: str | None, steps: int | None, epochs: int | None,
+          resume: bool, overwrite: bool, device: str | None, seed: int | None,
+          progress: bool | None) -> None:
+    """Train a VAE on DATA and record everything into RUN_DIR.
+
+    Per-step losses, learning rate and gradient norm go to RUN_DIR/scalars, and the 4x8 grid
+    (8 validation images, their reconstructions, decode(0), decode of 8 fixed z) with its losses
+    to RUN_DIR/grids at every evaluation (default once per epoch). Read it with
+    vaediag.load_run(RUN_DIR).
+
+    \b
+    Examples:
+      vaediag train --out runs/first                      # toyfaces, 64 px, 10 epochs
+      vaediag train --data ~/anime-faces --epochs 30 --out runs/anime
+      vaediag train --preset tiny --out runs/smoke --set optim.lr=1e-3
+      vaediag train --out runs/first --resume --epochs 20 # continue to 20 epochs
+    """
+    from vaediag.config import build_config, from_dict
+    from vaediag.trainer import default_run_dir
+    from vaediag.trainer import train as run_training
+
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    if steps is not None and epochs is not None:
+        raise click.UsageError("give --steps or --epochs, not both")
+    flags = list(overrides)
+    if data is not None:
+        flags.append(f"data.source={_toml_string(data)}")
+    if steps is not None:
+        flags += [f"train.steps={steps}"]
+    if epochs is not None:
+        flags += ["train.steps=0", f"train.epochs={epochs}"]
+    if device is not None:
+        flags.append(f"train.device={_toml_string(device)}")
+    if seed is not None:
+        flags.append(f"train.seed={seed}")
+
+    changes: dict[str, Any] = {}
+    if resume:
+        if out is None:
+            raise click.UsageError("--resume needs --out RUN_DIR")
+        if preset or config_file:
+            raise click.UsageError("--resume continues with the run's saved config; use --set "
+                                   "to change keys, not --preset or --config")
+        from vaediag.rundir import load_run
+
+        saved = load_run(out).config
+        config = build_config(base=saved, overrides=flags)
+        changes = _changed_keys(from_dict(saved), config)
+        locked = [k for k in changes if k.startswith(RESUME_LOCKED)]
+        if locked:
+            raise ConfigError(f"--resume cannot change {', '.join(locked)}: they fix the data, "
+                              f"the model or the data order; start a new run instead")
+        run_dir = Path(out)
+    else:
+        config = build_config(preset=preset, file=config_file, overrides=flags)
+        run_dir = Path(out) if out else default_run_dir()
+
+    click.echo(f"run directory: {run_dir}")
+    started = time.monotonic()
+    result = run_training(config, run_dir, resume=resume, overwrite=overwrite,
+                          progress=progress, resume_changes=changes)
+    took = time.monotonic() - started
+    if result.status == "interrupted":
+        click.echo(f"interrupted at step {result.step:,} of {result.total_steps:,} (checkpoint "
+                   f"saved); continue with: vaediag train --out {run_dir} --resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(f"trained to step {result.step:,} in {took:.0f} s; grids in {run_dir / 'grids'}")
+    click.echo(f"run directory: {run_dir}")
+
+
+def _toml_string(text: str) -> str:
+    """Quote a flag's value as a TOML string for the --set machinery."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _changed_keys(old, new) -> dict[str, list[Any]]:
+    a, b = old.to_dict(), new.to_dict()
+    return {f"{s}.{k}": [a[s][k], b[s][k]]
+            for s in a for k in a[s] if a[s][k] != b[s][k]}
+
+
+@cli.command("config")
+@_config_options
+@click.option("--markdown", is_flag=True,
+              help="Print the reference table of every key and default instead (the one in "
+                   "docs/configuration.md).")
+def show_config(preset: str | None, config_file: str | None, overrides: tuple[str, ...],
+                markdown: bool) -> None:
+    """Print the resolved configuration as TOML, each key with its meaning.
+
+    Save the output as a file, edit it, and pass it back with 'vaediag train --config FILE'.
+    """
+    from vaediag.config import annotated_toml, build_config, reference_markdown
+
+    config = build_config(preset=preset, file=config_file, overrides=overrides)
+    click.echo(reference_markdown() if markdown else annotated_toml(config), nl=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vaediag`` command; returns the exit code."""
+    try:
+        result = cli.main(args=argv, prog_name="vaediag", standalone_mode=False)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "vaediag"
+        _err(f"{exc.format_message()} (see '{where} --help')")
+        return EXIT_BAD_INPUT
+    except click.ClickException as exc:
+        _err(exc.format_message())
+        return EXIT_BAD_INPUT
+    except click.Abort:
+        return EXIT_INTERRUPTED
+    except UserError as exc:
+        _err(str(exc))
+        return EXIT_BAD_INPUT
+    except TrainingStopped as exc:
+        click.echo(f"vaediag: {exc}", err=True)
+        return EXIT_STOPPED
+    except KeyboardInterrupt:
+        click.echo("vaediag: aborted", err=True)
+        return EXIT_INTERRUPTED
+    return result if isinstance(result, int) else 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

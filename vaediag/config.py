@@ -1,0 +1,395 @@
+"""Run configuration: nested dataclasses, TOML in and out, dotted ``--set`` overrides.
+
+Layers apply in this order, later ones winning: the defaults below, a named preset, a TOML file
+(``--config``), then ``--set section.key=value`` overrides and the command's own flags. Unknown keys
+and wrong types are errors (:class:`~vaediag.errors.ConfigError`), never silently ignored. Every
+field's ``help`` text is what ``vaediag config`` prints and what docs/configuration.md lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+import tomllib
+
+from vaediag.errors import ConfigError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("toyfaces", "'toyfaces' (built in, offline), a folder of images (searched "
+                      "recursively), or a .npz/.npy array of images")
+    resolution: int = opt(64, "images are centre-cropped and resized to this square size (px)")
+    toyfaces_size: int = opt(8192, "toyfaces only: number of training images generated")
+    max_images: int = opt(0, "folders and arrays: use at most this many images (0 = all), "
+                          "picked by a seeded shuffle")
+    val_size: int = opt(256, "images held out for validation, never trained on; the first 8 are "
+                        "the grid's")
+    seed: int = opt(0, "seed of the toyfaces generator and of the train/validation split; kept "
+                    "apart from train.seed so the data stays fixed while training seeds vary")
+
+
+@dataclass
+class ModelConfig:
+    channels: tuple[int, ...] = opt((32, 48, 64, 128), "encoder conv widths, one stride-2 conv "
+                                    "each; the decoder mirrors them. data.resolution must be "
+                                    "divisible by 2**len(channels)")
+    latent_dim: int = opt(32, "size of z")
+    norm: Literal["none", "batch", "group"] = opt("none", "normalisation after each hidden conv")
+    group_norm_groups: int = opt(8, "groups for norm = 'group' (must divide every width)")
+    activation: Literal["relu", "leaky_relu", "silu"] = opt("relu", "hidden activation")
+
+
+@dataclass
+class LossConfig:
+    recon: Literal["bce", "mse_sum", "mse_mean", "gaussian"] = opt(
+        "bce", "reconstruction term: 'bce' = BCE-with-logits summed over pixels on [0,1] targets "
+        "(as in the TensorFlow CVAE tutorial); 'mse_sum' / 'mse_mean' on sigmoid outputs; "
+        "'gaussian' = negative log-likelihood of N(sigmoid output, decoder_scale^2)")
+    decoder_scale: float = opt(0.1, "gaussian only: the decoder's standard deviation, or its "
+                               "initial value when learned")
+    learn_decoder_scale: bool = opt(False, "gaussian only: learn one shared decoder scale "
+                                    "(sigma-VAE); as it shrinks the effective KL weight falls")
+    kl: Literal["analytic", "mc"] = opt("analytic", "'analytic' closed form, or 'mc' = the "
+                                        "single-sample Monte Carlo estimate log q(z|x) - log p(z) "
+                                        "(as in the TensorFlow CVAE tutorial)")
+    beta: float = opt(1.0, "weight of the KL term (after the schedule below)")
+    beta_schedule: Literal["constant", "warmup", "cyclical"] = opt(
+        "constant", "'warmup' ramps beta linearly from 0 over beta_warmup_steps; 'cyclical' "
+        "repeats a ramp every beta_cycle_steps (Fu et al. 2019)")
+    beta_warmup_steps: int = opt(0, "steps of the linear KL warm-up")
+    beta_cycle_steps: int = opt(1000, "cyclical: length of one cycle in steps")
+    beta_cycle_ratio: float = opt(0.5, "cyclical: fraction of each cycle spent ramping up")
+    free_bits: float = opt(0.0, "nats per latent dimension below which a dimension's "
+                           "batch-mean KL is not penalised (Kingma et al. 2016); 0 = off")
+    logvar_clamp: tuple[float, ...] = opt((), "[min, max] to clamp the encoder's log-variance, "
+                                          "e.g. [-30.0, 20.0]; empty = no clamp")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw"] = opt("adam", "optimizer")
+    lr: float = opt(1e-3, "peak learning rate")
+    betas: tuple[float, ...] = opt((0.9, 0.999), "Adam's beta1, beta2")
+    eps: float = opt(1e-8, "Adam's epsilon, added to sqrt(v)")
+    weight_decay: float = opt(0.0, "L2 penalty (adam) or decoupled weight decay (adamw)")
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this value; 0 = off")
+    schedule: Literal["constant", "cosine", "step"] = opt("constant", "learning-rate schedule "
+                                                           "after warm-up")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up from 0 over this many steps")
+    min_lr_ratio: float = opt(0.0, "cosine: final lr as a fraction of lr")
+    step_every: int = opt(1000, "step: multiply the lr by step_gamma every this many steps")
+    step_gamma: float = opt(0.5, "step: factor applied every step_every steps")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(0, "optimizer steps to train; 0 = use epochs")
+    epochs: int = opt(10, "epochs to train when steps = 0")
+    batch_size: int = opt(64, "images per step (the last partial batch of an epoch is dropped)")
+    seed: int = opt(0, "seed of initialisation, data order, sampling and the grid's fixed z")
+    device: str = opt("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    on_nonfinite: Literal["stop", "skip", "continue"] = opt(
+        "stop", "when a loss term or gradient is NaN/Inf: 'stop' (checkpoint and exit), 'skip' "
+        "the update, or 'continue'; every occurrence is recorded as an event")
+    checkpoint_every: int = opt(0, "steps between checkpoints; 0 = at every evaluation")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = opt(0, "steps between evaluations (grid + eval losses); 0 = once per epoch")
+    recon_mode: Literal["mean", "sample"] = opt(
+        "mean", "grid row 2 decodes the posterior mean, or one fixed-noise sample of q(z|x)")
+
+
+@dataclass
+class LogConfig:
+    flush_steps: int = opt(50, "write buffered per-step rows at least every this many steps")
+    flush_seconds: float = opt(5.0, "... and at least this often: a run killed with SIGKILL "
+                               "loses at most this much")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {
+            section.name: {
+                k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(getattr(self, section.name)).items()
+            }
+            for section in dataclasses.fields(self)
+        }
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+#: Named presets: partial configs applied on top of the defaults (``--preset NAME``).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    "tiny": {  # a smoke test: a minute or less on a laptop CPU
+        "data": {"resolution": 32, "toyfaces_size": 1024, "val_size": 64},
+        "model": {"channels": [16, 32, 64], "latent_dim": 16},
+        "train": {"epochs": 4, "batch_size": 32},
+    },
+}
+
+_SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
+
+
+@functools.cache
+def _section_types() -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in _SECTIONS:
+        cls = type(getattr(Config(), name))
+        hints = typing.get_type_hints(cls)
+        out[name] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return out
+
+
+def all_keys() -> list[tuple[str, Any, str]]:
+    """Every config key as (dotted name, default, help), in declaration order."""
+    default = Config()
+    keys = []
+    for name in _SECTIONS:
+        section = getattr(default, name)
+        for f in dataclasses.fields(section):
+            keys.append((f"{name}.{f.name}", getattr(section, f.name), f.metadata["help"]))
+    return keys
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(key: str, value: Any, kind: Any, source: str) -> Any:
+    """Check ``value`` against the annotated type ``kind``; return it in canonical form."""
+    where = f"{source}: {key}"
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {_describe(value)}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {_describe(value)}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {_describe(value)}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {_describe(value)}")
+        return value
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, "
+                              f"got {_describe(value)}")
+        return value
+    if origin is tuple:
+        item_kind = typing.get_args(kind)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {_describe(value)}")
+        return tuple(_coerce(f"{key}[{i}]", v, item_kind, source) for i, v in enumerate(value))
+    raise TypeError(f"unsupported config type {kind!r} for {key}")  # a bug in this module
+
+
+def _unknown(key: str, known: typing.Iterable[str], source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{source}: unknown key '{key}'{hint}; 'vaediag config' lists them all")
+
+
+def _merge(base: dict[str, dict[str, Any]], update: dict[str, Any], source: str) -> None:
+    """Merge a nested {section: {key: value}} dict into ``base``, rejecting unknown keys."""
+    types_ = _section_types()
+    dotted = [k for k, _, _ in all_keys()]
+    for section, values in update.items():
+        if section not in types_:
+            raise _unknown(section, dotted + list(types_), source)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of keys, "
+                              f"got {_describe(values)}")
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if key not in types_[section]:
+                raise _unknown(name, dotted, source)
+            base[section][key] = _coerce(name, value, types_[section][key], source)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"optim.lr=1e-3"`` -> ("optim", "lr", 0.001). Values are TOML; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. optim.lr=3e-4")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if key.count(".") != 1 or not all(key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. optim.lr")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as --set loss.recon=mse_sum
+    section, name = key.split(".")
+    return section, name, value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def build_config(
+    *,
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve a :class:`Config` from defaults, a preset, a TOML file and ``--set`` overrides.
+
+    ``base`` replaces the defaults+preset layer (used when resuming from a run's saved config).
+    """
+    merged = Config().to_dict()
+    if base is not None:
+        _merge(merged, base, "saved config")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        _merge(merged, PRESETS[preset], f"preset {preset}")
+    if file is not None:
+        _merge(merged, read_toml(file), str(file))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _merge(merged, {section: {key: value}}, f"--set {text}")
+    return from_dict(merged, source="config")
+
+
+def from_dict(values: dict[str, Any], source: str = "config") -> Config:
+    """Build and validate a :class:`Config` from a complete or partial nested dict."""
+    merged = Config().to_dict()
+    _merge(merged, values, source)
+    sections = {}
+    for name in _SECTIONS:
+        cls = type(getattr(Config(), name))
+        sections[name] = cls(**merged[name])  # values were coerced by _merge
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def validate(c: Config) -> None:
+    """Range and cross-field checks that types alone cannot express."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"config: {message}")
+
+    need(8 <= c.data.resolution <= 512, f"data.resolution must be within 8..512, got "
+         f"{c.data.resolution}")
+    need(len(c.model.channels) >= 1 and all(w >= 1 for w in c.model.channels),
+         "model.channels must list at least one positive width")
+    factor = 2 ** len(c.model.channels)
+    need(c.data.resolution % factor == 0 and c.data.resolution // factor >= 1,
+         f"data.resolution ({c.data.resolution}) must be divisible by 2**len(model.channels) "
+         f"= {factor}")
+    need(c.data.toyfaces_size >= 1, "data.toyfaces_size must be at least 1")
+    need(c.data.max_images >= 0, "data.max_images must be >= 0 (0 = all)")
+    need(c.data.val_size >= 8, f"data.val_size must be at least 8 (the grid shows 8 validation "
+         f"images), got {c.data.val_size}")
+    need(c.model.latent_dim >= 1, "model.latent_dim must be at least 1")
+    if c.model.norm == "group":
+        g = c.model.group_norm_groups
+        need(g >= 1 and all(w % g == 0 for w in c.model.channels),
+             f"model.group_norm_groups ({g}) must divide every width in model.channels")
+    need(c.loss.decoder_scale > 0, "loss.decoder_scale must be > 0")
+    need(c.loss.beta >= 0, "loss.beta must be >= 0")
+    need(c.loss.beta_schedule != "warmup" or c.loss.beta_warmup_steps >= 1,
+         "loss.beta_warmup_steps must be >= 1 with beta_schedule = 'warmup'")
+    need(c.loss.beta_cycle_steps >= 1, "loss.beta_cycle_steps must be >= 1")
+    need(0 < c.loss.beta_cycle_ratio <= 1, "loss.beta_cycle_ratio must be in (0, 1]")
+    need(c.loss.free_bits >= 0, "loss.free_bits must be >= 0")
+    need(len(c.loss.logvar_clamp) in (0, 2) and (not c.loss.logvar_clamp
+                                                or c.loss.logvar_clamp[0] < c.loss.logvar_clamp[1]),
+         f"loss.logvar_clamp must be [] or [min, max] with min < max, got "
+         f"{list(c.loss.logvar_clamp)}")
+    need(c.optim.lr > 0, f"optim.lr must be > 0, got {c.optim.lr}")
+    need(len(c.optim.betas) == 2 and all(0 <= b < 1 for b in c.optim.betas),
+         f"optim.betas must be [beta1, beta2] within [0, 1), got {list(c.optim.betas)}")
+    need(c.optim.eps > 0, f"optim.eps must be > 0, got {c.optim.eps}")
+    need(c.optim.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    need(c.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 = off)")
+    need(c.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    need(0 <= c.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be within [0, 1]")
+    need(c.optim.step_every >= 1, "optim.step_every must be >= 1")
+    need(c.optim.step_gamma > 0, "optim.step_gamma must be > 0")
+    need(c.train.steps >= 0 and c.train.epochs >= 0, "train.steps and train.epochs must be >= 0")
+    need(c.train.steps > 0 or c.train.epochs > 0, "set train.steps or train.epochs to train")
+    need(c.train.batch_size >= 1, "train.batch_size must be at least 1")
+    need(c.train.device == "auto" or c.train.device in ("cpu", "mps", "cuda")
+         or (c.train.device.startswith("cuda:") and c.train.device[5:].isdigit()),
+         f"train.device must be auto, cpu, cuda, cuda:N or mps, got {c.train.device!r}")
+    need(c.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+    need(c.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+    need(c.eval.every_steps >= 0, "eval.every_steps must be >= 0")
+    need(c.log.flush_steps >= 1, "log.flush_steps must be >= 1")
+    need(c.log.flush_seconds > 0, "log.flush_seconds must be > 0")
+
+
+def annotated_toml(config: Config) -> str:
+    """The config as TOML with each key's help as a comment: what ``vaediag config`` prints."""
+    helps = {k: h for k, _, h in all_keys()}
+    lines = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"# {helps[f'{section}.{key}']}")
+            lines.append(tomli_w.dumps({key: value}).rstrip("\n"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The table of every key for docs/configuration.md (a test keeps the two identical)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, help_text in all_keys():
+        shown = list(default) if isinstance(default, tuple) else default
+        value = tomli_w.dumps({"v": shown})[4:].strip()
+        lines.append(f"| `{key}` | `{value}` | {help_text.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "Config", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig",
+    "EvalConfig", "LogConfig", "PRESETS", "build_config", "from_dict", "parse_override",
+    "all_keys", "annotated_toml", "validate", "read_toml", "reference_markdown",
+]

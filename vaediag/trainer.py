@@ -1,0 +1,311 @@
+"""The built-in trainer: one readable loop around the same Monitor that users attach to theirs.
+
+Everything random is a function of the seed and the step (data order per epoch, the sampling
+generator's saved state), so a resumed run continues exactly where the checkpoint left it: the
+per-step rows of an interrupted-and-resumed run equal those of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from vaediag import environment
+from vaediag.config import Config
+from vaediag.data import Dataset, load_dataset
+from vaediag.errors import RunDirError, TrainingStopped, UserError
+from vaediag.losses import kl_per_dim, loss_terms, recon_per_sample
+from vaediag.model import ConvVAE
+from vaediag.monitor import Monitor
+from vaediag.rundir import RunWriter, check_can_create, check_can_resume, list_checkpoints
+from vaediag.schedules import beta_at, lr_at
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # finished | interrupted
+    step: int  # optimizer steps completed
+    total_steps: int
+
+
+def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    o = config.optim
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+               weight_decay=o.weight_decay)
+
+
+class EpochOrder:
+    """The shuffled order of epoch e is a function of (seed, e): nothing to checkpoint."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+class _StopFlag:
+    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[_StopFlag]:
+        def handler(signum: int, frame: Any) -> None:
+            if self.signal is not None:
+                raise KeyboardInterrupt
+            self.signal = signum
+            print(f"\nvaediag: {signal.Signals(signum).name} received: finishing this step and "
+                  f"saving a checkpoint (again to abort)", file=sys.stderr)
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in previous:
+                signal.signal(s, handler)
+        except ValueError:  # not the main thread: no signal handling
+            previous = {}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _eval_loss_fn(model: ConvVAE, config: Config):
+    """Per-image losses of the grid's images as the model is now; KL is the analytic one."""
+    def eval_loss(x, z, mu, logvar):
+        logits = model.decode_logits(z)
+        recon = recon_per_sample(logits, x, config.loss.recon, model.log_scale)
+        return recon, kl_per_dim(mu, logvar).sum(1)
+    return eval_loss
+
+
+def _checkpoint_state(step: int, model, optimizer, sampler: torch.Generator, monitor: Monitor,
+                      writer: RunWriter) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "sampler_rng": sampler.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "monitor": monitor.state_dict(),
+        "events_written": writer.events_written,
+    }
+
+
+def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The newest checkpoint that loads with ``weights_only=True``."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise RunDirError(f"{run_dir} has no checkpoint to resume from; start it again with "
+                          f"--overwrite")
+    for step, path in reversed(checkpoints):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint: try an older one
+            print(f"vaediag: warning: checkpoint {path.name} is unreadable ({exc}); trying an "
+                  f"older one", file=sys.stderr)
+            continue
+        if state.get("format") == CHECKPOINT_FORMAT and state.get("step") == step:
+            return state
+    raise RunDirError(f"{run_dir}: no readable checkpoint to resume from")
+
+
+def _report_skipped(data: Dataset) -> None:
+    if data.skipped:
+        print(f"vaediag: warning: {data.name}: {data.skipped.summary()}", file=sys.stderr)
+
+
+def train(
+    config: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    resume_changes: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train a VAE as configured, recording everything into ``run_dir``.
+
+    ``progress``: a tqdm bar (True), periodic log lines (False), or pick by whether stderr is a
+    terminal (None). Raises :class:`~vaediag.errors.TrainingStopped` when the non-finite policy
+    is 'stop' and a loss or gradient went non-finite.
+    """
+    run_dir = Path(run_dir)
+    tc = config.train
+    device = environment.resolve_device(tc.device)
+    # Refuse a run dir we may not use before spending time on data.
+    if resume:
+        check_can_resume(run_dir)
+    else:
+        check_can_create(run_dir, overwrite)
+    data = load_dataset(config.data)
+    _report_skipped(data)
+    if tc.batch_size > len(data.train):
+        raise UserError(f"train.batch_size ({tc.batch_size}) is larger than the training set "
+                        f"({len(data.train)} images)")
+    order = EpochOrder(len(data.train), tc.batch_size, tc.seed)
+    spe = order.steps_per_epoch
+    total_steps = tc.steps or tc.epochs * spe
+    eval_every = config.eval.every_steps or spe
+    checkpoint_every = tc.checkpoint_every or eval_every
+
+    torch.manual_seed(tc.seed)
+    model = ConvVAE.from_config(config).to(device)
+    optimizer = build_optimizer(model, config)
+    sampler = torch.Generator(device=device).manual_seed(tc.seed + 1)
+
+    flush = {"flush_steps": config.log.flush_steps, "flush_seconds": config.log.flush_seconds}
+    if resume:
+        writer = RunWriter.reopen(run_dir, **flush)
+        writer.save_config(config.to_toml())
+    else:
+        writer = RunWriter.create(run_dir, config_toml=config.to_toml(), overwrite=overwrite,
+                                  environment=environment.collect(device, tc.seed), **flush)
+    step = 0
+    try:
+        state = load_latest_checkpoint(run_dir) if resume else None
+        monitor = Monitor(writer, model, optimizer, eval_images=data.val[:8],
+                          eval_loss=_eval_loss_fn(model, config), eval_every=eval_every,
+                          recon_mode=config.eval.recon_mode, seed=tc.seed,
+                          steps_per_epoch=spe, eval_factors=data.val_factors, resume=resume)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            sampler.set_state(state["sampler_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            monitor.load_state_dict(state["monitor"])
+            step = int(state["step"])
+            dropped = writer.rewind(step, int(state["events_written"]))
+            writer.event("resume", step, dropped=dropped, changes=resume_changes or {},
+                         total_steps=total_steps)
+        else:
+            skipped = data.skipped
+            writer.event("start", 0, total_steps=total_steps, steps_per_epoch=spe,
+                         train_images=len(data.train), val_images=len(data.val), data=data.name,
+                         skipped_files=len(skipped.corrupt) + len(skipped.not_images)
+                         if skipped else 0)
+        if step >= total_steps:
+            writer.close("finished", step, "nothing to do: already at the last step")
+            return TrainResult(run_dir, "finished", step, total_steps)
+        return _loop(config, data, order, model, optimizer, sampler, monitor, writer, device,
+                     step, total_steps, checkpoint_every, progress)
+    except BaseException as exc:
+        if not writer.closed:  # the loop did not close it: record why training ended
+            if isinstance(exc, TrainingStopped):
+                writer.close("stopped", exc.step, str(exc))
+            elif isinstance(exc, KeyboardInterrupt):
+                writer.close("interrupted", writer.last_step + 1, "aborted by a second signal")
+            else:
+                writer.close("failed", writer.last_step + 1, f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, optimizer,
+          sampler: torch.Generator, monitor: Monitor, writer: RunWriter, device: torch.device,
+          start: int, total_steps: int, checkpoint_every: int,
+          progress: bool | None) -> TrainResult:
+    tc, spe = config.train, order.steps_per_epoch
+    images = torch.from_numpy(data.train)
+    use_bar = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
+               disable=not use_bar, file=sys.stderr, desc="training")
+    log_every = max(1, total_steps // 20)
+
+    def checkpoint(step: int) -> None:
+        writer.event("checkpoint", step)
+        writer.save_checkpoint(step, _checkpoint_state(step, model, optimizer, sampler, monitor,
+                                                       writer), keep=tc.keep_checkpoints)
+
+    if start == 0:
+        monitor.evaluate(0)
+        checkpoint(0)
+    model.train()
+    step = start
+    with _StopFlag().installed() as stop, bar:
+        while step < total_steps:
+            x = images[order.batch(step)].to(device, non_blocking=True).float().div_(255.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config.optim, total_steps)
+            beta = beta_at(step, config.loss)
+
+            out = model(x, generator=sampler)
+            terms = loss_terms(out.logits, x, out.mu, out.logvar, out.z, config.loss, beta,
+                               model.log_scale)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            check = monitor.after_backward(step, recon=terms.recon, kl=terms.kl,
+                                           total=terms.total, beta=beta, epoch=step // spe)
+            skip = False
+            if check.nonfinite and tc.on_nonfinite == "stop":
+                monitor.after_step(step, skipped=True, evaluate=False)
+                checkpoint(step)
+                what = ", ".join(check.nonfinite)
+                raise TrainingStopped(f"non-finite {what} at step {step}: stopped (state saved "
+                                      f"at step {step}; change the config and --resume, or set "
+                                      f"train.on_nonfinite)", step)
+            if check.nonfinite and tc.on_nonfinite == "skip":
+                optimizer.zero_grad(set_to_none=True)
+                skip = True
+            if not skip:
+                if config.optim.grad_clip and check.grad_norm > config.optim.grad_clip:
+                    scale = config.optim.grad_clip / (check.grad_norm + 1e-6)
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(scale)
+                optimizer.step()
+            monitor.after_step(step, skipped=skip)
+            step += 1
+
+            if step % checkpoint_every == 0 or step == total_steps or stop.signal:
+                if step == total_steps and step % monitor.eval_every:
+                    monitor.evaluate(step)  # always end on a grid of the final model
+                checkpoint(step)
+            row = monitor.last_step_row
+            if use_bar:
+                bar.set_postfix_str(f"recon {row['recon']:.4g}  KL {row['kl']:.4g}",
+                                    refresh=False)
+                bar.update(1)
+            elif step % log_every == 0 or step == total_steps:
+                elapsed = monitor.elapsed()
+                print(f"step {step:,}/{total_steps:,}  epoch {step / spe:.2f}  recon "
+                      f"{row['recon']:.4g}  KL {row['kl']:.4g}  ({elapsed:.0f} s)",
+                      file=sys.stderr, flush=True)
+            if stop.signal:
+                monitor.close("interrupted", step, f"stopped by signal {stop.signal}")
+                return TrainResult(writer.path, "interrupted", step, total_steps)
+    monitor.close("finished", step)
+    return TrainResult(writer.path, "finished", step, total_steps)
+
+
+def default_run_dir(root: str | Path = "runs") -> Path:
+    """runs/run-1, runs/run-2, ...: the first that does not exist (never a timestamp)."""
+    root = Path(root)
+    i = 1
+    while (root / f"run-{i}").exists():
+        i += 1
+    return root / f"run-{i}"
+
+
+__all__ = ["train", "TrainResult", "build_optimizer", "EpochOrder", "load_latest_checkpoint",
+           "default_run_dir"]
