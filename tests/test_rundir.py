@@ -219,4 +219,10 @@ def test_atomic_files_leave_no_temporaries(tmp_path):
     leftovers = [p for p in (tmp_path / "r").rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
     assert load_run(tmp_path / "r").fixed["fixed_z"].shape == (8, 2)
-    assert os.path.getsize(tmp_path / "r" / "grids" / "step-00000000.png") == 3
+    grid_png = tmp_path / "r" / "grids" / "step-00000000.png"
+    assert os.path.getsize(grid_png) == 3
+    # Same permissions as any other file the user creates (mkstemp alone would make them 0600).
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    for name in ("run.json", "config.toml", "fixed.npz", "grids/step-00000000.png"):
+        assert (tmp_path / "r" / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
