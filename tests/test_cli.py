@@ -267,3 +267,21 @@ def test_second_writer_is_refused_while_training(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_toyfaces_export_then_train_on_the_folder(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "toyfaces", tmp_path / "faces", "-n", "40", "--resolution",
+                           "16")
+    assert code == 0 and "wrote 40 faces" in out
+    assert len(list((tmp_path / "faces").glob("*.png"))) == 40
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "faces", "--out",
+                           tmp_path / "r", "--steps", "2", *TINY)
+    assert code == 0 and "warning" in err and "1 non-image file(s)" in err  # factors.csv
+    code, _, err = run_cli(capsys, "toyfaces", tmp_path / "faces")
+    assert code == 2 and "not an empty folder" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_clear_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--device", "cuda", *TINY)
+    assert code == 2 and "CUDA is not available" in err and not (tmp_path / "r").exists()

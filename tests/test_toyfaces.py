@@ -30,6 +30,12 @@ def test_deterministic_in_seed_and_stream():
     assert not np.array_equal(a, d)
 
 
+def test_a_larger_set_starts_with_the_smaller_one():
+    small, _ = toyfaces.generate(5, 16, seed=3)
+    large, _ = toyfaces.generate(50, 16, seed=3)
+    assert np.array_equal(small, large[:5])
+
+
 @pytest.mark.parametrize("resolution", [16, 32, 64, 128])
 def test_shapes_and_dtype_at_every_resolution(resolution):
     images, factors = toyfaces.generate(5, resolution, seed=0)
@@ -111,3 +117,17 @@ def test_turn_moves_features_toward_the_turned_side():
 def test_resolution_out_of_range():
     with pytest.raises(ValueError, match=r"8\.\.512"):
         toyfaces.render(_one_face(), 4)
+
+
+def test_export_writes_images_and_their_factors(tmp_path):
+    import csv
+
+    csv_path = toyfaces.export(tmp_path / "faces", 12, 24, seed=5)
+    rows = list(csv.DictReader(csv_path.open()))
+    images, factors = toyfaces.generate(12, 24, seed=5)
+    assert [r["file"] for r in rows] == [f"{i:05d}.png" for i in range(12)]
+    for i in (0, 11):
+        on_disk = np.asarray(Image.open(tmp_path / "faces" / rows[i]["file"])).transpose(2, 0, 1)
+        assert np.array_equal(on_disk, images[i])
+        assert float(rows[i]["angle"]) == pytest.approx(factors.angle[i], abs=1e-4)
+        assert float(rows[i]["hair_g"]) == pytest.approx(factors.hair[i, 1], abs=1e-5)

@@ -170,6 +170,31 @@ def _changed_keys(old, new) -> dict[str, list[Any]]:
             for s in a for k in a[s] if a[s][k] != b[s][k]}
 
 
+@cli.command("toyfaces")
+@click.argument("out_dir", type=click.Path(file_okay=False), metavar="OUT_DIR")
+@click.option("-n", "--count", type=click.IntRange(min=1), default=64, show_default=True,
+              help="How many faces to write.")
+@click.option("--resolution", type=click.IntRange(8, 512), default=64, show_default=True,
+              help="Image size in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Generator seed (the training set of data.seed = N is seed N, stream 0).")
+def toyfaces_command(out_dir: str, count: int, resolution: int, seed: int) -> None:
+    """Write toyfaces images as PNGs with their known factors in OUT_DIR/factors.csv.
+
+    The same faces that 'vaediag train' generates in memory with data.seed = SEED, the first
+    COUNT of its training set. OUT_DIR must not exist or be empty. The folder trains like any
+    other: vaediag train --data OUT_DIR.
+    """
+    from vaediag.data.toyfaces import export
+    from vaediag.errors import DataError
+
+    path = Path(out_dir)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise DataError(f"{path} exists and is not an empty folder; choose another OUT_DIR")
+    csv = export(path, count, resolution, seed)
+    click.echo(f"wrote {count} faces and {csv}")
+
+
 @cli.command("config")
 @_config_options
 @click.option("--markdown", is_flag=True,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -109,18 +110,28 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return table[i, np.arange(len(h))]
 
 
+_DRAWS = 19  # uniforms per face, in the order used below
+
+
 def sample_factors(n: int, rng: np.random.Generator) -> FaceFactors:
-    """Draw ``n`` independent faces' factors from ``rng``."""
-    u = rng.uniform
-    skin = _hsv_to_rgb(u(0.02, 0.10, n), u(0.15, 0.55, n), u(0.55, 1.0, n))
-    hair = _hsv_to_rgb(u(0.0, 1.0, n), u(0.35, 0.95, n), u(0.25, 0.95, n))
-    eye = _hsv_to_rgb(u(0.0, 1.0, n), u(0.55, 1.0, n), u(0.45, 1.0, n))
-    background = _hsv_to_rgb(u(0.0, 1.0, n), u(0.05, 0.5, n), u(0.35, 1.0, n))
+    """Draw ``n`` independent faces' factors from ``rng``.
+
+    One row of uniforms per face, so the first k faces are the same whatever ``n`` is.
+    """
+    draws = iter(rng.random((n, _DRAWS)).T)
+
+    def u(lo: float, hi: float) -> np.ndarray:
+        return lo + (hi - lo) * next(draws)
+
+    skin = _hsv_to_rgb(u(0.02, 0.10), u(0.15, 0.55), u(0.55, 1.0))
+    hair = _hsv_to_rgb(u(0.0, 1.0), u(0.35, 0.95), u(0.25, 0.95))
+    eye = _hsv_to_rgb(u(0.0, 1.0), u(0.55, 1.0), u(0.45, 1.0))
+    background = _hsv_to_rgb(u(0.0, 1.0), u(0.05, 0.5), u(0.35, 1.0))
     return FaceFactors(
         skin=skin, hair=hair, eye=eye, background=background,
-        angle=u(*ANGLE_RANGE, n), turn=u(*TURN_RANGE, n),
-        center=u(*CENTER_RANGE, (n, 2)), size=u(*SIZE_RANGE, n),
-        hair_length=u(*HAIR_LENGTH_RANGE, n), eye_size=u(*EYE_SIZE_RANGE, n),
+        angle=u(*ANGLE_RANGE), turn=u(*TURN_RANGE),
+        center=np.stack([u(*CENTER_RANGE), u(*CENTER_RANGE)], axis=1), size=u(*SIZE_RANGE),
+        hair_length=u(*HAIR_LENGTH_RANGE), eye_size=u(*EYE_SIZE_RANGE),
     )
 
 
@@ -245,6 +256,28 @@ def render(factors: FaceFactors, resolution: int) -> np.ndarray:
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             list(pool.map(work, starts))
     return out
+
+
+def export(directory: Path, n: int, resolution: int, seed: int, stream: int = 0) -> Path:
+    """Write ``n`` faces as PNGs (00000.png, ...) and their factors as ``factors.csv``.
+
+    The folder can be trained on like any image folder (``--data DIR``); the CSV has one row per
+    file: ``file`` then the columns of :data:`FACTOR_NAMES`.
+    """
+    from PIL import Image
+
+    images, factors = generate(n, resolution, seed, stream)
+    directory.mkdir(parents=True, exist_ok=True)
+    table = factors.table()
+    width = max(5, len(str(n - 1)))
+    rows = [",".join(["file", *FACTOR_NAMES])]
+    for i, img in enumerate(images):
+        name = f"{i:0{width}d}.png"
+        Image.fromarray(img.transpose(1, 2, 0)).save(directory / name)
+        rows.append(",".join([name, *(f"{table[k][i]:.6g}" for k in FACTOR_NAMES)]))
+    csv = directory / "factors.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
 
 
 def generate(n: int, resolution: int, seed: int, stream: int = 0) -> tuple[np.ndarray, FaceFactors]:
