@@ -15,6 +15,7 @@ from PIL import Image
 
 from tests.conftest import TINY, run_cli
 from vaediag.cli import cli
+from vaediag.config import build_config
 from vaediag.rundir import load_run
 
 RUN_FILES = {".lock", "run.json", "config.toml", "environment.json", "fixed.npz",
@@ -95,6 +96,10 @@ def bad_inputs(tmp_path):
     (tmp_path / "full" / "notes.txt").write_text("mine")
     (tmp_path / "bad.toml").write_text("[optim\n")
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "nockpt").mkdir()  # a run killed before its first checkpoint
+    (tmp_path / "nockpt" / "run.json").write_text('{"format": 1, "status": "running"}')
+    tiny_sets = [TINY[i + 1] for i, a in enumerate(TINY) if a == "--set"]
+    (tmp_path / "nockpt" / "config.toml").write_text(build_config(overrides=tiny_sets).to_toml())
     return tmp_path
 
 
@@ -114,6 +119,7 @@ def bad_inputs(tmp_path):
         (["--out", "{t}/afile/run"], "not writable"),
         (["--resume", "--out", "{t}/missing"], "no run directory at"),
         (["--resume", "--out", "{t}/full"], "not a vaediag run directory"),
+        (["--resume", "--out", "{t}/nockpt"], "has no checkpoint to resume from"),
         (["--resume", "--overwrite", "--out", "{t}/x"], "--resume and --overwrite"),
         (["--steps", "3", "--epochs", "2"], "not both"),
         (["--steps", "0"], "0 is not in the range x>=1"),
@@ -135,6 +141,8 @@ def test_bad_input_is_one_line_and_exit_2(bad_inputs, capsys, args, message):
     assert "Traceback" not in err
     assert sorted(str(p) for p in bad_inputs.rglob("*")) == before  # nothing created or removed
     assert (bad_inputs / "full" / "notes.txt").read_text() == "mine"
+    assert (bad_inputs / "nockpt" / "run.json").read_text() == '{"format": 1, "status": "running"}'
+
 
 
 def test_bad_input_in_a_subprocess_has_no_traceback(tmp_path):

@@ -154,9 +154,11 @@ def train(
     run_dir = Path(run_dir)
     tc = config.train
     device = environment.resolve_device(tc.device)
-    # Refuse a run dir we may not use before spending time on data.
+    # Refuse a run dir we may not use before spending time on data or touching its files.
+    state = None
     if resume:
         check_can_resume(run_dir)
+        state = load_latest_checkpoint(run_dir)
     else:
         check_can_create(run_dir, overwrite)
     data = load_dataset(config.data)
@@ -184,7 +186,6 @@ def train(
                                   environment=environment.collect(device, tc.seed), **flush)
     step = 0
     try:
-        state = load_latest_checkpoint(run_dir) if resume else None
         monitor = Monitor(writer, model, optimizer, eval_images=data.val[:8],
                           eval_loss=_eval_loss_fn(model, config), eval_every=eval_every,
                           recon_mode=config.eval.recon_mode, seed=tc.seed,
