@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from vaediag.cli import main
+
+# Tests never see a real torch hub cache (LPIPS weights a developer may have downloaded): the
+# LPIPS code path is tested with locally built backbone files, identically on every machine.
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="vaediag-tests-torch-home-")
 
 #: A 16 px model small enough that 40 steps take about a second on a laptop CPU.
 TINY = [

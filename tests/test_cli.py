@@ -38,13 +38,14 @@ def test_train_writes_exactly_the_documented_run_dir(tiny_run):
     assert s["time"].is_monotonic_increasing and s[["recon", "kl", "lr"]].notna().all().all()
     e = run.evals
     assert list(e["step"]) == [0, 16, 30]
-    assert {"eval_recon", "eval_kl", "eval_recon_0", "eval_kl_7"} <= set(e.columns)
+    assert {"eval_recon", "eval_kl", "img.recon/0", "img.kl/7"} <= set(e.columns)
     # The running training average next to the grid's own loss: they differ, both recorded.
     assert np.isnan(e["train_recon_avg"][0]) and e["train_avg_steps"][1] == 16
     assert e["train_recon_avg"][1] == pytest.approx(s["recon"][:16].mean(), rel=1e-5)
     assert run.config["data"]["resolution"] == 16
     assert run.environment["versions"]["torch"]
-    assert list(run.events["kind"]) == ["start", "checkpoint", "checkpoint", "checkpoint"]
+    assert list(run.events["kind"]) == ["start", "metric_status", "probes", "checkpoint",
+                                        "checkpoint", "checkpoint"]
 
 
 def test_progress_lines_and_run_dir_on_stdout(tmp_path, capsys):
@@ -166,7 +167,7 @@ def test_folder_with_some_corrupt_images_trains_and_says_so_once(tmp_path, capsy
     code, _, err = run_cli(capsys, "train", "--data", folder, "--out", tmp_path / "r",
                            "--steps", "3", *TINY)
     assert code == 0
-    warnings = [line for line in err.splitlines() if "warning" in line]
+    warnings = [line for line in err.splitlines() if "warning" in line and "skipped" in line]
     assert len(warnings) == 1
     assert "1 unreadable image file(s)" in warnings[0] and "1 non-image file(s)" in warnings[0]
     start = load_run(tmp_path / "r").events.iloc[0]
@@ -293,3 +294,56 @@ def test_toyfaces_export_then_train_on_the_folder(tmp_path, capsys):
 def test_unavailable_device_is_a_clear_error(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--device", "cuda", *TINY)
     assert code == 2 and "CUDA is not available" in err and not (tmp_path / "r").exists()
+
+
+def test_probe_presets_and_extra_probes_from_the_command_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "off", "--steps", "3",
+                           "--probes", "off", *TINY)
+    assert code == 0, err
+    off = load_run(tmp_path / "off")
+    assert set(off.scalars.columns) == {"step", "time", "recon", "kl", "total", "grad_norm",
+                                        "epoch", "beta", "lr"}
+    assert "lpips unavailable" not in err  # no evaluation probes: LPIPS is not even looked for
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "sat", "--steps", "3",
+                           "--probes", "cheap", "--probe",
+                           "probes/decoder_saturation.py:DecoderSaturation", *TINY)
+    assert code == 0, err
+    evals = load_run(tmp_path / "sat").evals
+    assert evals["sat_recon_frac"].notna().all() and "ssim" in evals
+    assert load_run(tmp_path / "sat").config["probes"]["extra"] == [
+        "probes/decoder_saturation.py:DecoderSaturation"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--probe", "probes/nope.py:X"], "no such file"),
+    (["--probe", "probes/decoder_saturation.py:Nope"], "has no class Nope"),
+    (["--lpips-weights", "missing.pth"], "--lpips-weights missing.pth: no such file"),
+    (["--probes", "most"], "'most' is not one of"),
+])
+def test_bad_probe_options(tmp_path, capsys, args, message):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--steps", "2", *args,
+                           *TINY)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_lpips_with_a_locally_built_backbone_file(tmp_path, capsys):
+    import torch
+    import torchvision
+
+    weights = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), weights)
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--steps", "3",
+                           "--lpips-weights", weights, *TINY)
+    assert code == 0, err
+    assert err.count("UNVERIFIED weights") == 1  # said once, and not passed off as LPIPS
+    run = load_run(tmp_path / "r")
+    assert run.evals["lpips"].notna().all() and run.evals["img.lpips/7"].notna().all()
+    status = run.events[run.events["kind"] == "metric_status"].iloc[0]
+    assert status["available"] and not status["verified"] and status["weights"] == str(weights)
+
+
+def test_lpips_unavailable_is_said_once_and_recorded(tiny_run):
+    status = load_run(tiny_run).events.query("kind == 'metric_status'").iloc[0]
+    assert not status["available"] and "backbone weights not found" in status["reason"]
+    assert "lpips" not in load_run(tiny_run).evals

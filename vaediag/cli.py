@@ -84,19 +84,30 @@ def _preset_names() -> list[str]:
 @click.option("--seed", type=int, metavar="N",
               help="Training seed: initialisation, data order, sampling, the grid's fixed z "
                    "(data.seed fixes the data and its split separately).")
+@click.option("--probes", "probe_preset", type=click.Choice(["off", "cheap", "standard", "full"]),
+              help="What to record beyond the losses (default standard; docs/probes.md). Same as "
+                   "--set probes.preset=...")
+@click.option("--probe", "probe_specs", multiple=True, metavar="FILE.py:ClassName",
+              help="Load an extra probe from a Python file, e.g. --probe "
+                   "probes/decoder_saturation.py:DecoderSaturation. Repeatable.")
+@click.option("--lpips-weights", type=click.Path(dir_okay=False), metavar="PATH",
+              help="torchvision's AlexNet ImageNet weights (alexnet-owt-7be5be79.pth) for LPIPS, "
+                   "for machines that cannot download them. Default: the torch hub cache.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: only when stderr is a terminal; otherwise "
                    "a log line every 5% of the run).")
 def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...],
           data: str | None, out: str | None, steps: int | None, epochs: int | None,
           resume: bool, overwrite: bool, device: str | None, seed: int | None,
+          probe_preset: str | None, probe_specs: tuple[str, ...], lpips_weights: str | None,
           progress: bool | None) -> None:
     """Train a VAE on DATA and record everything into RUN_DIR.
 
-    Per-step losses, learning rate and gradient norm go to RUN_DIR/scalars, and the 4x8 grid
-    (8 validation images, their reconstructions, decode(0), decode of 8 fixed z) with its losses
-    to RUN_DIR/grids at every evaluation (default once per epoch). Read it with
-    vaediag.load_run(RUN_DIR).
+    Per-step losses and what the probes record (gradients per layer, Adam's state, latent
+    statistics; --probes picks how much) go to RUN_DIR/scalars; at every evaluation (default once
+    per epoch) the 4x8 grid (8 validation images, their reconstructions, decode(0), decode of 8
+    fixed z) with its losses and image-quality metrics goes to RUN_DIR/grids and RUN_DIR/evals.
+    Read it with vaediag.load_run(RUN_DIR).
 
     \b
     Examples:
@@ -124,6 +135,14 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
         flags.append(f"train.device={_toml_string(device)}")
     if seed is not None:
         flags.append(f"train.seed={seed}")
+    if probe_preset is not None:
+        flags.append(f"probes.preset={probe_preset}")
+    if probe_specs:
+        flags.append("probes.extra=[" + ", ".join(_toml_string(s) for s in probe_specs) + "]")
+    if lpips_weights is not None:
+        if not Path(lpips_weights).is_file():
+            raise UserError(f"--lpips-weights {lpips_weights}: no such file")
+        flags.append(f"probes.lpips_weights={_toml_string(lpips_weights)}")
 
     changes: dict[str, Any] = {}
     if resume:

@@ -116,6 +116,24 @@ class EvalConfig:
 
 
 @dataclass
+class ProbesConfig:
+    preset: Literal["off", "cheap", "standard", "full"] = opt(
+        "standard", "what to record beyond the losses: 'off', 'cheap', 'standard' or 'full' "
+        "(docs/probes.md)")
+    extra: tuple[str, ...] = opt((), "more probes to load, as FILE.py:ClassName")
+    split_every: int = opt(25, "steps between recon/KL gradient splits (standard preset)")
+    layer_every: int = opt(1, "steps between per-layer gradient, Adam and update statistics "
+                           "(standard and full)")
+    metric_images: int = opt(64, "score at most this many validation images at every evaluation, "
+                             "for active units and set-level quality (the grid's 8 are always "
+                             "scored); 0 = grid only")
+    lpips_weights: str = opt("", "torchvision's AlexNet ImageNet weights file for LPIPS; empty = "
+                             "look in the torch hub cache")
+    lpips_download: bool = opt(False, "let torchvision download the LPIPS backbone weights when "
+                               "they are not found")
+
+
+@dataclass
 class LogConfig:
     flush_steps: int = opt(50, "write buffered per-step rows at least every this many steps")
     flush_seconds: float = opt(5.0, "... and at least this often: a run killed with SIGKILL "
@@ -130,6 +148,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -361,6 +380,11 @@ def validate(c: Config) -> None:
     need(c.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
     need(c.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
     need(c.eval.every_steps >= 0, "eval.every_steps must be >= 0")
+    need(c.probes.split_every >= 1, "probes.split_every must be >= 1")
+    need(c.probes.layer_every >= 1, "probes.layer_every must be >= 1")
+    need(c.probes.metric_images >= 0, "probes.metric_images must be >= 0")
+    need(all(":" in spec for spec in c.probes.extra),
+         "probes.extra entries must be FILE.py:ClassName")
     need(c.log.flush_steps >= 1, "log.flush_steps must be >= 1")
     need(c.log.flush_seconds > 0, "log.flush_seconds must be > 0")
 
@@ -390,6 +414,6 @@ def reference_markdown() -> str:
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig",
-    "EvalConfig", "LogConfig", "PRESETS", "build_config", "from_dict", "parse_override",
-    "all_keys", "annotated_toml", "validate", "read_toml", "reference_markdown",
+    "EvalConfig", "LogConfig", "PRESETS", "ProbesConfig", "build_config", "from_dict",
+    "parse_override", "all_keys", "annotated_toml", "validate", "read_toml", "reference_markdown",
 ]

@@ -22,7 +22,7 @@ _GAP = 2
 _LABEL_WIDTH = 118
 _HEADER_LINES = 3
 _LINE = 16
-_CAPTION_LINES = 2
+_CAPTION_LINES = 3
 _CAPTION_LINE = 12
 _BACKGROUND = (255, 255, 255)
 _INK = (20, 20, 20)
@@ -86,7 +86,7 @@ def render(
 
     tiles: uint8 (4, 8, 3, R, R) images. header: up to 3 lines of text above the tiles.
     row_labels: one label per row (may contain a newline). captions: per column of row 2, up to
-    two short lines each (e.g. per-image losses or metrics).
+    three short lines each (e.g. per-image losses or metrics).
     """
     if tiles.shape[:3] != (ROWS, COLS, 3) or tiles.dtype != np.uint8:
         raise ValueError(f"tiles must be uint8 (4, 8, 3, R, R), got {tiles.dtype} {tiles.shape}")

@@ -1,26 +1,30 @@
 """The Monitor: records a VAE's training into a run directory, one instrumented code path.
 
-The built-in trainer and a user's own loop call the same three methods::
+The built-in trainer and a user's own loop call the same methods::
 
-    mon = Monitor("runs/mine", model, optimizer, eval_images=val_batch,
-                  encode=model.encode, decode=model.decode)
+    mon = vaediag.Monitor("runs/mine", model, optimizer, eval_images=val_batch,
+                          encode=model.encode, decode=model.decode)
     for step, x in enumerate(loader):
-        ...forward pass, loss = recon + beta * kl...
-        optimizer.zero_grad(); loss.backward()
-        mon.after_backward(step, recon=recon, kl=kl)
+        recon, kl, mu, logvar = ...                      # your forward pass and loss terms
+        loss = recon + beta * kl
+        optimizer.zero_grad()
+        loss.backward(retain_graph=mon.wants_graph(step))  # retain only for the recon/KL split
+        mon.after_backward(step, recon=recon, kl=kl, beta=beta, mu=mu, logvar=logvar)
         optimizer.step()
         mon.after_step(step)
     mon.close()
 
-``step`` counts optimizer updates made before this batch (0-based). A per-step row with step s
-describes the model after s updates; an evaluation at step S shows the model after S updates.
+``step`` counts optimizer updates made before this batch (0-based): a per-step row with step s
+describes the model after s updates, and an evaluation at step S shows it after S updates.
+What is recorded beyond the losses is decided by probes (:mod:`vaediag.probes`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,17 @@ import torch
 from torch import nn
 
 from vaediag import grid
+from vaediag import probes as probe_library
 from vaediag.errors import UserError
+from vaediag.metrics import lpips as lpips_metric
+from vaediag.probes.base import (
+    EvalContext,
+    LayerIndex,
+    Probe,
+    ProbeSetup,
+    StepContext,
+    to_floats,
+)
 from vaediag.rundir import RunWriter, load_run
 
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -40,6 +54,7 @@ EvalLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                       tuple[torch.Tensor, torch.Tensor]]
 
 GRID_IMAGES = grid.COLS
+_SET_CHUNK = 64
 
 
 @dataclass
@@ -50,12 +65,6 @@ class StepCheck:
     nonfinite: list[str] = field(default_factory=list)  # e.g. ["kl", "grad:decoder.fc.weight"]
 
 
-def _as_float(value: Any) -> float:
-    if isinstance(value, torch.Tensor):
-        return float(value.detach())
-    return float(value)
-
-
 def _fmt(value: float) -> str:
     if not math.isfinite(value):
         return str(value)
@@ -64,25 +73,46 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:.3f}"
 
 
+def _as_images(images: torch.Tensor | np.ndarray, what: str, minimum: int) -> torch.Tensor:
+    x = torch.as_tensor(images)
+    if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] < minimum:
+        raise UserError(f"{what} must be a batch of at least {minimum} RGB images shaped "
+                        f"(N, 3, H, W), got {tuple(x.shape)}")
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise UserError(f"{what} must lie in [0, 1] (or be uint8 0..255)")
+    return x
+
+
 class Monitor:
-    """Record per-step losses and gradient health, and evaluate the 4x8 grid at a cadence.
+    """Record losses, gradients, optimizer state and image quality; evaluate the 4x8 grid.
 
     Parameters
     ----------
     run_dir
         A path for a new run directory, or an open :class:`~vaediag.rundir.RunWriter`.
     model, optimizer
-        The model (for parameter names and gradients) and its optimizer (for the learning rate).
+        The model (parameter names, gradients) and its optimizer (learning rate, Adam state).
     eval_images
-        The fixed validation batch shown on the grid: at least 8 images, (N, 3, H, W) in [0, 1]
+        The fixed validation batch of the grid: at least 8 RGB images (N, 3, H, W) in [0, 1]
         (uint8 0..255 is accepted too); the first 8 are used.
     encode, decode
-        ``encode(x) -> (mu, logvar)`` and ``decode(z) -> image in [0, 1]``.
+        ``encode(x) -> (mu, logvar)`` and ``decode(z) -> image in [0, 1]``; default: the
+        model's own ``encode`` / ``decode`` methods.
     eval_loss
-        Optional ``(x, z, mu, logvar) -> (recon per image, kl per image)``: without it the
+        Optional ``(x, z, mu, logvar) -> (recon per image, kl per image)``; without it the
         grid shows no losses of its own images.
     eval_every
-        Steps between evaluations (the grid, eval losses).
+        Steps between evaluations (grid, eval losses, image-quality probes).
+    probes
+        A preset name (``off``, ``cheap``, ``standard``, ``full``) or a list of probes.
+    extra_probes
+        More probes (instances) to run besides the preset.
+    metric_images
+        Optional larger fixed set of validation images scored at each evaluation (active units,
+        set-level quality).
+    lpips_weights, lpips_download
+        Where LPIPS' AlexNet weights are, and whether torchvision may download them.
     """
 
     def __init__(
@@ -96,6 +126,11 @@ class Monitor:
         decode: DecodeFn | None = None,
         eval_loss: EvalLossFn | None = None,
         eval_every: int = 500,
+        probes: str | Sequence[Probe] = "standard",
+        extra_probes: Sequence[Probe] = (),
+        metric_images: torch.Tensor | np.ndarray | None = None,
+        lpips_weights: str | None = None,
+        lpips_download: bool = False,
         recon_mode: str = "mean",
         seed: int = 0,
         steps_per_epoch: int | None = None,
@@ -121,7 +156,12 @@ class Monitor:
         self.steps_per_epoch = steps_per_epoch
         self.device = next(iter(model.parameters())).device
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self._eval_x = self._check_eval_images(eval_images)
+        self.layers = LayerIndex.from_params(self._params)
+        self._eval_x = _as_images(eval_images, "eval_images", GRID_IMAGES)[:GRID_IMAGES]
+        self._eval_x = self._eval_x.to(self.device)
+        self._set_x = None if metric_images is None else \
+            _as_images(metric_images, "metric_images", 2)
+        self._factors = {k: np.asarray(v)[:GRID_IMAGES] for k, v in (eval_factors or {}).items()}
 
         if isinstance(run_dir, RunWriter):
             self.writer = run_dir
@@ -129,10 +169,11 @@ class Monitor:
             import tomli_w
 
             from vaediag import environment
-            toml = tomli_w.dumps(config or {})
-            self.writer = RunWriter.create(run_dir, config_toml=toml,
-                                           environment=environment.collect(self.device, seed),
-                                           overwrite=overwrite)
+            settings = {"monitor": {"eval_every": eval_every, "recon_mode": recon_mode,
+                                    "probes": probes if isinstance(probes, str) else "custom"}}
+            self.writer = RunWriter.create(
+                run_dir, config_toml=tomli_w.dumps({**settings, **(config or {})}),
+                environment=environment.collect(self.device, seed), overwrite=overwrite)
         if resume:
             fixed = load_run(self.writer.path).fixed
             self.fixed_z = torch.from_numpy(fixed["fixed_z"]).to(self.device)
@@ -143,14 +184,19 @@ class Monitor:
             g = torch.Generator().manual_seed(seed + 20_231)
             self.fixed_z = torch.randn(GRID_IMAGES, latent, generator=g).to(self.device)
             self.recon_noise = torch.randn(GRID_IMAGES, latent, generator=g).to(self.device)
-            factors = {f"factor_{k}": np.asarray(v)[:GRID_IMAGES]
-                       for k, v in (eval_factors or {}).items()}
             self.writer.save_fixed(
                 eval_images=(self._eval_x.cpu().numpy() * 255).round().astype(np.uint8),
                 fixed_z=self.fixed_z.cpu().numpy(), recon_noise=self.recon_noise.cpu().numpy(),
-                **factors,
+                **{f"factor_{k}": v for k, v in self._factors.items()},
             )
-        self._row: dict[str, Any] | None = None
+
+        self.probes: list[Probe] = [*self._choose(probes), *extra_probes]
+        self.lpips = self._load_lpips(lpips_weights, lpips_download) \
+            if any(p.on_eval for p in self.probes) else None
+        self._setup_probes(resume)
+
+        self._pending: tuple[StepContext, dict[str, Any], dict[str, Any]] | None = None
+        self._before: list[torch.Tensor] | None = None
         self._sums = np.zeros(3)  # recon, kl, count since the last evaluation
         self._elapsed_before = 0.0
         self._t0 = time.monotonic()
@@ -158,20 +204,60 @@ class Monitor:
         self.last_eval_row: dict[str, Any] = {}
         self._evaluated = resume  # a resumed run has its evaluation at the checkpoint's step
 
-    # -- inputs -------------------------------------------------------------------------------
+    # -- probes -------------------------------------------------------------------------------
 
-    def _check_eval_images(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(images)
-        if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] < GRID_IMAGES:
-            raise UserError(f"eval_images must be a batch of at least {GRID_IMAGES} RGB images "
-                            f"shaped (N, 3, H, W), got {tuple(x.shape)}")
-        x = x[:GRID_IMAGES]
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        x = x.float()
-        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-            raise UserError("eval_images must lie in [0, 1] (or be uint8 0..255)")
-        return x.to(self.device)
+    @staticmethod
+    def _choose(spec: str | Sequence[Probe]) -> list[Probe]:
+        return probe_library.build(spec) if isinstance(spec, str) else list(spec)
+
+    def _load_lpips(self, weights: str | None, download: bool):
+        metric, status = lpips_metric.load(weights, download, self.device)
+        fields = {"metric": "lpips", "available": status.available, "reason": status.reason,
+                  "weights": status.weights, "sha256": status.sha256, "verified": status.verified}
+        self.writer.event("metric_status", 0, **fields)
+        if not status.available:
+            print(f"vaediag: warning: {status.describe()}; the other metrics are recorded",
+                  file=sys.stderr)
+        elif not status.verified:
+            print(f"vaediag: warning: {status.describe()}", file=sys.stderr)
+        return metric
+
+    def _setup_probes(self, resume: bool) -> None:
+        info = ProbeSetup(self.model, self.optimizer, self.layers,
+                          int(self.fixed_z.shape[1]), bool(self._factors), self.lpips)
+        active = []
+        for probe in self.probes:
+            reason = probe.setup(info)
+            if reason:
+                if not resume:
+                    self.writer.event("probe_not_applicable", 0, probe=probe.name, reason=reason)
+                print(f"vaediag: note: probe '{probe.name}' is not applicable: {reason}",
+                      file=sys.stderr)
+            else:
+                active.append(probe)
+        self.probes = active
+        if not resume:
+            self.writer.event("probes", 0, active=[p.name for p in active])
+
+    def _run(self, probe: Probe, ctx: Any, step: int) -> dict[str, Any]:
+        """Run one probe; a probe that raises is disabled with one warning and an event."""
+        try:
+            return probe.compute(ctx)
+        except Exception as exc:  # noqa: BLE001 - a broken probe must never stop training
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.probes = [p for p in self.probes if p is not probe]
+            self.writer.event("probe_failed", step, probe=probe.name, error=message)
+            print(f"vaediag: warning: probe '{probe.name}' failed at step {step} and is "
+                  f"disabled: {message}", file=sys.stderr)
+            return {}
+
+    def _due(self, step: int, *, after_step: bool) -> list[Probe]:
+        return [p for p in self.probes
+                if not p.on_eval and p.after_step == after_step and p.schedule(step)]
+
+    def wants_graph(self, step: int) -> bool:
+        """Whether ``loss.backward`` should keep the graph at ``step`` (for the gradient split)."""
+        return any("graph" in p.needs for p in self._due(step, after_step=False))
 
     # -- per step -----------------------------------------------------------------------------
 
@@ -187,69 +273,105 @@ class Monitor:
         total: torch.Tensor | float | None = None,
         beta: float | None = None,
         epoch: int | None = None,
+        mu: torch.Tensor | None = None,
+        logvar: torch.Tensor | None = None,
+        kl_term: torch.Tensor | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> StepCheck:
-        """Call after ``loss.backward()`` and before ``optimizer.step()``."""
+        """Call after ``loss.backward()`` and before ``optimizer.step()``.
+
+        ``kl_term`` is the KL part of the loss as differentiated (default ``beta * kl``); give
+        it, still attached to the graph, for the recon/KL gradient split.
+        """
         if step == 0 and not self._evaluated:
             self.evaluate(0)
-        grads = [p.grad for _, p in self._params if p.grad is not None]
-        values = [recon, kl] + ([total] if total is not None else [])
-        tensors = [v.detach().float().reshape(()) if isinstance(v, torch.Tensor)
-                   else torch.tensor(float(v)) for v in values]
-        if grads:
-            norms = torch.stack([g.detach().norm() for g in grads])
-            tensors.append(norms.norm().to(tensors[0].device))
-        scalars = torch.stack([t.to(self.device) for t in tensors]).tolist()  # one sync per step
-        recon_f, kl_f = scalars[0], scalars[1]
-        row: dict[str, Any] = {"step": int(step), "time": self.elapsed(),
-                               "recon": recon_f, "kl": kl_f}
+        grads = [p.grad for _, p in self._params]
+        norms = torch.stack([g.detach().norm() if g is not None
+                             else torch.zeros((), device=self.device) for g in grads]) \
+            if grads else torch.zeros(0)
+        core = {"recon": recon, "kl": kl}
+        if total is not None:
+            core["total"] = total
+        has_grads = any(g is not None for g in grads)
+        if has_grads:
+            core["grad_norm"] = norms.double().pow(2).sum().sqrt()
+        row: dict[str, Any] = {"step": int(step), "time": self.elapsed(), **to_floats(core)}
         if epoch is not None:
             row["epoch"] = epoch
-        if total is not None:
-            row["total"] = scalars[2]
         if beta is not None:
             row["beta"] = float(beta)
         if self.optimizer is not None:
             row["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        grad_norm = scalars[-1] if grads else float("nan")
-        if grads:
-            row["grad_norm"] = grad_norm
-        check = StepCheck(grad_norm=grad_norm)
-        for name, value in (("recon", recon_f), ("kl", kl_f), ("total", row.get("total", 0.0))):
-            if not math.isfinite(value):
-                check.nonfinite.append(name)
-        if grads and not math.isfinite(grad_norm):
-            first = self._first_nonfinite_grad()
+        check = StepCheck(grad_norm=row.get("grad_norm", math.nan))
+        for term in ("recon", "kl", "total"):
+            if term in row and not math.isfinite(row[term]):
+                check.nonfinite.append(term)
+        if has_grads and not math.isfinite(check.grad_norm):
+            first = next((n for (n, _), v in zip(self._params, norms.tolist(), strict=True)
+                          if not math.isfinite(v)), None)
             check.nonfinite.append(f"grad:{first}" if first else "grad")
         for term in check.nonfinite:
-            self.writer.event("nonfinite", step, term=term, recon=recon_f, kl=kl_f,
-                              grad_norm=grad_norm)
-        if math.isfinite(recon_f) and math.isfinite(kl_f):
-            self._sums += (recon_f, kl_f, 1)
-        self._row = row
+            self.writer.event("nonfinite", step, term=term, recon=row["recon"], kl=row["kl"],
+                              grad_norm=check.grad_norm)
+        if math.isfinite(row["recon"]) and math.isfinite(row["kl"]):
+            self._sums += (row["recon"], row["kl"], 1)
+
+        if kl_term is None and isinstance(kl, torch.Tensor) and kl.requires_grad:
+            kl_term = kl * (1.0 if beta is None else beta)
+        ctx = StepContext(step, self._params, self.layers, self.optimizer,
+                          {"recon": row["recon"], "kl": row["kl"], "total": row.get("total"),
+                           "beta": beta, "mu": None if mu is None else mu.detach(),
+                           "logvar": None if logvar is None else logvar.detach(),
+                           "kl_term": kl_term, "param_grad_norms": norms})
+        values: dict[str, Any] = dict(extra or {})
+        for probe in self._due(step, after_step=False):
+            values.update(self._run(probe, ctx, step))
+        ctx.kl_term = None  # release the graph
+        if any("update" in p.needs for p in self._due(step, after_step=True)):
+            ctx.before = self._snapshot()
+        self._pending = (ctx, row, values)
         return check
 
-    def _first_nonfinite_grad(self) -> str | None:
-        for name, p in self._params:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                return name
-        return None
+    def _snapshot(self) -> list[torch.Tensor]:
+        """Copy the parameters into buffers kept for the run (no allocation per step)."""
+        if self._before is None:
+            self._before = [torch.empty(p.numel(), device=p.device) for _, p in self._params]
+        for buf, (_, p) in zip(self._before, self._params, strict=True):
+            buf.copy_(p.detach().reshape(-1))
+        return self._before
 
     def after_step(self, step: int, *, skipped: bool = False, evaluate: bool = True) -> None:
         """Call after ``optimizer.step()`` (or instead of it, with ``skipped=True``).
 
         Evaluates when one is due, unless ``evaluate`` is False (a loop that is about to stop).
         """
-        if self._row is None or self._row["step"] != step:
+        if self._pending is None or self._pending[1]["step"] != step:
             raise UserError(f"after_step({step}) without after_backward({step}) before it")
-        row, self._row = self._row, None
+        ctx, row, values = self._pending
+        self._pending = None
         if skipped:
             self.writer.event("skipped_step", step)
+        else:
+            for probe in self._due(step, after_step=True):
+                values.update(self._run(probe, ctx, step))
+        row.update(to_floats(values))
         self.writer.log_step(row)
         self.last_step_row = row
         if evaluate and (step + 1) % self.eval_every == 0:
             self.evaluate(step + 1)
 
     # -- evaluation ---------------------------------------------------------------------------
+
+    def _encode_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        xs, recons, mus, logvars = [], [], [], []
+        for start in range(0, len(self._set_x), _SET_CHUNK):
+            x = self._set_x[start:start + _SET_CHUNK].to(self.device)
+            mu, logvar = self.encode(x)
+            xs.append(x.cpu())
+            recons.append(self.decode(mu).cpu())
+            mus.append(mu.cpu())
+            logvars.append(logvar.cpu())
+        return torch.cat(xs), torch.cat(recons), torch.cat(mus), torch.cat(logvars)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any]:
@@ -261,36 +383,40 @@ class Monitor:
             mu, logvar = self.encode(x)
             z = mu if self.recon_mode == "mean" else mu + self.recon_noise * torch.exp(0.5 * logvar)
             recon_img = self.decode(z)
-            zero_img = self.decode(torch.zeros_like(self.fixed_z[:1])).expand(GRID_IMAGES, -1, -1,
-                                                                             -1)
+            zero_img = self.decode(torch.zeros_like(self.fixed_z[:1]))
             fixed_img = self.decode(self.fixed_z)
             per_image = self.eval_loss(x, z, mu, logvar) if self.eval_loss else None
+            ctx = EvalContext(step, x, recon_img, zero_img, fixed_img, mu, logvar,
+                              self._factors or None, self.lpips,
+                              self._encode_set if self._set_x is not None else None)
+            values: dict[str, Any] = {}
+            for probe in [p for p in self.probes if p.on_eval]:
+                values.update(self._run(probe, ctx, step))
         finally:
             self.model.train(was_training)
 
         row: dict[str, Any] = {"step": int(step), "time": self.elapsed()}
         if self.steps_per_epoch:
             row["epoch"] = step / self.steps_per_epoch
-        recon_each = kl_each = None
         if per_image is not None:
-            recon_each = per_image[0].float().cpu().numpy()
-            kl_each = per_image[1].float().cpu().numpy()
-            row["eval_recon"] = float(recon_each.mean())
-            row["eval_kl"] = float(kl_each.mean())
-            for i in range(GRID_IMAGES):
-                row[f"eval_recon_{i}"] = float(recon_each[i])
-                row[f"eval_kl_{i}"] = float(kl_each[i])
+            recon_each, kl_each = per_image[0].float().cpu(), per_image[1].float().cpu()
+            values["eval_recon"] = recon_each.mean()
+            values["eval_kl"] = kl_each.mean()
+            values.update(probe_library.per_index("img", "recon", recon_each))
+            values.update(probe_library.per_index("img", "kl", kl_each))
         recon_sum, kl_sum, count = self._sums
         if count:
             row["train_recon_avg"] = recon_sum / count
             row["train_kl_avg"] = kl_sum / count
             row["train_avg_steps"] = int(count)
         self._sums[:] = 0
+        row.update(to_floats(values))
 
-        tiles = torch.stack([x, recon_img, zero_img, fixed_img]).clamp(0, 1)
+        tiles = torch.stack([x, recon_img, zero_img.expand(GRID_IMAGES, -1, -1, -1),
+                             fixed_img]).clamp(0, 1)
         tiles = (tiles * 255).round().to(torch.uint8).cpu().numpy()
-        png = grid.to_png(grid.render(tiles, self._header(row),
-                                      self._row_labels(), self._captions(recon_each, kl_each)))
+        png = grid.to_png(grid.render(tiles, self._header(row), self._row_labels(),
+                                      self._captions(row)))
         self.writer.save_grid(step, png)
         self.writer.log_eval(row)
         self.last_eval_row = row
@@ -321,25 +447,45 @@ class Monitor:
                 "decode(z=0)\nthe average face", "decode(fixed z)\n8 fixed z~N(0,I)"]
 
     @staticmethod
-    def _captions(recon: np.ndarray | None, kl: np.ndarray | None) -> list[list[str]] | None:
-        if recon is None or kl is None:
-            return None
-        return [[f"rec {_fmt(float(r))}", f"KL {_fmt(float(k))}"]
-                for r, k in zip(recon, kl, strict=True)]
+    def _captions(row: dict[str, Any]) -> list[list[str]]:
+        """Under each reconstruction: its own loss, SSIM and LPIPS (or 'n/a')."""
+        captions = []
+        for i in range(GRID_IMAGES):
+            lines = []
+            for stat, label, digits in (("recon", "rec", None), ("ssim", "SSIM", 3),
+                                        ("lpips", "LPIPS", 3)):
+                value = row.get(f"img.{stat}/{i}")
+                if value is None:
+                    lines.append(f"{label} n/a")
+                elif digits is None:
+                    lines.append(f"{label} {_fmt(value)}")
+                else:
+                    lines.append(f"{label} {value:.{digits}f}")
+            captions.append(lines)
+        return captions
 
     # -- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs so a resumed run continues the averages and the clock."""
-        return {"sums": self._sums.tolist(), "elapsed": self.elapsed()}
+        """What a checkpoint needs so a resumed run continues averages, clock and probes."""
+        return {"sums": self._sums.tolist(), "elapsed": self.elapsed(),
+                "probes": {p.name: p.state_dict() for p in self.probes}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._sums = np.asarray(state["sums"], dtype=np.float64)
         self._elapsed_before = float(state["elapsed"])
         self._t0 = time.monotonic()
+        for probe in self.probes:
+            if probe.name in state.get("probes", {}):
+                probe.load_state_dict(state["probes"][probe.name])
 
     def close(self, status: str = "finished", step: int | None = None, message: str = "") -> None:
-        """Flush everything and mark the run's status; the run directory is complete."""
-        last = step if step is not None else int(self.last_step_row.get("step", -1)) + 1
-        self.writer.close(status, max(last, 0), message)
+        """Flush everything and mark the run's status; the run directory is complete.
 
+        A finished run whose last grid is older than its last step gets a final evaluation, so
+        the last grid always shows the final model.
+        """
+        last = step if step is not None else int(self.last_step_row.get("step", -1)) + 1
+        if status == "finished" and last > 0 and self.last_eval_row.get("step") != last:
+            self.evaluate(last)
+        self.writer.close(status, max(last, 0), message)

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from vaediag import environment
+from vaediag import probes as probe_library
 from vaediag.config import Config
 from vaediag.data import Dataset, load_dataset
 from vaediag.errors import RunDirError, TrainingStopped, UserError
@@ -131,6 +132,19 @@ def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
     raise RunDirError(f"{run_dir}: no readable checkpoint to resume from")
 
 
+def build_extra_probes(specs: tuple[str, ...]) -> list:
+    """Instantiate the probes named FILE.py:ClassName in ``probes.extra``."""
+    out = []
+    for spec in specs:
+        cls = probe_library.load_from_path(spec)
+        try:
+            out.append(cls())
+        except Exception as exc:  # noqa: BLE001 - the user's class: any error is bad input
+            raise UserError(f"probe {spec}: cannot create it with no arguments: "
+                            f"{type(exc).__name__}: {exc}") from None
+    return out
+
+
 def _report_skipped(data: Dataset) -> None:
     if data.skipped:
         print(f"vaediag: warning: {data.name}: {data.skipped.summary()}", file=sys.stderr)
@@ -161,6 +175,7 @@ def train(
         state = load_latest_checkpoint(run_dir)
     else:
         check_can_create(run_dir, overwrite)
+    extra_probes = build_extra_probes(config.probes.extra)
     data = load_dataset(config.data)
     _report_skipped(data)
     if tc.batch_size > len(data.train):
@@ -186,16 +201,9 @@ def train(
                                   environment=environment.collect(device, tc.seed), **flush)
     step = 0
     try:
-        monitor = Monitor(writer, model, optimizer, eval_images=data.val[:8],
-                          eval_loss=_eval_loss_fn(model, config), eval_every=eval_every,
-                          recon_mode=config.eval.recon_mode, seed=tc.seed,
-                          steps_per_epoch=spe, eval_factors=data.val_factors, resume=resume)
+        # Record how this session starts before anything else writes events: a resumed run
+        # first forgets what came after its checkpoint.
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            sampler.set_state(state["sampler_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            monitor.load_state_dict(state["monitor"])
             step = int(state["step"])
             dropped = writer.rewind(step, int(state["events_written"]))
             writer.event("resume", step, dropped=dropped, changes=resume_changes or {},
@@ -206,6 +214,22 @@ def train(
                          train_images=len(data.train), val_images=len(data.val), data=data.name,
                          skipped_files=len(skipped.corrupt) + len(skipped.not_images)
                          if skipped else 0)
+        pc = config.probes
+        monitor = Monitor(writer, model, optimizer, eval_images=data.val[:8],
+                          eval_loss=_eval_loss_fn(model, config), eval_every=eval_every,
+                          probes=probe_library.build(pc.preset, pc.split_every, pc.layer_every),
+                          extra_probes=extra_probes,
+                          metric_images=data.val[:pc.metric_images] if pc.metric_images else None,
+                          lpips_weights=pc.lpips_weights or None,
+                          lpips_download=pc.lpips_download,
+                          recon_mode=config.eval.recon_mode, seed=tc.seed,
+                          steps_per_epoch=spe, eval_factors=data.val_factors, resume=resume)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            sampler.set_state(state["sampler_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            monitor.load_state_dict(state["monitor"])
         if step >= total_steps:
             writer.close("finished", step, "nothing to do: already at the last step")
             return TrainResult(run_dir, "finished", step, total_steps)
@@ -254,9 +278,13 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
             terms = loss_terms(out.logits, x, out.mu, out.logvar, out.z, config.loss, beta,
                                model.log_scale)
             optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
+            terms.total.backward(retain_graph=monitor.wants_graph(step))
+            extra = {"decoder_scale": model.log_scale.detach().exp()} \
+                if config.loss.learn_decoder_scale and model.log_scale is not None else None
             check = monitor.after_backward(step, recon=terms.recon, kl=terms.kl,
-                                           total=terms.total, beta=beta, epoch=step // spe)
+                                           total=terms.total, beta=beta, epoch=step // spe,
+                                           mu=out.mu, logvar=out.logvar,
+                                           kl_term=beta * terms.kl_penalty, extra=extra)
             skip = False
             if check.nonfinite and tc.on_nonfinite == "stop":
                 monitor.after_step(step, skipped=True, evaluate=False)

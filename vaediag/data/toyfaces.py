@@ -169,17 +169,27 @@ def _ellipse_coverage(
 
 
 def _paint(canvas: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
-    """Alpha-blend ``colour`` ((B, 3) or (3,)) over ``canvas`` (3, B, H, W) in place."""
-    colour = np.broadcast_to(np.asarray(colour, dtype=np.float32), (alpha.shape[0], 3))
+    """Alpha-blend ``colour`` ((B, C) or (C,)) over ``canvas`` (C, B, H, W) in place."""
+    channels = canvas.shape[0]
+    colour = np.broadcast_to(np.asarray(colour, dtype=np.float32), (alpha.shape[0], channels))
     tmp = np.empty_like(alpha)
-    for c in range(3):
+    for c in range(channels):
         channel = canvas[c]
         np.subtract(colour[:, c, None, None], channel, out=tmp)  # canvas += a * (colour - canvas)
         tmp *= alpha
         channel += tmp
 
 
-def _render_chunk(f: FaceFactors, resolution: int) -> np.ndarray:
+#: Face parts, for :func:`render_parts`: the index of each part's mask.
+PARTS = ("background", "hair", "skin", "eye", "other")
+_BACKGROUND, _HAIR, _SKIN, _EYE, _OTHER = range(len(PARTS))
+
+
+def _layers(f: FaceFactors, resolution: int):
+    """The face's painted layers, back to front: (coverage (B, H, W), colour, part index).
+
+    The background is not a layer: it is the canvas the layers are painted on.
+    """
     b = len(f)
     col = lambda v: np.asarray(v, dtype=np.float32).reshape(b, 1, 1)  # noqa: E731
     grid = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution * 2.0 - 1.0
@@ -197,27 +207,21 @@ def _render_chunk(f: FaceFactors, resolution: int) -> np.ndarray:
     hair_len = col(f.hair_length)
     eye_size = col(f.eye_size)
 
-    # Background with a soft vertical shading so it is not a flat fill.
-    bg = np.asarray(f.background, dtype=np.float32)
-    shade = (1.0 - 0.12 * (gy + 1.0) / 2.0).astype(np.float32)
-    canvas = bg.T[:, :, None, None] * shade[None, None]  # (3, B, H, W), channels first for speed
-
     hair = np.asarray(f.hair, dtype=np.float32)
-    dark_hair = hair * 0.75
     skin = np.asarray(f.skin, dtype=np.float32)
     dark = np.array([0.08, 0.06, 0.08], dtype=np.float32)
 
     # Hair behind the head: longer hair reaches further down.
-    _paint(canvas, _ellipse_coverage(x, y, -0.12 * t, 0.05 + 0.35 * hair_len, 1.22,
-                                     1.25 + 0.45 * hair_len, pixel), dark_hair)
+    yield _ellipse_coverage(x, y, -0.12 * t, 0.05 + 0.35 * hair_len, 1.22,
+                            1.25 + 0.45 * hair_len, pixel), hair * 0.75, _HAIR
     # Neck, then the face (slightly shifted with the turn).
-    _paint(canvas, _ellipse_coverage(x, y, 0.05 * t, 1.05, 0.38, 0.45, pixel), skin * 0.85)
-    _paint(canvas, _ellipse_coverage(x, y, 0.06 * t, 0.08, 0.9, 1.02, pixel), skin)
+    yield _ellipse_coverage(x, y, 0.05 * t, 1.05, 0.38, 0.45, pixel), skin * 0.85, _OTHER
+    yield _ellipse_coverage(x, y, 0.06 * t, 0.08, 0.9, 1.02, pixel), skin, _SKIN
     # Bangs: the top of a hair cap, cut by a spiky fringe line that moves with the turn.
     cap = _ellipse_coverage(x, y, -0.06 * t, -0.32, 1.04, 0.82, pixel)
     fringe_y = -0.22 + 0.16 * np.abs(np.sin(3.2 * (x - 0.35 * t)))
     below = np.clip(0.5 + (fringe_y - y) / pixel, 0.0, 1.0)
-    _paint(canvas, cap * below, hair)
+    yield cap * below, hair, _HAIR
 
     # Eyes: the far eye (opposite the turn) is narrower. Outline, iris, pupil, highlight.
     for side in (-1.0, 1.0):
@@ -225,17 +229,42 @@ def _render_chunk(f: FaceFactors, resolution: int) -> np.ndarray:
         near = 1.0 - 0.4 * np.clip(-side * t, 0.0, 1.0)
         rx, ry = 0.2 * near * eye_size, 0.25 * eye_size
         ey = 0.22
-        _paint(canvas, _ellipse_coverage(x, y, ex, ey, rx * 1.18, ry * 1.12, pixel), dark)
-        _paint(canvas, _ellipse_coverage(x, y, ex, ey + 0.02, rx, ry * 0.95, pixel), f.eye)
-        _paint(canvas, _ellipse_coverage(x, y, ex + 0.02 * t, ey + 0.05, rx * 0.5, ry * 0.55,
-                                         pixel), dark)
-        _paint(canvas, _ellipse_coverage(x, y, ex - 0.35 * rx, ey - 0.35 * ry, rx * 0.3,
-                                         ry * 0.25, pixel), np.ones(3, np.float32))
+        yield _ellipse_coverage(x, y, ex, ey, rx * 1.18, ry * 1.12, pixel), dark, _OTHER
+        yield _ellipse_coverage(x, y, ex, ey + 0.02, rx, ry * 0.95, pixel), f.eye, _EYE
+        yield (_ellipse_coverage(x, y, ex + 0.02 * t, ey + 0.05, rx * 0.5, ry * 0.55, pixel),
+               dark, _OTHER)
+        yield (_ellipse_coverage(x, y, ex - 0.35 * rx, ey - 0.35 * ry, rx * 0.3, ry * 0.25,
+                                 pixel), np.ones(3, np.float32), _OTHER)
     # Nose and mouth shift further than the eyes with the turn: a clear orientation cue.
-    _paint(canvas, _ellipse_coverage(x, y, 0.42 * t, 0.5, 0.045, 0.03, pixel), skin * 0.6)
-    _paint(canvas, _ellipse_coverage(x, y, 0.36 * t, 0.72, 0.16 * (1 - 0.3 * np.abs(t)), 0.055,
-                                     pixel), np.array([0.55, 0.12, 0.15], np.float32))
+    yield _ellipse_coverage(x, y, 0.42 * t, 0.5, 0.045, 0.03, pixel), skin * 0.6, _OTHER
+    yield (_ellipse_coverage(x, y, 0.36 * t, 0.72, 0.16 * (1 - 0.3 * np.abs(t)), 0.055, pixel),
+           np.array([0.55, 0.12, 0.15], np.float32), _OTHER)
+
+
+def _render_chunk(f: FaceFactors, resolution: int) -> np.ndarray:
+    grid = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution * 2.0 - 1.0
+    # Background with a soft vertical shading so it is not a flat fill.
+    shade = (1.0 - 0.12 * (grid + 1.0) / 2.0).astype(np.float32)[:, None]
+    bg = np.asarray(f.background, dtype=np.float32)
+    canvas = np.ascontiguousarray(  # (3, B, H, W), channels first for speed
+        np.broadcast_to(bg.T[:, :, None, None] * shade[None, None],
+                        (3, len(f), resolution, resolution)))
+    for alpha, colour, _ in _layers(f, resolution):
+        _paint(canvas, alpha, colour)
     return canvas
+
+
+def render_parts(factors: FaceFactors, resolution: int) -> np.ndarray:
+    """Visible coverage of each part in :data:`PARTS`, float32 (N, len(PARTS), R, R).
+
+    The masks sum to 1 at every pixel: what each pixel shows once every layer is painted.
+    """
+    canvas = np.zeros((len(PARTS), len(factors), resolution, resolution), dtype=np.float32)
+    canvas[_BACKGROUND] = 1.0
+    eye = np.eye(len(PARTS), dtype=np.float32)
+    for alpha, _, part in _layers(factors, resolution):
+        _paint(canvas, alpha, eye[part])
+    return canvas.transpose(1, 0, 2, 3)
 
 
 def render(factors: FaceFactors, resolution: int) -> np.ndarray:

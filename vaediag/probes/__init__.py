@@ -1,0 +1,100 @@
+"""Probes: what the Monitor records beyond the losses. One built-in probe per module.
+
+:func:`build` turns a preset name and config into probe instances; :func:`load_from_path`
+loads a user's probe class from ``FILE.py:ClassName``.
+
+=========  =======================================================================================
+preset     probes
+=========  =======================================================================================
+off        none: the Monitor still records losses, lr and the global gradient norm every step
+cheap      latent stats every step; per-layer gradient norms every 10 steps; at each evaluation:
+           image quality, latent health, factors (toyfaces), generation drift
+standard   latent stats, per-layer gradient norms, Adam state (on a fixed run of 16,384
+           entries of each larger tensor) and update ratios every step; the recon/KL
+           gradient split every ``probes.split_every`` steps; evaluations as cheap
+full       as standard, with Adam state on every entry and the gradient split every step
+=========  =======================================================================================
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+from vaediag.errors import UserError
+from vaediag.probes.adam import MAX_ENTRIES, AdamState
+from vaediag.probes.base import (
+    EvalContext,
+    LayerIndex,
+    Probe,
+    ProbeSetup,
+    Schedule,
+    StepContext,
+    every,
+    log_spaced,
+    per_index,
+)
+from vaediag.probes.drift import GenerationDrift
+from vaediag.probes.factors import FactorFidelity
+from vaediag.probes.grad_split import GradSplit
+from vaediag.probes.gradients import GradientNorms
+from vaediag.probes.image_quality import ImageQuality
+from vaediag.probes.latent_health import LatentHealth
+from vaediag.probes.latents import LatentStats
+from vaediag.probes.updates import UpdateRatio
+
+PRESETS = ("off", "cheap", "standard", "full")
+
+
+def _eval_probes() -> list[Probe]:
+    return [ImageQuality(), LatentHealth(), FactorFidelity(), GenerationDrift()]
+
+
+def build(preset: str, split_every: int = 25, layer_every: int = 1) -> list[Probe]:
+    """The probes of a named preset (see the module docstring)."""
+    if preset == "off":
+        return []
+    if preset == "cheap":
+        return [LatentStats(), GradientNorms(every(10)), *_eval_probes()]
+    if preset in ("standard", "full"):
+        full = preset == "full"
+        adam = AdamState(every(layer_every), max_entries=None if full else MAX_ENTRIES)
+        return [LatentStats(), GradientNorms(every(layer_every)), adam,
+                UpdateRatio(every(layer_every)), GradSplit(every(1 if full else split_every)),
+                *_eval_probes()]
+    raise UserError(f"unknown probe preset {preset!r}; choose from {', '.join(PRESETS)}")
+
+
+def load_from_path(spec: str) -> type[Probe]:
+    """``"probes/saturation.py:DecoderSaturation"`` -> the class, checked to be a Probe."""
+    path_text, sep, class_name = spec.rpartition(":")
+    if not sep or not path_text or not class_name:
+        raise UserError(f"--probe {spec!r}: expected FILE.py:ClassName")
+    path = Path(path_text)
+    if not path.is_file():
+        raise UserError(f"--probe {spec}: no such file {path}")
+    module_name = f"vaediag_user_probe_{abs(hash(str(path.resolve())))}"
+    try:
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - any error in the user's file is bad input
+        raise UserError(f"--probe {spec}: cannot import {path}: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise UserError(f"--probe {spec}: {path} has no class {class_name}")
+    if not (inspect.isclass(cls) and issubclass(cls, Probe)):
+        raise UserError(f"--probe {spec}: {class_name} is not a vaediag.probes.Probe subclass")
+    return cls
+
+
+__all__ = [
+    "PRESETS", "AdamState", "EvalContext", "FactorFidelity", "GenerationDrift", "GradSplit",
+    "GradientNorms", "ImageQuality", "LatentHealth", "LatentStats", "LayerIndex", "Probe",
+    "ProbeSetup", "Schedule", "StepContext", "UpdateRatio", "build", "every", "load_from_path",
+    "log_spaced", "per_index",
+]

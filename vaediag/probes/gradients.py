@@ -1,0 +1,23 @@
+"""Gradient norms per layer and per part (encoder, decoder), and non-finite gradient entries.
+
+The global norm is always recorded by the Monitor itself (``grad_norm``); this probe splits it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vaediag.probes.base import Probe, StepContext, per_index
+
+
+class GradientNorms(Probe):
+    name = "gradients"
+    needs = frozenset({"grads"})
+
+    def compute(self, ctx: StepContext) -> dict[str, Any]:
+        layer_sq = ctx.layers.per_layer_sum(ctx.param_grad_norms.double().pow(2))
+        out = per_index("layer", "grad_norm", layer_sq.sqrt().float(), ctx.layers.layers)
+        out.update(per_index("part", "grad_norm", ctx.layers.per_part_sum(layer_sq).sqrt().float(),
+                             ctx.layers.parts))
+        out["grad_nonfinite"] = ctx.nonfinite_grad_entries()
+        return out
