@@ -116,3 +116,14 @@ def test_nonfinite_continue_records_every_occurrence(tmp_path, monkeypatch):
     run = load_run(tmp_path / "r")
     bad = run.events[(run.events["kind"] == "nonfinite") & (run.events["term"] == "recon")]
     assert list(bad["step"]) == [2, 3, 4]
+
+
+def test_probes_do_not_change_training(tmp_path):
+    """Recording is observation only: losses and gradients are the same with every preset."""
+    columns = ["recon", "kl", "total", "grad_norm"]
+    runs = {}
+    for preset in ("off", "full"):
+        train(_config("train.steps=12", f"probes.preset={preset}"), tmp_path / preset,
+              progress=False)
+        runs[preset] = load_run(tmp_path / preset).scalars[columns]
+    pd.testing.assert_frame_equal(runs["off"], runs["full"])
