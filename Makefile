@@ -11,7 +11,7 @@ DEMO   := runs/demo
 .PHONY: help demo test lint bench clean
 
 help:
-	@echo "make demo   train the default VAE on the built-in toyfaces data into $(DEMO)"
+	@echo "make demo   train the default VAE on the built-in toyfaces data into $(DEMO), analyse it"
 	@echo "make test   run the test suite"
 	@echo "make lint   run ruff"
 	@echo "make bench  run the benchmarks in benchmarks/"
@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/vaediag train --out $(DEMO) --overwrite
+	$(BIN)/vaediag analyze $(DEMO)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from vaediag.analysis import analyze as analyze
     from vaediag.config import Config as Config
     from vaediag.config import build_config as build_config
     from vaediag.monitor import Monitor as Monitor
@@ -26,6 +27,7 @@ _LAZY = {
     "build_config": "vaediag.config",
     "Monitor": "vaediag.monitor",
     "train": "vaediag.trainer",
+    "analyze": "vaediag.analysis",
 }
 
 __all__ = ["__version__", *_LAZY]

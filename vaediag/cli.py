@@ -1,7 +1,8 @@
 """Command line: thin click commands over the library. ``vaediag --help`` lists them.
 
-Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 3 training stopped by the
-non-finite policy; 130 interrupted (the run dir is checkpointed and can be resumed).
+Exit codes: 0 done; 1 findings at or above ``analyze --fail-on``; 2 bad input (one line on
+stderr, no traceback); 3 training stopped by the non-finite policy; 130 interrupted (the run
+dir is checkpointed and can be resumed).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import click
 from vaediag import __version__
 from vaediag.errors import ConfigError, TrainingStopped, UserError
 
+EXIT_FINDINGS = 1
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
 EXIT_INTERRUPTED = 130
@@ -34,8 +36,9 @@ def _err(message: str) -> None:
 def cli() -> None:
     """vaediag: training diagnostics for VAE instability.
 
-    Train a VAE with probes recording what matters at every step (vaediag train), then read
-    the run directory it writes (vaediag.load_run in Python).
+    Train a VAE with probes recording what matters at every step (vaediag train), then find
+    where training went unstable and where the loss stopped tracking image quality (vaediag
+    analyze RUN_DIR).
     """
 
 
@@ -93,6 +96,10 @@ def _preset_names() -> list[str]:
 @click.option("--lpips-weights", type=click.Path(dir_okay=False), metavar="PATH",
               help="torchvision's AlexNet ImageNet weights (alexnet-owt-7be5be79.pth) for LPIPS, "
                    "for machines that cannot download them. Default: the torch hub cache.")
+@click.option("--inject", "faults", multiple=True, metavar="KIND@STEP[:k=v,...]",
+              help="Plant a known fault, e.g. --inject lr_spike@600:factor=10,steps=20 (kinds: "
+                   "lr_spike, grad_scale, adam_eps, ood_batch, desaturate, nan_grad; "
+                   "docs/detectors.md). Recorded in the run as ground truth. Repeatable.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: only when stderr is a terminal; otherwise "
                    "a log line every 5% of the run).")
@@ -100,7 +107,7 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
           data: str | None, out: str | None, steps: int | None, epochs: int | None,
           resume: bool, overwrite: bool, device: str | None, seed: int | None,
           probe_preset: str | None, probe_specs: tuple[str, ...], lpips_weights: str | None,
-          progress: bool | None) -> None:
+          faults: tuple[str, ...], progress: bool | None) -> None:
     """Train a VAE on DATA and record everything into RUN_DIR.
 
     Per-step losses and what the probes record (gradients per layer, Adam's state, latent
@@ -139,6 +146,8 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
         flags.append(f"probes.preset={probe_preset}")
     if probe_specs:
         flags.append("probes.extra=[" + ", ".join(_toml_string(s) for s in probe_specs) + "]")
+    if faults:
+        flags.append("train.inject=[" + ", ".join(_toml_string(s) for s in faults) + "]")
     if lpips_weights is not None:
         if not Path(lpips_weights).is_file():
             raise UserError(f"--lpips-weights {lpips_weights}: no such file")
@@ -187,6 +196,50 @@ def _changed_keys(old, new) -> dict[str, list[Any]]:
     a, b = old.to_dict(), new.to_dict()
     return {f"{s}.{k}": [a[s][k], b[s][k]]
             for s in a for k in a[s] if a[s][k] != b[s][k]}
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(), metavar="RUN_DIR")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the findings as JSON (the content of findings.json) instead of the "
+                   "summary.")
+@click.option("--fail-on", type=click.Choice(["info", "warning", "high"]), default=None,
+              help="Exit with code 1 when a finding of this severity or worse exists (for CI).")
+@click.option("--no-write", is_flag=True,
+              help="Do not write RUN_DIR/findings.json (analysis of a read-only run dir).")
+def analyze(run_dir: str, as_json: bool, fail_on: str | None, no_write: bool) -> int:
+    """Find where training went unstable and where the loss stopped tracking image quality.
+
+    Reads only RUN_DIR (no model, no torch; a run that crashed or is still training works),
+    writes RUN_DIR/findings.json and prints each finding with its severity, steps, evidence and
+    remedy. Exit code 0 even with findings, unless --fail-on says otherwise.
+    """
+    import json as json_module
+
+    from vaediag.analysis import FINDINGS_JSON, verdict, write_findings
+    from vaediag.analysis import analyze as run_analysis
+    from vaediag.analysis.findings import severity_rank
+    from vaediag.analysis.summary import render
+
+    result = run_analysis(run_dir)
+    where = None
+    if not no_write:
+        target = Path(run_dir) / FINDINGS_JSON
+        try:
+            write_findings(result, target)
+            where = str(target)
+        except OSError as exc:
+            click.echo(f"vaediag: warning: cannot write {target}: {exc.strerror or exc}",
+                       err=True)
+    if as_json:
+        payload = result.to_json()
+        payload["verdict"] = verdict(result)
+        click.echo(json_module.dumps(payload, indent=2))
+    else:
+        click.echo(render(result, verdict(result), where))
+    if fail_on and result.worst and severity_rank(result.worst) >= severity_rank(fail_on):
+        return EXIT_FINDINGS
+    return 0
 
 
 @cli.command("toyfaces")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-import tomllib
 
 from vaediag.errors import ConfigError
 
@@ -106,6 +106,9 @@ class TrainConfig:
         "the update, or 'continue'; every occurrence is recorded as an event")
     checkpoint_every: int = opt(0, "steps between checkpoints; 0 = at every evaluation")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    inject: tuple[str, ...] = opt((), "faults to plant, as KIND@STEP[:key=value,...] (see "
+                                  "docs/detectors.md): lr_spike, grad_scale, adam_eps, "
+                                  "ood_batch, desaturate, nan_grad")
 
 
 @dataclass
@@ -380,6 +383,8 @@ def validate(c: Config) -> None:
     need(c.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
     need(c.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
     need(c.eval.every_steps >= 0, "eval.every_steps must be >= 0")
+    from vaediag.inject import parse_all
+    parse_all(c.train.inject)  # raises ConfigError on a bad fault
     need(c.probes.split_every >= 1, "probes.split_every must be >= 1")
     need(c.probes.layer_every >= 1, "probes.layer_every must be >= 1")
     need(c.probes.metric_images >= 0, "probes.metric_images must be >= 0")

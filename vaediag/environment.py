@@ -6,7 +6,7 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
@@ -57,7 +57,7 @@ def _git_revision() -> str | None:
 
 def collect(device: torch.device, seed: int | None = None) -> dict[str, Any]:
     env: dict[str, Any] = {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
         "platform": platform.platform(terse=True),
         "cpu_count": os.cpu_count(),

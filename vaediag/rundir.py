@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ def step_file(step: int, suffix: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _default_file_mode() -> int:
@@ -173,6 +173,21 @@ class TableWriter:
         if self._schema is None or len(self._columns) != len(self._schema):
             self._open_segment()
         arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in self._schema]
+        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+        self._sink.flush()
+
+    def write_columns(self, columns: dict[str, np.ndarray]) -> None:
+        """Write many rows at once, given column by column (for tools that convert or
+        synthesise runs; the trainer writes row by row). Buffered rows are written first."""
+        self.flush()
+        for key in columns:
+            self._columns.setdefault(key, None)
+        if self._schema is None or len(self._columns) != len(self._schema):
+            self._open_segment()
+        n = len(next(iter(columns.values())))
+        arrays = [pa.array(np.asarray(columns[f.name], dtype=f.type.to_pandas_dtype()),
+                           type=f.type) if f.name in columns else pa.nulls(n, f.type)
+                  for f in self._schema]
         self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
         self._sink.flush()
 
@@ -393,6 +408,11 @@ class RunWriter:
         if (len(self._scalars) >= self.flush_steps
                 or time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()
+
+    def log_columns(self, columns: dict[str, np.ndarray]) -> None:
+        """Many per-step rows at once, column by column (see :meth:`TableWriter.write_columns`)."""
+        self._scalars.write_columns(columns)
+        self.last_step = int(columns["step"][-1])
 
     def log_eval(self, row: dict[str, Any]) -> None:
         """One per-evaluation row, written at once (evaluations are rare and precious)."""

@@ -23,6 +23,7 @@ from vaediag import probes as probe_library
 from vaediag.config import Config
 from vaediag.data import Dataset, load_dataset
 from vaediag.errors import RunDirError, TrainingStopped, UserError
+from vaediag.inject import Injector, parse_all
 from vaediag.losses import kl_per_dim, loss_terms, recon_per_sample
 from vaediag.model import ConvVAE
 from vaediag.monitor import Monitor
@@ -252,6 +253,8 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
           progress: bool | None) -> TrainResult:
     tc, spe = config.train, order.steps_per_epoch
     images = torch.from_numpy(data.train)
+    injector = Injector(parse_all(tc.inject))
+    fault_noise = torch.Generator().manual_seed(tc.seed + 2)
     use_bar = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not use_bar, file=sys.stderr, desc="training")
@@ -263,6 +266,8 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                                                        writer), keep=tc.keep_checkpoints)
 
     if start == 0:
+        if injector:
+            injector.after_update(0, model)
         monitor.evaluate(0)
         checkpoint(0)
     model.train()
@@ -270,8 +275,17 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
     with _StopFlag().installed() as stop, bar:
         while step < total_steps:
             x = images[order.batch(step)].to(device, non_blocking=True).float().div_(255.0)
+            lr = lr_at(step, config.optim, total_steps)
+            if injector:
+                for fault in injector.starting(step):
+                    writer.event("inject", step, fault=fault.spec, fault_kind=fault.kind,
+                                 last_step=fault.last_step, **fault.params)
+                lr *= injector.lr_factor(step)
+                x = injector.batch(step, x, fault_noise)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config.optim, total_steps)
+                group["lr"] = lr
+                if injector:
+                    group["eps"] = injector.eps(step, config.optim.eps)
             beta = beta_at(step, config.loss)
 
             out = model(x, generator=sampler)
@@ -279,6 +293,8 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                                model.log_scale)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward(retain_graph=monitor.wants_graph(step))
+            if injector:
+                injector.after_backward(step, model)
             extra = {"decoder_scale": model.log_scale.detach().exp()} \
                 if config.loss.learn_decoder_scale and model.log_scale is not None else None
             check = monitor.after_backward(step, recon=terms.recon, kl=terms.kl,
@@ -303,6 +319,8 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                         if p.grad is not None:
                             p.grad.mul_(scale)
                 optimizer.step()
+            if injector:
+                injector.after_update(step + 1, model)
             monitor.after_step(step, skipped=skip)
             step += 1
 

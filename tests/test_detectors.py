@@ -1,0 +1,284 @@
+"""Each detector on small synthetic runs: a planted event is found where it was planted, and a
+calm run stays clean (over several seeds, so thresholds are not tuned to one)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vaediag
+from vaediag.analysis.data import RunData
+from vaediag.analysis.detectors import (
+    adam,
+    decoupling,
+    drift,
+    epoch_average,
+    gradients,
+    kl_explosion,
+    latents,
+    loss_spikes,
+    nonfinite,
+)
+from vaediag.rundir import load_run
+from vaediag.testing import standard_evals, standard_scalars, write_run
+
+N = 1500
+EVAL_EVERY = 50
+
+
+def run_data(tmp_path, scalars=None, evals=None, seed=0, **kwargs) -> RunData:
+    cols = scalars if scalars is not None else standard_scalars(N, seed=seed)
+    ev = evals if evals is not None else standard_evals(cols["step"][::EVAL_EVERY], seed=seed)
+    return RunData(load_run(write_run(tmp_path / f"run{seed}", cols, ev, **kwargs)))
+
+
+def kinds(findings) -> list[str]:
+    return [f.kind for f in findings]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_calm_runs_stay_clean(tmp_path, seed):
+    data = run_data(tmp_path, seed=seed)
+    for detector in (nonfinite, loss_spikes, kl_explosion, gradients, adam, latents, decoupling,
+                     drift):
+        findings, _ = detector.detect(data)
+        assert findings == [], (detector.NAME, [f.summary for f in findings])
+
+
+def test_calm_run_has_no_finding_above_info(tmp_path):
+    result = vaediag.analyze(run_data(tmp_path, seed=7).run)
+    assert all(f.severity == "info" for f in result.findings), result.findings
+    assert all(c.status == "ok" for c in result.checks if c.detector != "lpips")
+
+
+# -- non-finite ---------------------------------------------------------------------------------
+
+def test_nonfinite_names_first_step_term_layer_and_what_was_extreme(tmp_path):
+    cols = standard_scalars(N)
+    cols["kl"][900] = np.nan
+    cols["grad_norm"][890:900] = 5e4  # extreme just before
+    events = [{"kind": "nonfinite", "step": 900, "term": "grad:decoder.fc.weight"}]
+    findings, signals = nonfinite.detect(run_data(tmp_path, cols, events=events))
+    (f,) = findings
+    assert (f.kind, f.severity, f.first_step) == ("nonfinite", "high", 900)
+    assert f.evidence["layer"] == "decoder.fc"
+    assert "kl" in f.evidence["terms"]
+    assert f.evidence["extreme_before"][0]["column"] == "grad_norm"
+    assert "decoder.fc" in f.summary and signals[0].step == 900
+
+
+# -- loss spikes --------------------------------------------------------------------------------
+
+def test_loss_spike_found_with_its_recovery(tmp_path):
+    cols = standard_scalars(N)
+    cols["recon"][1000:1005] *= 3
+    cols["total"] = cols["recon"] + cols["kl"]
+    (f,) = loss_spikes.detect(run_data(tmp_path, cols))[0]
+    assert f.first_step == 1000 and f.severity == "warning"
+    spike = next(s for s in f.evidence["spikes"] if s["term"] == "recon")
+    assert spike["ratio"] == pytest.approx(3, rel=0.15)
+    assert 4 <= spike["recovery_steps"] <= 8
+
+
+def test_large_or_unrecovered_spike_is_high(tmp_path):
+    cols = standard_scalars(N)
+    cols["kl"][700] *= 20
+    cols["recon"][1200:] *= 1.5  # never comes back
+    findings = loss_spikes.detect(run_data(tmp_path, cols))[0]
+    by_step = {f.first_step: f for f in findings}
+    assert by_step[700].severity == "high" and "kl" in by_step[700].summary
+    assert by_step[1200].severity == "high" and "did not recover" in by_step[1200].summary
+
+
+def test_spike_in_the_burn_in_is_ignored(tmp_path):
+    cols = standard_scalars(N)
+    cols["recon"][50] *= 5
+    assert loss_spikes.detect(run_data(tmp_path, cols))[0] == []
+
+
+# -- KL explosion -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("factor", "severity"), [(8.0, "high"), (3.0, "warning")])
+def test_kl_level_shift_is_an_explosion(tmp_path, factor, severity):
+    cols = standard_scalars(N)
+    cols["kl"][1000:] *= factor
+    (f,) = kl_explosion.detect(run_data(tmp_path, cols))[0]
+    assert abs(f.first_step - 1000) <= 3
+    assert f.severity == severity
+    assert f.evidence["factor"] == pytest.approx(factor, rel=0.1)
+
+
+def test_kl_spike_that_comes_back_is_not_an_explosion(tmp_path):
+    cols = standard_scalars(N)
+    cols["kl"][1000:1030] *= 8
+    assert kl_explosion.detect(run_data(tmp_path, cols))[0] == []
+
+
+def test_kl_that_drifts_up_slowly_is_not_an_explosion(tmp_path):
+    cols = standard_scalars(N)
+    cols["kl"] *= np.linspace(1, 3, N).astype(np.float32)  # steady growth, no level shift
+    assert kl_explosion.detect(run_data(tmp_path, cols))[0] == []
+
+
+# -- gradients ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("factor", "severity"), [(1000.0, "high"), (20.0, "warning")])
+def test_gradient_explosion_per_layer(tmp_path, factor, severity):
+    cols = standard_scalars(N)
+    cols["layer.grad_norm/decoder.out"][1000] *= factor
+    findings, signals = gradients.detect(run_data(tmp_path, cols))
+    (f,) = findings
+    assert (f.kind, f.first_step, f.severity) == ("grad_explosion", 1000, severity)
+    assert f.evidence["layers"] == ["decoder.out"]
+    assert [s.where for s in signals] == ["decoder.out"]
+
+
+def test_vanishing_gradients(tmp_path):
+    cols = standard_scalars(N)
+    cols["layer.grad_norm/encoder.blocks.0.conv"][800:] /= 1e4
+    findings = gradients.detect(run_data(tmp_path, cols))[0]
+    (f,) = [f for f in findings if f.kind == "grad_vanishing"]
+    assert "encoder.blocks.0.conv" in f.evidence["layers"]
+    assert 800 <= f.first_step <= 850
+
+
+# -- Adam ---------------------------------------------------------------------------------------
+
+def test_adam_sustained_conditions(tmp_path):
+    cols = standard_scalars(N)
+    cols["layer.adam_eps_frac/encoder.fc"][800:] = 0.9
+    cols["layer.adam_update_rms/decoder.fc"][800:] = 0.9
+    cols["layer.adam_rms_t/decoder.out"][800:] = 2.5
+    findings = adam.detect(run_data(tmp_path, cols, settings=["optim.eps=1e-8"]))[0]
+    by_kind = {f.kind: f for f in findings}
+    assert set(by_kind) == {"adam_eps_dominated", "adam_update_rms_high", "adam_rms_t_high"}
+    assert list(by_kind["adam_eps_dominated"].evidence["layers"]) == ["encoder.fc"]
+    assert "optim.eps=1e-06" in " ".join(by_kind["adam_eps_dominated"].remedies)
+    for f in findings:
+        assert 800 <= f.first_step <= 800 + adam.WINDOW
+
+
+def test_adam_single_step_signals(tmp_path):
+    cols = standard_scalars(N)
+    cols["layer.update_ratio/decoder.fc"][1000] = 0.5
+    cols["layer.adam_eff_lr/encoder.fc"][1100] *= 100
+    findings, signals = adam.detect(run_data(tmp_path, cols))
+    by_kind = {f.kind: f for f in findings}
+    assert by_kind["oversized_update"].first_step == 1000
+    assert by_kind["adam_step_size_jump"].first_step == 1100
+    assert {(s.channel, s.where, s.step) for s in signals} == {
+        ("update_ratio", "decoder.fc", 1000), ("adam_eff_lr", "encoder.fc", 1100)}
+
+
+def test_timeline_names_what_preceded_a_spike(tmp_path):
+    cols = standard_scalars(N)
+    cols["layer.update_ratio/decoder.fc"][995] = 0.5
+    cols["layer.grad_norm/decoder.out"][998] *= 500
+    cols["recon"][1000:1003] *= 4
+    cols["total"] = cols["recon"] + cols["kl"]
+    result = vaediag.analyze(run_data(tmp_path, cols).run)
+    (spike,) = [f for f in result.findings if f.kind == "loss_spike"]
+    chain = [(p["channel"], p["where"], p["steps_before"]) for p in spike.preceded_by]
+    assert chain == [("update_ratio", "decoder.fc", 5), ("grad_norm", "decoder.out", 2)]
+    assert spike.cause.startswith("preceded by update_ratio in decoder.fc at step 995")
+
+
+# -- latents ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("final", "severity"), [(4, "warning"), (0, "high")])
+def test_posterior_collapse(tmp_path, final, severity):
+    cols = standard_scalars(N)
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ev["active_units"][20:] = final
+    (f,) = [f for f in latents.detect(run_data(tmp_path, cols, ev))[0]
+            if f.kind == "posterior_collapse"]
+    assert f.severity == severity and f.first_step == 20 * EVAL_EVERY
+
+
+def test_logvar_saturation_and_unused_dims(tmp_path):
+    cols = standard_scalars(N)
+    cols["logvar_min"][1200] = -35.0
+    cols["dim.kl/3"][:] = 0.001
+    by_kind = {f.kind: f for f in latents.detect(run_data(tmp_path, cols))[0]}
+    assert by_kind["logvar_saturation"].severity == "high"
+    assert by_kind["logvar_saturation"].first_step == 1200
+    assert by_kind["unused_dimensions"].evidence["dimensions"] == [3]
+    assert by_kind["unused_dimensions"].severity == "info"
+
+
+def test_kl_growth_explained_by_a_shrinking_decoder_scale(tmp_path):
+    cols = standard_scalars(N)
+    cols["decoder_scale"] = np.geomspace(0.2, 0.02, N).astype(np.float32)
+    cols["kl"] *= np.linspace(1, 4, N).astype(np.float32)
+    (f,) = [f for f in latents.detect(run_data(tmp_path, cols))[0]
+            if f.kind == "decoder_scale_shrinking"]
+    assert f.evidence["effective_kl_weight"] == pytest.approx(
+        (f.evidence["sigma_end"] / f.evidence["sigma_start"]) ** 2)
+
+
+# -- loss-quality decoupling --------------------------------------------------------------------
+
+def _evals_with_decoupling(metrics: dict[str, float], loss_change: float = -6.0):
+    cols = standard_scalars(N)
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ev["eval_recon"] += np.linspace(0, loss_change, len(ev["step"])).astype(np.float32)
+    for metric, worse in metrics.items():
+        ev[metric][18:] += worse  # from step 900 on
+    return cols, ev
+
+
+def test_decoupling_names_the_evaluations_to_compare(tmp_path):
+    cols, ev = _evals_with_decoupling({"colour_de": 6.0, "sat_ratio": -0.3})
+    (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
+    assert (f.kind, f.severity) == ("loss_quality_decoupling", "warning")
+    before, after = f.compare_steps
+    assert before < 900 <= after
+    assert f.evidence["loss_after"] <= f.evidence["loss_before"] + f.evidence["loss_noise_unit"]
+    assert set(f.evidence["metrics"]) == {"colour_de", "sat_ratio"}
+    assert f"step {after:,}" in f.summary and "colour_de" in f.summary
+
+
+def test_one_metric_alone_is_info(tmp_path):
+    cols, ev = _evals_with_decoupling({"colour_de": 6.0})
+    (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
+    assert f.severity == "info"
+
+
+def test_loss_that_rises_a_little_while_pictures_get_much_worse(tmp_path):
+    cols = standard_scalars(N)
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ev["eval_recon"][18:] += 40.0  # +2%: far above its noise, small to a reader
+    ev["ssim"][18:] -= 0.2
+    ev["colour_de"][18:] += 8.0
+    (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
+    assert f.kind == "loss_understates_quality"
+    assert f.compare_steps[1] == 900
+
+
+def test_quality_that_tracks_the_loss_is_not_decoupling(tmp_path):
+    cols = standard_scalars(N)
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ev["eval_recon"][18:] += 200.0  # the loss says worse, and the pictures are worse
+    ev["ssim"][18:] -= 0.2
+    ev["colour_de"][18:] += 8.0
+    assert decoupling.detect(run_data(tmp_path, cols, ev))[0] == []
+
+
+def test_epoch_average_disagreeing_with_the_snapshot(tmp_path):
+    cols = standard_scalars(N)
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ev["train_recon_avg"][20] -= 30.0
+    ev["eval_recon"][20] += 30.0
+    (f,) = epoch_average.detect(run_data(tmp_path, cols, ev))[0]
+    assert f.compare_steps in ([950, 1000], [1000, 1050]) and f.severity == "info"
+    assert f.evidence["disagreements"] == 2  # into the bump and out of it
+
+
+def test_generation_drift(tmp_path):
+    cols = standard_scalars(N)
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ev["drift_fixed_rmse"][20] = 0.2
+    findings, signals = drift.detect(run_data(tmp_path, cols, ev))
+    (f,) = findings
+    assert f.compare_steps == [950, 1000] and "fixed z" in f.summary
+    assert [s.step for s in signals] == [1000]

@@ -1,0 +1,99 @@
+"""Analysis: read a run directory, find where training went unstable and where the loss
+stopped tracking image quality. Never imports torch or matplotlib.
+
+    >>> import vaediag
+    >>> result = vaediag.analyze("runs/demo")    # findings, checks, signals
+    >>> for f in result.sorted_findings(): print(f.severity, f.summary)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vaediag.analysis.data import RunData, Skip
+from vaediag.analysis.detectors import DETECTORS
+from vaediag.analysis.findings import Analysis, Check, Finding, Signal, severity_rank
+from vaediag.analysis.timeline import fold_level_shifts, link
+from vaediag.rundir import Run, atomic_write, load_run
+
+FINDINGS_JSON = "findings.json"
+
+
+def run_summary(data: RunData) -> dict:
+    run = data.run
+    steps = data.steps
+    return {
+        "name": run.path.name, "status": run.status,
+        "steps": len(steps), "first_step": int(steps[0]) if len(steps) else None,
+        "last_step": int(steps[-1]) if len(steps) else None,
+        "evaluations": len(data.evals), "data": data.setting("data", "source"),
+        "resolution": data.setting("data", "resolution"),
+        "loss": data.setting("loss", "recon"), "kl": data.setting("loss", "kl"),
+        "beta": data.setting("loss", "beta"), "optimizer": data.setting("optim", "name"),
+        "lr": data.setting("optim", "lr"), "betas": data.setting("optim", "betas"),
+        "eps": data.setting("optim", "eps"), "burn_in_step": data.burn_in_step,
+        "faults": [f.get("fault") for f in data.faults()],
+    }
+
+
+def analyze(path: str | Path | Run) -> Analysis:
+    """Run every detector on a run directory; return the findings (does not write files)."""
+    run = path if isinstance(path, Run) else load_run(path)
+    data = RunData(run)
+    findings: list[Finding] = []
+    signals: list[Signal] = []
+    checks: list[Check] = []
+    if data.n_steps == 0:
+        checks = [Check(d.NAME, "skipped", "the run has no steps recorded") for d in DETECTORS]
+        return Analysis(run_summary(data), [], checks, [], run.problems)
+    for detector in DETECTORS:
+        try:
+            found, sig = detector.detect(data)
+        except Skip as skip:
+            checks.append(Check(detector.NAME, "skipped", skip.reason))
+            continue
+        except Exception as exc:  # noqa: BLE001 - one detector's failure must not stop analysis
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            checks.append(Check(detector.NAME, "failed", f"the detector failed ({message})"))
+            continue
+        checks.append(Check(detector.NAME, "ok"))
+        findings += found
+        signals += sig
+    for _, row in data.events_of("metric_status").iterrows():  # e.g. LPIPS without weights
+        if not row.get("available", True):
+            checks.append(Check(str(row.get("metric")), "skipped",
+                                f"{row.get('metric')} unavailable: {row.get('reason')}"))
+    findings = fold_level_shifts(findings)
+    link(findings, signals)
+    return Analysis(run_summary(data), findings, checks, signals, run.problems)
+
+
+def write_findings(analysis: Analysis, path: Path) -> None:
+    atomic_write(path, json.dumps(analysis.to_json(), indent=2).encode())
+
+
+def verdict(analysis: Analysis) -> str:
+    """One line: the most important instability and decoupling, or that none was found."""
+    order = ("nonfinite", "kl_explosion", "loss_spike", "grad_explosion", "posterior_collapse",
+             "oversized_update", "adam_step_size_jump", "adam_eps_dominated",
+             "loss_quality_decoupling", "loss_understates_quality", "logvar_saturation",
+             "decoder_scale_shrinking", "generation_drift")
+    parts = []
+    for kind in order:
+        hits = [f for f in analysis.findings if f.kind == kind
+                and severity_rank(f.severity) >= 1]
+        if hits and len(parts) < 2:
+            f = min(hits, key=lambda f: f.first_step)
+            text = f.summary
+            if f.preceded_by:
+                p = f.preceded_by[0]
+                text += f" (after {p['channel']}{' in ' + p['where'] if p['where'] else ''})"
+            parts.append(text)
+    if not parts:
+        return "no instability or loss-quality decoupling found"
+    return "; ".join(parts)
+
+
+__all__ = ["FINDINGS_JSON", "Analysis", "Check", "Finding", "Signal", "analyze", "verdict",
+           "write_findings"]

@@ -1,0 +1,104 @@
+"""What detectors read: a run's tables, with the few helpers every detector needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vaediag import columns
+from vaediag.rundir import Run
+
+#: Steps at the start of a run that spike and change-point detectors ignore: the first epoch of
+#: learning is one long transient (KL rises from ~0, the loss falls by half), not instability.
+MIN_BURN_IN = 100
+BURN_IN_FRACTION = 0.05
+
+
+@dataclass
+class Skip(Exception):
+    """Raised by a detector that cannot run on this run; the reason is reported."""
+
+    reason: str
+
+
+class RunData:
+    """A run opened for analysis. Columns are read lazily and cached."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    @cached_property
+    def scalars(self) -> pd.DataFrame:
+        return self.run.scalars
+
+    @cached_property
+    def evals(self) -> pd.DataFrame:
+        return self.run.evals
+
+    @cached_property
+    def events(self) -> pd.DataFrame:
+        return self.run.events
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        try:
+            return self.run.config
+        except Exception:  # noqa: BLE001 - analysis works without a readable config
+            return {}
+
+    def setting(self, section: str, key: str, default: Any = None) -> Any:
+        return self.config.get(section, {}).get(key, default)
+
+    @cached_property
+    def steps(self) -> np.ndarray:
+        return self.scalars["step"].to_numpy()
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.scalars)
+
+    @cached_property
+    def burn_in_step(self) -> int:
+        """The first step detectors of spikes and level shifts look at."""
+        if not self.n_steps:
+            return 0
+        first = int(self.steps[0])
+        return first + max(MIN_BURN_IN, int(BURN_IN_FRACTION * self.n_steps))
+
+    def has(self, column: str, table: str = "scalars") -> bool:
+        frame = self.scalars if table == "scalars" else self.evals
+        return column in frame.columns and frame[column].notna().any()
+
+    def series(self, column: str, table: str = "scalars") -> np.ndarray:
+        frame = self.scalars if table == "scalars" else self.evals
+        return frame[column].to_numpy(dtype=np.float64)
+
+    def matrix(self, kind: str, stat: str, table: str = "scalars") -> pd.DataFrame:
+        """(rows x index) frame of an indexed statistic; empty if not recorded."""
+        frame = self.scalars if table == "scalars" else self.evals
+        return columns.matrix(frame, kind, stat).astype("float64")
+
+    def require(self, *names: str, table: str = "scalars") -> None:
+        missing = [n for n in names if not self.has(n, table)]
+        if missing:
+            raise Skip(f"not recorded in this run: {', '.join(missing)}")
+
+    def events_of(self, kind: str) -> pd.DataFrame:
+        if self.events.empty or "kind" not in self.events:
+            return self.events.iloc[0:0]
+        return self.events[self.events["kind"] == kind]
+
+    def faults(self) -> list[dict[str, Any]]:
+        """Injected faults recorded in the run (ground truth for benchmarks)."""
+        return self.events_of("inject").to_dict("records")
+
+    @cached_property
+    def fixed(self) -> dict[str, np.ndarray]:
+        try:
+            return self.run.fixed
+        except Exception:  # noqa: BLE001 - optional
+            return {}

@@ -1,0 +1,195 @@
+"""Loss-quality decoupling: where the reconstruction loss stopped tracking image quality.
+
+Both the loss and the quality come from the same 8 grid images at each evaluation: the loss
+as the model shown computes it (``eval_recon``), the quality as the probes measure it (LPIPS,
+SSIM, HaarPSI, GMSD, CIEDE2000 colour error, saturation, orientation and, with toyfaces, the
+known factors). Each metric is turned into a *badness* (higher is worse: 1 - SSIM, |1 -
+saturation ratio|, ...) and measured in its own noise unit: the robust spread of its
+evaluation-to-evaluation changes after the burn-in.
+
+For every pair of evaluations i < j after the burn-in, at most ``MAX_GAP`` evaluations apart:
+
+- **decoupling**: the loss at j is no worse than at i plus one noise unit, and a metric is worse
+  by at least ``Z_QUALITY`` noise units and ``MIN_RELATIVE`` of its value, at j and at the next
+  evaluation too (sustained). The loss says "as good or better", the pictures say otherwise.
+- **loss understates**: the loss rose, but by less than ``LOSS_TOLERANCE`` of itself, while a
+  metric worsened as above (no need to last). A few percent of loss is what a user watching the
+  number reads as "about the same"; with a summed BCE most of the loss is the targets' entropy
+  (a floor no model can go below), so small relative changes of the total hide large changes
+  of the part above it. The floor is computed from the run's own grid images.
+
+Evidence also carries the rolling Spearman correlation of the loss's and each metric's
+changes (window ``CORRELATION_WINDOW`` evaluations): positive while they move together.
+The finding names the two evaluations to compare side by side. A warning needs at least
+``MIN_METRICS`` metrics to agree on the same pair (one small region's colour, e.g. the eyes at
+32 px, moves a lot on its own); a pair only one metric flags is reported as info.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vaediag.analysis.data import RunData, Skip
+from vaediag.analysis.findings import Finding, Signal
+from vaediag.analysis.stats import bce_floor, noise_scale, rolling_spearman
+from vaediag.columns import METRIC_DIRECTION
+
+NAME = "decoupling"
+Z_QUALITY = 4.0
+MIN_RELATIVE = 0.15
+LOSS_TOLERANCE = 0.05
+CORRELATION_WINDOW = 6
+MIN_EVALS = 6
+MIN_METRICS = 2
+MAX_GAP = 100
+
+#: Quality metrics considered, and how each becomes a badness (higher is worse).
+_BOUNDED_GOOD = {"ssim", "haarpsi"}  # in [0, 1], 1 best: badness 1 - value
+_SKIP = {"psnr"}  # a pixel metric, like the loss itself
+
+
+def badness(metric: str, values: np.ndarray) -> np.ndarray:
+    direction = METRIC_DIRECTION[metric]
+    if metric in _BOUNDED_GOOD:
+        return 1.0 - values
+    if direction == 0:
+        return np.abs(1.0 - values)
+    return values if direction < 0 else -values
+
+
+def _describe(metric: str, before: float, after: float) -> str:
+    return f"{metric} {before:.3g} -> {after:.3g}"
+
+
+def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
+    data.require("eval_recon", table="evals")
+    steps = data.evals["step"].to_numpy()
+    keep = steps >= data.burn_in_step
+    if keep.sum() < MIN_EVALS:
+        raise Skip(f"needs {MIN_EVALS} evaluations after the burn-in (step "
+                   f"{data.burn_in_step:,}), has {int(keep.sum())}")
+    metrics = [m for m in METRIC_DIRECTION if m not in _SKIP and data.has(m, "evals")]
+    if not metrics:
+        raise Skip("no image-quality metrics recorded (evaluation probes off)")
+    s = steps[keep]
+    loss = data.series("eval_recon", "evals")[keep]
+    loss_noise = noise_scale(loss)
+    floor = None
+    if data.setting("loss", "recon") == "bce" and "eval_images" in data.fixed:
+        floor = bce_floor(data.fixed["eval_images"][:8])
+    n = len(s)
+    # Pairs (i, j = i + k) of evaluations up to MAX_GAP apart, as (k, i) arrays: O(n * MAX_GAP).
+    horizon = min(n - 1, MAX_GAP)
+    i_idx = np.arange(n)[None, :]
+    j_idx = i_idx + np.arange(1, horizon + 1)[:, None]
+    valid = j_idx < n
+    j_idx = np.minimum(j_idx, n - 1)
+    loss_ok = loss[j_idx] <= loss[i_idx] + loss_noise
+    rel_loss = (loss[j_idx] - loss[i_idx]) / np.abs(loss[i_idx])
+    understated = (~loss_ok) & (rel_loss < LOSS_TOLERANCE)
+    masks: dict[str, dict[str, np.ndarray]] = {"loss_quality_decoupling": {},
+                                               "loss_understates_quality": {}}
+    units: dict[str, np.ndarray] = {}
+    raw_values: dict[str, np.ndarray] = {}
+    correlations = {}
+    for metric in metrics:
+        raw = data.series(metric, "evals")[keep]
+        b = badness(metric, raw)
+        if not np.isfinite(b).sum() >= MIN_EVALS:
+            continue
+        unit = noise_scale(b)
+        if not unit > 0:
+            continue
+        with np.errstate(invalid="ignore"):
+            worse = b[j_idx] - b[i_idx]
+            scale = np.maximum(np.abs(b[i_idx]), 1e-9)
+            bad = valid & (worse >= Z_QUALITY * unit) & (worse / scale >= MIN_RELATIVE)
+            nxt = np.append(b[1:], np.inf)  # sustained: the evaluation after j is worse too
+            sustained = (nxt[j_idx] - b[i_idx]) >= Z_QUALITY * unit
+        masks["loss_quality_decoupling"][metric] = bad & loss_ok & sustained
+        masks["loss_understates_quality"][metric] = bad & understated
+        units[metric] = worse / unit
+        raw_values[metric] = raw
+        correlations[metric] = rolling_spearman(np.diff(loss), np.diff(b), CORRELATION_WINDOW)
+    candidates: dict[str, tuple[tuple[int, int], dict, int]] = {}
+    for kind, by_metric in masks.items():
+        if not by_metric:
+            continue
+        count = sum(m.astype(np.int32) for m in by_metric.values())
+        if not count.any():
+            continue
+        # The pair to show: the most metrics agreeing, then the first evaluation where it is
+        # visible, then the largest worsening.
+        best = count == count.max()
+        first_j = np.where(best, j_idx, n).min()
+        best &= j_idx == first_j
+        strength = np.max([np.where(by_metric[m], units[m], -np.inf) for m in by_metric], 0)
+        k, i = np.unravel_index(np.argmax(np.where(best, strength, -np.inf)), best.shape)
+        j = int(j_idx[k, i])
+        entry = {"kind": kind, "metrics": {
+            m: {"before": float(raw_values[m][i]), "after": float(raw_values[m][j]),
+                "worse_by_noise_units": float(units[m][k, i]),
+                "relative_change": float((raw_values[m][j] - raw_values[m][i])
+                                         / max(abs(raw_values[m][i]), 1e-9))}
+            for m in by_metric if by_metric[m][k, i]}}
+        candidates[kind] = ((int(i), j), entry, int((count > 0).sum()))
+    findings = []
+    for kind in ("loss_quality_decoupling", "loss_understates_quality"):
+        if kind not in candidates:
+            continue
+        (i, j), entry, pairs_found = candidates[kind]
+        severity = "warning" if len(entry["metrics"]) >= MIN_METRICS else "info"
+        ranked = sorted(entry["metrics"].items(), key=lambda kv: -kv[1]["worse_by_noise_units"])
+        change = loss[j] - loss[i]
+        loss_text = (f"the loss {'fell' if change < 0 else 'rose'} {abs(change) / loss[i]:.1%} "
+                     f"({loss[i]:.5g} -> {loss[j]:.5g})")
+        detail = "; ".join(_describe(m, v["before"], v["after"]) for m, v in ranked[:3])
+        first_bad = {m: int(s[np.flatnonzero(correlations[m][CORRELATION_WINDOW - 1:] < 0)[0]
+                              + CORRELATION_WINDOW])
+                     for m in entry["metrics"]
+                     if (correlations[m][CORRELATION_WINDOW - 1:] < 0).any()}
+        evidence = {
+            "compare": {"before_step": int(s[i]), "after_step": int(s[j])},
+            "loss_before": float(loss[i]), "loss_after": float(loss[j]),
+            "loss_noise_unit": float(loss_noise), "metrics": dict(ranked),
+            "pairs_found": pairs_found, "thresholds": {"z_quality": Z_QUALITY,
+                                                      "min_relative": MIN_RELATIVE,
+                                                      "loss_tolerance": LOSS_TOLERANCE,
+                                                      "min_metrics": MIN_METRICS},
+            "correlation_turns_negative_at": first_bad,
+        }
+        if floor is not None:
+            excess_i, excess_j = loss[i] - floor, loss[j] - floor
+            evidence["bce_floor"] = floor
+            evidence["excess_before"] = float(excess_i)
+            evidence["excess_after"] = float(excess_j)
+        if kind == "loss_quality_decoupling":
+            summary = (f"the loss stopped tracking quality: evaluation at step {int(s[j]):,} "
+                       f"has a loss no worse than step {int(s[i]):,} but worse pictures "
+                       f"({detail})")
+            cause = ("the reconstruction loss does not weigh what these metrics measure: a "
+                     "pixel loss barely sees colour or orientation, and it kept improving on "
+                     "other pixels while these got worse")
+        else:
+            summary = (f"between the evaluations at steps {int(s[i]):,} and {int(s[j]):,} "
+                       f"{loss_text} while the pictures changed much more ({detail})")
+            cause = ("a few percent of the loss hid a large change in the pictures")
+        if floor is not None:
+            share = floor / loss[i]
+            rel_excess = (loss[j] - floor) / (loss[i] - floor) - 1 if loss[i] > floor else 0
+            cause += (f". With a summed BCE, {share:.0%} of this loss is the images' entropy "
+                      f"({floor:,.1f}), a floor no reconstruction goes below: the part above it "
+                      f"changed {rel_excess:+.0%}")
+        findings.append(Finding(
+            kind=kind, severity=severity, first_step=int(s[i]), last_step=int(s[j]),
+            summary=summary, evidence=evidence, cause=cause,
+            remedies=["judge runs by the quality metrics, not by the loss alone: compare "
+                      "the two grids named here side by side",
+                      "for colour and structure, a perceptual or colour-aware loss term "
+                      "(e.g. an LPIPS or Lab-space term), or a Gaussian likelihood in place of "
+                      "BCE on non-binary targets",
+                      "report the loss above its floor (the BCE minus the targets' entropy)"],
+            detector=NAME, compare_steps=[int(s[i]), int(s[j])]))
+    signals = [Signal(f.last_step, "quality", next(iter(f.evidence["metrics"])), 0.0, 0.0,
+                      f.summary) for f in findings]
+    return findings, signals

@@ -1,0 +1,53 @@
+"""Generation drift: decode(0) or decode(fixed z) changing sharply between evaluations.
+
+Statistic: each evaluation's drift (RMSE since the previous evaluation) against the median of
+the ``WINDOW`` previous ones: a drift at least ``FACTOR`` times that median and above
+``MIN_RMSE`` is sharp. Drift shrinks as training settles, so a late jump stands out; early
+evaluations (within the burn-in) are ignored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from vaediag.analysis.data import RunData, Skip
+from vaediag.analysis.findings import Finding, Signal
+
+NAME = "drift"
+WINDOW = 5
+FACTOR = 3.0
+MIN_RMSE = 0.04  # about 10 grey levels of 255 over the whole image: visible
+
+
+def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
+    cols = [c for c in ("drift_fixed_rmse", "drift_zero_rmse") if data.has(c, "evals")]
+    if not cols:
+        raise Skip("no generation drift recorded (evaluation probes off)")
+    steps = data.evals["step"].to_numpy()
+    findings, signals = [], []
+    for col in cols:
+        x = data.series(col, "evals")
+        prior = pd.Series(x).rolling(WINDOW, min_periods=3).median().shift(1).to_numpy()
+        sharp = (x >= FACTOR * prior) & (x >= MIN_RMSE) & (steps >= data.burn_in_step)
+        which = "decode(fixed z)" if "fixed" in col else "decode(0)"
+        for i in np.flatnonzero(sharp):
+            signals.append(Signal(int(steps[i]), col, "", float(x[i]), float(prior[i]),
+                                  f"{which} changed {x[i] / prior[i]:.3g}x more than usual"))
+        if sharp.any():
+            i = int(np.flatnonzero(sharp)[0])
+            worst = int(np.nanargmax(np.where(sharp, x / prior, np.nan)))
+            findings.append(Finding(
+                kind="generation_drift", severity="warning", first_step=int(steps[i - 1]),
+                last_step=int(steps[i]),
+                summary=(f"{which} changed sharply between the evaluations at steps "
+                         f"{int(steps[i - 1]):,} and {int(steps[i]):,} (RMSE {x[i]:.3g}, "
+                         f"{x[i] / prior[i]:.3g}x the usual change)"),
+                evidence={"column": col, "rmse": float(x[i]), "usual": float(prior[i]),
+                          "occurrences": int(sharp.sum()), "worst_at": int(steps[worst]),
+                          "factor": FACTOR},
+                cause="the decoder moved much more than in the evaluations before: a large "
+                      "update, a loss spike, or a change of regime",
+                remedies=["look at the signals around these steps; lower the learning rate"],
+                detector=NAME, compare_steps=[int(steps[i - 1]), int(steps[i])]))
+    return findings, signals

@@ -1,0 +1,59 @@
+"""The epoch-average trap: the averaged training loss and the loss of the model shown disagree.
+
+What most training loops print per epoch is the *average* of the per-step training losses since
+the last print: many weight states, sampled z, every batch. The grid shows *one* model, the
+last, on 8 fixed images with the posterior mean. The two can move in opposite directions.
+
+Statistic: for consecutive evaluations after the burn-in, the change of ``train_recon_avg`` and
+of ``eval_recon``, each in its own noise unit. Opposite signs with both at least ``Z_CHANGE``
+units is a disagreement (``info``): comparing epochs by the printed average would have said the
+opposite of what the snapshots show.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vaediag.analysis.data import RunData, Skip
+from vaediag.analysis.findings import Finding, Signal
+from vaediag.analysis.stats import noise_scale
+
+NAME = "epoch_average"
+Z_CHANGE = 2.0
+
+
+def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
+    data.require("eval_recon", "train_recon_avg", table="evals")
+    steps = data.evals["step"].to_numpy()
+    keep = (steps >= data.burn_in_step) & np.isfinite(data.series("train_recon_avg", "evals"))
+    if keep.sum() < 4:
+        raise Skip("needs 4 evaluations with a training average after the burn-in")
+    s = steps[keep]
+    avg = data.series("train_recon_avg", "evals")[keep]
+    snap = data.series("eval_recon", "evals")[keep]
+    da, ds = np.diff(avg), np.diff(snap)
+    ua, us = noise_scale(avg), noise_scale(snap)
+    if not (ua > 0 and us > 0):
+        return [], []
+    clash = (np.sign(da) != np.sign(ds)) & (np.abs(da) >= Z_CHANGE * ua) & \
+        (np.abs(ds) >= Z_CHANGE * us)
+    if not clash.any():
+        return [], []
+    k = int(np.argmax(np.where(clash, np.abs(da) / ua + np.abs(ds) / us, -np.inf)))
+    word = lambda d: "improved" if d < 0 else "got worse"  # noqa: E731
+    gap = float(np.median(avg - snap))
+    finding = Finding(
+        kind="epoch_average_trap", severity="info", first_step=int(s[k]),
+        last_step=int(s[k + 1]),
+        summary=(f"between steps {int(s[k]):,} and {int(s[k + 1]):,} the averaged training loss "
+                 f"{word(da[k])} ({avg[k]:.5g} -> {avg[k + 1]:.5g}) while the loss of the model "
+                 f"shown {word(ds[k])} ({snap[k]:.5g} -> {snap[k + 1]:.5g}); "
+                 f"{int(clash.sum())} such disagreement(s)"),
+        evidence={"disagreements": int(clash.sum()), "of_intervals": len(da),
+                  "median_gap_average_minus_snapshot": gap, "z_change": Z_CHANGE},
+        cause="the printed epoch loss averages many weight states, sampled latents and every "
+              "batch; the grid shows the last model on 8 fixed images with the posterior mean",
+        remedies=["compare epochs by the loss of a fixed evaluation set under the model as it "
+                  "is (eval_recon), never by the running training average"],
+        detector=NAME, compare_steps=[int(s[k]), int(s[k + 1])])
+    return [finding], []

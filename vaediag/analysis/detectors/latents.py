@@ -1,0 +1,115 @@
+"""Posterior collapse and latent health; KL growth explained by a shrinking decoder scale.
+
+- Collapse during training: active units (evaluations) falling to at most half their peak;
+  ``high`` when none is left. Dimensions whose per-step KL averages below ``COLLAPSED_KL`` nats
+  over the last tenth of the run are listed (some unused dimensions are normal: ``info``).
+- Log-variance saturation: ``logvar_min`` <= ``LOGVAR_LOW`` or ``logvar_max`` >= ``LOGVAR_HIGH``
+  (exp() of them becomes useless in float32); ``high`` beyond -30 / +20.
+- Decoder scale: with a learned Gaussian decoder scale, the KL's effective weight is
+  proportional to sigma^2. If sigma fell at least ``SCALE_FACTOR`` times while the KL rose at
+  least 1.5 times, the KL growth is explained by it (``warning``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vaediag.analysis.data import RunData, Skip
+from vaediag.analysis.findings import Finding, Signal
+
+NAME = "latents"
+COLLAPSED_KL = 0.01
+LOGVAR_LOW, LOGVAR_HIGH = -20.0, 10.0
+LOGVAR_BREAK_LOW, LOGVAR_BREAK_HIGH = -30.0, 20.0
+SCALE_FACTOR = 2.0
+
+
+def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
+    has_any = (data.has("active_units", "evals") or not data.matrix("dim", "kl").empty
+               or data.has("logvar_min") or data.has("decoder_scale"))
+    if not has_any:
+        raise Skip("no latent statistics recorded (probes.preset 'off')")
+    findings: list[Finding] = []
+    steps = data.steps
+    last = int(steps[-1]) if len(steps) else 0
+
+    if data.has("active_units", "evals"):
+        au = data.series("active_units", "evals")
+        ev_steps = data.evals["step"].to_numpy()
+        ok = np.isfinite(au)
+        if ok.sum() >= 2:
+            peak_i = int(np.nanargmax(au))
+            peak, final = au[peak_i], au[ok][-1]
+            if peak >= 2 and final <= peak / 2 and ev_steps[ok][-1] > ev_steps[peak_i]:
+                fell = ev_steps[(np.arange(len(au)) > peak_i) & ok & (au <= peak / 2)]
+                at = int(fell[0]) if fell.size else int(ev_steps[ok][-1])
+                findings.append(Finding(
+                    kind="posterior_collapse", severity="high" if final == 0 else "warning",
+                    first_step=at, last_step=int(ev_steps[ok][-1]),
+                    summary=(f"posterior collapse: active units fell from {peak:.0f} (step "
+                             f"{int(ev_steps[peak_i]):,}) to {final:.0f}"),
+                    evidence={"peak_active_units": float(peak), "final_active_units":
+                              float(final), "peak_step": int(ev_steps[peak_i])},
+                    cause="the encoder stopped using latent dimensions: the KL term outweighs "
+                          "what they add to the reconstruction",
+                    remedies=["warm the KL weight up (loss.beta_schedule = 'warmup') or use "
+                              "cyclical annealing", "free bits (e.g. --set loss.free_bits=0.1)",
+                              "lower beta"],
+                    detector=NAME, compare_steps=[int(ev_steps[peak_i]), at]))
+    dims = data.matrix("dim", "kl")
+    if not dims.empty and len(dims) >= 10:
+        tail = dims.iloc[-max(1, len(dims) // 10):].mean()
+        dead = [int(c) for c in tail.index[tail < COLLAPSED_KL]]
+        if dead and not any(f.kind == "posterior_collapse" for f in findings):
+            findings.append(Finding(
+                kind="unused_dimensions", severity="high" if len(dead) == len(tail) else "info",
+                first_step=int(steps[-max(1, len(dims) // 10)]), last_step=last,
+                summary=f"{len(dead)} of {len(tail)} latent dimensions carry no information "
+                        f"(KL < {COLLAPSED_KL} nats)",
+                evidence={"dimensions": dead, "threshold": COLLAPSED_KL},
+                cause="normal for a VAE with more dimensions than it needs; a problem when all "
+                      "or most are unused",
+                remedies=["fewer latent dimensions, or free bits if they should be used"],
+                detector=NAME))
+    if data.has("logvar_min") and data.has("logvar_max"):
+        lo, hi = data.series("logvar_min"), data.series("logvar_max")
+        bad = (lo <= LOGVAR_LOW) | (hi >= LOGVAR_HIGH)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            worst_lo, worst_hi = float(np.nanmin(lo)), float(np.nanmax(hi))
+            breaking = worst_lo <= LOGVAR_BREAK_LOW or worst_hi >= LOGVAR_BREAK_HIGH
+            findings.append(Finding(
+                kind="logvar_saturation", severity="high" if breaking else "warning",
+                first_step=int(steps[i]), last_step=int(steps[np.flatnonzero(bad)[-1]]),
+                summary=f"log-variance reached [{worst_lo:.3g}, {worst_hi:.3g}] (from step "
+                        f"{int(steps[i]):,})",
+                evidence={"logvar_min": worst_lo, "logvar_max": worst_hi,
+                          "warn_range": [LOGVAR_LOW, LOGVAR_HIGH],
+                          "float32_limits": [LOGVAR_BREAK_LOW, LOGVAR_BREAK_HIGH]},
+                cause="the encoder pushes variances toward 0 or infinity; exp(logvar) then "
+                      "loses precision or overflows in float32",
+                remedies=["clamp the log-variance: --set loss.logvar_clamp=[-30.0,20.0]",
+                          "lower the learning rate"], detector=NAME))
+    if data.has("decoder_scale") and data.has("kl"):
+        sigma, kl = data.series("decoder_scale"), data.series("kl")
+        after = steps >= data.burn_in_step
+        if after.sum() >= 20:
+            n = max(5, after.sum() // 10)
+            s0, s1 = np.nanmedian(sigma[after][:n]), np.nanmedian(sigma[after][-n:])
+            k0, k1 = np.nanmedian(kl[after][:n]), np.nanmedian(kl[after][-n:])
+            if s0 > 0 and s1 > 0 and s0 / s1 >= SCALE_FACTOR and k0 > 0 and k1 / k0 >= 1.5:
+                weight = (s1 / s0) ** 2
+                findings.append(Finding(
+                    kind="decoder_scale_shrinking", severity="warning",
+                    first_step=data.burn_in_step, last_step=last,
+                    summary=(f"the learned decoder scale fell {s0 / s1:.3g}x ({s0:.3g} -> "
+                             f"{s1:.3g}) while the KL rose {k1 / k0:.3g}x: the KL's effective "
+                             f"weight fell to {weight:.3g} of its start"),
+                    evidence={"sigma_start": s0, "sigma_end": s1, "kl_start": k0,
+                              "kl_end": k1, "effective_kl_weight": weight},
+                    cause="with a Gaussian decoder the reconstruction term scales as 1/sigma^2, "
+                          "so as sigma shrinks the KL matters less and grows",
+                    remedies=["fix the decoder scale (loss.learn_decoder_scale = false) or "
+                              "bound it from below", "raise beta to compensate"],
+                    detector=NAME))
+    return findings, []

@@ -1,0 +1,117 @@
+"""What analysis produces: findings, the signals behind them, and what could not be checked.
+
+The JSON form (``findings.json``) is documented in docs/detectors.md and built only here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SEVERITIES = ("info", "warning", "high")
+FORMAT_VERSION = 1
+
+
+def severity_rank(severity: str) -> int:
+    return SEVERITIES.index(severity)
+
+
+@dataclass
+class Signal:
+    """One threshold crossing in one channel at one step: the atoms of the cross-channel timeline.
+
+    ``channel`` names the statistic (``grad_norm``, ``adam_rms_t``, ``kl``, ...), ``where`` the
+    layer, part or loss term it was seen in ("" for global), ``value`` and ``threshold`` say how
+    far it went.
+    """
+
+    step: int
+    channel: str
+    where: str
+    value: float
+    threshold: float
+    description: str
+
+    def label(self) -> str:
+        return f"{self.channel}{f' in {self.where}' if self.where else ''}"
+
+
+@dataclass
+class Finding:
+    """One diagnosed problem, with the evidence for it and what to do about it."""
+
+    kind: str
+    severity: str
+    first_step: int
+    last_step: int
+    summary: str  # one line
+    evidence: dict[str, Any] = field(default_factory=dict)
+    cause: str = ""
+    remedies: list[str] = field(default_factory=list)
+    detector: str = ""
+    #: signals that came before the finding's first step, in time order (filled by the timeline)
+    preceded_by: list[dict[str, Any]] = field(default_factory=list)
+    #: evaluation steps a reader should look at side by side (grids before, at, after)
+    compare_steps: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+
+@dataclass
+class Check:
+    """Whether a detector could run, and if not, why."""
+
+    detector: str
+    status: str  # "ok" | "skipped" | "partial"
+    reason: str = ""
+
+
+@dataclass
+class Analysis:
+    """Everything ``vaediag analyze`` produced for one run."""
+
+    run: dict[str, Any]
+    findings: list[Finding]
+    checks: list[Check]
+    signals: list[Signal]
+    problems: list[str]  # of the run dir itself: torn writes, a killed writer, ...
+
+    def sorted_findings(self) -> list[Finding]:
+        """Most severe first, then in time order."""
+        return sorted(self.findings, key=lambda f: (-severity_rank(f.severity), f.first_step))
+
+    @property
+    def worst(self) -> str | None:
+        return max((f.severity for f in self.findings), key=severity_rank, default=None)
+
+    def not_checked(self) -> list[Check]:
+        return [c for c in self.checks if c.status != "ok"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "run": _clean(self.run),
+            "findings": [f.to_json() for f in self.sorted_findings()],
+            "checks": [asdict(c) for c in self.checks],
+            "problems": list(self.problems),
+            "timeline": [_clean(asdict(s)) for s in sorted(self.signals, key=lambda s: s.step)],
+        }
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/Inf to None."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, AttributeError):
+            value = value.tolist()
+            return _clean(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

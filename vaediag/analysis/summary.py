@@ -1,0 +1,44 @@
+"""The short, readable summary ``vaediag analyze`` prints."""
+
+from __future__ import annotations
+
+import textwrap
+
+from vaediag.analysis.findings import Analysis
+
+WIDTH = 100
+
+
+def _wrap(text: str, indent: int) -> str:
+    return textwrap.fill(text, WIDTH, initial_indent=" " * indent,
+                         subsequent_indent=" " * indent)
+
+
+def render(analysis: Analysis, verdict: str, where: str | None = None) -> str:
+    run = analysis.run
+    lines = [f"{run['name']}: {run['steps']:,} steps ({run['status']}), "
+             f"{run['evaluations']:,} evaluations",
+             _wrap(f"verdict: {verdict}", 0), ""]
+    findings = analysis.sorted_findings()
+    if not findings:
+        lines.append("no findings")
+    for f in findings:
+        span = f"step {f.first_step:,}" if f.first_step == f.last_step else \
+            f"steps {f.first_step:,}-{f.last_step:,}"
+        lines.append(f"{f.severity.upper():<8} {f.kind}  ({span})")
+        lines.append(_wrap(f.summary, 9))
+        if f.preceded_by:
+            chain = ", ".join(f"{p['channel']}{' in ' + p['where'] if p['where'] else ''} "
+                              f"({p['steps_before']} before)" for p in f.preceded_by[:4])
+            lines.append(_wrap(f"preceded by: {chain}", 9))
+        if f.remedies:
+            lines.append(_wrap(f"remedy: {f.remedies[0]}", 9))
+    skipped = analysis.not_checked()
+    if skipped:
+        lines += ["", "not checked:"]
+        lines += [_wrap(f"{c.detector}: {c.reason}", 2) for c in skipped]
+    if analysis.problems:
+        lines += ["", "run directory notes:"] + [_wrap(p, 2) for p in analysis.problems]
+    if where:
+        lines += ["", f"findings written to {where}"]
+    return "\n".join(lines)
