@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vaediag
 from tests.conftest import TINY, run_cli
 from vaediag.cli import cli
 from vaediag.config import build_config
@@ -235,6 +236,10 @@ def test_kill_9_leaves_a_readable_run_that_resumes(tmp_path):
     assert run.status == "killed"
     steps = list(run.scalars["step"])
     assert len(steps) >= 60 and steps == list(range(len(steps)))  # a clean prefix
+    analysis = vaediag.analyze(out)  # a killed run is analysed on what it has, and says so
+    assert analysis.run["status"] == "killed" and analysis.run["steps"] == len(steps)
+    assert "killed" in analysis.problems[0]
+    assert not [c for c in analysis.checks if c.status == "failed"]
     last_checkpoint = run.checkpoints[-1][0]
     # Resume to a short total: it continues from the last checkpoint with continuous steps.
     target = last_checkpoint + 25
