@@ -8,13 +8,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
 
-.PHONY: help demo test lint bench clean
+.PHONY: help demo test lint bench reports clean
 
 help:
 	@echo "make demo   train the default VAE on the built-in toyfaces data into $(DEMO), analyse it"
 	@echo "make test   run the test suite"
 	@echo "make lint   run ruff"
 	@echo "make bench  run the benchmarks in benchmarks/"
+	@echo "make reports  regenerate the example reports in reports/ from a reference run"
 	@echo "make clean  remove .venv and runs/"
 
 $(STAMP): pyproject.toml
@@ -27,14 +28,26 @@ demo: $(STAMP)
 	$(BIN)/vaediag analyze $(DEMO)
 
 test: $(STAMP)
+	@bash .ci/install-test-tools
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check vaediag tests benchmarks
+	$(BIN)/ruff check vaediag tests benchmarks reports
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/detectors.py
+	$(BIN)/python benchmarks/analyze_scale.py
+	$(BIN)/python benchmarks/report_speed.py
+
+# The example reports: train the reference run (reports/reference.toml, two planted faults),
+# analyse it, keep the reports and a screenshot of the HTML.
+reports: $(STAMP)
+	$(BIN)/vaediag train --config reports/reference.toml --out runs/reference --overwrite
+	$(BIN)/vaediag analyze runs/reference --html reports/example.html --pdf reports/example.pdf
+	cp runs/reference/findings.json reports/example-findings.json
+	$(BIN)/python reports/screenshot.py reports/example.html reports/example.png
 
 clean:
 	rm -rf $(VENV) runs

@@ -180,7 +180,8 @@ def test_timeline_names_what_preceded_a_spike(tmp_path):
     (spike,) = [f for f in result.findings if f.kind == "loss_spike"]
     chain = [(p["channel"], p["where"], p["steps_before"]) for p in spike.preceded_by]
     assert chain == [("update_ratio", "decoder.fc", 5), ("grad_norm", "decoder.out", 2)]
-    assert spike.cause.startswith("preceded by update_ratio in decoder.fc at step 995")
+    assert spike.precursors_text() == ("update_ratio in decoder.fc (5 steps before), "
+                                       "grad_norm in decoder.out (2 steps before)")
 
 
 # -- latents ------------------------------------------------------------------------------------

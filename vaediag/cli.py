@@ -205,14 +205,23 @@ def _changed_keys(old, new) -> dict[str, list[Any]]:
                    "summary.")
 @click.option("--fail-on", type=click.Choice(["info", "warning", "high"]), default=None,
               help="Exit with code 1 when a finding of this severity or worse exists (for CI).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Where to write the HTML report. Default: RUN_DIR/report.html.")
+@click.option("--pdf", "pdf_path", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Where to write the PDF report. Default: RUN_DIR/report.pdf.")
+@click.option("--no-html", is_flag=True, help="Do not write the HTML report.")
+@click.option("--no-pdf", is_flag=True, help="Do not write the PDF report.")
 @click.option("--no-write", is_flag=True,
-              help="Do not write RUN_DIR/findings.json (analysis of a read-only run dir).")
-def analyze(run_dir: str, as_json: bool, fail_on: str | None, no_write: bool) -> int:
+              help="Write nothing into RUN_DIR (no findings.json, and reports only where "
+                   "--html or --pdf name a path): for a read-only run directory.")
+def analyze(run_dir: str, as_json: bool, fail_on: str | None, html_path: str | None,
+            pdf_path: str | None, no_html: bool, no_pdf: bool, no_write: bool) -> int:
     """Find where training went unstable and where the loss stopped tracking image quality.
 
     Reads only RUN_DIR (no model, no torch; a run that crashed or is still training works),
-    writes RUN_DIR/findings.json and prints each finding with its severity, steps, evidence and
-    remedy. Exit code 0 even with findings, unless --fail-on says otherwise.
+    prints each finding with its severity, steps and remedy, and writes RUN_DIR/findings.json
+    and the reports RUN_DIR/report.html (one self-contained file) and RUN_DIR/report.pdf.
+    Exit code 0 even with findings, unless --fail-on says otherwise.
     """
     import json as json_module
 
@@ -222,21 +231,35 @@ def analyze(run_dir: str, as_json: bool, fail_on: str | None, no_write: bool) ->
     from vaediag.analysis.summary import render
 
     result = run_analysis(run_dir)
-    where = None
+    written: list[str] = []
     if not no_write:
         target = Path(run_dir) / FINDINGS_JSON
         try:
             write_findings(result, target)
-            where = str(target)
+            written.append(str(target))
         except OSError as exc:
             click.echo(f"vaediag: warning: cannot write {target}: {exc.strerror or exc}",
+                       err=True)
+    default = None if no_write else Path(run_dir)
+    html = None if no_html else html_path or (default and default / "report.html")
+    pdf = None if no_pdf else pdf_path or (default and default / "report.pdf")
+    if html or pdf:
+        from vaediag.report import write_reports
+
+        for path in (html, pdf):
+            if path and not Path(path).resolve().parent.is_dir():
+                raise UserError(f"cannot write {path}: no such directory")
+        try:
+            written += [str(p) for p in write_reports(run_dir, result, html=html, pdf=pdf)]
+        except OSError as exc:
+            click.echo(f"vaediag: warning: cannot write the report: {exc.strerror or exc}",
                        err=True)
     if as_json:
         payload = result.to_json()
         payload["verdict"] = verdict(result)
         click.echo(json_module.dumps(payload, indent=2))
     else:
-        click.echo(render(result, verdict(result), where))
+        click.echo(render(result, verdict(result), written))
     if fail_on and result.worst and severity_rank(result.worst) >= severity_rank(fail_on):
         return EXIT_FINDINGS
     return 0

@@ -106,12 +106,28 @@ def standard_evals(steps: np.ndarray, *, seed: int = 0,
     return cols
 
 
+def grid_png(step: int, size: tuple[int, int] = (560, 300)) -> bytes:
+    """A placeholder grid image (a seeded colour field, the size of a 64 px grid)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(step)
+    small = rng.integers(0, 256, size=(4, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_run(path: str | Path, scalars: dict[str, np.ndarray] | None,
               evals: dict[str, np.ndarray] | None = None, *, events: Iterable[dict] = (),
               settings: Iterable[str] = (), fixed: dict[str, np.ndarray] | None = None,
-              status: str = "finished", chunk: int = 100_000) -> Path:
+              grids: Iterable[int] = (), status: str = "finished",
+              chunk: int = 100_000) -> Path:
     """Write a run directory from columns. ``settings`` are ``key=value`` config overrides
-    (as ``--set`` takes them); ``events`` are dicts with ``kind``, ``step`` and fields."""
+    (as ``--set`` takes them); ``events`` are dicts with ``kind``, ``step`` and fields;
+    ``grids`` the steps to write a placeholder grid image for."""
     path = Path(path)
     config = build_config(overrides=list(settings))
     writer = RunWriter.create(path, config_toml=config.to_toml(),
@@ -130,5 +146,7 @@ def write_run(path: str | Path, scalars: dict[str, np.ndarray] | None,
         writer.event(event["kind"], event["step"], **fields)
     if fixed:
         writer.save_fixed(**fixed)
+    for step in grids:
+        writer.save_grid(int(step), grid_png(int(step)))
     writer.close(status, last)
     return path

@@ -14,7 +14,7 @@ from pathlib import Path
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.detectors import DETECTORS
 from vaediag.analysis.findings import Analysis, Check, Finding, Signal, severity_rank
-from vaediag.analysis.timeline import fold_level_shifts, link
+from vaediag.analysis.timeline import fold_consequences, link
 from vaediag.rundir import Run, atomic_write, load_run
 
 FINDINGS_JSON = "findings.json"
@@ -64,32 +64,45 @@ def analyze(path: str | Path | Run) -> Analysis:
         if not row.get("available", True):
             checks.append(Check(str(row.get("metric")), "skipped",
                                 f"{row.get('metric')} unavailable: {row.get('reason')}"))
-    findings = fold_level_shifts(findings)
+    findings = fold_consequences(findings)
     link(findings, signals)
-    return Analysis(run_summary(data), findings, checks, signals, run.problems)
+    return Analysis(run_summary(data), findings, checks, signals, run.problems, data.derived)
 
 
 def write_findings(analysis: Analysis, path: Path) -> None:
     atomic_write(path, json.dumps(analysis.to_json(), indent=2).encode())
 
 
+#: instabilities, most important first; then the loss-quality kinds
+INSTABILITIES = ("nonfinite", "kl_explosion", "loss_spike", "grad_explosion",
+                 "posterior_collapse", "oversized_update", "adam_step_size_jump",
+                 "adam_eps_dominated", "logvar_saturation", "decoder_scale_shrinking",
+                 "generation_drift")
+DECOUPLING = ("loss_quality_decoupling", "loss_understates_quality")
+
+
 def verdict(analysis: Analysis) -> str:
-    """One line: the most important instability and decoupling, or that none was found."""
-    order = ("nonfinite", "kl_explosion", "loss_spike", "grad_explosion", "posterior_collapse",
-             "oversized_update", "adam_step_size_jump", "adam_eps_dominated",
-             "loss_quality_decoupling", "loss_understates_quality", "logvar_saturation",
-             "decoder_scale_shrinking", "generation_drift")
-    parts = []
-    for kind in order:
-        hits = [f for f in analysis.findings if f.kind == kind
+    """One line: the most important instability (with what preceded it) and where the loss
+    stopped tracking quality; or that neither was found."""
+    def first(kinds: tuple[str, ...]) -> Finding | None:
+        """The earliest of the most severe findings of these kinds (ties: the kind listed
+        first), ignoring info."""
+        hits = [f for f in analysis.findings if f.kind in kinds
                 and severity_rank(f.severity) >= 1]
-        if hits and len(parts) < 2:
-            f = min(hits, key=lambda f: f.first_step)
-            text = f.summary
-            if f.preceded_by:
-                p = f.preceded_by[0]
-                text += f" (after {p['channel']}{' in ' + p['where'] if p['where'] else ''})"
-            parts.append(text)
+        if not hits:
+            return None
+        return min(hits, key=lambda f: (-severity_rank(f.severity), f.first_step,
+                                        kinds.index(f.kind)))
+
+    parts = []
+    unstable, decoupled = first(INSTABILITIES), first(DECOUPLING)
+    if unstable is not None:
+        text = unstable.summary
+        if unstable.preceded_by:
+            text += f" (after {unstable.precursors_text(1)})"
+        parts.append(text)
+    if decoupled is not None:
+        parts.append(decoupled.summary)
     if not parts:
         return "no instability or loss-quality decoupling found"
     return "; ".join(parts)

@@ -30,6 +30,9 @@ class RunData:
 
     def __init__(self, run: Run):
         self.run = run
+        #: series a detector derived and a reader may want to see (the report plots them):
+        #: {name: {"steps": [...], ...}}; written to findings.json under "derived"
+        self.derived: dict[str, dict[str, Any]] = {}
 
     @cached_property
     def scalars(self) -> pd.DataFrame:

@@ -58,6 +58,24 @@ class Finding:
     def to_json(self) -> dict[str, Any]:
         return _clean(asdict(self))
 
+    def precursors_text(self, limit: int = 4) -> str:
+        """``preceded_by`` for people: one entry per channel and step, its layers named."""
+        groups: dict[tuple[str, int], list[str]] = {}
+        for p in self.preceded_by:
+            groups.setdefault((p["channel"], p["steps_before"]), []).append(p["where"])
+        parts = []
+        for (channel, before), wheres in list(groups.items())[:limit]:
+            wheres = [w for w in wheres if w]
+            where = ""
+            if wheres:
+                shown = ", ".join(wheres[:2])
+                where = f" in {shown}" + (f" and {len(wheres) - 2} more" if len(wheres) > 2
+                                          else "")
+            ago = "at the same step" if before == 0 else \
+                f"{before} step{'s' if before != 1 else ''} before"
+            parts.append(f"{channel}{where} ({ago})")
+        return ", ".join(parts)
+
 
 @dataclass
 class Check:
@@ -77,6 +95,7 @@ class Analysis:
     checks: list[Check]
     signals: list[Signal]
     problems: list[str]  # of the run dir itself: torn writes, a killed writer, ...
+    derived: dict[str, Any] = field(default_factory=dict)  # series detectors derived
 
     def sorted_findings(self) -> list[Finding]:
         """Most severe first, then in time order."""
@@ -97,6 +116,7 @@ class Analysis:
             "checks": [asdict(c) for c in self.checks],
             "problems": list(self.problems),
             "timeline": [_clean(asdict(s)) for s in sorted(self.signals, key=lambda s: s.step)],
+            "derived": _clean(self.derived),
         }
 
 

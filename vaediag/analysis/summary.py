@@ -14,7 +14,7 @@ def _wrap(text: str, indent: int) -> str:
                          subsequent_indent=" " * indent)
 
 
-def render(analysis: Analysis, verdict: str, where: str | None = None) -> str:
+def render(analysis: Analysis, verdict: str, written: list[str] | None = None) -> str:
     run = analysis.run
     lines = [f"{run['name']}: {run['steps']:,} steps ({run['status']}), "
              f"{run['evaluations']:,} evaluations",
@@ -28,9 +28,7 @@ def render(analysis: Analysis, verdict: str, where: str | None = None) -> str:
         lines.append(f"{f.severity.upper():<8} {f.kind}  ({span})")
         lines.append(_wrap(f.summary, 9))
         if f.preceded_by:
-            chain = ", ".join(f"{p['channel']}{' in ' + p['where'] if p['where'] else ''} "
-                              f"({p['steps_before']} before)" for p in f.preceded_by[:4])
-            lines.append(_wrap(f"preceded by: {chain}", 9))
+            lines.append(_wrap(f"preceded by: {f.precursors_text()}", 9))
         if f.remedies:
             lines.append(_wrap(f"remedy: {f.remedies[0]}", 9))
     skipped = analysis.not_checked()
@@ -39,6 +37,6 @@ def render(analysis: Analysis, verdict: str, where: str | None = None) -> str:
         lines += [_wrap(f"{c.detector}: {c.reason}", 2) for c in skipped]
     if analysis.problems:
         lines += ["", "run directory notes:"] + [_wrap(p, 2) for p in analysis.problems]
-    if where:
-        lines += ["", f"findings written to {where}"]
+    if written:
+        lines += [""] + [f"wrote {path}" for path in written]
     return "\n".join(lines)

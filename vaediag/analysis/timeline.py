@@ -21,13 +21,30 @@ OWN_CHANNELS = {
 }
 
 
-def fold_level_shifts(findings: list[Finding]) -> list[Finding]:
-    """A KL "spike" that never recovered, starting within ``LOOKBACK`` steps of a KL explosion,
-    is that explosion's onset seen step by step: fold it into the explosion (whose change
-    point is located on a decimated series) instead of reporting the event twice."""
+#: kinds that, once training has gone non-finite, are consequences rather than new events
+AFTERMATH = {"loss_spike", "grad_explosion", "oversized_update"}
+
+
+def fold_consequences(findings: list[Finding]) -> list[Finding]:
+    """Report each event once.
+
+    - A KL "spike" that never recovered, starting within ``LOOKBACK`` steps of a KL explosion,
+      is that explosion's onset seen step by step: it is folded into the explosion (whose
+      change point is located on a decimated series).
+    - Spikes and gradient explosions that start after the first non-finite value, inside the
+      span where values kept going non-finite, are its aftermath: they are counted in the
+      non-finite finding's evidence (``aftermath``) instead of listed one by one.
+    """
     explosions = [f for f in findings if f.kind == "kl_explosion"]
+    broken = [f for f in findings if f.kind == "nonfinite"]
     keep = []
     for f in findings:
+        failure = next((b for b in broken if f.kind in AFTERMATH
+                        and b.first_step < f.first_step <= b.last_step), None)
+        if failure is not None:
+            counts = failure.evidence.setdefault("aftermath", {})
+            counts[f.kind] = counts.get(f.kind, 0) + 1
+            continue
         main = f.evidence.get("main_term") if f.kind == "loss_spike" else None
         near = [e for e in explosions if abs(e.first_step - f.first_step) <= LOOKBACK]
         if main == "kl" and f.evidence.get("recovered") is False and near:
@@ -36,11 +53,16 @@ def fold_level_shifts(findings: list[Finding]) -> list[Finding]:
             explosion.evidence["onset_spike"] = f.summary
             continue
         keep.append(f)
+    for b in broken:
+        if b.evidence.get("aftermath"):
+            b.summary += "; after it " + ", ".join(
+                f"{n} more {kind.replace('_', ' ')}{'s' if n > 1 else ''}"
+                for kind, n in sorted(b.evidence["aftermath"].items()))
     return keep
 
 
 def link(findings: list[Finding], signals: list[Signal]) -> None:
-    """Fill ``preceded_by`` (and extend ``cause``) of linked findings, in place."""
+    """Fill ``preceded_by`` of linked findings, in place."""
     ordered = sorted(signals, key=lambda s: s.step)
     for finding in findings:
         own = OWN_CHANNELS.get(finding.kind)
@@ -58,14 +80,3 @@ def link(findings: list[Finding], signals: list[Signal]) -> None:
             {"step": s.step, "channel": s.channel, "where": s.where, "value": s.value,
              "threshold": s.threshold, "steps_before": finding.first_step - s.step,
              "description": s.description} for s in chain]
-        if chain:
-            text = ", then ".join(
-                f"{s.label()} at step {s.step:,} ({_ago(finding.first_step - s.step)})"
-                for s in chain[:4])
-            finding.cause = f"preceded by {text}. " + finding.cause
-
-
-def _ago(steps: int) -> str:
-    if steps == 0:
-        return "the same step"
-    return f"{steps} step{'s' if steps != 1 else ''} before"

@@ -111,6 +111,9 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         units[metric] = worse / unit
         raw_values[metric] = raw
         correlations[metric] = rolling_spearman(np.diff(loss), np.diff(b), CORRELATION_WINDOW)
+    data.derived["loss_quality_correlation"] = {
+        "steps": s[1:].tolist(), "window": CORRELATION_WINDOW,
+        "metrics": {m: rho.tolist() for m, rho in correlations.items()}}
     candidates: dict[str, tuple[tuple[int, int], dict, int]] = {}
     for kind, by_metric in masks.items():
         if not by_metric:

@@ -29,14 +29,16 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     for col in cols:
         x = data.series(col, "evals")
         prior = pd.Series(x).rolling(WINDOW, min_periods=3).median().shift(1).to_numpy()
-        sharp = (x >= FACTOR * prior) & (x >= MIN_RMSE) & (steps >= data.burn_in_step)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sharp = (x >= FACTOR * prior) & (x >= MIN_RMSE) & (steps >= data.burn_in_step)
+            ratio = np.where(sharp, x / prior, np.nan)
         which = "decode(fixed z)" if "fixed" in col else "decode(0)"
         for i in np.flatnonzero(sharp):
             signals.append(Signal(int(steps[i]), col, "", float(x[i]), float(prior[i]),
                                   f"{which} changed {x[i] / prior[i]:.3g}x more than usual"))
         if sharp.any():
             i = int(np.flatnonzero(sharp)[0])
-            worst = int(np.nanargmax(np.where(sharp, x / prior, np.nan)))
+            worst = int(np.nanargmax(ratio))
             findings.append(Finding(
                 kind="generation_drift", severity="warning", first_step=int(steps[i - 1]),
                 last_step=int(steps[i]),

@@ -1,0 +1,168 @@
+"""Reports: structure of the HTML (sections, findings, embedded images, no network, escaping)
+and the PDF (pages, rendering), on synthetic runs and a tiny real one; a real browser and
+pdftoppm where the machine has them."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vaediag
+from tests.conftest import run_cli
+from vaediag.analysis.findings import Finding
+from vaediag.report import SECTIONS, grid_steps
+from vaediag.testing import standard_evals, standard_scalars, write_run
+
+EVAL_EVERY = 50
+IMG_SRC = re.compile(r'<img src="([^"]*)"')
+
+
+def _run(tmp_path, name="r", settings=()):
+    cols = standard_scalars(1500)
+    cols["kl"][1000:] *= 10
+    cols["layer.grad_norm/decoder.out"][800] *= 1000
+    steps = cols["step"][::EVAL_EVERY]
+    evals = standard_evals(steps)
+    evals["colour_de"][18:] += 6.0  # quality worse from step 900 while the loss holds
+    evals["sat_ratio"][18:] -= 0.3
+    return write_run(tmp_path / name, cols, evals, grids=steps, settings=settings)
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    run = _run(tmp)
+    code = vaediag.cli.main(["analyze", str(run)])
+    assert code == 0
+    return run
+
+
+def test_html_has_every_section_and_finding(reported):
+    html = (reported / "report.html").read_text()
+    for anchor, title in SECTIONS:
+        assert f'id="{anchor}"' in html and f'href="#{anchor}"' in html, anchor
+        assert title in html
+    result = vaediag.analyze(reported)
+    for i, finding in enumerate(result.sorted_findings()):
+        assert f'id="finding-{i}"' in html
+        assert finding.kind in html
+    assert "kl_explosion" in html and "loss_quality_decoupling" in html
+    assert 'href="#grids-' in html  # findings link to their grids
+    assert "Verdict:" in html and "KL exploded at step" in html
+
+
+def test_html_is_self_contained(reported):
+    html = (reported / "report.html").read_text()
+    sources = IMG_SRC.findall(html)
+    assert len(sources) >= 10
+    for src in sources:
+        assert re.match(r"data:image/(png|jpeg);base64,", src), src[:40]
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
+            image.verify()
+    assert not re.search(r"https?://", html)
+    assert "<script" not in html and "<link" not in html and "@import" not in html
+
+
+def test_pdf_has_pages(reported):
+    pdf = (reported / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF")
+    pages = len(re.findall(rb"/Type\s*/Page\b", pdf))
+    assert pages >= 8, pages
+
+
+def test_strings_from_config_and_path_are_escaped(tmp_path, capsys):
+    parent = tmp_path / "<script>alert(1)<"  # the run dir's path reads <script>alert(1)</script>
+    parent.mkdir()
+    run = _run(parent, "script>", settings=['data.source="<script>alert(1)</script>"'])
+    assert str(run).endswith("<script>alert(1)</script>")
+    code, _, err = run_cli(capsys, "analyze", run, "--no-pdf")
+    assert code == 0, err
+    html = (run / "report.html").read_text()
+    assert "<script" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # the data source, escaped
+
+
+def test_report_flags(tmp_path, capsys):
+    run = _run(tmp_path)
+    out = tmp_path / "elsewhere.html"
+    code, stdout, _ = run_cli(capsys, "analyze", run, "--no-pdf", "--html", out)
+    assert code == 0 and out.exists()
+    assert not (run / "report.pdf").exists() and not (run / "report.html").exists()
+    assert f"wrote {out}" in stdout
+    untouched = _run(tmp_path, "untouched")
+    before = sorted(p.name for p in untouched.iterdir())
+    code, _, _ = run_cli(capsys, "analyze", untouched, "--no-write")
+    assert code == 0 and sorted(p.name for p in untouched.iterdir()) == before
+    code, _, err = run_cli(capsys, "analyze", run, "--pdf", tmp_path / "missing" / "r.pdf")
+    assert code == 2 and "no such directory" in err
+
+
+def test_report_of_a_run_with_only_losses_and_one_without_steps(tmp_path, capsys):
+    full = standard_scalars(500)
+    bare = write_run(tmp_path / "bare", {k: full[k] for k in ("step", "recon", "kl", "total")})
+    empty = write_run(tmp_path / "empty", None)
+    for run in (bare, empty):
+        code, _, err = run_cli(capsys, "analyze", run)
+        assert code == 0, err
+        html = (run / "report.html").read_text()
+        assert "Nothing recorded for this section" in html and "No grids in this run" in html
+        assert (run / "report.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_grid_steps_before_at_after():
+    evals = [0, 50, 100, 150, 200]
+    spike = Finding("loss_spike", "high", 120, 130, "")
+    assert grid_steps(spike, evals) == [("before", 100), ("at", 150), ("after", 200)]
+    decoupling = Finding("loss_quality_decoupling", "warning", 50, 150, "",
+                         compare_steps=[50, 150])
+    assert grid_steps(decoupling, evals) == [("before", 50), ("after", 150), ("next", 200)]
+    assert grid_steps(spike, []) == []
+
+
+def test_report_of_a_tiny_real_run(tiny_run, tmp_path, capsys):
+    html, pdf = tmp_path / "tiny.html", tmp_path / "tiny.pdf"
+    code, _, err = run_cli(capsys, "analyze", tiny_run, "--no-write", "--html", html,
+                           "--pdf", pdf)
+    assert code == 0, err
+    text = html.read_text()
+    assert "lpips" in text and "unavailable" in text  # what could not be checked is said
+    assert len(IMG_SRC.findall(text)) >= 4
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Debian's chromium is not installed (make test installs it where "
+                           "apt-get can)")
+def test_html_renders_in_headless_chromium(reported, tmp_path):
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-quic", "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tempfile.mkdtemp()}", "--hide-scrollbars",
+                    "--window-size=1200,2400", f"--screenshot={shot}",
+                    (reported / "report.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.shape == (2400, 1200)
+    assert pixels.std() > 20  # text, figures and grids, not a blank page
+
+
+@pytest.mark.skipif(shutil.which("pdftoppm") is None,
+                    reason="pdftoppm (poppler-utils) is not installed (make test installs it "
+                           "where apt-get can)")
+def test_pdf_pages_render_with_pdftoppm(reported, tmp_path):
+    subprocess.run(["pdftoppm", "-r", "30", "-png", str(reported / "report.pdf"),
+                    str(tmp_path / "page")], check=True, timeout=120)
+    pages = sorted(tmp_path.glob("page-*.png"))
+    assert len(pages) >= 8
+    for page in pages:
+        with Image.open(page) as image:
+            assert np.asarray(image.convert("L")).std() > 5  # something on every page

@@ -1,0 +1,292 @@
+"""Reports: one self-contained HTML file and a PDF telling the same story, from a run directory
+and its analysis. They read; they never recompute a statistic (figures decimate long series
+for drawing only).
+
+    >>> import vaediag
+    >>> from vaediag.report import write_reports
+    >>> analysis = vaediag.analyze("runs/demo")
+    >>> write_reports("runs/demo", analysis, html="runs/demo/report.html",
+    ...               pdf="runs/demo/report.pdf")
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vaediag import __version__
+from vaediag.analysis import verdict
+from vaediag.analysis.findings import Analysis, Finding
+from vaediag.rundir import Run, atomic_write, load_run
+
+HTML_NAME = "report.html"
+PDF_NAME = "report.pdf"
+DPI = 110
+MAX_FINDING_GRIDS = 6  # sets of grids shown for findings (decoupling, then most severe)
+MAX_FILMSTRIP = 24  # evaluations in the filmstrip (evenly spread when there are more)
+
+#: where each finding kind is shown in figures
+SECTION_OF = {
+    "loss_spike": "timelines", "kl_explosion": "timelines", "nonfinite": "timelines",
+    "epoch_average_trap": "timelines",
+    "grad_explosion": "optimizer", "grad_vanishing": "optimizer", "oversized_update": "optimizer",
+    "adam_eps_dominated": "optimizer", "adam_update_rms_high": "optimizer",
+    "adam_rms_t_high": "optimizer", "adam_step_size_jump": "optimizer",
+    "loss_quality_decoupling": "quality", "loss_understates_quality": "quality",
+    "posterior_collapse": "latents", "unused_dimensions": "latents",
+    "logvar_saturation": "latents", "decoder_scale_shrinking": "latents",
+    "generation_drift": "grids",
+}
+SECTIONS = (("summary", "Summary"), ("findings", "Findings"), ("timelines", "Losses over time"),
+            ("quality", "Loss against image quality"), ("optimizer", "Optimizer and gradients"),
+            ("latents", "Latent health"), ("grids", "Grids"), ("unchecked", "Not checked"))
+
+
+@dataclass
+class Image:
+    data: bytes
+    alt: str
+    mime: str = "image/png"
+
+    @property
+    def data_uri(self) -> str:
+        return f"data:{self.mime};base64," + base64.b64encode(self.data).decode("ascii")
+
+
+@dataclass
+class GridImage:
+    step: int
+    image: Image
+    caption: list[str]
+    role: str = ""  # "before", "at", "after", ...
+
+
+@dataclass
+class GridSet:
+    anchor: str
+    title: str
+    grids: list[GridImage]
+    findings: list[int] = field(default_factory=list)  # indices into the findings list
+
+
+@dataclass
+class Report:
+    """What both outputs show, in order. Built once by :func:`build`."""
+
+    title: str
+    verdict: str
+    header: list[tuple[str, str]]
+    findings: list[Finding]
+    figures: dict[str, list[tuple[str, Image]]] = field(default_factory=dict)  # section -> ...
+    grid_sets: list[GridSet] = field(default_factory=list)
+    filmstrip: list[GridImage] = field(default_factory=list)
+    unchecked: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    sections: tuple[tuple[str, str], ...] = SECTIONS
+    version: str = __version__
+
+    def finding_grids(self, index: int) -> str | None:
+        return next((g.anchor for g in self.grid_sets if index in g.findings), None)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return "" if value is None else str(value)
+
+
+def header_rows(run: Run, analysis: Analysis) -> list[tuple[str, str]]:
+    try:
+        config = run.config
+    except Exception:  # noqa: BLE001 - a report of a run without a readable config
+        config = {}
+    env = run.environment
+    section = lambda name: config.get(name, {})  # noqa: E731
+    data, model, loss, optim = section("data"), section("model"), section("loss"), \
+        section("optim")
+    rows = [("run", str(run.path.name)), ("directory", str(run.path)),
+            ("status", analysis.run.get("status", ""))]
+    if data:
+        rows.append(("data", f"{data.get('source')} at {data.get('resolution')} px"))
+    if model:
+        rows.append(("model", f"conv VAE, channels {_fmt(model.get('channels'))}, latent "
+                              f"{model.get('latent_dim')}, norm {model.get('norm')}, "
+                              f"{model.get('activation')}"))
+    if loss:
+        schedule = loss.get("beta_schedule")
+        rows.append(("loss", f"recon {loss.get('recon')}, KL {loss.get('kl')}, beta "
+                             f"{_fmt(loss.get('beta'))}"
+                             + (f" ({schedule})" if schedule and schedule != "constant" else "")
+                             + (f", logvar clamp {_fmt(loss.get('logvar_clamp'))}"
+                                if loss.get("logvar_clamp") else "")))
+    if optim:
+        rows.append(("optimizer", f"{optim.get('name')}, lr {_fmt(optim.get('lr'))} "
+                                  f"({optim.get('schedule')}), betas {_fmt(optim.get('betas'))}, "
+                                  f"eps {_fmt(optim.get('eps'))}, weight decay "
+                                  f"{_fmt(optim.get('weight_decay'))}, grad clip "
+                                  f"{_fmt(optim.get('grad_clip')) or 'off'}"))
+    steps = analysis.run.get("steps") or 0
+    rows.append(("steps", f"{steps:,} recorded ({analysis.run.get('first_step')} to "
+                          f"{analysis.run.get('last_step')}), "
+                          f"{analysis.run.get('evaluations', 0):,} evaluations"))
+    scalars = run.scalars
+    if "time" in scalars.columns and len(scalars):
+        seconds = float(scalars["time"].max())
+        rows.append(("wall time", f"{seconds / 60:.1f} min" if seconds >= 60 else
+                     f"{seconds:.0f} s"))
+    versions = env.get("versions", {})
+    if versions:
+        rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items()
+                                           if k in ("vaediag", "torch", "numpy"))
+                     + (f", Python {env['python']}" if env.get("python") else "")
+                     + (f", {env['device']}" if env.get("device") else "")))
+    faults = analysis.run.get("faults") or []
+    if faults:
+        rows.append(("injected faults", ", ".join(str(f) for f in faults)))
+    return rows
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def _grid_caption(evals, step: int) -> list[str]:
+    row = evals[evals["step"] == step]
+    if row.empty:
+        return [f"step {step:,}"]
+    row = row.iloc[0]
+    parts = []
+    for col, label in (("eval_recon", "recon"), ("eval_kl", "KL"), ("ssim", "SSIM"),
+                       ("lpips", "LPIPS"), ("colour_de", "colour err"),
+                       ("sat_ratio", "saturation")):
+        if col in row.index and row[col] == row[col]:  # not NaN
+            parts.append(f"{label} {row[col]:.4g}")
+    return [f"step {step:,}", ", ".join(parts[:3]), ", ".join(parts[3:])]
+
+
+def grid_steps(finding: Finding, eval_steps: list[int]) -> list[tuple[str, int]]:
+    """The evaluations to show for a finding: the two it compares (and the next), or the last
+    before it, the first at or after its start, and the first after its end."""
+    if not eval_steps:
+        return []
+    if finding.compare_steps:
+        chosen = [("before", finding.compare_steps[0]), ("after", finding.compare_steps[-1])]
+        later = [s for s in eval_steps if s > finding.compare_steps[-1]]
+        if later:
+            chosen.append(("next", later[0]))
+        return [(r, s) for r, s in chosen if s in eval_steps]
+    before = [s for s in eval_steps if s < finding.first_step]
+    at = [s for s in eval_steps if s >= finding.first_step]
+    after = [s for s in eval_steps if s > max(finding.last_step, at[0] if at else -1)]
+    chosen = ([("before", before[-1])] if before else []) + ([("at", at[0])] if at else []) + \
+        ([("after", after[0])] if after else [])
+    return chosen
+
+
+def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
+    """The report's content, and the matplotlib figures (in order) for the PDF."""
+    from PIL import Image as PILImage
+
+    from vaediag.report import figures
+
+    scalars, evals = run.scalars, run.evals
+    findings = analysis.sorted_findings()
+    report = Report(title=f"vaediag report: {run.path.name}", verdict=verdict(analysis),
+                    header=header_rows(run, analysis), findings=findings,
+                    problems=list(analysis.problems))
+    report.unchecked = [(c.detector, c.reason) for c in analysis.not_checked()]
+    pdf_figures: list[tuple[str, Any]] = []
+
+    def add(section: str, title: str, fig) -> None:
+        if fig is None:
+            return
+        report.figures.setdefault(section, []).append((title, Image(_png(fig), title)))
+        pdf_figures.append((section, fig))
+
+    if len(scalars):
+        add("timelines", "Losses over time", figures.timelines(scalars, evals, analysis))
+        add("optimizer", "Per-layer heatmaps",
+            figures.layer_heatmaps(scalars, analysis))
+        add("latents", "Latent health", figures.latent_health(scalars, evals, analysis))
+    if len(evals):
+        add("quality", "Loss and quality over time", figures.loss_vs_quality(evals, analysis))
+        add("quality", "Rolling rank correlation", figures.correlation(analysis))
+        add("quality", "Loss against quality", figures.loss_quality_scatter(evals))
+
+    grids = dict(run.grids)
+    eval_steps = sorted(grids)
+    loaded: dict[int, Image] = {}
+
+    def grid(step: int) -> Image:
+        if step not in loaded:
+            loaded[step] = Image(grids[step].read_bytes(), f"grid at step {step}")
+        return loaded[step]
+
+    shown = [(i, f) for i, f in enumerate(findings) if f.severity != "info"]
+    decoupling_first = sorted(shown, key=lambda x: x[1].kind not in (
+        "loss_quality_decoupling", "loss_understates_quality"))
+    by_steps: dict[tuple[int, ...], GridSet] = {}
+    for index, finding in decoupling_first:
+        chosen = grid_steps(finding, eval_steps)
+        if not chosen:
+            continue
+        key = tuple(step for _, step in chosen)
+        if key in by_steps:  # the same evaluations as an earlier finding: show them once
+            by_steps[key].findings.append(index)
+            by_steps[key].title += f"; {finding.kind}"
+            continue
+        if len(by_steps) == MAX_FINDING_GRIDS:
+            continue
+        by_steps[key] = GridSet(
+            anchor=f"grids-{index}", findings=[index],
+            title=f"{finding.kind} (steps {finding.first_step:,}-{finding.last_step:,})",
+            grids=[GridImage(s, grid(s), _grid_caption(evals, s), role) for role, s in chosen])
+        report.grid_sets.append(by_steps[key])
+    if eval_steps:
+        pick = eval_steps if len(eval_steps) <= MAX_FILMSTRIP else [
+            eval_steps[round(k * (len(eval_steps) - 1) / (MAX_FILMSTRIP - 1))]
+            for k in range(MAX_FILMSTRIP)]
+        for step in pick:
+            with PILImage.open(grids[step]) as im:
+                thumb = im.convert("RGB")
+                thumb.thumbnail((360, 360))
+                buf = io.BytesIO()
+                thumb.save(buf, format="JPEG", quality=85)  # thumbnails: a tenth of a PNG
+            report.filmstrip.append(GridImage(step, Image(buf.getvalue(), f"step {step}",
+                                                          "image/jpeg"),
+                                              _grid_caption(evals, step)))
+    return report, pdf_figures
+
+
+def write_reports(run_dir: str | Path | Run, analysis: Analysis, *, html: str | Path | None,
+                  pdf: str | Path | None) -> list[Path]:
+    """Write the HTML and/or PDF report; returns the paths written."""
+    import matplotlib.pyplot as plt
+
+    from vaediag.report.html import render_html
+    from vaediag.report.pdf import render_pdf
+
+    run = run_dir if isinstance(run_dir, Run) else load_run(run_dir)
+    report, pdf_figures = build(run, analysis)
+    written = []
+    try:
+        if html is not None:
+            atomic_write(Path(html), render_html(report).encode("utf-8"))
+            written.append(Path(html))
+        if pdf is not None:
+            atomic_write(Path(pdf), render_pdf(report, [f for _, f in pdf_figures]))
+            written.append(Path(pdf))
+    finally:
+        for _, fig in pdf_figures:
+            plt.close(fig)
+    return written
+
+
+__all__ = ["HTML_NAME", "PDF_NAME", "Report", "build", "grid_steps", "write_reports"]

@@ -1,0 +1,319 @@
+"""The report's figures, as matplotlib Figures sized for an A4 page (8.3 in wide).
+
+Each function takes the run's tables and the analysis and draws; none computes a statistic.
+Long per-step series are decimated *for drawing only* (block median with a min-max band, or
+block max for heatmaps), so a 100,000-step run plots as fast as a short one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from vaediag import columns
+from vaediag.analysis.findings import Analysis, Finding
+
+PAGE_WIDTH = 8.3  # inches: A4 portrait
+MAX_POINTS = 1500  # drawn per series
+MAX_COLUMNS = 600  # drawn per heatmap row
+SEVERITY_COLOURS = {"high": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
+
+sns.set_theme(context="paper", style="whitegrid", font_scale=0.95)
+
+
+def _blocks(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINTS):
+    """(step, median, min, max) per block of a series, NaN-aware, for drawing."""
+    ok = np.isfinite(values)
+    steps, values = steps[ok], values[ok]
+    if len(values) <= max_points:
+        return steps, values, values, values
+    block = math.ceil(len(values) / max_points)
+    n = len(values) // block * block
+    shaped = values[:n].reshape(-1, block)
+    return (steps[:n].reshape(-1, block)[:, 0], np.median(shaped, 1), shaped.min(1),
+            shaped.max(1))
+
+
+def _shade(ax, findings: list[Finding], kinds: set[str] | None = None) -> None:
+    for f in findings:
+        if kinds is not None and f.kind not in kinds:
+            continue
+        colour = SEVERITY_COLOURS[f.severity]
+        if f.last_step > f.first_step:
+            ax.axvspan(f.first_step, f.last_step, color=colour, alpha=0.12, lw=0, zorder=0)
+        ax.axvline(f.first_step, color=colour, lw=0.6, alpha=0.6, ls="--", zorder=1)
+
+
+def _series(ax, scalars: pd.DataFrame, column: str, label: str, colour: str) -> bool:
+    if column not in scalars.columns:
+        return False
+    x, med, lo, hi = _blocks(scalars["step"].to_numpy(), scalars[column].to_numpy(np.float64))
+    if not len(x):
+        return False
+    if len(x) < len(scalars):
+        ax.fill_between(x, lo, hi, color=colour, alpha=0.2, lw=0)
+    ax.plot(x, med, color=colour, lw=0.8, label=label, zorder=3)
+    return True
+
+
+def timelines(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis) -> Figure:
+    """Reconstruction and KL (log scale) per step with the evaluation values on the same axes,
+    flagged spans shaded; the learning rate and beta below."""
+    fig, axes = plt.subplots(3, 1, figsize=(PAGE_WIDTH, 7.2), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 3, 1.4]})
+    for ax, term, colour in ((axes[0], "recon", "C0"), (axes[1], "kl", "C2")):
+        drawn = _series(ax, scalars, term, f"{term} (training batch, per step)", colour)
+        eval_col = f"eval_{term}"
+        if eval_col in evals.columns and evals[eval_col].notna().any():
+            ax.plot(evals["step"], evals[eval_col], "o-", color="k", ms=3, lw=0.8,
+                    label=f"{term} (the 8 grid images, per evaluation)")
+            drawn = True
+        if drawn:
+            positive = scalars[term] if term in scalars.columns else pd.Series([1.0])
+            if (positive.dropna() > 0).all():
+                ax.set_yscale("log")
+            ax.legend(loc="upper right", fontsize=7)
+        ax.set_ylabel(term)
+        _shade(ax, analysis.findings)
+    ax = axes[2]
+    if _series(ax, scalars, "lr", "learning rate", "C4"):
+        ax.set_ylabel("lr")
+        if "beta" in scalars.columns and scalars["beta"].nunique() > 1:
+            twin = ax.twinx()
+            _series(twin, scalars, "beta", "beta (KL weight)", "C5")
+            twin.set_ylabel("beta")
+            twin.grid(False)
+    _shade(ax, analysis.findings)
+    axes[-1].set_xlabel("step")
+    fig.suptitle("Losses over training (shaded: findings, coloured by severity)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+#: quality metrics in the order shown, with a readable label and which way is better
+QUALITY = (("lpips", "LPIPS (lower is better)"), ("ssim", "SSIM (higher is better)"),
+           ("haarpsi", "HaarPSI (higher is better)"), ("gmsd", "GMSD (lower is better)"),
+           ("colour_de", "colour error, CIEDE2000"), ("sat_ratio", "saturation ratio (1 = kept)"),
+           ("orient_err", "orientation error (deg)"), ("factor_skin_de", "skin colour error"),
+           ("factor_hair_de", "hair colour error"), ("factor_angle_err", "face angle error (deg)"),
+           ("factor_turn_err", "face turn error"))
+
+
+def quality_metrics(evals: pd.DataFrame) -> list[tuple[str, str]]:
+    return [(m, label) for m, label in QUALITY
+            if m in evals.columns and evals[m].notna().sum() >= 2]
+
+
+def loss_vs_quality(evals: pd.DataFrame, analysis: Analysis) -> Figure | None:
+    """The evaluation loss (black) against each quality metric (colour) over time, one panel per
+    metric with twin axes; decoupling findings shaded."""
+    metrics = quality_metrics(evals)
+    if "eval_recon" not in evals.columns or not metrics:
+        return None
+    cols = 2
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH, 1.9 * rows + 0.6), sharex=True,
+                             squeeze=False)
+    steps = evals["step"].to_numpy()
+    kinds = {"loss_quality_decoupling", "loss_understates_quality"}
+    for ax, (metric, label) in zip(axes.flat, metrics, strict=False):
+        ax.plot(steps, evals["eval_recon"], "o-", color="k", ms=2, lw=0.8)
+        ax.set_ylabel("eval recon", fontsize=7)
+        twin = ax.twinx()
+        twin.plot(steps, evals[metric], "s-", color="C3", ms=2, lw=0.8)
+        twin.set_ylabel(metric, color="C3", fontsize=7)
+        twin.grid(False)
+        ax.set_title(label, fontsize=8)
+        _shade(ax, analysis.findings, kinds)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    fig.suptitle("Loss (black) and image quality (red) at each evaluation", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def correlation(analysis: Analysis) -> Figure | None:
+    """The rolling Spearman correlation of the loss's and each metric's changes, as the
+    decoupling detector derived it: positive while they move together."""
+    derived = analysis.derived.get("loss_quality_correlation")
+    if not derived or not derived.get("metrics"):
+        return None
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 2.8))
+    steps = np.asarray(derived["steps"])
+    for k, (metric, rho) in enumerate(derived["metrics"].items()):
+        rho = np.asarray(rho, dtype=np.float64)
+        if np.isfinite(rho).any():
+            ax.plot(steps, rho, lw=0.9, label=metric, color=f"C{k % 10}")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel("Spearman rho")
+    ax.set_xlabel("step")
+    ax.set_title(f"Rolling rank correlation of loss changes and quality-metric changes "
+                 f"(window {derived['window']} evaluations; badness, so + = moving together)",
+                 fontsize=8)
+    ax.legend(fontsize=6, ncol=4, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def loss_quality_scatter(evals: pd.DataFrame) -> Figure | None:
+    """Loss against quality at every evaluation, coloured by step: where the cloud bends away,
+    the loss stopped tracking the metric."""
+    metrics = quality_metrics(evals)[:4]
+    if "eval_recon" not in evals.columns or not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(PAGE_WIDTH, 2.6), squeeze=False)
+    for ax, (metric, _) in zip(axes[0], metrics, strict=True):
+        points = ax.scatter(evals["eval_recon"], evals[metric], c=evals["step"], cmap="viridis",
+                            s=12)
+        ax.plot(evals["eval_recon"], evals[metric], color="grey", lw=0.4, alpha=0.6)
+        ax.set_xlabel("eval recon", fontsize=7)
+        ax.set_ylabel(metric, fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.colorbar(points, ax=axes[0].tolist(), label="step", fraction=0.03)
+    fig.suptitle("Loss against quality, coloured by step", fontsize=10)
+    return fig
+
+
+def _decimated_matrix(steps: np.ndarray, frame: pd.DataFrame, reduce: str):
+    values = frame.to_numpy(np.float64)
+    recorded = np.isfinite(values).any(1)
+    steps, values = steps[recorded], values[recorded]
+    if len(steps) > MAX_COLUMNS:
+        block = math.ceil(len(steps) / MAX_COLUMNS)
+        n = len(steps) // block * block
+        shaped = values[:n].reshape(-1, block, values.shape[1])
+        with np.errstate(all="ignore"):
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                values = (np.nanmax(shaped, 1) if reduce == "max" else np.nanmedian(shaped, 1))
+        steps = steps[:n].reshape(-1, block)[:, 0]
+    return steps, values
+
+
+#: per-layer statistics shown as heatmaps: (stat, title, reduce, log colour scale)
+LAYER_MAPS = (("grad_norm", "gradient norm", "max", True),
+              ("adam_update_rms", "Adam update RMS (healthy ~0.2-0.3; 1 = sign descent)", "max",
+               False),
+              ("adam_eps_frac", "fraction of entries with sqrt(v^) < eps", "max", False),
+              ("update_ratio", "update-to-weight ratio |dW|/|W|", "max", True))
+
+
+def layer_heatmaps(scalars: pd.DataFrame, analysis: Analysis) -> Figure | None:
+    """Per-layer gradient norm, Adam update RMS, eps-dominated fraction and update ratio over
+    steps (block maximum when decimated, so spikes survive), with signals marked."""
+    panels = [(stat, title, reduce, log, columns.matrix(scalars, "layer", stat))
+              for stat, title, reduce, log in LAYER_MAPS]
+    panels = [p for p in panels if not p[4].empty]
+    if not panels:
+        return None
+    n_layers = panels[0][4].shape[1]
+    height = 0.25 * n_layers + 0.9
+    fig, axes = plt.subplots(len(panels), 1, figsize=(PAGE_WIDTH, height * len(panels) + 0.5),
+                             squeeze=False)
+    steps = scalars["step"].to_numpy()
+    channel_of = {"grad_norm": "grad_norm", "adam_update_rms": "adam_update_rms",
+                  "update_ratio": "update_ratio", "adam_eps_frac": None}
+    for ax, (stat, title, reduce, log, frame) in zip(axes[:, 0], panels, strict=True):
+        x, values = _decimated_matrix(steps, frame, reduce)
+        finite = values[np.isfinite(values)]
+        norm = None
+        if log and finite.size and (finite > 0).any():
+            positive = finite[finite > 0]
+            norm = LogNorm(vmin=np.percentile(positive, 1), vmax=positive.max())
+        edges = np.append(x, x[-1] + (x[-1] - x[-2] if len(x) > 1 else 1))
+        mesh = ax.pcolormesh(edges, np.arange(values.shape[1] + 1), values.T, norm=norm,
+                             cmap="magma", shading="flat", rasterized=True)
+        ax.set_yticks(np.arange(values.shape[1]) + 0.5)
+        ax.set_yticklabels(frame.columns, fontsize=6)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        fig.colorbar(mesh, ax=ax, fraction=0.02, pad=0.01)
+        channel = channel_of.get(stat)
+        marks = [s for s in analysis.signals if s.channel == channel and s.where in frame.columns]
+        if marks:
+            rows = {name: k for k, name in enumerate(frame.columns)}
+            ax.scatter([s.step for s in marks], [rows[s.where] + 0.5 for s in marks],
+                       marker="v", s=14, color="#00e5ff", edgecolor="k", lw=0.3, zorder=3)
+    for ax in axes[:, 0]:  # one time axis for all panels, whatever each recorded
+        ax.set_xlim(steps[0], steps[-1] + 1)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle("Optimizer and gradients per layer (triangles: flagged steps)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
+                  ) -> Figure | None:
+    """KL per latent dimension over steps, active units per evaluation, mu/logvar ranges."""
+    dims = columns.matrix(scalars, "dim", "kl")
+    has_ranges = "logvar_min" in scalars.columns
+    has_au = "active_units" in evals.columns and evals["active_units"].notna().any()
+    if dims.empty and not has_ranges and not has_au:
+        return None
+    rows = [r for r, ok in (("dims", not dims.empty), ("au", has_au), ("ranges", has_ranges))
+            if ok]
+    ratios = {"dims": 3, "au": 1.3, "ranges": 1.6}
+    fig, axes = plt.subplots(len(rows), 1, figsize=(PAGE_WIDTH, 1.6 * sum(
+        ratios[r] for r in rows) + 0.4), sharex=True, squeeze=False,
+        gridspec_kw={"height_ratios": [ratios[r] for r in rows]})
+    steps = scalars["step"].to_numpy()
+    for ax, row in zip(axes[:, 0], rows, strict=True):
+        if row == "dims":
+            x, values = _decimated_matrix(steps, dims, "median")
+            finite = values[np.isfinite(values) & (values > 0)]
+            norm = LogNorm(vmin=max(finite.min(), 1e-4), vmax=finite.max()) if finite.size \
+                else None
+            edges = np.append(x, x[-1] + (x[-1] - x[-2] if len(x) > 1 else 1))
+            mesh = ax.pcolormesh(edges, np.arange(values.shape[1] + 1), values.T, norm=norm,
+                                 cmap="viridis", shading="flat", rasterized=True)
+            ax.set_ylabel("latent dim", fontsize=7)
+            ax.set_title("KL per latent dimension (nats; dark = unused)", fontsize=8)
+            fig.colorbar(mesh, ax=ax, fraction=0.02, pad=0.01)
+        elif row == "au":
+            ax.plot(evals["step"], evals["active_units"], "o-", ms=3, lw=0.8, color="C1")
+            ax.set_ylabel("active units", fontsize=7)
+            ax.set_ylim(bottom=0)
+        else:
+            for col, colour in (("logvar_min", "C0"), ("logvar_max", "C0"), ("mu_min", "C3"),
+                                ("mu_max", "C3")):
+                label = ("log-variance range" if col == "logvar_min" else
+                         "mu range" if col == "mu_min" else None)
+                if col in scalars.columns:
+                    x, med, _, _ = _blocks(steps, scalars[col].to_numpy(np.float64))
+                    ax.plot(x, med, color=colour, lw=0.8, label=label)
+            ax.legend(fontsize=6, loc="upper right")
+            ax.set_ylabel("range", fontsize=7)
+        _shade(ax, analysis.findings, {"posterior_collapse", "logvar_saturation",
+                                       "kl_explosion", "decoder_scale_shrinking"})
+    axes[-1, 0].set_xlim(steps[0], steps[-1] + 1)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle("Latent health", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def grid_panel(images: list[tuple[str, Any]], title: str) -> Figure:
+    """Grid PNGs (as arrays) one above the other with their captions: an A4 page for the PDF."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 1, figsize=(PAGE_WIDTH, 11.69), squeeze=False)
+    for ax, (caption, array) in zip(axes[:, 0], images, strict=True):
+        ax.imshow(array)
+        ax.set_axis_off()
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
