@@ -181,6 +181,7 @@ def loss_quality_scatter(evals: pd.DataFrame) -> Figure | None:
         ax.set_xlabel("eval recon", fontsize=7)
         ax.set_ylabel(metric, fontsize=7)
         ax.tick_params(labelsize=6)
+    fig.subplots_adjust(left=0.07, right=0.88, bottom=0.2, top=0.85, wspace=0.55)
     fig.colorbar(points, ax=axes[0].tolist(), label="step", fraction=0.03)
     fig.suptitle("Loss against quality, coloured by step", fontsize=10)
     return fig
