@@ -101,7 +101,7 @@ def find_weights(explicit: str | None, allow_download: bool) -> tuple[Path | Non
         return cached, f"the torch hub cache ({cached})"
     if not allow_download:
         return None, (f"backbone weights not found: put torchvision's {filename} in "
-                      f"{cached.parent} or pass --lpips-weights PATH")
+                      f"{_home_relative(cached.parent)} or pass --lpips-weights PATH")
     from torchvision.models import AlexNet_Weights
 
     previous = socket.getdefaulttimeout()
@@ -158,3 +158,11 @@ def load(explicit: str | None = None, allow_download: bool = False,
 def lpips_home() -> str:
     """Where torchvision would keep the weights (for messages and docs)."""
     return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def _home_relative(path: Path) -> str:
+    """``~/...`` for a path under the home directory (messages and reports travel)."""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
