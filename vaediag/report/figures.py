@@ -222,8 +222,8 @@ def layer_heatmaps(scalars: pd.DataFrame, analysis: Analysis) -> Figure | None:
         return None
     n_layers = panels[0][4].shape[1]
     height = 0.25 * n_layers + 0.9
-    fig, axes = plt.subplots(len(panels), 1, figsize=(PAGE_WIDTH, height * len(panels) + 0.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,  # at most one A4 page
+                             figsize=(PAGE_WIDTH, min(height * len(panels) + 0.5, 11.5)))
     steps = scalars["step"].to_numpy()
     channel_of = {"grad_norm": "grad_norm", "adam_update_rms": "adam_update_rms",
                   "update_ratio": "update_ratio", "adam_eps_frac": None}

@@ -97,11 +97,29 @@ def _array(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def on_a4(fig) -> None:
+    """Put a figure shorter than A4 at the top of an A4 page (every page the same size): the
+    figure grows to A4 height and its axes and texts keep their size and place."""
+    width, height = fig.get_size_inches()
+    if height >= A4[1] - 0.01:
+        return
+    k = height / A4[1]
+    fig.set_layout_engine("none")
+    fig.set_size_inches(A4[0], A4[1])
+    for ax in fig.axes:
+        box = ax.get_position()
+        ax.set_position([box.x0, 1 - (1 - box.y0) * k, box.width, box.height * k])
+    for text in fig.texts:
+        x, y = text.get_position()
+        text.set_position((x, 1 - (1 - y) * k))
+
+
 def render_pdf(report: Report, figures: list) -> bytes:
     buf = io.BytesIO()
     with PdfPages(buf, metadata={"Title": report.title, "Creator": "vaediag"}) as pdf:
         text_pages(pdf, _summary_blocks(report))
-        for fig in figures:
+        for fig in figures:  # after the HTML took its PNGs
+            on_a4(fig)
             pdf.savefig(fig)
         for grid_set in report.grid_sets:
             fig = grid_panel([(f"{g.role}: " + " | ".join(c for c in g.caption if c),
