@@ -100,7 +100,7 @@ def _array(data: bytes) -> np.ndarray:
 def on_a4(fig) -> None:
     """Put a figure shorter than A4 at the top of an A4 page (every page the same size): the
     figure grows to A4 height and its axes and texts keep their size and place."""
-    width, height = fig.get_size_inches()
+    _, height = fig.get_size_inches()
     if height >= A4[1] - 0.01:
         return
     k = height / A4[1]
