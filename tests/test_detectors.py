@@ -9,6 +9,7 @@ import pytest
 import vaediag
 from vaediag.analysis.data import RunData
 from vaediag.analysis.detectors import (
+    DETECTORS,
     adam,
     decoupling,
     drift,
@@ -39,8 +40,9 @@ def kinds(findings) -> list[str]:
 @pytest.mark.parametrize("seed", range(4))
 def test_calm_runs_stay_clean(tmp_path, seed):
     data = run_data(tmp_path, seed=seed)
-    for detector in (nonfinite, loss_spikes, kl_explosion, gradients, adam, latents, decoupling,
-                     drift):
+    for detector in DETECTORS:
+        if detector is epoch_average:  # its info findings are expected on calm noise
+            continue
         findings, _ = detector.detect(data)
         assert findings == [], (detector.NAME, [f.summary for f in findings])
 

@@ -33,6 +33,7 @@ class RunData:
         #: series a detector derived and a reader may want to see (the report plots them):
         #: {name: {"steps": [...], ...}}; written to findings.json under "derived"
         self.derived: dict[str, dict[str, Any]] = {}
+        self._matrices: dict[tuple[str, str, str], pd.DataFrame] = {}
 
     @cached_property
     def scalars(self) -> pd.DataFrame:
@@ -81,9 +82,13 @@ class RunData:
         return frame[column].to_numpy(dtype=np.float64)
 
     def matrix(self, kind: str, stat: str, table: str = "scalars") -> pd.DataFrame:
-        """(rows x index) frame of an indexed statistic; empty if not recorded."""
-        frame = self.scalars if table == "scalars" else self.evals
-        return columns.matrix(frame, kind, stat).astype("float64")
+        """(rows x index) frame of an indexed statistic; empty if not recorded. Built once per
+        run: several detectors read the same statistics. Treat it as read-only."""
+        key = (kind, stat, table)
+        if key not in self._matrices:
+            frame = self.scalars if table == "scalars" else self.evals
+            self._matrices[key] = columns.matrix(frame, kind, stat).astype("float64")
+        return self._matrices[key]
 
     def require(self, *names: str, table: str = "scalars") -> None:
         missing = [n for n in names if not self.has(n, table)]
