@@ -127,3 +127,20 @@ def test_docs_list_every_key_exactly():
 
     doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     assert reference_markdown() in doc, "update the table: vaediag config --markdown"
+
+
+def test_every_preset_builds_and_is_described():
+    from pathlib import Path
+
+    from vaediag.config import PRESET_HELP, PRESETS
+
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    assert set(PRESET_HELP) == set(PRESETS)
+    for name in PRESETS:
+        config = build_config(preset=name)
+        assert f"`{name}`" in doc, f"docs/configuration.md does not describe preset {name}"
+        assert config.data.resolution % 2 ** len(config.model.channels) == 0
+    a, b = build_config(preset="seed-decoupling"), build_config(preset="seed-decoupling-stable")
+    assert (a.loss.beta, a.loss.beta_schedule, a.loss.free_bits) == (16.0, "warmup", 0.0)
+    assert b.loss.free_bits == 1.0 and a.train.steps == b.train.steps == 4000
+    assert a.model == b.model and a.data == b.data and a.optim == b.optim

@@ -92,6 +92,19 @@ def test_large_or_unrecovered_spike_is_high(tmp_path):
     assert by_step[1200].severity == "high" and "did not recover" in by_step[1200].summary
 
 
+def test_spike_of_a_loss_that_can_be_negative_is_described_by_its_rise(tmp_path):
+    cols = standard_scalars(N)
+    cols["recon"] = cols["recon"] - 6000.0  # a Gaussian NLL: about -4100, never positive
+    cols["recon"][1000:1004] += 900.0
+    cols["total"] = cols["recon"] + cols["kl"]
+    (f,) = loss_spikes.detect(run_data(tmp_path, cols))[0]
+    assert f.first_step == 1000 and f.severity == "warning"
+    assert "recon rose by 9" in f.summary and "x (" not in f.summary
+    spike = next(s for s in f.evidence["spikes"] if s["term"] == "recon")
+    assert spike["ratio"] is None
+    assert spike["peak_value"] - spike["baseline"] == pytest.approx(900, rel=0.2)
+
+
 def test_spike_in_the_burn_in_is_ignored(tmp_path):
     cols = standard_scalars(N)
     cols["recon"][50] *= 5
@@ -188,6 +201,17 @@ def test_timeline_names_what_preceded_a_spike(tmp_path):
 
 # -- latents ------------------------------------------------------------------------------------
 
+def test_posterior_collapse_under_a_rising_kl_weight_does_not_suggest_a_warm_up(tmp_path):
+    cols = standard_scalars(N)
+    cols["beta"] = np.clip(cols["step"] / 1000, 0.05, 1.0).astype(np.float32) * 16
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ev["active_units"][20:] = 4
+    (f,) = [f for f in latents.detect(run_data(tmp_path, cols, ev))[0]
+            if f.kind == "posterior_collapse"]
+    assert "KL weight rose" in f.remedies[0]
+    assert not any("beta_schedule = 'warmup'" in r for r in f.remedies)
+
+
 @pytest.mark.parametrize(("final", "severity"), [(4, "warning"), (0, "high")])
 def test_posterior_collapse(tmp_path, final, severity):
     cols = standard_scalars(N)
@@ -256,6 +280,30 @@ def test_loss_that_rises_a_little_while_pictures_get_much_worse(tmp_path):
     (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
     assert f.kind == "loss_understates_quality"
     assert f.compare_steps[1] == 900
+
+
+def test_decoupling_names_a_rising_kl_weight_and_a_falling_kl(tmp_path):
+    cols = standard_scalars(N)
+    cols["beta"] = np.clip(cols["step"] / 1000, 0.05, 1.0).astype(np.float32) * 16  # warm-up
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ev["eval_recon"][18:] += 20.0  # +1%
+    ev["eval_kl"][18:] *= 0.4  # the model encodes less
+    ev["orient_err"][18:] += 8.0
+    ev["colour_de"][18:] += 6.0
+    (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
+    before, after = f.compare_steps
+    between = f.evidence["between"]
+    assert between["beta_before"] == pytest.approx(16 * before / 1000, rel=0.02)
+    assert between["beta_after"] == pytest.approx(16 * min(after, 1000) / 1000, rel=0.02)
+    assert between["kl_after"] < 0.5 * between["kl_before"]
+    assert "KL weight rose" in f.cause and "KL of these images fell" in f.cause
+    assert f.remedies[0].startswith("stop the KL weight") and "free_bits" in f.remedies[0]
+
+
+def test_decoupling_without_a_trade_names_none(tmp_path):
+    cols, ev = _evals_with_decoupling({"colour_de": 6.0, "sat_ratio": -0.3})
+    (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
+    assert "KL weight" not in f.cause and f.remedies[0].startswith("judge runs")
 
 
 def test_quality_that_tracks_the_loss_is_not_decoupling(tmp_path):

@@ -52,8 +52,9 @@ def _config_options(f):
                      help="A TOML config file (sections [data], [model], [loss], [optim], "
                           "[train], [eval], [log]), applied over the preset.")(f)
     f = click.option("--preset", type=click.Choice(_preset_names()), default=None,
-                     help="A named starting configuration (default: 'default'; 'tiny' is a "
-                          "one-minute smoke test).")(f)
+                     help="A named starting configuration (default: 'default'): "
+                          + "; ".join(f"'{k}': {v}" for k, v in _preset_help().items())
+                          + ".")(f)
     return f
 
 
@@ -61,6 +62,12 @@ def _preset_names() -> list[str]:
     from vaediag.config import PRESETS
 
     return list(PRESETS)
+
+
+def _preset_help() -> dict[str, str]:
+    from vaediag.config import PRESET_HELP
+
+    return PRESET_HELP
 
 
 @cli.command()

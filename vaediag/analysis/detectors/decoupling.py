@@ -20,7 +20,10 @@ For every pair of evaluations i < j after the burn-in, at most ``MAX_GAP`` evalu
 
 Evidence also carries the rolling Spearman correlation of the loss's and each metric's
 changes (window ``CORRELATION_WINDOW`` evaluations): positive while they move together.
-The finding names the two evaluations to compare side by side. A warning needs at least
+The finding names the two evaluations to compare side by side, and says what changed in
+between that explains a trade: the KL weight (a beta schedule raising it makes the model give up
+the information a pixel loss charges least for, colour and pose among the first) and the KL of
+those evaluations (information the model stopped encoding). A warning needs at least
 ``MIN_METRICS`` metrics to agree on the same pair (one small region's colour, e.g. the eyes at
 32 px, moves a lot on its own); a pair only one metric flags is reported as info.
 """
@@ -42,6 +45,8 @@ CORRELATION_WINDOW = 6
 MIN_EVALS = 6
 MIN_METRICS = 2
 MAX_GAP = 100
+BETA_RISE = 1.5  # the KL weight rose by at least this factor between the two evaluations
+KL_FALL = 0.75  # the evaluations' KL fell below this fraction of its earlier value
 
 #: Quality metrics considered, and how each becomes a badness (higher is worse).
 _BOUNDED_GOOD = {"ssim", "haarpsi"}  # in [0, 1], 1 best: badness 1 - value
@@ -59,6 +64,47 @@ def badness(metric: str, values: np.ndarray) -> np.ndarray:
 
 def _describe(metric: str, before: float, after: float) -> str:
     return f"{metric} {before:.3g} -> {after:.3g}"
+
+
+def _between(data: RunData, before: int, after: int) -> dict[str, float]:
+    """The KL weight (per-step ``beta``) and the evaluations' KL at two evaluation steps."""
+    out: dict[str, float] = {}
+    if data.has("beta"):
+        steps, beta = data.steps, data.series("beta")
+        for key, step in (("beta_before", before), ("beta_after", after)):
+            at = np.flatnonzero(steps <= step)
+            if at.size:
+                out[key] = float(beta[at[-1]])
+    if data.has("eval_kl", "evals"):
+        ev_steps, kl = data.evals["step"].to_numpy(), data.series("eval_kl", "evals")
+        out["kl_before"] = float(kl[ev_steps == before][0])
+        out["kl_after"] = float(kl[ev_steps == after][0])
+    return out
+
+
+def _trade(ctx: dict[str, float]) -> tuple[str, list[str]]:
+    """Cause text and remedies when the KL weight rose or the KL fell between the evaluations."""
+    b0, b1 = ctx.get("beta_before"), ctx.get("beta_after")
+    k0, k1 = ctx.get("kl_before"), ctx.get("kl_after")
+    beta_rose = b0 is not None and b1 is not None and b1 > 0 and b1 >= BETA_RISE * max(b0, 1e-12)
+    kl_fell = k0 is not None and k1 is not None and k0 > 0 and k1 < KL_FALL * k0
+    if not (beta_rose or kl_fell):
+        return "", []
+    parts, remedies = [], []
+    if beta_rose:
+        parts.append(f"the KL weight rose from {b0:.3g} to {b1:.3g}")
+        remedies.append(f"stop the KL weight where the pictures were still right (loss.beta = "
+                        f"{b0:.3g}, or a longer loss.beta_warmup_steps), or keep it and protect "
+                        f"a minimum of information per dimension with free bits (loss.free_bits "
+                        f"= 0.5 to 1 nats)")
+    if kl_fell:
+        parts.append(f"the KL of these images fell from {k0:.3g} to {k1:.3g} nats")
+        if not beta_rose:
+            remedies.append("the model encodes less than before: lower the KL weight "
+                            "(loss.beta) or use free bits (loss.free_bits)")
+    text = (f"; in between, {' and '.join(parts)}: the model gave up information, and the "
+            f"pixel loss charges little for the colour and pose it dropped")
+    return text, remedies
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
@@ -183,10 +229,15 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
             cause += (f". With a summed BCE, {share:.0%} of this loss is the images' entropy "
                       f"({floor:,.1f}), a floor no reconstruction goes below: the part above it "
                       f"changed {rel_excess:+.0%}")
+        ctx = _between(data, int(s[i]), int(s[j]))
+        evidence["between"] = ctx
+        trade, trade_remedies = _trade(ctx)
+        cause += trade
         findings.append(Finding(
             kind=kind, severity=severity, first_step=int(s[i]), last_step=int(s[j]),
             summary=summary, evidence=evidence, cause=cause,
-            remedies=["judge runs by the quality metrics, not by the loss alone: compare "
+            remedies=[*trade_remedies,
+                      "judge runs by the quality metrics, not by the loss alone: compare "
                       "the two grids named here side by side",
                       "for colour and structure, a perceptual or colour-aware loss term "
                       "(e.g. an LPIPS or Lab-space term), or a Gaussian likelihood in place of "

@@ -24,6 +24,21 @@ LOGVAR_BREAK_LOW, LOGVAR_BREAK_HIGH = -30.0, 20.0
 SCALE_FACTOR = 2.0
 
 
+def _collapse_remedies(data: RunData, peak_step: int, at: int) -> list[str]:
+    """Remedies for a collapse; a warm-up is not news to a run whose KL weight was rising."""
+    beta_rose = False
+    if data.has("beta"):
+        beta, steps = data.series("beta"), data.steps
+        before, after = beta[steps <= peak_step], beta[steps <= at]
+        beta_rose = bool(before.size and after.size and after[-1] > 1.5 * max(before[-1], 1e-12))
+    if beta_rose:
+        return ["the KL weight rose while the units died: stop it lower (loss.beta) or "
+                "lengthen the warm-up (loss.beta_warmup_steps)",
+                "free bits (e.g. --set loss.free_bits=0.5)"]
+    return ["warm the KL weight up (loss.beta_schedule = 'warmup') or use cyclical annealing",
+            "free bits (e.g. --set loss.free_bits=0.1)", "lower beta"]
+
+
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     has_any = (data.has("active_units", "evals") or not data.matrix("dim", "kl").empty
                or data.has("logvar_min") or data.has("decoder_scale"))
@@ -52,9 +67,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                               float(final), "peak_step": int(ev_steps[peak_i])},
                     cause="the encoder stopped using latent dimensions: the KL term outweighs "
                           "what they add to the reconstruction",
-                    remedies=["warm the KL weight up (loss.beta_schedule = 'warmup') or use "
-                              "cyclical annealing", "free bits (e.g. --set loss.free_bits=0.1)",
-                              "lower beta"],
+                    remedies=_collapse_remedies(data, int(ev_steps[peak_i]), at),
                     detector=NAME, compare_steps=[int(ev_steps[peak_i]), at]))
     dims = data.matrix("dim", "kl")
     if not dims.empty and len(dims) >= 10:

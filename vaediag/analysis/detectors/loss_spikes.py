@@ -8,6 +8,8 @@ terms within a few steps are one finding.
 
 Severity: ``high`` when the peak is at least ``HIGH_RATIO`` times the level before it or the loss
 never came back within ``RECOVERY_LIMIT`` steps (a level shift, not a spike); else ``warning``.
+A term that is not always positive (a Gaussian negative log-likelihood can be below zero) is
+scored on its raw values, and its spikes are described by how much they rose, not by a ratio.
 """
 
 from __future__ import annotations
@@ -42,15 +44,28 @@ def term_spikes(data: RunData, term: str) -> list[dict]:
         base, scale = rz.median[start], rz.scale[start]
         back = np.flatnonzero(x[peak + 1:] <= base + 2 * scale)
         recovered = int(steps[peak + 1 + back[0]]) if back.size else None
-        ratio = math.exp(x[peak] - base) if logged else (x_raw[peak] / base if base else math.inf)
+        ratio = math.exp(x[peak] - base) if logged else None
         out.append({
             "term": term, "onset": int(steps[start]), "peak": int(steps[peak]),
             "end": int(steps[end]), "peak_value": float(x_raw[peak]),
-            "baseline": float(math.exp(base) if logged else base), "ratio": float(ratio),
+            "baseline": float(math.exp(base) if logged else base),
+            "ratio": None if ratio is None else float(ratio),
             "z": float(rz.z[peak]), "recovered_at": recovered,
             "recovery_steps": None if recovered is None else recovered - int(steps[start]),
         })
     return out
+
+
+def _rise(spike: dict) -> str:
+    """'3.2x' for a positive series, 'by 930' for one that can be negative."""
+    if spike["ratio"] is not None:
+        return f"{spike['ratio']:.3g}x"
+    return f"by {spike['peak_value'] - spike['baseline']:.4g}"
+
+
+def _size(spike: dict) -> float:
+    """How big a spike is, comparable across terms: its ratio, else its robust z."""
+    return spike["ratio"] if spike["ratio"] is not None else spike["z"]
 
 
 def clip_suggestion(data: RunData, before_step: int) -> float | None:
@@ -72,7 +87,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                    f"{data.burn_in_step - int(data.steps[0])} steps")
     spikes = sorted((s for t in terms for s in term_spikes(data, t)), key=lambda s: s["onset"])
     signals = [Signal(s["onset"], s["term"], "", s["peak_value"], s["baseline"],
-                      f"{s['term']} rose {s['ratio']:.3g}x (robust z {s['z']:.0f})")
+                      f"{s['term']} rose {_rise(s)} (robust z {s['z']:.0f})")
                for s in spikes]
     groups: list[list[dict]] = []
     for s in spikes:  # spikes of different terms within 5 steps are one event
@@ -83,16 +98,15 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     groups.sort(key=lambda g: -max(s["z"] for s in g))
     findings = []
     for group in groups[:MAX_FINDINGS]:
-        main = max((s for s in group if s["term"] != "total"), key=lambda s: s["ratio"],
-                   default=group[0])
+        main = max((s for s in group if s["term"] != "total"), key=_size, default=group[0])
         onset = min(s["onset"] for s in group)
         unrecovered = [s for s in group if s["recovered_at"] is None
                        or s["recovery_steps"] > RECOVERY_LIMIT]
-        high = main["ratio"] >= HIGH_RATIO or bool(unrecovered)
+        high = (main["ratio"] or 0.0) >= HIGH_RATIO or bool(unrecovered)
         names = "/".join(sorted({s["term"] for s in group}))
         recovery = ("did not recover" if main["recovered_at"] is None
                     else f"recovered in {main['recovery_steps']:,} steps")
-        summary = (f"{names} spike at step {onset:,}: {main['term']} rose {main['ratio']:.3g}x "
+        summary = (f"{names} spike at step {onset:,}: {main['term']} rose {_rise(main)} "
                    f"({main['baseline']:.4g} -> {main['peak_value']:.4g}) and {recovery}")
         clip = clip_suggestion(data, onset)
         remedies = [f"clip gradients at {clip:.3g} (the 99th percentile of the gradient norm "
