@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/detectors.py
+	$(BIN)/python benchmarks/case_study.py
 	$(BIN)/python benchmarks/analyze_scale.py
 	$(BIN)/python benchmarks/report_speed.py
 

@@ -8,10 +8,12 @@ schedule and Adam's eps. Then ``vaediag.analyze`` runs on each.
 
 Natural cases train a case-study preset (docs/case-study.md) with no fault planted; their onset
 is labelled from the run's ground truth by a rule written before looking at what the detectors
-say (see :func:`pose_lost_at`), and a detector finds one when its finding becomes visible
-within ``NATURAL_WINDOW`` steps either side of that label (the phenomenon is gradual: a
-finding before the label counts, with a negative delay). The stable counterpart of a preset
-counts as a stable run.
+say (see :func:`pose_lost_at`). A gradual change has no single step at which a finding of the
+finished run "becomes visible", so for natural cases the delay is measured as a user watching
+the run would see it: the analysis is run on the run cut at each evaluation in turn, and the
+delay is the first cut at which a detector raises a warning or high finding, minus the label
+(:func:`online_detection`); within ``NATURAL_WINDOW`` steps either side of the label counts as
+found. The stable counterpart of a preset counts as a stable run.
 
 A fault is *found* by a detector when one of its findings (warning or high) becomes visible
 within ``WINDOW`` steps of the onset: the finding's first step, or for findings that compare
@@ -121,6 +123,20 @@ SCENARIOS = [
 ]
 
 
+def online_detection(run_dir: Path, onset: int) -> dict[str, int]:
+    """Per detector, the first evaluation step at which analysing the run cut there raises a
+    warning or high finding, counted from ``onset - NATURAL_WINDOW``."""
+    run = vaediag.load_run(run_dir)
+    first: dict[str, int] = {}
+    for cut in run.evals["step"]:
+        if cut < onset - NATURAL_WINDOW:
+            continue
+        for f in vaediag.analyze(run.until(int(cut))).findings:
+            if severity_rank(f.severity) >= 1:
+                first.setdefault(f.detector, int(cut))
+    return first
+
+
 def train(scenario: Scenario, out: Path) -> Path:
     run_dir = out / scenario.name
     command = [sys.executable, "-m", "vaediag", "train", "--out", str(run_dir), "--overwrite",
@@ -142,23 +158,42 @@ def visible_at(finding) -> int:
     return finding.compare_steps[-1] if finding.compare_steps else finding.first_step
 
 
+def _visible(result: Result, detector: str) -> list[int]:
+    """Steps at which a detector's warning or high findings could be seen."""
+    if result.onset is None:
+        return []
+    if result.scenario.label:
+        online = result.online.get(detector)
+        return [] if online is None else [online]
+    return [visible_at(f) for f in result.analysis.findings
+            if f.detector == detector and severity_rank(f.severity) >= 1]
+
+
 def _window(scenario: Scenario) -> tuple[int, int]:
     """The delays (finding visible minus onset) that count as found."""
     return (-NATURAL_WINDOW, NATURAL_WINDOW) if scenario.label else (-1, WINDOW)
 
 
-def score(results: dict[str, tuple[Scenario, object, int | None]]) -> dict:
-    """Recall, delays and false positives per detector; ``results``: (scenario, analysis,
-    onset), the onset being ONSET for planted faults, the label for natural cases."""
-    detectors = sorted({d for s, _, _ in results.values() for d in s.expected}
-                       | {f.detector for _, a, _ in results.values() for f in a.findings})
+@dataclass
+class Result:
+    scenario: Scenario
+    analysis: object
+    onset: int | None  # ONSET for planted faults, the label for natural cases, None if stable
+    online: dict[str, int] = field(default_factory=dict)  # natural: online_detection()
+
+
+def score(results: dict[str, Result]) -> dict:
+    """Recall, delays and false positives per detector."""
+    detectors = sorted({d for r in results.values() for d in r.scenario.expected}
+                       | {f.detector for r in results.values() for f in r.analysis.findings})
     table = {}
-    stable = [(s, a) for s, a, _ in results.values() if s.stable]
+    stable = [(r.scenario, r.analysis) for r in results.values() if r.scenario.stable]
     stable_steps = sum(a.run["steps"] for _, a in stable)
     for det in detectors:
         row = {"faults": 0, "found": 0, "delays": [], "false_positives": 0, "high_on_stable": 0,
                "info_on_stable": 0}
-        for s, a, onset in results.values():
+        for r in results.values():
+            s, a, onset = r.scenario, r.analysis, r.onset
             mine = [f for f in a.findings if f.detector == det]
             if s.stable:
                 row["false_positives"] += sum(severity_rank(f.severity) >= 1 for f in mine)
@@ -167,32 +202,34 @@ def score(results: dict[str, tuple[Scenario, object, int | None]]) -> dict:
             elif det in s.expected:
                 row["faults"] += 1
                 lo, hi = _window(s)
-                hits = [visible_at(f) - onset for f in mine if onset is not None
-                        and severity_rank(f.severity) >= 1 and lo <= visible_at(f) - onset <= hi]
+                hits = [t - onset for t in _visible(r, det) if lo <= t - onset <= hi]
                 if hits:
                     row["found"] += 1
                     row["delays"].append(min(hits, key=abs))
         row["fp_per_10k"] = row["false_positives"] / stable_steps * 1e4 if stable_steps else None
         table[det] = row
     faults = {}
-    for s, a, onset in results.values():
+    for r in results.values():
+        s, a, onset = r.scenario, r.analysis, r.onset
         if s.stable:
             continue
         hits: dict[str, int] = {}
+        late: dict[str, int] = {}  # expected detectors that found it, but after the window
         lo, hi = _window(s)
-        for f in a.findings:
-            if onset is None or severity_rank(f.severity) < 1:
-                continue
-            delay = visible_at(f) - onset
-            if lo <= delay <= hi and abs(delay) < abs(hits.get(f.detector, delay + 1)):
-                hits[f.detector] = delay
+        for det in {f.detector for f in a.findings} | set(r.online):
+            for t in _visible(r, det):
+                delay = t - onset
+                if lo <= delay <= hi and (det not in hits or abs(delay) < abs(hits[det])):
+                    hits[det] = delay
+                elif delay > hi and det in s.expected:
+                    late[det] = min(delay, late.get(det, delay))
         found = {d: hits[d] for d in s.expected if d in hits}
         early = [f"{f.kind}@{f.first_step}" for f in a.findings if onset is not None
                  and severity_rank(f.severity) >= 1 and visible_at(f) - onset < lo]
         what = f"`{s.fault}`" if s.fault else (
             f"natural, labelled at step {onset:,}" if onset is not None
             else "natural: NOT REPRODUCED (no label)")
-        faults[s.name] = {"fault": what, "found_by": found,
+        faults[s.name] = {"fault": what, "found_by": found, "late": late,
                           "also": sorted(set(hits) - set(found)), "before_onset": early,
                           "found": bool(found)}
     return {"detectors": table, "faults": faults, "stable_steps": stable_steps}
@@ -224,6 +261,9 @@ def render(scores: dict, markdown: bool) -> str:
                   "flagged before the onset |", "|---|---|---|---|---|"]
     for name, f in scores["faults"].items():
         found = ", ".join(f"{d} ({t})" for d, t in f["found_by"].items()) or "NOT FOUND"
+        if f["late"] and not f["found_by"]:
+            found += " in the window; later: " + ", ".join(
+                f"{d} ({t})" for d, t in f["late"].items())
         also = ", ".join(f["also"]) or "-"
         early = ", ".join(f["before_onset"]) or "-"
         if markdown:
@@ -255,7 +295,9 @@ def main() -> None:
             analysis = vaediag.analyze(run_dir)
             onset = (scenario.label(vaediag.load_run(run_dir)) if scenario.label
                      else None if scenario.stable else ONSET)
-            results[scenario.name] = (scenario, analysis, onset)
+            online = (online_detection(run_dir, onset) if scenario.label and onset is not None
+                      else {})
+            results[scenario.name] = Result(scenario, analysis, onset, online)
             flagged = [f"{f.severity}:{f.kind}@{visible_at(f)}" for f in
                        analysis.sorted_findings() if severity_rank(f.severity) >= 1]
             print(f"{scenario.name:<26} {time.perf_counter() - started:5.0f} s  "

@@ -226,3 +226,21 @@ def test_atomic_files_leave_no_temporaries(tmp_path):
     plain.write_bytes(b"")
     for name in ("run.json", "config.toml", "fixed.npz", "grids/step-00000000.png"):
         assert (tmp_path / "r" / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_until_shows_the_run_as_it_was_at_a_step(tmp_path):
+    from vaediag.rundir import load_run
+    from vaediag.testing import standard_evals, standard_scalars, write_run
+
+    cols = standard_scalars(1000)
+    ev = standard_evals(cols["step"][::100])
+    path = write_run(tmp_path / "run", cols, ev, events=[{"kind": "note", "step": 300},
+                                                         {"kind": "note", "step": 800}])
+    run = load_run(path)
+    cut = run.until(450)
+    assert cut.scalars["step"].max() == 450 and len(cut.scalars) == 451
+    assert cut.evals["step"].tolist() == [0, 100, 200, 300, 400]
+    assert cut.events["step"].max() == 300
+    assert cut.info["step"] <= 450
+    assert len(run.scalars) == 1000 and run.evals["step"].max() == 900  # the original is intact
+    np.testing.assert_array_equal(cut.scalars["recon"], run.scalars["recon"][:451])

@@ -27,6 +27,7 @@ This module must not import torch at module level: analysis and reports read run
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -661,6 +662,22 @@ class Run:
                                "running but no process holds it); data up to the last flush "
                                "is intact")
         return problems
+
+    def until(self, step: int) -> Run:
+        """The run as it was at ``step``: its per-step rows, evaluations and events up to and
+        including that step (what analysis would have seen then). Files are not touched."""
+        cut = copy.copy(self)  # shares what was read so far; the tables below are replaced
+        cut.info = {**self.info, "step": min(int(self.info.get("step", step)), step)}
+
+        def upto(frame: pd.DataFrame) -> pd.DataFrame:
+            return frame[frame["step"] <= step].reset_index(drop=True)
+
+        scalars, s_problems = self._scalars_and_problems
+        evals, e_problems = self._evals_and_problems
+        cut.__dict__["_scalars_and_problems"] = (upto(scalars), list(s_problems))
+        cut.__dict__["_evals_and_problems"] = (upto(evals), list(e_problems))
+        cut.__dict__["events"] = upto(self.events)
+        return cut
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r})"

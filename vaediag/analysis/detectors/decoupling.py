@@ -103,7 +103,7 @@ def _trade(ctx: dict[str, float]) -> tuple[str, list[str]]:
             remedies.append("the model encodes less than before: lower the KL weight "
                             "(loss.beta) or use free bits (loss.free_bits)")
     text = (f"; in between, {' and '.join(parts)}: the model gave up information, and the "
-            f"pixel loss charges little for the colour and pose it dropped")
+            f"pixel loss charged little for what these metrics show it dropped")
     return text, remedies
 
 
