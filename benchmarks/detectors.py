@@ -158,6 +158,14 @@ def visible_at(finding) -> int:
     return finding.compare_steps[-1] if finding.compare_steps else finding.first_step
 
 
+@dataclass
+class Result:
+    scenario: Scenario
+    analysis: object
+    onset: int | None  # ONSET for planted faults, the label for natural cases, None if stable
+    online: dict[str, int] = field(default_factory=dict)  # natural: online_detection()
+
+
 def _visible(result: Result, detector: str) -> list[int]:
     """Steps at which a detector's warning or high findings could be seen."""
     if result.onset is None:
@@ -172,14 +180,6 @@ def _visible(result: Result, detector: str) -> list[int]:
 def _window(scenario: Scenario) -> tuple[int, int]:
     """The delays (finding visible minus onset) that count as found."""
     return (-NATURAL_WINDOW, NATURAL_WINDOW) if scenario.label else (-1, WINDOW)
-
-
-@dataclass
-class Result:
-    scenario: Scenario
-    analysis: object
-    onset: int | None  # ONSET for planted faults, the label for natural cases, None if stable
-    online: dict[str, int] = field(default_factory=dict)  # natural: online_detection()
 
 
 def score(results: dict[str, Result]) -> dict:
