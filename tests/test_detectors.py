@@ -82,20 +82,64 @@ def test_loss_spike_found_with_its_recovery(tmp_path):
     assert 4 <= spike["recovery_steps"] <= 8
 
 
-def test_large_or_unrecovered_spike_is_high(tmp_path):
+def test_severity_is_the_harm_to_the_objective(tmp_path):
     cols = standard_scalars(N)
-    cols["kl"][700] *= 20
+    cols["recon"][700] *= 20  # one step that cost 19 steps' worth of loss
     cols["recon"][1200:] *= 1.5  # never comes back
+    cols["total"] = cols["recon"] + cols["kl"]
+    cols["kl"][1000] *= 20  # a 20x KL blip: the objective (recorded total) does not move
     findings = loss_spikes.detect(run_data(tmp_path, cols))[0]
     by_step = {f.first_step: f for f in findings}
-    assert by_step[700].severity == "high" and "kl" in by_step[700].summary
+    assert by_step[700].severity == "high"
+    assert by_step[700].evidence["harm_steps"] == pytest.approx(19, rel=0.1)
     assert by_step[1200].severity == "high" and "did not recover" in by_step[1200].summary
+    blip = by_step[1000]
+    assert blip.severity == "info" and blip.evidence["harm_steps"] == 0
+    assert "not an instability" in blip.cause and blip.remedies == []
+
+
+def test_small_one_step_blip_of_a_smooth_loss_is_info(tmp_path):
+    """A mean-reduced loss is so smooth that a 1.19x blip has a huge z: still no harm."""
+    cols = standard_scalars(N)
+    cols["recon"] = (cols["recon"] / 1900 * 0.02).astype(np.float32)
+    cols["recon"] = 0.02 + (cols["recon"] - 0.02) * 0.05  # noise 0.1%
+    cols["kl"] = cols["kl"] / 1000
+    cols["recon"][900] *= 1.19
+    cols["total"] = cols["recon"] + 2.5e-4 * cols["kl"]
+    (f,) = loss_spikes.detect(run_data(tmp_path, cols))[0]
+    assert f.first_step == 900 and f.evidence["spikes"][0]["z"] > 50
+    assert f.severity == "info" and f.evidence["harm_steps"] < 1
+
+
+def test_kl_that_collapses_after_a_spike_has_not_recovered(tmp_path):
+    cols = standard_scalars(N)
+    cols["kl"][800:803] *= 30
+    cols["kl"][803:] = 1e-6
+    (f,) = loss_spikes.detect(run_data(tmp_path, cols))[0]
+    assert f.first_step == 800 and "then collapsed to" in f.summary
+    assert f.evidence["recovered"] is False
+    assert any("free bits" in r for r in f.remedies)
+
+
+@pytest.mark.parametrize(("column", "value", "cause"), [
+    ("lr", 3e-2, "the learning rate rose 30x"), ("eps", 1e-16, "Adam's eps fell"),
+    ("grad_norm", 1e5, "the gradient norm jumped"), (None, None, "the batch at step 1,000")])
+def test_spike_cause_is_read_off_the_recorded_columns(tmp_path, column, value, cause):
+    cols = standard_scalars(N)
+    if column == "eps":
+        cols["eps"] = np.full(N, 1e-8, np.float32)
+    if column is not None:
+        cols[column][999:1010] = value
+    cols["recon"][1000:1010] *= 4
+    cols["total"] = cols["recon"] + cols["kl"]
+    (f,) = loss_spikes.detect(run_data(tmp_path, cols))[0]
+    assert f.first_step == 1000 and cause in f.cause, f.cause
 
 
 def test_spike_of_a_loss_that_can_be_negative_is_described_by_its_rise(tmp_path):
     cols = standard_scalars(N)
     cols["recon"] = cols["recon"] - 6000.0  # a Gaussian NLL: about -4100, never positive
-    cols["recon"][1000:1004] += 900.0
+    cols["recon"][1000:1010] += 900.0
     cols["total"] = cols["recon"] + cols["kl"]
     (f,) = loss_spikes.detect(run_data(tmp_path, cols))[0]
     assert f.first_step == 1000 and f.severity == "warning"
@@ -168,9 +212,55 @@ def test_adam_sustained_conditions(tmp_path):
     by_kind = {f.kind: f for f in findings}
     assert set(by_kind) == {"adam_eps_dominated", "adam_update_rms_high", "adam_rms_t_high"}
     assert list(by_kind["adam_eps_dominated"].evidence["layers"]) == ["encoder.fc"]
-    assert "optim.eps=1e-06" in " ".join(by_kind["adam_eps_dominated"].remedies)
+    # eps-dominance that began during training is a warning; agreeing gradients and a lagging
+    # v^ are info until harm follows them (timeline.grade)
+    assert by_kind["adam_eps_dominated"].severity == "warning"
+    assert "dead units" in " ".join(by_kind["adam_eps_dominated"].remedies)
+    assert by_kind["adam_update_rms_high"].severity == "info"
+    assert by_kind["adam_rms_t_high"].severity == "info"
     for f in findings:
         assert 800 <= f.first_step <= 800 + adam.WINDOW
+
+
+def test_eps_dominance_from_a_recorded_eps_change_names_it(tmp_path):
+    cols = standard_scalars(N)
+    cols["eps"] = np.full(N, 1e-8, np.float32)
+    cols["eps"][700:] = 1.0
+    frac = np.full(N, np.nan, np.float32)
+    frac[::10] = 0.01
+    frac[700::10] = 0.997
+    cols["layer.adam_eps_frac/encoder.fc"] = frac
+    (f,) = [f for f in adam.detect(run_data(tmp_path, cols))[0]
+            if f.kind == "adam_eps_dominated"]
+    assert f.severity == "warning" and 700 <= f.first_step <= 710
+    assert "Adam's eps rose" in f.cause and "set eps back to 1e-08" in f.remedies[0]
+
+
+def test_eps_dominance_from_the_start_is_info(tmp_path):
+    cols = standard_scalars(N)
+    cols["layer.adam_eps_frac/encoder.fc"][:] = 0.8
+    (f,) = [f for f in adam.detect(run_data(tmp_path, cols))[0]
+            if f.kind == "adam_eps_dominated"]
+    assert f.severity == "info" and "throughout" in f.summary
+
+
+def test_conditions_become_warnings_when_a_spike_follows(tmp_path):
+    cols = standard_scalars(N)
+    cols["layer.adam_rms_t/decoder.out"][800:] = 2.5
+    cols["recon"][1000:1010] *= 4
+    cols["total"] = cols["recon"] + cols["kl"]
+    result = vaediag.analyze(run_data(tmp_path, cols).run)
+    (f,) = [f for f in result.findings if f.kind == "adam_rms_t_high"]
+    assert f.severity == "warning" and "followed by a loss spike at step 1,000" in f.summary
+
+
+def test_low_learning_rate_explains_agreeing_gradients(tmp_path):
+    cols = standard_scalars(N)
+    cols["lr"][:] = 1e-4
+    cols["layer.adam_update_rms/decoder.fc"][:] = 0.9
+    (f,) = adam.detect(run_data(tmp_path, cols, settings=["optim.lr=1e-4"]))[0]
+    assert f.severity == "info" and "low learning rate" in f.cause
+    assert not any("lower the learning rate" in r for r in f.remedies)
 
 
 def test_adam_single_step_signals(tmp_path):
@@ -206,20 +296,37 @@ def test_posterior_collapse_under_a_rising_kl_weight_does_not_suggest_a_warm_up(
     cols["beta"] = np.clip(cols["step"] / 1000, 0.05, 1.0).astype(np.float32) * 16
     ev = standard_evals(cols["step"][::EVAL_EVERY])
     ev["active_units"][20:] = 4
+    ev["eval_recon"][20:] += 40  # the pictures got worse
     (f,) = [f for f in latents.detect(run_data(tmp_path, cols, ev))[0]
             if f.kind == "posterior_collapse"]
-    assert "KL weight rose" in f.remedies[0]
-    assert not any("beta_schedule = 'warmup'" in r for r in f.remedies)
+    assert "KL weight rose" in f.cause and f.severity == "warning"
+    assert not any("warm" in r and "up" in r and "beta_schedule" in r for r in f.remedies)
 
 
-@pytest.mark.parametrize(("final", "severity"), [(4, "warning"), (0, "high")])
-def test_posterior_collapse(tmp_path, final, severity):
+@pytest.mark.parametrize(("final", "worse", "severity"),
+                         [(4, True, "warning"), (4, False, "info"), (0, False, "high")])
+def test_posterior_collapse_severity_is_its_harm(tmp_path, final, worse, severity):
     cols = standard_scalars(N)
     ev = standard_evals(cols["step"][::EVAL_EVERY])
     ev["active_units"][20:] = final
+    if worse:
+        ev["ssim"][20:] -= 0.1
     (f,) = [f for f in latents.detect(run_data(tmp_path, cols, ev))[0]
             if f.kind == "posterior_collapse"]
     assert f.severity == severity and f.first_step == 20 * EVAL_EVERY
+    if severity == "info":
+        assert "did not get worse" in f.summary and "unused" in f.cause
+
+
+def test_collapse_after_a_learning_rate_jump_blames_the_learning_rate(tmp_path):
+    cols = standard_scalars(N)
+    cols["lr"][950:960] = 3e-2
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ev["active_units"][20:] = 4
+    ev["ssim"][20:] -= 0.1
+    (f,) = [f for f in latents.detect(run_data(tmp_path, cols, ev))[0]
+            if f.kind == "posterior_collapse"]
+    assert "the learning rate rose 30x" in f.cause and "KL" not in f.remedies[0]
 
 
 def test_logvar_saturation_and_unused_dims(tmp_path):
@@ -265,10 +372,39 @@ def test_decoupling_names_the_evaluations_to_compare(tmp_path):
     assert f"step {after:,}" in f.summary and "colour_de" in f.summary
 
 
-def test_one_metric_alone_is_info(tmp_path):
-    cols, ev = _evals_with_decoupling({"colour_de": 6.0})
+def test_one_family_by_a_small_margin_is_info(tmp_path):
+    cols, ev = _evals_with_decoupling({"colour_de": 2.5})  # 18%: past 4 units and 15%, not 2x
     (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
-    assert f.severity == "info"
+    assert f.severity == "info" and f.evidence["families"] == ["colour"]
+
+
+def test_one_family_by_a_wide_margin_is_a_warning(tmp_path):
+    cols, ev = _evals_with_decoupling({"sat_ratio": -0.25})  # colour fading: 0.70 -> 0.45
+    (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
+    assert f.severity == "warning" and "by a wide margin" in f.evidence["severity_because"]
+
+
+def test_one_family_contradicted_by_another_is_info(tmp_path):
+    cols, ev = _evals_with_decoupling({"orient_err": 3.0, "centroid_err": 0.3, "ssim": 0.15})
+    (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
+    assert f.severity == "info" and f.evidence["families"] == ["pose"]
+
+
+def test_orientation_estimates_give_way_to_the_known_pose(tmp_path):
+    cols, ev = _evals_with_decoupling({"orient_err": 3.0, "centroid_err": 0.3})
+    ev["factor_angle_err"] = (10.0 - np.linspace(0, 3, len(ev["step"]))).astype(np.float32)
+    assert decoupling.detect(run_data(tmp_path, cols, ev))[0] == []
+
+
+def test_a_pair_is_judged_the_same_whatever_comes_later(tmp_path):
+    cols, ev = _evals_with_decoupling({"colour_de": 6.0, "sat_ratio": -0.3})
+    (early,) = decoupling.detect(RunData(run_data(tmp_path / "a", cols, ev).run.until(950)))[0]
+    n = len(ev["step"])
+    ev["colour_de"][20:] += 40 * np.random.default_rng(3).random(n - 20)  # wild later on
+    later = decoupling.detect(run_data(tmp_path / "b", cols, ev))[0]
+    first = min(later, key=lambda f: f.compare_steps[1])
+    assert (early.compare_steps, early.severity) == (first.compare_steps, first.severity)
+    assert early.evidence["metrics"]["sat_ratio"] == first.evidence["metrics"]["sat_ratio"]
 
 
 def test_loss_that_rises_a_little_while_pictures_get_much_worse(tmp_path):
@@ -329,7 +465,18 @@ def test_generation_drift(tmp_path):
     cols = standard_scalars(N)
     ev = standard_evals(cols["step"][::EVAL_EVERY])
     ev["drift_fixed_rmse"][20] = 0.2
+    ev["ssim"][20:] -= 0.1
     findings, signals = drift.detect(run_data(tmp_path, cols, ev))
     (f,) = findings
     assert f.compare_steps == [950, 1000] and "fixed z" in f.summary
+    assert f.severity == "warning" and "ssim" in f.evidence["quality_lost"]
     assert [s.step for s in signals] == [1000]
+
+
+def test_drift_while_the_pictures_improve_is_info(tmp_path):
+    cols = standard_scalars(N)
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ev["drift_fixed_rmse"][4] = 0.2  # early: the decoder is still learning fast
+    ev["ssim"][4:] += 0.1
+    (f,) = drift.detect(run_data(tmp_path, cols, ev))[0]
+    assert f.severity == "info" and "did not get worse" in f.summary

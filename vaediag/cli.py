@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from vaediag import __version__
+from vaediag import __version__, inject
 from vaediag.errors import ConfigError, TrainingStopped, UserError
 
 EXIT_FINDINGS = 1
@@ -105,8 +105,8 @@ def _preset_help() -> dict[str, str]:
                    "for machines that cannot download them. Default: the torch hub cache.")
 @click.option("--inject", "faults", multiple=True, metavar="KIND@STEP[:k=v,...]",
               help="Plant a known fault, e.g. --inject lr_spike@600:factor=10,steps=20 (kinds: "
-                   "lr_spike, grad_scale, adam_eps, ood_batch, desaturate, nan_grad; "
-                   "docs/detectors.md). Recorded in the run as ground truth. Repeatable.")
+                   + ", ".join(inject.KINDS) + "; docs/detectors.md). Recorded in the run as "
+                   "ground truth. Repeatable.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: only when stderr is a terminal; otherwise "
                    "a log line every 5% of the run).")

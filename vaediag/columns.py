@@ -30,6 +30,21 @@ METRIC_DIRECTION: dict[str, int] = {
     "factor_angle_err": -1, "factor_turn_err": -1,
 }
 
+#: What each quality metric looks at. Metrics of one family move together (SSIM and HaarPSI both
+#: see structure), so agreement is counted in families, not metrics.
+METRIC_FAMILY: dict[str, str] = {
+    "ssim": "structure", "psnr": "structure", "haarpsi": "structure", "gmsd": "structure",
+    "lpips": "structure", "colour_de": "colour", "sat_ratio": "colour", "orient_err": "pose",
+    "centroid_err": "pose", "factor_skin_de": "colour", "factor_hair_de": "colour",
+    "factor_eye_de": "colour", "factor_bg_de": "colour", "factor_angle_err": "pose",
+    "factor_turn_err": "pose",
+}
+
+#: Estimates from image moments that the known factors (toyfaces) measure exactly: where the
+#: exact metric is recorded, the estimate is not used.
+METRIC_SUPERSEDED_BY: dict[str, str] = {"orient_err": "factor_angle_err",
+                                        "centroid_err": "factor_angle_err"}
+
 
 def name(kind: str, stat: str, index: object) -> str:
     """``name("layer", "grad_norm", "decoder.fc") == "layer.grad_norm/decoder.fc"``."""

@@ -17,6 +17,15 @@ desaturate     pulls the decoder's output colours toward   amount (0.6), steps (
                to the model after STEP updates, and again
                after each of the next steps-1 updates)
 nan_grad       puts NaN into one layer's gradient, once    layer (decoder.out)
+inf_weight     sets one entry of a layer's weight to +Inf  layer (decoder.fc)
+               after STEP updates (a corrupted weight)
+beta_scale     multiplies the KL weight (a level shift of  factor (0.02), steps (0 = to the end)
+               the KL, not an instability)
+fade           blends the decoder's output toward grey,    amount (0.6), steps (400)
+               growing linearly over ``steps`` steps to
+               ``amount`` and held there (gradual colour
+               loss, in the forward pass of training and
+               of every evaluation)
 =============  ==========================================  ===================================
 
 ``desaturate`` is the honest way to make loss and quality part: a summed BCE on non-binary
@@ -38,7 +47,13 @@ KINDS: dict[str, dict[str, Any]] = {
     "ood_batch": {"steps": 20, "source": "noise"},
     "desaturate": {"amount": 0.6, "steps": 1},
     "nan_grad": {"layer": "decoder.out"},
+    "inf_weight": {"layer": "decoder.fc"},
+    "beta_scale": {"factor": 0.02, "steps": 0},
+    "fade": {"amount": 0.6, "steps": 400},
 }
+
+#: faults that act from their step to the end of the run whatever their ``steps`` (a ramp)
+_HELD = {"fade"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,8 @@ class Fault:
     def last_step(self) -> int | None:
         """The last step the fault acts on; None for 'to the end'."""
         steps = self.params.get("steps")
+        if self.kind in _HELD:
+            return None
         if steps is None:
             return self.step  # one-off faults
         return None if steps == 0 else self.step + int(steps) - 1
@@ -112,6 +129,9 @@ class Injector:
 
     def __init__(self, faults: list[Fault]):
         self.faults = faults
+        #: the model state the forward pass is at (updates made); the trainer keeps it current
+        self.step = 0
+        self._hooked = False
 
     def __bool__(self) -> bool:
         return bool(self.faults)
@@ -125,6 +145,41 @@ class Injector:
             if f.kind == "lr_spike" and f.active(step):
                 factor *= f.params["factor"]
         return factor
+
+    def beta_factor(self, step: int) -> float:
+        factor = 1.0
+        for f in self.faults:
+            if f.kind == "beta_scale" and f.active(step):
+                factor *= f.params["factor"]
+        return factor
+
+    def fade_amount(self, step: int) -> float:
+        """How far the output is blended toward grey at ``step`` (0 before the fault)."""
+        amount = 0.0
+        for f in self.faults:
+            if f.kind == "fade" and step >= f.step:
+                ramp = max(1, int(f.params["steps"]))
+                amount = max(amount, f.params["amount"] * min(1.0, (step - f.step + 1) / ramp))
+        return amount
+
+    def attach(self, model) -> None:
+        """Hook the model for faults that live in its forward pass (``fade``): the decoder's
+        logits are replaced by those of its image blended toward each pixel's grey."""
+        import torch
+
+        if self._hooked or not any(f.kind == "fade" for f in self.faults):
+            return
+
+        def hook(module, inputs, logits):
+            a = self.fade_amount(self.step)
+            if a <= 0:
+                return logits
+            p = torch.sigmoid(logits)
+            p = (1 - a) * p + a * p.mean(1, keepdim=True)
+            return torch.logit(p.clamp(1e-6, 1 - 1e-6))
+
+        model.decoder.out.register_forward_hook(hook)
+        self._hooked = True
 
     def eps(self, step: int, configured: float) -> float:
         for f in self.faults:
@@ -149,6 +204,10 @@ class Injector:
         import torch
 
         for f in self.faults:
+            if f.kind == "inf_weight" and f.step == state_step:
+                param = _layer_params(model, f)[0]
+                with torch.no_grad():
+                    param.view(-1)[0] = float("inf")
             if f.kind == "desaturate" and f.active(state_step):
                 out = model.decoder.out
                 a = f.params["amount"]
@@ -167,12 +226,17 @@ class Injector:
                     if p.grad is not None:
                         p.grad.mul_(f.params["factor"])
             if f.kind == "nan_grad" and f.step == step:
-                names = dict(model.named_parameters())
-                layer = f.params["layer"]
-                hits = [p for n, p in names.items() if n.rsplit(".", 1)[0] == layer or n == layer]
-                if not hits:
-                    raise ConfigError(f"--inject {f.spec}: the model has no layer {layer!r}")
+                hits = _layer_params(model, f)
                 with torch.no_grad():
                     if hits[0].grad is None:
                         hits[0].grad = torch.zeros_like(hits[0])
                     hits[0].grad.view(-1)[0] = float("nan")
+
+
+def _layer_params(model, fault: Fault) -> list:
+    """The parameters of the layer a fault names (weight first)."""
+    layer = fault.params["layer"]
+    hits = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[0] == layer or n == layer]
+    if not hits:
+        raise ConfigError(f"--inject {fault.spec}: the model has no layer {layer!r}")
+    return hits

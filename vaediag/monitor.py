@@ -73,15 +73,44 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:.3f}"
 
 
-def _as_images(images: torch.Tensor | np.ndarray, what: str, minimum: int) -> torch.Tensor:
+def _as_images(images: torch.Tensor | np.ndarray, what: str, minimum: int,
+               value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """The images as float tensors in ``value_range`` (uint8 0..255 is mapped onto it)."""
     x = torch.as_tensor(images)
     if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] < minimum:
         raise UserError(f"{what} must be a batch of at least {minimum} RGB images shaped "
                         f"(N, 3, H, W), got {tuple(x.shape)}")
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-        raise UserError(f"{what} must lie in [0, 1] (or be uint8 0..255)")
+    lo, hi = value_range
+    x = x.float() / 255.0 * (hi - lo) + lo if x.dtype == torch.uint8 else x.float()
+    if not torch.isfinite(x).all() or x.min() < lo or x.max() > hi:
+        raise UserError(f"{what} must lie in [{lo:g}, {hi:g}] (value_range), or be uint8 0..255; "
+                        f"got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
     return x
+
+
+def forward_order(model: nn.Module, run: Callable[[], Any]) -> dict[str, int]:
+    """The order in which ``run()`` (a forward pass) first calls each module that owns
+    parameters: {parameter name: rank}. The backward pass reaches the highest rank first."""
+    order: dict[str, int] = {}
+    owners = {name: m for name, m in model.named_modules()
+              if any(True for _ in m.parameters(recurse=False))}
+
+    def hook(name: str):
+        def record(module, inputs):
+            order.setdefault(name, len(order))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in owners.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    ranks = {}
+    for pname, _ in model.named_parameters():
+        module = pname.rpartition(".")[0]
+        ranks[pname] = order.get(module, -1)
+    return ranks
 
 
 class Monitor:
@@ -103,7 +132,14 @@ class Monitor:
         Optional ``(x, z, mu, logvar) -> (recon per image, kl per image)``; without it the
         grid shows no losses of its own images.
     eval_every
-        Steps between evaluations (grid, eval losses, image-quality probes).
+        Steps between evaluations (grid, eval losses, image-quality probes). An evaluation
+        costs about as much as a few training steps; the loss-quality analysis needs at least
+        six after the first few hundred steps.
+    value_range
+        The range of the images ``eval_images`` holds and ``decode`` returns: ``(0, 1)``
+        (default) or e.g. ``(-1, 1)`` for a tanh decoder. Images are mapped from it onto [0, 1]
+        for the grid and the quality metrics; a decoder output outside it is clamped, with one
+        warning and an event.
     probes
         A preset name (``off``, ``cheap``, ``standard``, ``full``) or a list of probes.
     extra_probes
@@ -125,7 +161,8 @@ class Monitor:
         encode: EncodeFn | None = None,
         decode: DecodeFn | None = None,
         eval_loss: EvalLossFn | None = None,
-        eval_every: int = 500,
+        eval_every: int = 100,
+        value_range: tuple[float, float] = (0.0, 1.0),
         probes: str | Sequence[Probe] = "standard",
         extra_probes: Sequence[Probe] = (),
         metric_images: torch.Tensor | np.ndarray | None = None,
@@ -143,6 +180,13 @@ class Monitor:
             raise UserError(f"eval_every must be >= 1, got {eval_every}")
         if recon_mode not in ("mean", "sample"):
             raise UserError(f"recon_mode must be 'mean' or 'sample', got {recon_mode!r}")
+        try:
+            lo, hi = (float(v) for v in value_range)
+        except (TypeError, ValueError):
+            raise UserError(f"value_range must be (low, high), got {value_range!r}") from None
+        if not hi > lo:
+            raise UserError(f"value_range must have low < high, got {value_range!r}")
+        self.value_range = (lo, hi)
         self.model = model
         self.optimizer = optimizer
         self.encode = encode or getattr(model, "encode", None)
@@ -157,10 +201,11 @@ class Monitor:
         self.device = next(iter(model.parameters())).device
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.layers = LayerIndex.from_params(self._params)
-        self._eval_x = _as_images(eval_images, "eval_images", GRID_IMAGES)[:GRID_IMAGES]
+        self._eval_x = _as_images(eval_images, "eval_images", GRID_IMAGES,
+                                  self.value_range)[:GRID_IMAGES]
         self._eval_x = self._eval_x.to(self.device)
         self._set_x = None if metric_images is None else \
-            _as_images(metric_images, "metric_images", 2)
+            _as_images(metric_images, "metric_images", 2, self.value_range)
         self._factors = {k: np.asarray(v)[:GRID_IMAGES] for k, v in (eval_factors or {}).items()}
 
         if isinstance(run_dir, RunWriter):
@@ -170,6 +215,7 @@ class Monitor:
 
             from vaediag import environment
             settings = {"monitor": {"eval_every": eval_every, "recon_mode": recon_mode,
+                                    "value_range": list(self.value_range),
                                     "probes": probes if isinstance(probes, str) else "custom"}}
             self.writer = RunWriter.create(
                 run_dir, config_toml=tomli_w.dumps({**settings, **(config or {})}),
@@ -178,14 +224,24 @@ class Monitor:
             fixed = load_run(self.writer.path).fixed
             self.fixed_z = torch.from_numpy(fixed["fixed_z"]).to(self.device)
             self.recon_noise = torch.from_numpy(fixed["recon_noise"]).to(self.device)
-        else:
+        # One forward pass in eval mode (batch norm's running statistics stay as they are) tells
+        # the latent size and the order in which layers run.
+        was_training = self.model.training
+        self.model.eval()
+        try:
             with torch.no_grad():
-                latent = self.encode(self._eval_x[:1])[0].shape[1]
+                probe_x = self._eval_x[:2]
+                latent = self.encode(probe_x)[0].shape[1]
+                self._rank = forward_order(model, lambda: self.decode(self.encode(probe_x)[0]))
+        finally:
+            self.model.train(was_training)
+        if not resume:
             g = torch.Generator().manual_seed(seed + 20_231)
             self.fixed_z = torch.randn(GRID_IMAGES, latent, generator=g).to(self.device)
             self.recon_noise = torch.randn(GRID_IMAGES, latent, generator=g).to(self.device)
             self.writer.save_fixed(
-                eval_images=(self._eval_x.cpu().numpy() * 255).round().astype(np.uint8),
+                eval_images=(self._to_unit(self._eval_x).cpu().numpy() * 255).round()
+                .astype(np.uint8),
                 fixed_z=self.fixed_z.cpu().numpy(), recon_noise=self.recon_noise.cpu().numpy(),
                 **{f"factor_{k}": v for k, v in self._factors.items()},
             )
@@ -203,6 +259,23 @@ class Monitor:
         self.last_step_row: dict[str, Any] = {}
         self.last_eval_row: dict[str, Any] = {}
         self._evaluated = resume  # a resumed run has its evaluation at the checkpoint's step
+        self._warned: set[str] = set()
+        if self.eval_loss is None and not resume:
+            self._warn("no_eval_loss", 0, "no eval_loss given: the grid shows no losses of its "
+                       "own images and the loss-quality analysis cannot run (pass eval_loss=)")
+
+    def _warn(self, what: str, step: int, message: str, **fields: Any) -> None:
+        """Say something about the user's input once per run, and record it as an event."""
+        if what in self._warned:
+            return
+        self._warned.add(what)
+        self.writer.event("monitor_warning", step, what=what, message=message, **fields)
+        print(f"vaediag: warning: {message}", file=sys.stderr)
+
+    def _to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from ``value_range`` onto [0, 1]."""
+        lo, hi = self.value_range
+        return x if (lo, hi) == (0.0, 1.0) else (x - lo) / (hi - lo)
 
     # -- probes -------------------------------------------------------------------------------
 
@@ -301,18 +374,23 @@ class Monitor:
         if beta is not None:
             row["beta"] = float(beta)
         if self.optimizer is not None:
-            row["lr"] = float(self.optimizer.param_groups[0]["lr"])
+            group = self.optimizer.param_groups[0]
+            row["lr"] = float(group["lr"])
+            if isinstance(group.get("eps"), (int, float)):
+                row["eps"] = float(group["eps"])
         check = StepCheck(grad_norm=row.get("grad_norm", math.nan))
         for term in ("recon", "kl", "total"):
             if term in row and not math.isfinite(row[term]):
                 check.nonfinite.append(term)
-        if has_grads and not math.isfinite(check.grad_norm):
-            first = next((n for (n, _), v in zip(self._params, norms.tolist(), strict=True)
-                          if not math.isfinite(v)), None)
-            check.nonfinite.append(f"grad:{first}" if first else "grad")
+        if check.nonfinite or (has_grads and not math.isfinite(check.grad_norm)):
+            check.nonfinite += self._nonfinite_origin(norms if has_grads else None) or ["grad"]
         for term in check.nonfinite:
             self.writer.event("nonfinite", step, term=term, recon=row["recon"], kl=row["kl"],
                               grad_norm=check.grad_norm)
+        if math.isfinite(row["kl"]) and row["kl"] < -1e-3 * max(1.0, abs(row["recon"])):
+            self._warn("negative_kl", step, f"the KL given at step {step} is negative "
+                       f"({row['kl']:.4g}): an analytic KL never is (check its sign and "
+                       f"reduction); a single-sample Monte Carlo estimate can be", kl=row["kl"])
         if math.isfinite(row["recon"]) and math.isfinite(row["kl"]):
             self._sums += (row["recon"], row["kl"], 1)
 
@@ -331,6 +409,24 @@ class Monitor:
             ctx.before = self._snapshot()
         self._pending = (ctx, row, values)
         return check
+
+    def _nonfinite_origin(self, norms: torch.Tensor | None) -> list[str]:
+        """Where non-finite values started: parameters that are themselves non-finite
+        (``weight:NAME``, a corrupted weight), else the layer whose gradient the backward pass
+        reached first among those that went non-finite (``grad:NAME``, the one latest in the
+        forward pass). Scans the parameters, so it runs only on steps that went wrong."""
+        out = []
+        with torch.no_grad():
+            bad_weights = [n for n, p in self._params if not bool(torch.isfinite(p).all())]
+        out += [f"weight:{n}" for n in bad_weights[:3]]
+        if norms is not None:
+            values = norms.tolist()
+            bad = [n for (n, _), v in zip(self._params, values, strict=True)
+                   if not math.isfinite(v)]
+            if bad:
+                origin = max(bad, key=lambda n: self._rank.get(n, -1))
+                out.append(f"grad:{origin}")
+        return out
 
     def _snapshot(self) -> list[torch.Tensor]:
         """Copy the parameters into buffers kept for the run (no allocation per step)."""
@@ -367,8 +463,9 @@ class Monitor:
         for start in range(0, len(self._set_x), _SET_CHUNK):
             x = self._set_x[start:start + _SET_CHUNK].to(self.device)
             mu, logvar = self.encode(x)
-            xs.append(x.cpu())
-            recons.append(self.decode(mu).cpu())
+            lo, hi = self.value_range
+            xs.append(self._to_unit(x).cpu())
+            recons.append(self._to_unit(self.decode(mu).clamp(lo, hi)).cpu())
             mus.append(mu.cpu())
             logvars.append(logvar.cpu())
         return torch.cat(xs), torch.cat(recons), torch.cat(mus), torch.cat(logvars)
@@ -386,6 +483,9 @@ class Monitor:
             zero_img = self.decode(torch.zeros_like(self.fixed_z[:1]))
             fixed_img = self.decode(self.fixed_z)
             per_image = self.eval_loss(x, z, mu, logvar) if self.eval_loss else None
+            recon_img, zero_img, fixed_img = (self._decoded(t, step)
+                                              for t in (recon_img, zero_img, fixed_img))
+            x = self._to_unit(x)
             ctx = EvalContext(step, x, recon_img, zero_img, fixed_img, mu, logvar,
                               self._factors or None, self.lpips,
                               self._encode_set if self._set_x is not None else None)
@@ -422,6 +522,21 @@ class Monitor:
         self.last_eval_row = row
         self._evaluated = True
         return row
+
+    def _decoded(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """Decoder output mapped onto [0, 1]; values outside ``value_range`` are clamped, and
+        said once."""
+        lo, hi = self.value_range
+        tolerance = 1e-3 * (hi - lo)
+        outside = (images < lo - tolerance) | (images > hi + tolerance)
+        if bool(outside.any()):
+            share = float(outside.float().mean())
+            self._warn("decoder_range", step, f"the decoder's output leaves value_range "
+                       f"[{lo:g}, {hi:g}] (values in [{float(images.min()):.3g}, "
+                       f"{float(images.max()):.3g}], {share:.1%} of pixels at step {step}); "
+                       f"they are clamped for the grid and the metrics: pass "
+                       f"value_range=(-1, 1) for a tanh decoder", share=share)
+        return self._to_unit(images.clamp(lo, hi))
 
     def _header(self, row: dict[str, Any]) -> list[str]:
         where = f"step {row['step']:,}"

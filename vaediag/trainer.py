@@ -265,6 +265,8 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
         writer.save_checkpoint(step, _checkpoint_state(step, model, optimizer, sampler, monitor,
                                                        writer), keep=tc.keep_checkpoints)
 
+    injector.step = start
+    injector.attach(model)
     if start == 0:
         if injector:
             injector.after_update(0, model)
@@ -276,6 +278,7 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
         while step < total_steps:
             x = images[order.batch(step)].to(device, non_blocking=True).float().div_(255.0)
             lr = lr_at(step, config.optim, total_steps)
+            injector.step = step
             if injector:
                 for fault in injector.starting(step):
                     writer.event("inject", step, fault=fault.spec, fault_kind=fault.kind,
@@ -286,7 +289,7 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                 group["lr"] = lr
                 if injector:
                     group["eps"] = injector.eps(step, config.optim.eps)
-            beta = beta_at(step, config.loss)
+            beta = beta_at(step, config.loss) * (injector.beta_factor(step) if injector else 1.0)
 
             out = model(x, generator=sampler)
             terms = loss_terms(out.logits, x, out.mu, out.logvar, out.z, config.loss, beta,

@@ -14,7 +14,7 @@ from pathlib import Path
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.detectors import DETECTORS
 from vaediag.analysis.findings import Analysis, Check, Finding, Signal, severity_rank
-from vaediag.analysis.timeline import fold_consequences, link
+from vaediag.analysis.timeline import fold_consequences, grade, link
 from vaediag.rundir import Run, atomic_write, load_run
 
 FINDINGS_JSON = "findings.json"
@@ -65,6 +65,7 @@ def analyze(path: str | Path | Run) -> Analysis:
             checks.append(Check(str(row.get("metric")), "skipped",
                                 f"{row.get('metric')} unavailable: {row.get('reason')}"))
     findings = fold_consequences(findings)
+    grade(findings)
     link(findings, signals)
     return Analysis(run_summary(data), findings, checks, signals, run.problems, data.derived)
 

@@ -12,10 +12,12 @@ import pandas as pd
 from vaediag import columns
 from vaediag.rundir import Run
 
-#: Steps at the start of a run that spike and change-point detectors ignore: the first epoch of
-#: learning is one long transient (KL rises from ~0, the loss falls by half), not instability.
+#: Steps at the start of a run that spike and change-point detectors ignore: the first steps of
+#: learning are one long transient (KL rises from ~0, the loss falls by half), not instability.
+#: A fixed number of steps, so that what analysis says about a step never depends on how long
+#: the run went on after it; later transients are told apart from instability by their harm
+#: (a KL that rises while the total loss falls is a trade, not a spike).
 MIN_BURN_IN = 100
-BURN_IN_FRACTION = 0.05
 
 
 @dataclass
@@ -70,8 +72,7 @@ class RunData:
         """The first step detectors of spikes and level shifts look at."""
         if not self.n_steps:
             return 0
-        first = int(self.steps[0])
-        return first + max(MIN_BURN_IN, int(BURN_IN_FRACTION * self.n_steps))
+        return int(self.steps[0]) + MIN_BURN_IN
 
     def has(self, column: str, table: str = "scalars") -> bool:
         frame = self.scalars if table == "scalars" else self.evals

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from vaediag.columns import METRIC_DIRECTION
+
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
@@ -149,6 +151,23 @@ def noise_scale(x: np.ndarray) -> float:
     return float(MAD_TO_SIGMA * np.median(np.abs(d - np.median(d))))
 
 
+def expanding_noise_scale(x: np.ndarray, min_count: int = 6,
+                          max_points: int = 200) -> np.ndarray:
+    """:func:`noise_scale` of ``x[:k + 1]`` for every k: causal, so the value at k never
+    depends on what came after it (NaN until ``min_count`` finite values). Computed at most
+    ``max_points`` times and held in between (each from the values up to its own index)."""
+    n = len(x)
+    out = np.full(n, np.nan)
+    finite = np.cumsum(np.isfinite(x))
+    stride = max(1, math.ceil(n / max_points))
+    last = math.nan
+    for k in range(n):
+        if finite[k] >= min_count and (k % stride == 0 or math.isnan(last)):
+            last = noise_scale(x[:k + 1])
+        out[k] = last
+    return out
+
+
 def decimate(x: np.ndarray, max_points: int) -> tuple[np.ndarray, int]:
     """Block medians so at most ``max_points`` remain; (values, block size)."""
     block = max(1, math.ceil(len(x) / max_points))
@@ -253,3 +272,17 @@ def bce_floor(images: np.ndarray) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         h = -(np.where(y > 0, y * np.log(y), 0.0) + np.where(y < 1, (1 - y) * np.log(1 - y), 0.0))
     return float(h.reshape(len(images), -1).sum(1).mean())
+
+
+_BOUNDED_GOOD = {"ssim", "haarpsi"}  # in [0, 1], 1 best: badness 1 - value
+
+
+def badness(metric: str, values: np.ndarray) -> np.ndarray:
+    """A quality metric turned into a badness, higher is worse: 1 - SSIM, |1 - saturation
+    ratio|, LPIPS as it is, ..."""
+    direction = METRIC_DIRECTION[metric]
+    if metric in _BOUNDED_GOOD:
+        return 1.0 - values
+    if direction == 0:
+        return np.abs(1.0 - values)
+    return values if direction < 0 else -values

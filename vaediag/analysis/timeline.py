@@ -61,6 +61,30 @@ def fold_consequences(findings: list[Finding]) -> list[Finding]:
     return keep
 
 
+#: sustained conditions that are harmless on their own and matter when harm follows them
+CONDITIONS = {"adam_update_rms_high", "adam_rms_t_high", "adam_eps_dominated"}
+#: findings that are harm: the loss or the values broke
+HARMS = {"loss_spike", "kl_explosion", "grad_explosion", "nonfinite"}
+
+
+def grade(findings: list[Finding]) -> None:
+    """Raise a sustained condition from ``info`` to ``warning`` when a harmful event (a loss
+    spike, KL explosion, gradient explosion or non-finite value of warning or above) starts
+    while it holds or within ``LOOKBACK`` steps after, and say so in its summary. In place."""
+    harms = sorted((f for f in findings if f.kind in HARMS and f.severity != "info"),
+                   key=lambda f: f.first_step)
+    for f in findings:
+        if f.kind not in CONDITIONS or f.severity != "info":
+            continue
+        after = next((h for h in harms
+                      if f.first_step <= h.first_step <= f.last_step + LOOKBACK), None)
+        if after is not None:
+            f.severity = "warning"
+            f.summary += (f"; followed by a {after.kind.replace('_', ' ')} at step "
+                          f"{after.first_step:,}")
+            f.evidence["followed_by"] = {"kind": after.kind, "step": after.first_step}
+
+
 def link(findings: list[Finding], signals: list[Signal]) -> None:
     """Fill ``preceded_by`` of linked findings, in place."""
     ordered = sorted(signals, key=lambda s: s.step)

@@ -11,13 +11,23 @@ Signals (single steps, for the cross-channel timeline), per layer:
   learning rate or v^ itself changed at once. The fraction of eps-dominated entries before and
   after is reported with it (an eps change moves it abruptly too).
 
-Findings (sustained conditions, median over ``WINDOW`` recorded steps, after the burn-in):
+Findings (sustained conditions: the running median over ``WINDOW_STEPS`` steps, whatever
+the cadence the statistic was recorded at, after the burn-in):
 
-- epsilon-dominated layers: ``adam_eps_frac`` >= ``EPS_FRACTION``;
+- epsilon-dominated layers: ``adam_eps_frac`` >= ``EPS_FRACTION``. A condition that *began*
+  during training (under half that fraction before it) is a change of regime: ``warning``, and
+  its cause is read off the recorded ``eps`` when eps changed. One that holds from the start
+  (dead units, a mean-reduced loss with tiny gradients) is a property of the setup: ``info``;
 - update RMS near 1: ``adam_update_rms`` >= ``UPDATE_RMS_HIGH`` (healthy is about 0.2-0.3);
-- RMS_t persistently above 1: median ``adam_rms_t`` >= ``RMS_T_HIGH``;
+- RMS_t persistently above 1: median ``adam_rms_t`` >= ``RMS_T_HIGH``.
+  These two are ``info`` on their own: at a low learning rate successive gradients agree
+  because the weights barely move, which is harmless. They become ``warning`` when a loss
+  spike, KL explosion, gradient explosion or non-finite value follows while they hold
+  (:func:`vaediag.analysis.timeline.grade`);
 - oversized updates: any ``update_ratio`` signal;
 - a jump in Adam's effective step size: any ``adam_eff_lr`` signal.
+
+The causes of the last two are read off the recorded learning rate and eps first.
 
 Which of these came *before* a loss spike, KL explosion or non-finite value is worked out across
 detectors by :mod:`vaediag.analysis.timeline`.
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vaediag.analysis.causes import first_change, knob, setting_changes
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.stats import (
@@ -39,6 +50,9 @@ from vaediag.analysis.stats import (
 
 NAME = "adam"
 WINDOW = 50
+WINDOW_STEPS = 50
+EFF_LR_SPAN = 20  # steps before an eff_lr jump searched for its cause (it is recorded every 10)
+LOW_LR = 3e-4  # at or below this learning rate, agreeing gradients are expected
 RMS_T_SPIKE = 4.0
 UPDATE_RMS_SPIKE = 1.0
 RATIO_SPIKE = 0.05
@@ -75,27 +89,41 @@ def _spikes(data: RunData, stat: str, threshold: float | None,
     return out
 
 
-def _sustained(data: RunData, stat: str, threshold: float) -> dict[str, tuple[int, float]]:
-    """Layers where at least half of the last WINDOW recorded values of ``stat`` (after the
-    burn-in) are >= threshold (the running median is), for at least WINDOW recorded steps in
-    a row: {layer: (first step of the condition, median value while it held)}."""
+def _sustained(data: RunData, stat: str, threshold: float) -> dict[str, tuple[int, float, int]]:
+    """Layers where the running median of ``stat`` over ``WINDOW_STEPS`` steps (after the
+    burn-in) is >= threshold for at least ``WINDOW_STEPS`` steps in a row: {layer: (first step
+    of the condition, median value while it held, last step it held)}."""
     frame = data.matrix("layer", stat)
     steps = data.steps
     out = {}
     for layer in frame.columns:
         x = frame[layer].to_numpy()
         idx = np.flatnonzero(np.isfinite(x) & (steps >= data.burn_in_step))
-        if idx.size < 2 * WINDOW:
+        if idx.size < 10:
+            continue
+        cadence = max(1, int(np.median(np.diff(steps[idx]))))
+        window = max(5, WINDOW_STEPS // cadence)
+        if idx.size < window:
             continue
         v = x[idx]
-        held = share_at_least(v, threshold, WINDOW) >= 0.5
-        runs = [r for r in episodes(held, merge_gap=0) if r[1] - r[0] + 1 >= WINDOW]
+        held = share_at_least(v, threshold, window) >= 0.5
+        runs = [r for r in episodes(held, merge_gap=0) if r[1] - r[0] + 1 >= window]
         if runs:  # the condition began where the values first crossed in that window
             start, end = runs[0]
-            window = v[start - WINDOW + 1:start + 1]
-            first = start - WINDOW + 1 + int(np.argmax(window >= threshold))
-            out[layer] = (int(steps[idx[first]]), float(np.median(v[first:end + 1])))
+            first = start - window + 1 + int(np.argmax(v[start - window + 1:start + 1]
+                                                      >= threshold))
+            out[layer] = (int(steps[idx[first]]), float(np.median(v[first:end + 1])),
+                          int(steps[idx[end]]))
     return out
+
+
+def _began(data: RunData, stat: str, layer: str, step: int, threshold: float) -> bool:
+    """Whether ``stat`` in ``layer`` was under half the threshold in the steps before ``step``
+    (so the condition began then, rather than holding from the start)."""
+    x = data.matrix("layer", stat)[layer].to_numpy()
+    steps = data.steps
+    before = x[(steps < step) & (steps >= step - 4 * WINDOW_STEPS) & np.isfinite(x)]
+    return before.size >= 3 and float(np.median(before)) < threshold / 2
 
 
 def _rises(data: RunData, stat: str, factor: float, z_min: float) -> list[Signal]:
@@ -131,6 +159,33 @@ def _before_after(data: RunData, stat: str, layer: str, step: int) -> dict | Non
     return {"before": float(before[-1]), "after": float(after[0])}
 
 
+def _lr_note(data: RunData) -> tuple[str, bool]:
+    """How the learning rate bears on agreeing gradients: (text, whether it is low)."""
+    lr = data.setting("optim", "lr")
+    if lr is None and data.has("lr"):
+        lr = float(np.nanmedian(data.series("lr")))
+    if lr is not None and lr <= LOW_LR:
+        return (f"at this low learning rate ({lr:.3g}) the weights barely move between steps, "
+                f"so successive gradients agree: expected, and harmless unless spikes follow "
+                f"while it holds", True)
+    return ("the regime Molybog et al. (2023) link to Adam's instability: updates approach "
+            "sign descent at full learning rate; harmful only if spikes follow", False)
+
+
+def _setting_cause(data: RunData, start: int, end: int) -> tuple[str, list[str]] | None:
+    """A jump of the recorded learning rate or eps in steps [start, end]."""
+    change = first_change(data, ("eps", "lr"), start, end)
+    if change is None:
+        return None
+    if change.column == "eps":
+        return (f"{change.describe()}: eps changed",
+                [f"set eps back to {change.before:.3g}{knob(data, 'optim.eps', change.before)}: "
+                 "a different eps changes every entry's step size whose sqrt(v^) is near it"])
+    return (f"{change.describe()}: the learning rate itself changed",
+            ["check the learning-rate schedule for jumps; warm the rate up instead"
+             + knob(data, "optim.warmup_steps")])
+
+
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     if data.matrix("layer", "adam_update_rms").empty and data.matrix("layer",
                                                                       "update_ratio").empty:
@@ -139,51 +194,81 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                + _spikes(data, "adam_update_rms", UPDATE_RMS_SPIKE)
                + _spikes(data, "update_ratio", RATIO_SPIKE, jump=RATIO_JUMP)
                + _rises(data, "adam_eff_lr", EFF_LR_FACTOR, EFF_LR_Z))
-    eps = data.setting("optim", "eps")
     findings = []
 
     def add(kind, layers, summary, cause, remedies, severity="warning", evidence=None):
-        first = min(v[0] for v in layers.values())
-        findings.append(Finding(kind=kind, severity=severity, first_step=first,
-                                last_step=int(data.steps[-1]), summary=summary,
-                                evidence={"layers": {k: {"from_step": v[0], "median": v[1]}
+        findings.append(Finding(kind=kind, severity=severity,
+                                first_step=min(v[0] for v in layers.values()),
+                                last_step=max(v[2] for v in layers.values()), summary=summary,
+                                evidence={"layers": {k: {"from_step": v[0], "median": v[1],
+                                                         "until_step": v[2]}
                                                      for k, v in layers.items()},
                                           **(evidence or {})},
                                 cause=cause, remedies=remedies, detector=NAME))
 
     dominated = _sustained(data, "adam_eps_frac", EPS_FRACTION)
     if dominated:
-        new_eps = f"{eps * 100:.0e}" if eps else "1e-6"
-        add("adam_eps_dominated", dominated,
-            f"Adam is epsilon-dominated in {len(dominated)} layer(s) ("
-            + ", ".join(dominated) + f"): over {EPS_FRACTION:.0%} of entries have "
-            f"sqrt(v^) < eps", "gradients there are tiny against eps: updates are lr*m^/eps, no "
-            "longer normalised; a sudden gradient then makes an outsized step",
-            [f"raise eps to reduce the effect consistently (e.g. --set optim.eps={new_eps}) or "
-             "lower it only if those entries should learn faster",
-             "check for dead units (exactly zero gradients also count here)"],
-            evidence={"eps": eps, "threshold": EPS_FRACTION})
+        began = {k: v for k, v in dominated.items()
+                 if _began(data, "adam_eps_frac", k, v[0], EPS_FRACTION)}
+        first = min(v[0] for v in (began or dominated).values())
+        change = next((c for c in setting_changes(data, "eps", first - 4 * WINDOW_STEPS, first)
+                       if c.rose), None)
+        eps = change.after if change else data.setting("optim", "eps")
+        if change is not None:
+            cause = (f"{change.describe()}: eps now exceeds sqrt(v^) for most entries, so steps "
+                     f"are lr*m^/eps, far smaller than Adam's normalised lr*m^/sqrt(v^): "
+                     f"those layers all but stopped learning")
+            remedies = [f"set eps back to {change.before:.3g}"
+                        f"{knob(data, 'optim.eps', change.before)}"]
+        elif began:
+            cause = ("the gradients of these layers became tiny against eps during training "
+                     "(dying units, or a loss term that stopped reaching them): updates are "
+                     "lr*m^/eps there, no longer normalised; a sudden gradient then makes an "
+                     "outsized step")
+            remedies = ["check for dead units (exactly zero gradients count here); lower eps "
+                        "if those entries should still learn" + knob(data, "optim.eps")]
+        else:
+            cause = ("these layers' gradients are tiny against eps from the start (a "
+                     "mean-reduced loss, or dead units): a property of the setup, harmless "
+                     "unless a sudden gradient follows")
+            remedies = ["nothing needs doing unless spikes follow; a smaller eps (e.g. 1e-12) "
+                        "restores Adam's normalisation there" + knob(data, "optim.eps")]
+        shown = began or dominated
+        add("adam_eps_dominated", shown,
+            f"Adam is epsilon-dominated in {len(shown)} layer(s) (" + ", ".join(shown)
+            + f"): over {EPS_FRACTION:.0%} of entries have sqrt(v^) < eps"
+            + (f" from step {first:,}" if began else " throughout"),
+            cause, remedies, severity="warning" if began else "info",
+            evidence={"eps": eps, "threshold": EPS_FRACTION, "began_during_training":
+                      sorted(began), "eps_change": change.__dict__ if change else None})
+    lr_text, low_lr = _lr_note(data)
     near_one = _sustained(data, "adam_update_rms", UPDATE_RMS_HIGH)
     if near_one:
         add("adam_update_rms_high", near_one,
             f"Adam's update RMS stayed above {UPDATE_RMS_HIGH} in {len(near_one)} layer(s) ("
             + ", ".join(near_one) + "): successive gradients agree (time-correlated)",
-            "the regime Molybog et al. (2023) link to Adam's instability: updates approach "
-            "sign descent at full learning rate", ["lower the learning rate",
-                                                   "raise beta2 or eps slightly"],
+            lr_text, ([] if low_lr else ["lower the learning rate" + knob(data, "optim.lr")])
+            + ["raise beta2 or eps slightly" + knob(data, "optim.betas")], severity="info",
             evidence={"threshold": UPDATE_RMS_HIGH, "healthy": "about 0.2-0.3"})
     stale = _sustained(data, "adam_rms_t", RMS_T_HIGH)
     if stale:
         add("adam_rms_t_high", stale,
             f"RMS_t stayed above {RMS_T_HIGH} in {len(stale)} layer(s) (" + ", ".join(stale)
             + "): Adam's second moment lags the gradients", "v^ underestimates the current "
-            "gradient scale, so steps are larger than intended (StableAdamW's warning sign)",
-            ["lower beta2 (e.g. 0.99) so v tracks faster, or clip updates (StableAdamW)",
-             "lower the learning rate"], evidence={"threshold": RMS_T_HIGH})
+            "gradient scale (gradients growing faster than v^ follows), so steps are larger "
+            "than intended: StableAdamW's warning sign; harmful only if spikes follow",
+            ["lower beta2 (e.g. 0.99) so v tracks faster" + knob(data, "optim.betas"),
+             "or clip updates (StableAdamW)"], severity="info",
+            evidence={"threshold": RMS_T_HIGH})
     hits = [s for s in signals if s.channel == "update_ratio"]
     if hits:
         first, worst = min(hits, key=lambda s: s.step), max(hits, key=lambda s: s.value)
         layers = sorted({s.where for s in hits})
+        setting = _setting_cause(data, first.step - 1, first.step)
+        cause = (setting[0] if setting else
+                 "a step far larger than Adam's usual ~1e-3 of the weights, with no change of "
+                 "learning rate or eps recorded: an outlier gradient, v^ collapsing, or an edit "
+                 "of the weights")
         findings.append(Finding(
             kind="oversized_update", severity="warning", first_step=first.step,
             last_step=max(s.step for s in hits),
@@ -193,10 +278,11 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                         else "")),
             evidence={"layers": layers, "occurrences": len(hits), "max": worst.value,
                       "max_at": worst.step, "threshold": RATIO_SPIKE, "jump": RATIO_JUMP},
-            cause="a step far larger than Adam's usual ~1e-3 of the weights: a learning-rate "
-                  "spike, an outlier gradient, v^ collapsing, or an edit of the weights",
-            remedies=["lower the learning rate or warm it up; clip gradients",
-                      "raise Adam's eps (e.g. 1e-6) so small v^ cannot make huge steps"],
+            cause=cause,
+            remedies=(setting[1] if setting else [])
+            + ["clip gradients" + knob(data, "optim.grad_clip"),
+               "raise Adam's eps (e.g. 1e-6) so a small v^ cannot make huge steps"
+               + knob(data, "optim.eps", "1e-6")],
             detector=NAME))
     hits = [s for s in signals if s.channel == "adam_eff_lr"]
     if hits:
@@ -208,19 +294,20 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                     for s in at_first}
         eps_moved = {k: v for k, v in eps_frac.items()
                      if v and abs(v["after"] - v["before"]) >= 0.01}
-        lr_jump = None
-        if data.has("lr"):
-            lr = data.series("lr")
-            i = int(np.searchsorted(data.steps, first.step))
-            lr_jump = float(lr[i] / lr[i - 1]) if 0 < i < len(lr) and lr[i - 1] > 0 else None
-        if lr_jump and lr_jump >= EFF_LR_FACTOR:
-            why = f"the learning rate itself rose {lr_jump:.3g}x at that step"
+        # eff_lr is recorded every few steps: the change happened since the last recording
+        setting = _setting_cause(data, first.step - EFF_LR_SPAN, first.step)
+        if setting is not None:
+            why, remedies = setting
         elif eps_moved:
             why = ("the fraction of eps-dominated entries moved at the same step ("
                    + ", ".join(f"{k} {v['before']:.1%} -> {v['after']:.1%}"
-                               for k, v in eps_moved.items()) + "): eps changed")
+                               for k, v in eps_moved.items()) + "): eps probably changed")
+            remedies = ["if eps was lowered (e.g. to 1e-16), set it back: entries with tiny "
+                        "v^ now take steps of lr * m^/sqrt(v^), close to lr in size whatever "
+                        "their gradient"]
         else:
             why = "v^ collapsed (gradients became much smaller at once)"
+            remedies = ["lower the learning rate; clip gradients"]
         findings.append(Finding(
             kind="adam_step_size_jump", severity="warning", first_step=first.step,
             last_step=max(s.step for s in hits),
@@ -230,14 +317,8 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                      + f"; {why}"),
             evidence={"layers": layers, "occurrences": len(hits), "factor": worst.value,
                       "threshold_factor": EFF_LR_FACTOR, "threshold_z": EFF_LR_Z,
-                      "eps_dominated_fraction": eps_frac, "lr_factor": lr_jump},
+                      "eps_dominated_fraction": eps_frac},
             cause=("lr / (sqrt(v^) + eps) moves slowly in a healthy run (v^ averages over ~1000 "
                    "steps); " + why),
-            remedies=(["if eps was lowered (e.g. to 1e-16), set it back: entries with tiny v^ "
-                       "now take steps of lr * m^/sqrt(v^), close to lr in size whatever "
-                       "their gradient"] if eps_moved else [])
-                     + ["check the learning-rate schedule for jumps; warm the rate up"
-                        if lr_jump and lr_jump >= EFF_LR_FACTOR else
-                        "lower the learning rate; clip gradients"],
-            detector=NAME))
+            remedies=remedies, detector=NAME))
     return findings, signals

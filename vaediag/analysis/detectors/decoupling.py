@@ -5,15 +5,17 @@ as the model shown computes it (``eval_recon``), the quality as the probes measu
 SSIM, HaarPSI, GMSD, CIEDE2000 colour error, saturation, orientation and, with toyfaces, the
 known factors). Each metric is turned into a *badness* (higher is worse: 1 - SSIM, |1 -
 saturation ratio|, ...) and measured in its own noise unit: the robust spread of its
-evaluation-to-evaluation changes after the burn-in.
+evaluation-to-evaluation changes after the burn-in, up to the evaluation after the pair judged
+(causal: what is said about a pair never changes with what the run does later). Where the
+known factors are recorded, the moment-based orientation estimates they supersede are not used.
 
 For every pair of evaluations i < j after the burn-in, at most ``MAX_GAP`` evaluations apart:
 
 - **decoupling**: the loss at j is no worse than at i plus one noise unit, and a metric is worse
   by at least ``Z_QUALITY`` noise units and ``MIN_RELATIVE`` of its value, at j and at the next
   evaluation too (sustained). The loss says "as good or better", the pictures say otherwise.
-- **loss understates**: the loss rose, but by less than ``LOSS_TOLERANCE`` of itself, while a
-  metric worsened as above (no need to last). A few percent of loss is what a user watching the
+- **loss understates**: the loss rose (by 2 noise units or more: clearly), but by less than
+  ``LOSS_TOLERANCE`` of itself, while a metric worsened as above (no need to last). A few percent of loss is what a user watching the
   number reads as "about the same"; with a summed BCE most of the loss is the targets' entropy
   (a floor no model can go below), so small relative changes of the total hide large changes
   of the part above it. The floor is computed from the run's own grid images.
@@ -23,9 +25,13 @@ changes (window ``CORRELATION_WINDOW`` evaluations): positive while they move to
 The finding names the two evaluations to compare side by side, and says what changed in
 between that explains a trade: the KL weight (a beta schedule raising it makes the model give up
 the information a pixel loss charges least for, colour and pose among the first) and the KL of
-those evaluations (information the model stopped encoding). A warning needs at least
-``MIN_METRICS`` metrics to agree on the same pair (one small region's colour, e.g. the eyes at
-32 px, moves a lot on its own); a pair only one metric flags is reported as info.
+those evaluations (information the model stopped encoding). Metrics are grouped in families
+(structure, colour, pose: :data:`vaediag.columns.METRIC_FAMILY`); a warning needs
+``MIN_METRICS`` families to agree on the same pair, or one family worse by ``STRONG`` times both
+thresholds while no metric of another family got clearly better on that pair (one small
+region's colour, e.g. the eyes at 32 px, moves a lot on its own; an orientation estimate from
+blurry early reconstructions swings while their structure improves). Anything less is info.
+The pair shown is the first evaluation at which a warning (else any flag) is visible.
 """
 
 from __future__ import annotations
@@ -34,8 +40,13 @@ import numpy as np
 
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
-from vaediag.analysis.stats import bce_floor, noise_scale, rolling_spearman
-from vaediag.columns import METRIC_DIRECTION
+from vaediag.analysis.stats import (
+    badness,
+    bce_floor,
+    expanding_noise_scale,
+    rolling_spearman,
+)
+from vaediag.columns import METRIC_DIRECTION, METRIC_FAMILY, METRIC_SUPERSEDED_BY
 
 NAME = "decoupling"
 Z_QUALITY = 4.0
@@ -43,23 +54,13 @@ MIN_RELATIVE = 0.15
 LOSS_TOLERANCE = 0.05
 CORRELATION_WINDOW = 6
 MIN_EVALS = 6
-MIN_METRICS = 2
+MIN_METRICS = 2  # families of metrics (structure, colour, pose) that must agree for a warning
+STRONG = 2.0  # ... or one family, by this many times both thresholds, none of the others better
 MAX_GAP = 100
 BETA_RISE = 1.5  # the KL weight rose by at least this factor between the two evaluations
 KL_FALL = 0.75  # the evaluations' KL fell below this fraction of its earlier value
 
-#: Quality metrics considered, and how each becomes a badness (higher is worse).
-_BOUNDED_GOOD = {"ssim", "haarpsi"}  # in [0, 1], 1 best: badness 1 - value
 _SKIP = {"psnr"}  # a pixel metric, like the loss itself
-
-
-def badness(metric: str, values: np.ndarray) -> np.ndarray:
-    direction = METRIC_DIRECTION[metric]
-    if metric in _BOUNDED_GOOD:
-        return 1.0 - values
-    if direction == 0:
-        return np.abs(1.0 - values)
-    return values if direction < 0 else -values
 
 
 def _describe(metric: str, before: float, after: float) -> str:
@@ -115,11 +116,11 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         raise Skip(f"needs {MIN_EVALS} evaluations after the burn-in (step "
                    f"{data.burn_in_step:,}), has {int(keep.sum())}")
     metrics = [m for m in METRIC_DIRECTION if m not in _SKIP and data.has(m, "evals")]
+    metrics = [m for m in metrics if METRIC_SUPERSEDED_BY.get(m) not in metrics]
     if not metrics:
         raise Skip("no image-quality metrics recorded (evaluation probes off)")
     s = steps[keep]
     loss = data.series("eval_recon", "evals")[keep]
-    loss_noise = noise_scale(loss)
     floor = None
     if data.setting("loss", "recon") == "bce" and "eval_images" in data.fixed:
         floor = bce_floor(data.fixed["eval_images"][:8])
@@ -130,12 +131,19 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     j_idx = i_idx + np.arange(1, horizon + 1)[:, None]
     valid = j_idx < n
     j_idx = np.minimum(j_idx, n - 1)
-    loss_ok = loss[j_idx] <= loss[i_idx] + loss_noise
-    rel_loss = (loss[j_idx] - loss[i_idx]) / np.abs(loss[i_idx])
-    understated = (~loss_ok) & (rel_loss < LOSS_TOLERANCE)
+    # Noise units are causal: a pair is judged on the evaluations up to the one after it (the
+    # sustained check's), so what is said about it never changes with what comes later.
+    seen = np.minimum(j_idx + 1, n - 1)
+    loss_noise = expanding_noise_scale(loss, MIN_EVALS)
+    with np.errstate(invalid="ignore"):
+        loss_ok = loss[j_idx] <= loss[i_idx] + loss_noise[seen]
+        rel_loss = (loss[j_idx] - loss[i_idx]) / np.abs(loss[i_idx])
+        rose = loss[j_idx] >= loss[i_idx] + 2 * loss_noise[seen]  # clearly, not by noise
+        understated = rose & (rel_loss < LOSS_TOLERANCE)
     masks: dict[str, dict[str, np.ndarray]] = {"loss_quality_decoupling": {},
                                                "loss_understates_quality": {}}
     units: dict[str, np.ndarray] = {}
+    relative: dict[str, np.ndarray] = {}
     raw_values: dict[str, np.ndarray] = {}
     correlations = {}
     for metric in metrics:
@@ -143,10 +151,9 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         b = badness(metric, raw)
         if not np.isfinite(b).sum() >= MIN_EVALS:
             continue
-        unit = noise_scale(b)
-        if not unit > 0:
-            continue
-        with np.errstate(invalid="ignore"):
+        unit = expanding_noise_scale(b, MIN_EVALS)[seen]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            unit = np.where(unit > 0, unit, np.nan)
             worse = b[j_idx] - b[i_idx]
             scale = np.maximum(np.abs(b[i_idx]), 1e-9)
             bad = valid & (worse >= Z_QUALITY * unit) & (worse / scale >= MIN_RELATIVE)
@@ -155,23 +162,38 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         masks["loss_quality_decoupling"][metric] = bad & loss_ok & sustained
         masks["loss_understates_quality"][metric] = bad & understated
         units[metric] = worse / unit
+        relative[metric] = worse / scale
         raw_values[metric] = raw
         correlations[metric] = rolling_spearman(np.diff(loss), np.diff(b), CORRELATION_WINDOW)
     data.derived["loss_quality_correlation"] = {
         "steps": s[1:].tolist(), "window": CORRELATION_WINDOW,
         "metrics": {m: rho.tolist() for m, rho in correlations.items()}}
-    candidates: dict[str, tuple[tuple[int, int], dict, int]] = {}
+    # Evidence against a pair: a metric of another family clearly *better* at j than at i.
+    better = {m: valid & (-units[m] >= Z_QUALITY) & (-relative[m] >= MIN_RELATIVE)
+              for m in units}
+    candidates: dict[str, tuple[tuple[int, int], dict, int, str]] = {}
     for kind, by_metric in masks.items():
         if not by_metric:
             continue
-        count = sum(m.astype(np.int32) for m in by_metric.values())
-        if not count.any():
+        families = sorted({METRIC_FAMILY[m] for m in by_metric})
+        agree = sum(np.any([by_metric[m] for m in by_metric if METRIC_FAMILY[m] == fam], 0)
+                    .astype(np.int32) for fam in families)
+        if not agree.any():
             continue
-        # The pair to show: the most metrics agreeing, then the first evaluation where it is
-        # visible, then the largest worsening.
-        best = count == count.max()
-        first_j = np.where(best, j_idx, n).min()
-        best &= j_idx == first_j
+        strong = np.zeros_like(agree, dtype=bool)
+        for m in by_metric:
+            against = np.any([better[o] for o in better if METRIC_FAMILY[o] !=
+                              METRIC_FAMILY[m]] or [np.zeros_like(strong)], 0)
+            strong |= (by_metric[m] & (units[m] >= STRONG * Z_QUALITY)
+                       & (relative[m] >= STRONG * MIN_RELATIVE) & ~against)
+        warn = (agree >= MIN_METRICS) | strong
+        # The pair to show: the first evaluation j at which a warning (else any flag) is
+        # visible; there, the most families agreeing, then the largest worsening. Nothing later
+        # in the run changes which pair that is.
+        level = warn if warn.any() else agree > 0
+        first_j = np.where(level, j_idx, n).min()
+        best = level & (j_idx == first_j)
+        best &= agree == np.where(best, agree, 0).max()
         strength = np.max([np.where(by_metric[m], units[m], -np.inf) for m in by_metric], 0)
         k, i = np.unravel_index(np.argmax(np.where(best, strength, -np.inf)), best.shape)
         j = int(j_idx[k, i])
@@ -181,13 +203,17 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                 "relative_change": float((raw_values[m][j] - raw_values[m][i])
                                          / max(abs(raw_values[m][i]), 1e-9))}
             for m in by_metric if by_metric[m][k, i]}}
-        candidates[kind] = ((int(i), j), entry, int((count > 0).sum()))
+        why = ("metrics of several families agree" if agree[k, i] >= MIN_METRICS else
+               "one family of metrics, by a wide margin, with none of the others better"
+               if warn[k, i] else "one family of metrics only")
+        entry["families"] = sorted({METRIC_FAMILY[m] for m in entry["metrics"]})
+        candidates[kind] = ((int(i), j), entry, int((agree > 0).sum()),
+                            "warning" if warn[k, i] else "info", why)
     findings = []
     for kind in ("loss_quality_decoupling", "loss_understates_quality"):
         if kind not in candidates:
             continue
-        (i, j), entry, pairs_found = candidates[kind]
-        severity = "warning" if len(entry["metrics"]) >= MIN_METRICS else "info"
+        (i, j), entry, pairs_found, severity, why = candidates[kind]
         ranked = sorted(entry["metrics"].items(), key=lambda kv: -kv[1]["worse_by_noise_units"])
         change = loss[j] - loss[i]
         loss_text = (f"the loss {'fell' if change < 0 else 'rose'} {abs(change) / loss[i]:.1%} "
@@ -200,11 +226,13 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         evidence = {
             "compare": {"before_step": int(s[i]), "after_step": int(s[j])},
             "loss_before": float(loss[i]), "loss_after": float(loss[j]),
-            "loss_noise_unit": float(loss_noise), "metrics": dict(ranked),
-            "pairs_found": pairs_found, "thresholds": {"z_quality": Z_QUALITY,
+            "loss_noise_unit": float(loss_noise[min(j + 1, n - 1)]), "metrics": dict(ranked),
+            "pairs_found": pairs_found, "families": entry["families"], "severity_because": why,
+            "loss_noise_unit_causal": True, "thresholds": {"z_quality": Z_QUALITY,
                                                       "min_relative": MIN_RELATIVE,
                                                       "loss_tolerance": LOSS_TOLERANCE,
-                                                      "min_metrics": MIN_METRICS},
+                                                      "min_families": MIN_METRICS,
+                                                      "strong": STRONG},
             "correlation_turns_negative_at": first_bad,
         }
         if floor is not None:

@@ -4,6 +4,10 @@ Statistic: each evaluation's drift (RMSE since the previous evaluation) against 
 the ``WINDOW`` previous ones: a drift at least ``FACTOR`` times that median and above
 ``MIN_RMSE`` is sharp. Drift shrinks as training settles, so a late jump stands out; early
 evaluations (within the burn-in) are ignored.
+
+Severity from harm: ``warning`` when the grid's loss or an image-quality metric got worse
+across the same two evaluations (:func:`~vaediag.analysis.causes.quality_lost`); a decoder that
+moves fast while its reconstructions get better is learning (``info``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from vaediag.analysis.causes import quality_lost
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 
@@ -37,17 +42,24 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
             signals.append(Signal(int(steps[i]), col, "", float(x[i]), float(prior[i]),
                                   f"{which} changed {x[i] / prior[i]:.3g}x more than usual"))
         if sharp.any():
-            i = int(np.flatnonzero(sharp)[0])
+            harmful = [k for k in np.flatnonzero(sharp)
+                       if quality_lost(data, int(steps[k - 1]), int(steps[k]))]
+            i = int(harmful[0]) if harmful else int(np.flatnonzero(sharp)[0])
+            lost = quality_lost(data, int(steps[i - 1]), int(steps[i]))
             worst = int(np.nanargmax(ratio))
             findings.append(Finding(
-                kind="generation_drift", severity="warning", first_step=int(steps[i - 1]),
+                kind="generation_drift", severity="warning" if lost else "info",
+                first_step=int(steps[i - 1]),
                 last_step=int(steps[i]),
                 summary=(f"{which} changed sharply between the evaluations at steps "
                          f"{int(steps[i - 1]):,} and {int(steps[i]):,} (RMSE {x[i]:.3g}, "
-                         f"{x[i] / prior[i]:.3g}x the usual change)"),
+                         f"{x[i] / prior[i]:.3g}x the usual change)"
+                         + ("; the pictures got worse: " + "; ".join(
+                             f"{k} {a:.3g} -> {b:.3g}" for k, (a, b) in list(lost.items())[:3])
+                            if lost else "; the reconstructions did not get worse")),
                 evidence={"column": col, "rmse": float(x[i]), "usual": float(prior[i]),
                           "occurrences": int(sharp.sum()), "worst_at": int(steps[worst]),
-                          "factor": FACTOR},
+                          "factor": FACTOR, "quality_lost": lost},
                 cause="the decoder moved much more than in the evaluations before: a large "
                       "update, a loss spike, or a change of regime",
                 remedies=["look at the signals around these steps; lower the learning rate"],

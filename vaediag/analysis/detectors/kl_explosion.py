@@ -8,6 +8,10 @@ back is the loss-spike detector's), coming from a segment that was stable: at le
 ``MIN_STABLE`` steps long and drifting by less than half the jump over its length.
 
 Severity: ``high`` from a factor of ``HIGH_FACTOR``, else ``warning``.
+
+Cause, from the recorded columns: a fall of the KL weight (``beta``) within ``LOOKBACK`` steps
+before the shift makes the KL cheaper, and the model spends more of it (a change of the
+objective, not an instability); a jump of the learning rate; else what preceded it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 
 import numpy as np
 
+from vaediag.analysis.causes import first_change, knob
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.stats import change_points, to_log
@@ -26,6 +31,7 @@ MIN_FACTOR = 2.0
 HIGH_FACTOR = 5.0
 MIN_PERSIST = 100
 MIN_STABLE = 200
+LOOKBACK = 100
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
@@ -53,22 +59,45 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         at = int(s[right.start])
         before, after = math.exp(left.mean), math.exp(right.mean)
         rising = right.slope * (right.end - right.start) > math.log(1.5)
-        summary = (f"KL exploded at step {at:,}: {before:.4g} -> {after:.4g} ({factor:.3g}x) "
+        change = first_change(data, ("beta", "lr"), at - LOOKBACK, at + 5)
+        severity = "high" if factor >= HIGH_FACTOR else "warning"
+        if change is not None and change.column == "beta" and not change.rose:
+            what = "KL level shift"
+            cause = (f"{change.describe()}: the KL became cheaper and the model spends more of "
+                     f"it. A change of the objective, not an instability")
+            remedies = [f"if the KL weight was meant to stay, keep it at {change.before:.3g}"
+                        f"{knob(data, 'loss.beta', change.before)}; otherwise this is the "
+                        f"expected response to the new weight"]
+            severity = "warning"
+        elif change is not None and change.column == "lr" and change.rose:
+            what = "KL exploded"
+            cause = f"{change.describe()}, just before: the larger steps moved the posterior"
+            remedies = ["keep the learning rate where it was, or warm it up"
+                        + knob(data, "optim.lr"),
+                        "clamp the log-variance" + knob(data, "loss.logvar_clamp",
+                                                        "[-30.0,20.0]")]
+        else:
+            what = "KL exploded"
+            cause = ("the KL term left its stable level for good with no change of KL weight "
+                     "or learning rate recorded; see what preceded it (Adam signals, "
+                     "gradients) and whether the decoder scale fell at the same time")
+            remedies = ["lower the learning rate from here or add a decay"
+                        + knob(data, "optim.schedule", "cosine"),
+                        "clamp the log-variance" + knob(data, "loss.logvar_clamp",
+                                                        "[-30.0,20.0]"),
+                        "raise Adam's eps (e.g. 1e-6) if Adam signals preceded it"
+                        + knob(data, "optim.eps", "1e-6"),
+                        "with a learned decoder scale: fix it or bound it from below"]
+        summary = (f"{what} at step {at:,}: {before:.4g} -> {after:.4g} ({factor:.3g}x) "
                    f"after {stable_len:,} stable steps" + ("; still rising" if rising else ""))
         findings.append(Finding(
-            kind="kl_explosion", severity="high" if factor >= HIGH_FACTOR else "warning",
+            kind="kl_explosion", severity=severity,
             first_step=at, last_step=int(s[right.end - 1]), summary=summary,
             evidence={"kl_before": before, "kl_after": after, "factor": factor,
                       "stable_steps": stable_len, "persisted_steps": persist,
-                      "still_rising": rising, "min_factor": MIN_FACTOR},
-            cause=("the KL term left its stable level for good; see what preceded it (Adam "
-                   "signals, gradients) and whether the decoder scale fell at the same time"),
-            remedies=["lower the learning rate from here (optim.lr) or add a decay "
-                      "(optim.schedule = 'cosine')",
-                      "clamp the log-variance (loss.logvar_clamp = [-30.0, 20.0])",
-                      "raise Adam's eps (e.g. --set optim.eps=1e-6) if Adam signals preceded it",
-                      "with a learned decoder scale: fix it or bound it from below"],
-            detector=NAME))
+                      "still_rising": rising, "min_factor": MIN_FACTOR,
+                      "setting_change": change.__dict__ if change else None},
+            cause=cause, remedies=remedies, detector=NAME))
         signals.append(Signal(at, "kl_level", "", after, before,
                               f"KL level shift {factor:.3g}x"))
     return findings, signals

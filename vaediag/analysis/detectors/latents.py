@@ -1,8 +1,13 @@
 """Posterior collapse and latent health; KL growth explained by a shrinking decoder scale.
 
-- Collapse during training: active units (evaluations) falling to at most half their peak;
-  ``high`` when none is left. Dimensions whose per-step KL averages below ``COLLAPSED_KL`` nats
-  over the last tenth of the run are listed (some unused dimensions are normal: ``info``).
+- Collapse during training: active units (evaluations) falling to at most half their peak.
+  Severity from harm: ``high`` when none is left; ``warning`` when the grid's reconstruction
+  loss or an image-quality metric got worse between the peak and the collapse (beyond
+  4 of its noise units); else ``info``: the model stopped using dimensions it did not
+  need (common with many latents and a small KL weight). The cause is read off the recorded
+  columns: a learning-rate jump, a rising KL weight, else the KL term's pressure.
+  Dimensions whose per-step KL averages below ``COLLAPSED_KL`` nats over the last tenth of
+  the run are listed (some unused dimensions are normal: ``info``).
 - Log-variance saturation: ``logvar_min`` <= ``LOGVAR_LOW`` or ``logvar_max`` >= ``LOGVAR_HIGH``
   (exp() of them becomes useless in float32); ``high`` beyond -30 / +20.
 - Decoder scale: with a learned Gaussian decoder scale, the KL's effective weight is
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vaediag.analysis.causes import first_change, knob, quality_lost
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 
@@ -24,19 +30,32 @@ LOGVAR_BREAK_LOW, LOGVAR_BREAK_HIGH = -30.0, 20.0
 SCALE_FACTOR = 2.0
 
 
-def _collapse_remedies(data: RunData, peak_step: int, at: int) -> list[str]:
-    """Remedies for a collapse; a warm-up is not news to a run whose KL weight was rising."""
+def _collapse_cause(data: RunData, peak_step: int, at: int) -> tuple[str, list[str]]:
+    """Why the units died, from the recorded learning rate and KL weight, and what to do."""
+    lr_jump = first_change(data, ("lr",), peak_step, at)
+    if lr_jump is not None and lr_jump.rose:
+        return (f"{lr_jump.describe()}: the oversized steps that followed pushed the encoder's "
+                f"means to the prior and the units did not come back",
+                ["keep the learning rate steady or warm it up" + knob(data, "optim.warmup_steps"),
+                 "clip gradients" + knob(data, "optim.grad_clip"),
+                 "free bits keep units from being pushed to 0" + knob(data, "loss.free_bits",
+                                                                      0.5)])
     beta_rose = False
     if data.has("beta"):
         beta, steps = data.series("beta"), data.steps
         before, after = beta[steps <= peak_step], beta[steps <= at]
         beta_rose = bool(before.size and after.size and after[-1] > 1.5 * max(before[-1], 1e-12))
     if beta_rose:
-        return ["the KL weight rose while the units died: stop it lower (loss.beta) or "
-                "lengthen the warm-up (loss.beta_warmup_steps)",
-                "free bits (e.g. --set loss.free_bits=0.5)"]
-    return ["warm the KL weight up (loss.beta_schedule = 'warmup') or use cyclical annealing",
-            "free bits (e.g. --set loss.free_bits=0.1)", "lower beta"]
+        return ("the KL weight rose while the units died: the KL term outweighed what they "
+                "added to the reconstruction",
+                ["stop the KL weight lower, or lengthen its warm-up"
+                 + knob(data, "loss.beta_warmup_steps"),
+                 "free bits" + knob(data, "loss.free_bits", 0.5)])
+    return ("the encoder stopped using latent dimensions: the KL term outweighs what they add "
+            "to the reconstruction",
+            ["warm the KL weight up or use cyclical annealing"
+             + knob(data, "loss.beta_schedule", "warmup"),
+             "free bits" + knob(data, "loss.free_bits", 0.1), "a lower KL weight"])
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
@@ -58,17 +77,33 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
             if peak >= 2 and final <= peak / 2 and ev_steps[ok][-1] > ev_steps[peak_i]:
                 fell = ev_steps[(np.arange(len(au)) > peak_i) & ok & (au <= peak / 2)]
                 at = int(fell[0]) if fell.size else int(ev_steps[ok][-1])
+                peak_step = int(ev_steps[peak_i])
+                lost = quality_lost(data, peak_step, at)
+                cause, remedies = _collapse_cause(data, peak_step, at)
+                summary = (f"posterior collapse: active units fell from {peak:.0f} (step "
+                           f"{peak_step:,}) to {final:.0f}")
+                if final == 0:
+                    severity = "high"
+                elif lost:
+                    severity = "warning"
+                    summary += "; the pictures got worse: " + "; ".join(
+                        f"{k} {a:.3g} -> {b:.3g}" for k, (a, b) in list(lost.items())[:3])
+                else:
+                    severity = "info"
+                    summary += (f"; the reconstructions did not get worse: the model uses "
+                                f"{final:.0f} dimensions and left the rest unused")
+                    cause = ("dimensions the model did not need went unused (common with "
+                             "many latents or a small KL weight); harmless while the "
+                             "reconstructions hold")
+                    remedies = ["fewer latent dimensions, or free bits if all should be used"
+                                + knob(data, "loss.free_bits", 0.1)]
                 findings.append(Finding(
-                    kind="posterior_collapse", severity="high" if final == 0 else "warning",
-                    first_step=at, last_step=int(ev_steps[ok][-1]),
-                    summary=(f"posterior collapse: active units fell from {peak:.0f} (step "
-                             f"{int(ev_steps[peak_i]):,}) to {final:.0f}"),
+                    kind="posterior_collapse", severity=severity,
+                    first_step=at, last_step=int(ev_steps[ok][-1]), summary=summary,
                     evidence={"peak_active_units": float(peak), "final_active_units":
-                              float(final), "peak_step": int(ev_steps[peak_i])},
-                    cause="the encoder stopped using latent dimensions: the KL term outweighs "
-                          "what they add to the reconstruction",
-                    remedies=_collapse_remedies(data, int(ev_steps[peak_i]), at),
-                    detector=NAME, compare_steps=[int(ev_steps[peak_i]), at]))
+                              float(final), "peak_step": peak_step, "quality_lost": lost},
+                    cause=cause, remedies=remedies,
+                    detector=NAME, compare_steps=[peak_step, at]))
     dims = data.matrix("dim", "kl")
     if not dims.empty and len(dims) >= 10:
         tail = dims.iloc[-max(1, len(dims) // 10):].mean()

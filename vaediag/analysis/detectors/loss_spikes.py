@@ -1,13 +1,23 @@
 """Loss spikes in the reconstruction term, the KL term and the total, with their recovery.
 
-Statistic: robust z-score of each step's log loss against the median and MAD of the
-``WINDOW`` steps before it (:func:`~vaediag.analysis.stats.trailing_robust_z`). A spike is a run
-of steps with z >= ``Z_SPIKE`` after the burn-in; it has recovered at the first step after its
-peak that is back within 2 robust standard deviations of the level before it. Spikes in several
-terms within a few steps are one finding.
+Statistic: robust z-score of each step's log loss against the median and MAD of the ``WINDOW``
+steps before it (:func:`~vaediag.analysis.stats.trailing_robust_z`). A spike is a run of steps
+with z >= ``Z_SPIKE`` after the burn-in; it has recovered at the first step after its peak that
+is back within 2 robust standard deviations of the level before it; a KL that then sits far
+*below* its level (a quarter or less) has collapsed, not recovered. Spikes in several terms
+within a few steps are one finding.
 
-Severity: ``high`` when the peak is at least ``HIGH_RATIO`` times the level before it or the loss
-never came back within ``RECOVERY_LIMIT`` steps (a level shift, not a spike); else ``warning``.
+Severity comes from harm, not from the size of one term: the *excess* of the objective (the
+recorded ``total``, else recon + beta * KL) above its level before the spike plus 2 robust
+standard deviations, summed over the spike and relative to that level: how many steps' worth
+of loss the spike cost. Below ``HARM_WARNING`` (one step's worth) it is ``info``: a blip, or a
+KL that rose while the reconstruction fell by as much (a trade, e.g. the KL leaving ~0 at the
+start of training). From ``HARM_HIGH``, or when the objective never came back, ``high``.
+
+Cause, from what the run recorded: a jump of the learning rate, the KL weight or Adam's eps
+within ``LOOKBACK`` steps before; else a gradient norm far above its usual in those steps; else
+nothing before it moved: the batch of that step.
+
 A term that is not always positive (a Gaussian negative log-likelihood can be below zero) is
 scored on its raw values, and its spikes are described by how much they rose, not by a ratio.
 """
@@ -18,16 +28,21 @@ import math
 
 import numpy as np
 
+from vaediag.analysis.causes import first_change, knob
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
-from vaediag.analysis.stats import episodes, to_log, trailing_robust_z
+from vaediag.analysis.stats import MAD_TO_SIGMA, episodes, to_log, trailing_robust_z
 
 NAME = "loss_spikes"
 TERMS = ("recon", "kl", "total")
 WINDOW = 100
 Z_SPIKE = 6.0
-HIGH_RATIO = 10.0
+HARM_WARNING = 1.0
+HARM_HIGH = 10.0
 RECOVERY_LIMIT = 500
+COLLAPSE_FACTOR = 4.0
+LOOKBACK = 50
+GRAD_JUMP = 5.0
 MAX_FINDINGS = 10
 
 
@@ -44,6 +59,12 @@ def term_spikes(data: RunData, term: str) -> list[dict]:
         base, scale = rz.median[start], rz.scale[start]
         back = np.flatnonzero(x[peak + 1:] <= base + 2 * scale)
         recovered = int(steps[peak + 1 + back[0]]) if back.size else None
+        collapsed = None
+        if recovered is not None and term == "kl" and logged:
+            k = peak + 1 + back[0]
+            settled = np.nanmedian(x[k:k + 20])
+            if settled < base - math.log(COLLAPSE_FACTOR):
+                recovered, collapsed = None, float(math.exp(settled))
         ratio = math.exp(x[peak] - base) if logged else None
         out.append({
             "term": term, "onset": int(steps[start]), "peak": int(steps[peak]),
@@ -52,6 +73,7 @@ def term_spikes(data: RunData, term: str) -> list[dict]:
             "ratio": None if ratio is None else float(ratio),
             "z": float(rz.z[peak]), "recovered_at": recovered,
             "recovery_steps": None if recovered is None else recovered - int(steps[start]),
+            "collapsed_to": collapsed,
         })
     return out
 
@@ -78,6 +100,79 @@ def clip_suggestion(data: RunData, before_step: int) -> float | None:
     return float(np.percentile(g[ok], 99)) if ok.sum() >= 20 else None
 
 
+def objective(data: RunData) -> np.ndarray:
+    """The loss that is minimised: the recorded ``total``, else recon + beta * KL."""
+    if data.has("total"):
+        return data.series("total")
+    value = data.series("recon")
+    if data.has("kl"):
+        beta = data.series("beta") if data.has("beta") else 1.0
+        value = value + np.nan_to_num(beta, nan=1.0) * data.series("kl")
+    return value
+
+
+def harm(data: RunData, total: np.ndarray, onset: int, end: int) -> tuple[float, bool]:
+    """(Steps' worth of excess objective from ``onset`` to ``end``, whether the objective
+    still stood above its earlier level at ``end``.) The excess is what lies above the
+    trailing median plus 2 robust standard deviations of the ``WINDOW`` steps before."""
+    steps = data.steps
+    i, j = np.searchsorted(steps, [onset, end + 1])
+    past = total[max(0, i - WINDOW):i]
+    past = past[np.isfinite(past)]
+    if past.size < 10:
+        return 0.0, False
+    base = float(np.median(past))
+    band = 2 * MAD_TO_SIGMA * float(np.median(np.abs(past - base)))
+    size = max(abs(base), band, 1e-12)
+    span = total[i:j]
+    excess = np.clip((span[np.isfinite(span)] - base - band) / size, 0, None)
+    tail = span[-min(len(span), 20):]
+    still_worse = bool(tail.size and np.nanmedian(tail) > base + band)
+    return float(excess.sum()), still_worse
+
+
+def _cause(data: RunData, onset: int, clip: float | None) -> tuple[str, list[str], dict]:
+    """What the recorded columns say came before a spike, and what to do about it."""
+    change = first_change(data, ("lr", "eps", "beta"), onset - LOOKBACK, onset)
+    if change is not None and (change.rose or change.column == "eps"):
+        what = {"lr": "the learning rate", "eps": "Adam's eps", "beta": "the KL weight"}
+        remedies = {
+            "lr": [f"check the learning-rate schedule: it jumped {change.factor:.3g}x; warm the "
+                   f"rate up instead of jumping it{knob(data, 'optim.warmup_steps')}"],
+            "eps": [f"keep Adam's eps at {change.before:.3g}{knob(data, 'optim.eps')}: with a "
+                    f"tiny eps, entries with tiny v^ step by about lr whatever their gradient"],
+            "beta": ["raise the KL weight gradually (a warm-up) rather than at once"
+                     + knob(data, "loss.beta_warmup_steps")],
+        }[change.column]
+        return (f"{change.describe()}, just before the spike: {what[change.column]} changed, "
+                f"and the loss followed", remedies, {"setting_change": change.__dict__})
+    clip_text = ([f"clip gradients at {clip:.3g} (the 99th percentile of the gradient norm "
+                  f"before the spike){knob(data, 'optim.grad_clip', f'{clip:.3g}')}"]
+                 if clip else [])
+    if data.has("grad_norm"):
+        g, steps = data.series("grad_norm"), data.steps
+        i, j = np.searchsorted(steps, [onset - LOOKBACK, onset + 1])
+        history = g[max(0, i - WINDOW):i]
+        history = history[np.isfinite(history)]
+        if history.size >= 10:
+            usual = float(np.median(history))
+            window = g[i:j]
+            k = int(np.nanargmax(window)) if np.isfinite(window).any() else -1
+            if k >= 0 and usual > 0 and window[k] >= GRAD_JUMP * usual:
+                at = int(steps[i + k])
+                return (f"the gradient norm jumped {window[k] / usual:.3g}x its usual "
+                        f"({usual:.3g} -> {window[k]:.3g}) at step {at:,}: an oversized gradient "
+                        f"made an oversized update",
+                        [*clip_text, "find what made that gradient (the batch, a loss term); "
+                         "lower the learning rate" + knob(data, "optim.lr")],
+                        {"gradient_jump": {"step": at, "factor": window[k] / usual}})
+    return (f"nothing recorded moved before it (no change of learning rate, KL weight or eps, "
+            f"no unusual gradient): the loss of the batch at step {onset:,} itself rose, so "
+            f"that batch (out-of-distribution, corrupted or unlike the rest) is the likely "
+            f"cause", ["look at the data of that step; drop or repair such batches",
+                       *clip_text], {})
+
+
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     terms = [t for t in TERMS if data.has(t)]
     if not terms:
@@ -95,37 +190,61 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
             groups[-1].append(s)
         else:
             groups.append([s])
-    groups.sort(key=lambda g: -max(s["z"] for s in g))
+    total = objective(data)
+    last_step = int(data.steps[-1])
+    graded = []
+    for group in groups:
+        onset = min(s["onset"] for s in group)
+        ends = [s["recovered_at"] if s["recovered_at"] is not None
+                else min(last_step, s["onset"] + RECOVERY_LIMIT) for s in group]
+        cost, still_worse = harm(data, total, onset, max(ends))
+        graded.append((cost, still_worse, group))
+    graded.sort(key=lambda g: -g[0])
     findings = []
-    for group in groups[:MAX_FINDINGS]:
+    for cost, still_worse, group in graded[:MAX_FINDINGS]:
         main = max((s for s in group if s["term"] != "total"), key=_size, default=group[0])
         onset = min(s["onset"] for s in group)
-        unrecovered = [s for s in group if s["recovered_at"] is None
-                       or s["recovery_steps"] > RECOVERY_LIMIT]
-        high = (main["ratio"] or 0.0) >= HIGH_RATIO or bool(unrecovered)
+        recovered = main["recovered_at"] is not None and main["recovery_steps"] <= RECOVERY_LIMIT
+        if cost < HARM_WARNING:
+            severity = "info"
+        elif cost >= HARM_HIGH or (still_worse and not recovered):
+            severity = "high"
+        else:
+            severity = "warning"
         names = "/".join(sorted({s["term"] for s in group}))
-        recovery = ("did not recover" if main["recovered_at"] is None
-                    else f"recovered in {main['recovery_steps']:,} steps")
+        if main["collapsed_to"] is not None:
+            recovery = f"then collapsed to {main['collapsed_to']:.3g}"
+        elif main["recovered_at"] is None:
+            recovery = "did not recover"
+        else:
+            recovery = f"recovered in {main['recovery_steps']:,} steps"
         summary = (f"{names} spike at step {onset:,}: {main['term']} rose {_rise(main)} "
-                   f"({main['baseline']:.4g} -> {main['peak_value']:.4g}) and {recovery}")
+                   f"({main['baseline']:.4g} -> {main['peak_value']:.4g}) and {recovery}; it cost "
+                   f"{cost:.3g} steps' worth of loss")
         clip = clip_suggestion(data, onset)
-        remedies = [f"clip gradients at {clip:.3g} (the 99th percentile of the gradient norm "
-                    f"before the spike): --set optim.grad_clip={clip:.3g}"] if clip else []
-        remedies += ["lower the learning rate (optim.lr), or add a warm-up (optim.warmup_steps)"]
-        if main["term"] == "kl":
-            remedies.append("clamp the log-variance (loss.logvar_clamp = [-30.0, 20.0]) and "
-                            "warm the KL weight up (loss.beta_schedule = 'warmup')")
+        cause, remedies, context = _cause(data, onset, clip)
+        if cost < HARM_WARNING:
+            cause = ("the objective (the loss minimised) barely moved: a short blip, or a "
+                     "rise of one term paid for by the other (the KL leaving ~0 while the "
+                     "reconstruction improves): not an instability")
+            remedies = []
+        if main["term"] == "kl" and main["collapsed_to"] is not None:
+            remedies = ["free bits, so the KL cannot be pushed to 0 (e.g. 0.5 nats per "
+                        "dimension)" + knob(data, "loss.free_bits", 0.5), *remedies]
+        elif main["term"] == "kl" and cost >= HARM_WARNING:
+            remedies.append("clamp the log-variance" + knob(data, "loss.logvar_clamp",
+                                                            "[-30.0,20.0]"))
         findings.append(Finding(
-            kind="loss_spike", severity="high" if high else "warning", first_step=onset,
+            kind="loss_spike", severity=severity, first_step=onset,
             last_step=max(s["end"] if s["recovered_at"] is None else s["recovered_at"]
                           for s in group),
             summary=summary, evidence={"spikes": group, "main_term": main["term"],
-                                       "recovered": main["recovered_at"] is not None
-                                       and main["recovery_steps"] <= RECOVERY_LIMIT,
+                                       "recovered": recovered, "harm_steps": cost,
+                                       "objective_still_worse": still_worse,
                                        "threshold_z": Z_SPIKE, "window": WINDOW,
-                                       "suggested_clip": clip},
-            cause="a sudden rise of the loss; the signals that preceded it (if any) are listed",
-            remedies=remedies, detector=NAME))
+                                       "harm_thresholds": [HARM_WARNING, HARM_HIGH],
+                                       "suggested_clip": clip, **context},
+            cause=cause, remedies=remedies, detector=NAME))
     if len(groups) > MAX_FINDINGS:
         findings[-1].evidence["more_spikes_not_listed"] = len(groups) - MAX_FINDINGS
     return findings, signals

@@ -2,7 +2,10 @@
 extreme just before it.
 
 Statistic: the first row whose loss terms or gradient norm are NaN/Inf, and the Monitor's
-``nonfinite`` events (which name the first parameter with a non-finite gradient). Then, over the
+``nonfinite`` events, which say where it started: a parameter that was itself non-finite
+(``weight:NAME``, a corrupted weight, found by scanning the parameters on that step), else the
+layer whose gradient the backward pass reached first among those that went non-finite
+(``grad:NAME``). Then, over the
 ``LOOKBACK`` steps before it, each recorded per-step statistic is scored against its own
 earlier history (robust z of its value against the median and MAD of the run up to the window):
 the most extreme ones are reported as what preceded the failure.
@@ -29,6 +32,9 @@ _REMEDIES = {
               "with a learned decoder scale, bound it from below or fix it"],
     "grad": ["clip gradients (optim.grad_clip) at the 99th percentile of the stable phase",
              "lower the learning rate; raise Adam's eps (optim.eps) if it is tiny"],
+    "weight": ["find what wrote that weight: the update before (clip gradients, lower the "
+               "learning rate) or code that edits or loads weights",
+               "resume from the last checkpoint before the step, with the cause fixed"],
 }
 
 
@@ -84,17 +90,28 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         return [], []
     first, last = min(bad), max(bad)
     terms = sorted(bad[first])
+    weight_terms = [t for t in terms if t.startswith("weight:")]
     grad_terms = [t for t in terms if t.startswith("grad")]
-    layer = _layer(grad_terms[0]) if grad_terms else ""
+    origin = weight_terms[0] if weight_terms else grad_terms[0] if grad_terms else ""
+    layer = _layer(origin)
     loss_terms = [t for t in terms if t in ("recon", "kl", "total")]
     before = extremes_before(data, int(np.searchsorted(steps, first)))
-    key = "kl" if "kl" in loss_terms else "recon" if "recon" in loss_terms else "grad"
-    parts = ([", ".join(loss_terms)] if loss_terms else []) + \
-        ([f"the gradient of {layer}"] if layer else [])
+    key = ("weight" if weight_terms else "kl" if "kl" in loss_terms
+           else "recon" if "recon" in loss_terms else "grad")
+    parts = ([", ".join(loss_terms)] if loss_terms else [])
+    if weight_terms:
+        parts.append(f"the weight of {layer} ({origin.split(':', 1)[1]} was already "
+                     f"non-finite: a corrupted parameter)")
+    elif layer:
+        parts.append(f"the gradient of {layer}")
     summary = (f"non-finite values first at step {first:,}"
                + (f" in {' and '.join(parts)}" if parts else "")
                + f"; {len(bad):,} step(s) affected")
-    if before:
+    if weight_terms:
+        cause = (f"a weight of {layer} was already Inf/NaN when step {first:,} began: it was "
+                 f"written by the update before it, or by code that edits or loads weights; "
+                 f"every value computed from it is non-finite")
+    elif before:
         cause = (f"a loss term or gradient overflowed; just before, {before[0]['column']} "
                  f"reached {before[0]['value']:.4g} (typically {before[0]['typical']:.4g})")
     else:
