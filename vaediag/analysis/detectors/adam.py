@@ -4,7 +4,8 @@ Signals (single steps, for the cross-channel timeline), per layer:
 
 - ``adam_rms_t`` >= ``RMS_T_SPIKE``: v^ far below the current squared gradient;
 - ``adam_update_rms`` >= ``UPDATE_RMS_SPIKE``: Adam stepping by more than lr per entry on average;
-- ``update_ratio`` >= ``RATIO_SPIKE`` or >= ``RATIO_JUMP`` times its running median;
+- ``update_ratio`` >= ``RATIO_SPIKE``, or >= ``RATIO_JUMP`` times its running median and at
+  least ``RATIO_FLOOR`` (a layer that stopped moving makes any step a "jump");
 - ``adam_eff_lr`` (the geometric mean of lr / (sqrt(v^) + eps)) rising by ``EFF_LR_FACTOR`` or
   more between two recorded values, a change at least ``EFF_LR_Z`` robust standard deviations
   of its usual changes: v^ moves slowly (beta2 = 0.999), so an abrupt rise means eps, the
@@ -57,6 +58,7 @@ RMS_T_SPIKE = 4.0
 UPDATE_RMS_SPIKE = 1.0
 RATIO_SPIKE = 0.05
 RATIO_JUMP = 10.0
+RATIO_FLOOR = 1e-2  # ten times a healthy update: smaller "jumps" are from a layer at rest
 EFF_LR_FACTOR = 1.5
 EFF_LR_Z = 8.0
 EPS_FRACTION = 0.5
@@ -78,9 +80,9 @@ def _spikes(data: RunData, stat: str, threshold: float | None,
         v = x[idx]
         after = steps[idx] >= data.burn_in_step
         hits = set(np.flatnonzero((v >= threshold) & after)) if threshold is not None else set()
-        if jump is not None:
+        if jump is not None:  # a jump must also be a real step: RATIO_FLOOR or more
             jumped, _ = trailing_median_where(v, WINDOW, jump)
-            hits |= {k for k in jumped if after[k]}
+            hits |= {k for k in jumped if after[k] and v[k] >= RATIO_FLOOR}
         ks = np.array(sorted(hits), dtype=np.int64)
         running = trailing_median_at(v, ks, WINDOW)
         for k, r in zip(ks, running, strict=True):

@@ -15,8 +15,8 @@ For every pair of evaluations i < j after the burn-in, at most ``MAX_GAP`` evalu
   by at least ``Z_QUALITY`` noise units and ``MIN_RELATIVE`` of its value, at j and at the next
   evaluation too (sustained). The loss says "as good or better", the pictures say otherwise.
 - **loss understates**: the loss rose (by 2 noise units or more: clearly), but by less than
-  ``LOSS_TOLERANCE`` of itself, while a metric worsened as above (no need to last). A few percent of loss is what a user watching the
-  number reads as "about the same"; with a summed BCE most of the loss is the targets' entropy
+  ``LOSS_TOLERANCE`` of itself, while a metric worsened as above (no need to last). A few
+  percent of loss is what a user watching the number reads as "about the same"; with a summed BCE most of the loss is the targets' entropy
   (a floor no model can go below), so small relative changes of the total hide large changes
   of the part above it. The floor is computed from the run's own grid images.
 
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vaediag.analysis.causes import knob
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.stats import (
@@ -83,7 +84,7 @@ def _between(data: RunData, before: int, after: int) -> dict[str, float]:
     return out
 
 
-def _trade(ctx: dict[str, float]) -> tuple[str, list[str]]:
+def _trade(data: RunData, ctx: dict[str, float]) -> tuple[str, list[str]]:
     """Cause text and remedies when the KL weight rose or the KL fell between the evaluations."""
     b0, b1 = ctx.get("beta_before"), ctx.get("beta_after")
     k0, k1 = ctx.get("kl_before"), ctx.get("kl_after")
@@ -94,15 +95,16 @@ def _trade(ctx: dict[str, float]) -> tuple[str, list[str]]:
     parts, remedies = [], []
     if beta_rose:
         parts.append(f"the KL weight rose from {b0:.3g} to {b1:.3g}")
-        remedies.append(f"stop the KL weight where the pictures were still right (loss.beta = "
-                        f"{b0:.3g}, or a longer loss.beta_warmup_steps), or keep it and protect "
-                        f"a minimum of information per dimension with free bits (loss.free_bits "
-                        f"= 0.5 to 1 nats)")
+        remedies.append(f"stop the KL weight where the pictures were still right ({b0:.3g}"
+                        f"{knob(data, 'loss.beta', f'{b0:.3g}')}, or warm it up longer), or keep "
+                        f"it and protect a minimum of information per dimension with free bits, "
+                        f"0.5 to 1 nats{knob(data, 'loss.free_bits', 0.5)}")
     if kl_fell:
         parts.append(f"the KL of these images fell from {k0:.3g} to {k1:.3g} nats")
         if not beta_rose:
-            remedies.append("the model encodes less than before: lower the KL weight "
-                            "(loss.beta) or use free bits (loss.free_bits)")
+            remedies.append("the model encodes less than before: lower the KL weight"
+                            + knob(data, "loss.beta") + " or use free bits"
+                            + knob(data, "loss.free_bits", 0.5))
     text = (f"; in between, {' and '.join(parts)}: the model gave up information, and the "
             f"pixel loss charged little for what these metrics show it dropped")
     return text, remedies
@@ -259,7 +261,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                       f"changed {rel_excess:+.0%}")
         ctx = _between(data, int(s[i]), int(s[j]))
         evidence["between"] = ctx
-        trade, trade_remedies = _trade(ctx)
+        trade, trade_remedies = _trade(data, ctx)
         cause += trade
         findings.append(Finding(
             kind=kind, severity=severity, first_step=int(s[i]), last_step=int(s[j]),

@@ -19,6 +19,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from vaediag.analysis.causes import knob
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.stats import episodes, ewm_z, share_at_least
@@ -84,9 +85,9 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                           "threshold_z": Z_EXPLODE, "min_ratio": MIN_RATIO},
                 cause="one or a few steps with far larger gradients than usual: an outlier "
                       "batch, an oversized previous update, or a loss term blowing up",
-                remedies=["clip gradients (optim.grad_clip) near the 99th percentile of the "
-                          "stable phase's norm, or use an adaptive clip (ZClip)",
-                          "lower the learning rate"],
+                remedies=["clip gradients near the 99th percentile of the stable phase's norm, "
+                          "or use an adaptive clip (ZClip)" + knob(data, "optim.grad_clip"),
+                          "lower the learning rate" + knob(data, "optim.lr")],
                 detector=NAME))
     findings += _vanishing(data, logs, after)
     return findings, signals
@@ -124,6 +125,7 @@ def _vanishing(data: RunData, logs: pd.DataFrame, after: np.ndarray) -> list[Fin
             evidence={"layers": dict(gone), "factor": VANISH_FACTOR},
             cause=f"their gradient norms fell below 1/{VANISH_FACTOR:g} of their early level",
             remedies=["check for dead units (ReLU) or saturated outputs; try leaky_relu or "
-                      "silu (model.activation)", "add normalisation (model.norm = 'group')"],
+                      "silu" + knob(data, "model.activation", "leaky_relu"),
+                      "add normalisation" + knob(data, "model.norm", "group")],
             detector=NAME))
     return out

@@ -136,7 +136,8 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                           "float32_limits": [LOGVAR_BREAK_LOW, LOGVAR_BREAK_HIGH]},
                 cause="the encoder pushes variances toward 0 or infinity; exp(logvar) then "
                       "loses precision or overflows in float32",
-                remedies=["clamp the log-variance: --set loss.logvar_clamp=[-30.0,20.0]",
+                remedies=["clamp the log-variance to [-30, 20]"
+                          + knob(data, "loss.logvar_clamp", "[-30.0,20.0]"),
                           "lower the learning rate"], detector=NAME))
     if data.has("decoder_scale") and data.has("kl"):
         sigma, kl = data.series("decoder_scale"), data.series("kl")
@@ -157,7 +158,8 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                               "kl_end": k1, "effective_kl_weight": weight},
                     cause="with a Gaussian decoder the reconstruction term scales as 1/sigma^2, "
                           "so as sigma shrinks the KL matters less and grows",
-                    remedies=["fix the decoder scale (loss.learn_decoder_scale = false) or "
-                              "bound it from below", "raise beta to compensate"],
+                    remedies=["fix the decoder scale or bound it from below"
+                              + knob(data, "loss.learn_decoder_scale", "false"),
+                              "raise the KL weight to compensate" + knob(data, "loss.beta")],
                     detector=NAME))
     return findings, []

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from vaediag.analysis.causes import knob
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.stats import MAD_TO_SIGMA
@@ -24,17 +25,21 @@ from vaediag.analysis.stats import MAD_TO_SIGMA
 NAME = "nonfinite"
 LOOKBACK = 20
 
+#: remedies by where it started: (text, config key of ``vaediag train``, value)
 _REMEDIES = {
-    "kl": ["clamp the encoder's log-variance, e.g. --set loss.logvar_clamp=[-30.0,20.0]",
-           "use the analytic KL (loss.kl = 'analytic') if the Monte Carlo estimate is used",
-           "lower the learning rate (optim.lr) or clip gradients (optim.grad_clip)"],
-    "recon": ["clip gradients (optim.grad_clip) and lower the learning rate",
-              "with a learned decoder scale, bound it from below or fix it"],
-    "grad": ["clip gradients (optim.grad_clip) at the 99th percentile of the stable phase",
-             "lower the learning rate; raise Adam's eps (optim.eps) if it is tiny"],
-    "weight": ["find what wrote that weight: the update before (clip gradients, lower the "
-               "learning rate) or code that edits or loads weights",
-               "resume from the last checkpoint before the step, with the cause fixed"],
+    "kl": [("clamp the encoder's log-variance (e.g. to [-30, 20])", "loss.logvar_clamp",
+            "[-30.0,20.0]"),
+           ("use the analytic KL if the Monte Carlo estimate is used", "loss.kl", "analytic"),
+           ("lower the learning rate or clip gradients", "optim.grad_clip", None)],
+    "recon": [("clip gradients and lower the learning rate", "optim.grad_clip", None),
+              ("with a learned decoder scale, bound it from below or fix it", None, None)],
+    "grad": [("clip gradients at the 99th percentile of the stable phase", "optim.grad_clip",
+              None),
+             ("lower the learning rate; raise Adam's eps if it is tiny", "optim.eps", None)],
+    "weight": [("find what wrote that weight: the update before (clip gradients, lower the "
+                "learning rate) or code that edits or loads weights", None, None),
+               ("resume from the last checkpoint before the step, with the cause fixed", None,
+                None)],
 }
 
 
@@ -122,7 +127,8 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         evidence={"terms": terms, "layer": layer, "steps_affected": len(bad),
                   "skipped_updates": len(data.events_of("skipped_step")),
                   "extreme_before": before},
-        cause=cause, remedies=_REMEDIES[key], detector=NAME)
+        cause=cause, detector=NAME,
+        remedies=[text + (knob(data, k, v) if k else "") for text, k, v in _REMEDIES[key]])
     signals = [Signal(first, "nonfinite", layer or ",".join(loss_terms), math.nan, math.nan,
                       f"NaN/Inf in {', '.join(terms)}")]
     return [finding], signals
