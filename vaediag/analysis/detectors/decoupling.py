@@ -18,7 +18,8 @@ For every pair of evaluations i < j after the burn-in, at most ``MAX_GAP`` evalu
   ``LOSS_TOLERANCE`` of itself, while a metric worsened as above (no need to last). A few
   percent of loss is what a user watching the number reads as "about the same"; with a summed
   BCE most of the loss is the targets' entropy (a floor no model can go below), so small
-  relative changes of the total hide large changes of the part above it. The floor is computed from the run's own grid images.
+  relative changes of the total hide large changes of the part above it. The floor is
+  computed from the run's own grid images.
 
 Evidence also carries the rolling Spearman correlation of the loss's and each metric's
 changes (window ``CORRELATION_WINDOW`` evaluations): positive while they move together.
