@@ -60,8 +60,16 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     beta = 1.0
 
+    def eval_loss(x, z, mu, logvar):
+        """Per-image losses of the grid's images, as this loop computes them: the loss half of
+        the loss-vs-quality analysis (without it, that analysis cannot run)."""
+        logits = model.decode_logits(z)
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum((1, 2, 3))
+        return recon, 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
+
     # 1. Create the Monitor: where to write, what to watch, the images to show on the grid.
-    mon = vaediag.Monitor(args.out, model, optimizer, eval_images=val[:8],
+    #    (A tanh decoder on images in [-1, 1] adds value_range=(-1, 1).)
+    mon = vaediag.Monitor(args.out, model, optimizer, eval_images=val[:8], eval_loss=eval_loss,
                           metric_images=val, eval_every=100, overwrite=args.overwrite,
                           config={"example": {"beta": beta, "lr": 1e-3}})
     for step in range(args.steps):

@@ -171,3 +171,110 @@ def test_the_own_loop_example_runs(tmp_path):
     run = vaediag.load_run(tmp_path / "own")
     assert run.scalars["split_cos"].notna().sum() == 2  # steps 0 and 25
     assert run.config["example"]["beta"] == 1.0
+
+
+def test_nonfinite_origin_is_where_the_backward_pass_met_it_first(tmp_path):
+    """NaN gradients in two layers: the one nearer the output (reached first by backward) is
+    named, not the first parameter in order."""
+    model = TinyVAE(16)
+    opt = torch.optim.Adam(model.parameters())
+    mon = _monitor(tmp_path, model, opt)
+    x = torch.rand(16, 3, 16, 16)
+    mu, logvar = model.encode(x)
+    loss = model.decode(mu).sum()
+    loss.backward()
+    model.enc[1].weight.grad[0, 0] = float("nan")
+    model.dec[2].weight.grad[0, 0] = float("nan")
+    check = mon.after_backward(0, recon=loss, kl=0.0)
+    assert check.nonfinite == ["grad:dec.2.weight"]
+
+
+def test_a_nonfinite_weight_is_found_by_scanning_the_parameters(tmp_path):
+    model = TinyVAE(16)
+    opt = torch.optim.Adam(model.parameters())
+    mon = _monitor(tmp_path, model, opt)
+    with torch.no_grad():
+        model.dec[0].weight[0, 0] = float("inf")
+    mu, logvar = model.encode(torch.rand(16, 3, 16, 16))
+    loss = model.decode_logits(mu).sum()
+    loss.backward()
+    check = mon.after_backward(0, recon=loss, kl=0.0)
+    assert check.nonfinite[0] == "recon" and "weight:dec.0.weight" in check.nonfinite
+    mon.after_step(0, skipped=True)
+    mon.close("stopped", 1)
+    found = vaediag.analyze(tmp_path / "run")
+    (f,) = [f for f in found.findings if f.kind == "nonfinite"]
+    assert "the weight of dec.0" in f.summary and "already Inf/NaN" in f.cause
+
+
+class _BatchNormVAE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.LeakyReLU(),
+                                 nn.Flatten(), nn.Linear(4 * 8 * 8, 8))
+        self.dec = nn.Sequential(nn.Linear(4, 3 * 16 * 16), nn.Tanh())
+
+    def encode(self, x):
+        return self.enc(x).chunk(2, dim=1)
+
+    def decode(self, z):
+        return self.dec(z).view(-1, 3, 16, 16)
+
+
+def test_creating_a_monitor_leaves_batch_norm_statistics_alone(tmp_path):
+    model = _BatchNormVAE()
+    bn = model.enc[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    vaediag.Monitor(tmp_path / "run", model, eval_images=images, value_range=(-1, 1))
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2] and model.training
+
+
+def test_a_tanh_decoder_with_value_range(tmp_path, capsys):
+    """Images in [-1, 1] are scored on [0, 1]: a perfect reconstruction has SSIM 1."""
+    class Identity(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def encode(self, x):
+            return x.flatten(1) * self.w, torch.zeros_like(x.flatten(1))
+
+        def decode(self, z):
+            return torch.tanh(torch.atanh(z.clamp(-0.999, 0.999))).view(-1, 3, 16, 16)
+
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 1.9 - 0.95
+    with pytest.raises(UserError, match=r"must lie in \[0, 1\] \(value_range\)"):
+        vaediag.Monitor(tmp_path / "bad", Identity(), eval_images=images)
+    mon = vaediag.Monitor(tmp_path / "run", Identity(), eval_images=images, value_range=(-1, 1))
+    row = mon.evaluate(0)
+    assert row["ssim"] == pytest.approx(1.0, abs=1e-4) and row["sat_ratio"] == pytest.approx(1)
+    fixed = vaediag.load_run(tmp_path / "run").fixed["eval_images"]
+    assert fixed.min() >= 0 and abs(int(fixed.max()) - 250) <= 3  # 0.95 -> 248 of 255
+    assert "decoder's output leaves" not in capsys.readouterr().err
+
+
+def test_user_input_problems_are_said_once_and_recorded(tmp_path, capsys):
+    """A decoder leaving [0, 1], a negative KL, and no eval_loss: one warning each, as events."""
+    model = _BatchNormVAE()  # tanh output in [-1, 1], but value_range left at (0, 1)
+    opt = torch.optim.Adam(model.parameters())
+    mon = _monitor(tmp_path, model, opt, eval_every=2)
+    for step in range(4):
+        mu, logvar = model.encode(torch.rand(8, 3, 16, 16))
+        loss = model.decode(mu).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        mon.after_backward(step, recon=loss, kl=-0.5)
+        opt.step()
+        mon.after_step(step)
+    mon.close()
+    err = capsys.readouterr().err
+    assert err.count("no eval_loss given") == 1
+    assert err.count("the KL given at step 0 is negative") == 1
+    assert err.count("decoder's output leaves value_range [0, 1]") == 1
+    assert "value_range=(-1, 1)" in err
+    run = vaediag.load_run(tmp_path / "run")
+    warned = run.events[run.events["kind"] == "monitor_warning"]
+    assert sorted(warned["what"]) == ["decoder_range", "negative_kl", "no_eval_loss"]
+    assert run.scalars["eps"].eq(1e-8).all()  # Adam's eps, recorded every step

@@ -3,7 +3,7 @@
 The built-in trainer and a user's own loop call the same methods::
 
     mon = vaediag.Monitor("runs/mine", model, optimizer, eval_images=val_batch,
-                          encode=model.encode, decode=model.decode)
+                          encode=model.encode, decode=model.decode, eval_loss=eval_loss)
     for step, x in enumerate(loader):
         recon, kl, mu, logvar = ...                      # your forward pass and loss terms
         loss = recon + beta * kl
