@@ -135,7 +135,8 @@ class Scenario:
 
     @property
     def held_out(self) -> bool:
-        return self.seed not in TUNING_SEEDS
+        """Fault runs use seeds 10-14: 10 and 11 are tuning seeds like 0 and 1."""
+        return self.seed % 10 not in TUNING_SEEDS
 
     @property
     def spec(self) -> str | None:
@@ -194,7 +195,7 @@ def scenarios() -> list[Scenario]:
     k = 0
     for fault in FAULTS:
         for style in fault.styles:
-            seed = 10 + k % 5  # fault runs: seeds 10-14 (10, 11 tuning-like, see held_out)
+            seed = 10 + k % 5  # fault runs: seeds 10-14 (see held_out)
             k += 1
             out.append(Scenario(f"{fault.kind}-{style}", style, seed, FAULT_LR[style],
                                 list(fault.settings) if style == "vaediag" else [], fault,
@@ -298,6 +299,12 @@ def outcome(r: Result) -> dict:
     return {"found": found, "late": late, "cause_ok": cause_ok}
 
 
+def early_alarms(r: Result) -> list:
+    """Warning/high findings of a fault run visible before the fault began: false alarms."""
+    return [f for f in r.analysis.findings
+            if severity_rank(f.severity) >= 1 and visible_at(f) < ONSET - 1]
+
+
 def report(results: list[Result]) -> str:
     lines = []
     for subset, pick in (("tuning seeds", lambda r: not r.scenario.held_out),
@@ -305,8 +312,11 @@ def report(results: list[Result]) -> str:
                          ("all", lambda r: True)):
         rs = [r for r in results if pick(r)]
         stable = [r for r in rs if r.scenario.stable]
-        steps = sum(r.analysis.run["steps"] for r in stable)
+        planted = [r for r in rs if r.scenario.fault is not None]
+        # the steps of fault runs before the onset are healthy steps too
+        steps = sum(r.analysis.run["steps"] for r in stable) + ONSET * len(planted)
         alarms = [f for r in stable for f in r.analysis.findings if severity_rank(f.severity) >= 1]
+        alarms += [f for r in planted for f in early_alarms(r)]
         infos = sum(f.severity == "info" for r in stable for f in r.analysis.findings)
         faulty = [r for r in rs if not r.scenario.stable]
         outs = [outcome(r) for r in faulty]
@@ -314,14 +324,17 @@ def report(results: list[Result]) -> str:
         causes = sum(bool(o["cause_ok"]) for o in outs)
         delays = [min(abs(d) for d, _ in o["found"].values()) for o in outs if o["found"]]
         lines.append(
-            f"{subset}: {len(stable)} healthy runs, {steps:,} steps: {len(alarms)} warning/high "
+            f"{subset}: {len(stable)} healthy runs + {len(planted)} before their fault, {steps:,} "
+            f"healthy steps: {len(alarms)} warning/high "
             f"findings ({len(alarms) / steps * 1e4 if steps else 0:.1f} per 10k steps), "
             f"{infos} info; {len(faulty)} faults: {found} found, {causes} with the right cause"
             + (f", median delay {statistics.median(delays):g} steps" if delays else ""))
     lines.append("")
-    lines.append("healthy runs with warning/high findings:")
+    lines.append("healthy runs (and fault runs before the onset) with warning/high findings:")
     bad = [(r.scenario.name, f) for r in results if r.scenario.stable
            for f in r.analysis.findings if severity_rank(f.severity) >= 1]
+    bad += [(r.scenario.name, f) for r in results if r.scenario.fault is not None
+            for f in early_alarms(r)]
     lines += [f"  {n}: {f.severity} {f.kind}@{f.first_step}: {f.summary[:150]}" for n, f in bad]
     lines.append("  (none)" if not bad else "")
     lines.append("faults:")

@@ -9,8 +9,8 @@ within a few steps are one finding.
 
 Severity comes from harm, not from the size of one term: the *excess* of the objective (the
 recorded ``total``, else recon + beta * KL) above its level before the spike plus 2 robust
-standard deviations, summed over the spike and relative to that level: how many steps' worth
-of loss the spike cost. Below ``HARM_WARNING`` (one step's worth) it is ``info``: a blip, or a
+standard deviations, relative to that level, summed from the onset until the objective is back
+under it: how many steps' worth of loss the spike cost. Below ``HARM_WARNING`` (one step's worth) it is ``info``: a blip, or a
 KL that rose while the reconstruction fell by as much (a trade, e.g. the KL leaving ~0 at the
 start of training). From ``HARM_HIGH``, or when the objective never came back, ``high``.
 
@@ -112,9 +112,9 @@ def objective(data: RunData) -> np.ndarray:
 
 
 def harm(data: RunData, total: np.ndarray, onset: int, end: int) -> tuple[float, bool]:
-    """(Steps' worth of excess objective from ``onset`` to ``end``, whether the objective
-    still stood above its earlier level at ``end``.) The excess is what lies above the
-    trailing median plus 2 robust standard deviations of the ``WINDOW`` steps before."""
+    """(Steps' worth of excess objective from ``onset`` until the objective is back, whether
+    it was still not back at ``end``.) The excess is what lies above the trailing median plus
+    2 robust standard deviations of the ``WINDOW`` steps before, relative to that median."""
     steps = data.steps
     i, j = np.searchsorted(steps, [onset, end + 1])
     past = total[max(0, i - WINDOW):i]
@@ -125,15 +125,19 @@ def harm(data: RunData, total: np.ndarray, onset: int, end: int) -> tuple[float,
     band = 2 * MAD_TO_SIGMA * float(np.median(np.abs(past - base)))
     size = max(abs(base), band, 1e-12)
     span = total[i:j]
-    excess = np.clip((span[np.isfinite(span)] - base - band) / size, 0, None)
-    tail = span[-min(len(span), 20):]
-    still_worse = bool(tail.size and np.nanmedian(tail) > base + band)
-    return float(excess.sum()), still_worse
+    excess = (span[np.isfinite(span)] - base - band) / size
+    back = np.flatnonzero(excess <= 0)  # the objective's own excursion ends where it is back
+    if back.size:
+        return float(excess[:back[0]].sum()), False
+    return float(excess.sum()), True
 
 
 def _cause(data: RunData, onset: int, clip: float | None) -> tuple[str, list[str], dict]:
     """What the recorded columns say came before a spike, and what to do about it."""
-    change = first_change(data, ("lr", "eps", "beta"), onset - LOOKBACK, onset)
+    # The loss at step s is computed before update s: a learning rate or eps (or a gradient)
+    # of step s cannot have caused it; a KL weight of step s weighs it directly.
+    change = first_change(data, ("lr", "eps"), onset - LOOKBACK, onset - 1) \
+        or first_change(data, ("beta",), onset - LOOKBACK, onset)
     if change is not None and (change.rose or change.column == "eps"):
         what = {"lr": "the learning rate", "eps": "Adam's eps", "beta": "the KL weight"}
         remedies = {
@@ -151,7 +155,7 @@ def _cause(data: RunData, onset: int, clip: float | None) -> tuple[str, list[str
                  if clip else [])
     if data.has("grad_norm"):
         g, steps = data.series("grad_norm"), data.steps
-        i, j = np.searchsorted(steps, [onset - LOOKBACK, onset + 1])
+        i, j = np.searchsorted(steps, [onset - LOOKBACK, onset])
         history = g[max(0, i - WINDOW):i]
         history = history[np.isfinite(history)]
         if history.size >= 10:
