@@ -81,6 +81,17 @@ def test_episodes_against_a_loop():
     assert merged == [(0, 3), (8, 8)]
 
 
+def test_noise_scale_of_a_quantised_series_is_its_typical_step():
+    """A metric that moves in steps (half its changes exactly 0) has no tiny noise unit."""
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.normal(0, 1.0, 40), 2)  # every value twice: half the changes are 0
+    d = np.diff(x)
+    assert np.mean(d == 0) >= 0.45
+    assert stats.noise_scale(x) == pytest.approx(np.sqrt(np.pi / 2) * np.abs(d).mean())
+    mad_sigma = 1.4826 * np.median(np.abs(d - np.median(d)))  # what the MAD alone says
+    assert stats.noise_scale(x) > max(3 * mad_sigma, 0.3)
+
+
 def test_noise_scale_and_decimate():
     x = np.random.default_rng(4).normal(scale=2.0, size=20000)
     assert stats.noise_scale(x) == pytest.approx(2.0 * np.sqrt(2), rel=0.05)

@@ -143,12 +143,25 @@ def episodes(mask: np.ndarray, merge_gap: int = 3) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
+#: a series whose step-to-step changes are exactly zero this often is quantised (a metric that
+#: moves in steps), and the MAD of its changes says nothing about how far it moves
+TIED_SHARE = 0.25
+MEAN_ABS_TO_SIGMA = math.sqrt(math.pi / 2)  # mean |x| of a centred normal times this is sigma
+
+
 def noise_scale(x: np.ndarray) -> float:
-    """Robust scale of a series' step-to-step changes: 1.4826 * MAD of its first differences."""
+    """Robust scale of a series' step-to-step changes: 1.4826 * MAD of its first differences.
+
+    For a quantised series (a quarter or more of its changes exactly zero) the MAD collapses
+    toward 0 and any step would look like many standard deviations: there the scale is at
+    least the one implied by the mean absolute change (``sqrt(pi/2) * mean |d|``)."""
     d = np.diff(x[np.isfinite(x)])
     if d.size == 0:
         return math.nan
-    return float(MAD_TO_SIGMA * np.median(np.abs(d - np.median(d))))
+    sigma = float(MAD_TO_SIGMA * np.median(np.abs(d - np.median(d))))
+    if np.mean(d == 0) >= TIED_SHARE:
+        sigma = max(sigma, float(MEAN_ABS_TO_SIGMA * np.mean(np.abs(d))))
+    return sigma
 
 
 def expanding_noise_scale(x: np.ndarray, min_count: int = 6,
