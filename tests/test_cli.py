@@ -307,7 +307,7 @@ def test_probe_presets_and_extra_probes_from_the_command_line(tmp_path, capsys):
     assert code == 0, err
     off = load_run(tmp_path / "off")
     assert set(off.scalars.columns) == {"step", "time", "recon", "kl", "total", "grad_norm",
-                                        "epoch", "beta", "lr"}
+                                        "epoch", "beta", "lr", "eps"}
     assert "lpips unavailable" not in err  # no evaluation probes: LPIPS is not even looked for
     code, _, err = run_cli(capsys, "train", "--out", tmp_path / "sat", "--steps", "3",
                            "--probes", "cheap", "--probe",
