@@ -111,7 +111,7 @@ FAULTS = [
           settings=("optim.eps=1e-3",), styles=("vaediag",)),
     Fault("desaturate", f"desaturate@{ONSET}:amount=0.7", ("decoupling",),
           r"colour|sat_ratio|skin|hair|_de\b", styles=("vaediag",)),
-    Fault("fade", f"fade@{ONSET}:amount=0.6,steps=400", ("decoupling",),
+    Fault("fade", f"fade@{ONSET}:amount=0.8,steps=400", ("decoupling",),
           r"colour|sat_ratio|skin|hair|_de\b", gradual=True),
 ]
 

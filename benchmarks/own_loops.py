@@ -38,7 +38,8 @@ FAULTS = {
     "inf_weight": {},
     "beta_scale": {"factor": 0.02},
     "adam_eps": {"eps": 1.0, "steps": 600},
-    "fade": {"amount": 0.6, "steps": 400},
+    "desaturate": {"amount": 0.6, "steps": 1},
+    "fade": {"amount": 0.8, "steps": 400},
 }
 
 
@@ -69,7 +70,7 @@ class ForeignVAE(nn.Module):
                                        for i in range(len(back) - 1)))
         self.final_layer = nn.Sequential(_block(back[-1], back[-1], True),
                                          nn.Conv2d(back[-1], 3, 3, padding=1), nn.Tanh())
-        self.fade = 0.0  # a planted fault: blend the output toward grey
+        self.rgb = self.final_layer[1]  # the layer that makes the colours
 
     def encode(self, x):
         h = self.encoder(x).flatten(1)
@@ -77,10 +78,7 @@ class ForeignVAE(nn.Module):
 
     def decode(self, z):
         h = self.decoder_input(z).view(-1, self.top, self.side, self.side)
-        out = self.final_layer(self.decoder(h))
-        if self.fade:
-            out = (1 - self.fade) * out + self.fade * out.mean(1, keepdim=True)
-        return out
+        return self.final_layer(self.decoder(h))
 
     def losses(self, x, z, mu, logvar, per_image: bool = False):
         recon = self.decode(z)
@@ -105,18 +103,13 @@ class TFCVAE(nn.Module):
             nn.ConvTranspose2d(32, 64, 3, 2, 1, output_padding=1), nn.ReLU(),
             nn.ConvTranspose2d(64, 32, 3, 2, 1, output_padding=1), nn.ReLU(),
             nn.ConvTranspose2d(32, 3, 3, 1, 1))
-        self.fade = 0.0
+        self.rgb = self.deconv[4]
 
     def encode(self, x):
         return self.encoder(x).chunk(2, dim=1)
 
     def logits(self, z):
-        out = self.deconv(F.relu(self.dense(z)).view(-1, 32, self.side, self.side))
-        if self.fade:
-            p = torch.sigmoid(out)
-            p = (1 - self.fade) * p + self.fade * p.mean(1, keepdim=True)
-            out = torch.logit(p.clamp(1e-6, 1 - 1e-6))
-        return out
+        return self.deconv(F.relu(self.dense(z)).view(-1, 32, self.side, self.side))
 
     def decode(self, z):
         return torch.sigmoid(self.logits(z))
@@ -133,6 +126,14 @@ class TFCVAE(nn.Module):
 
 
 STYLES = {"foreign": (ForeignVAE, 2.5e-4), "tfcvae": (TFCVAE, 1.0)}
+
+
+def desaturate(layer: nn.Module, amount: float) -> None:
+    """Pull the colour-making layer's output channels toward their mean (a weight edit)."""
+    axis = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+    with torch.no_grad():
+        for param, ax in ((layer.weight, axis), (layer.bias, 0)):
+            param.mul_(1 - amount).add_(amount * param.mean(ax, keepdim=True))
 
 
 def parse_fault(spec: str | None) -> tuple[str, int, dict] | None:
@@ -187,13 +188,14 @@ def train(style: str, out: Path, *, seed: int = 0, lr: float = 1e-3, steps: int 
             lr_now = lr * params["factor"]
         if active and kind == "ood_batch":
             x = torch.rand(x.shape, generator=g) * (hi - lo) + lo
+        if planted and kind == "fade" and step >= at:  # the data pipeline greys the images
+            a = params["amount"] * min(1.0, (step - at + 1) / params["steps"])
+            x = (1 - a) * x + a * x.mean(1, keepdim=True)
         if planted and kind == "beta_scale" and step >= at:
             beta = beta0 * params["factor"]
         for group in optimizer.param_groups:
             group["lr"] = lr_now
             group["eps"] = params["eps"] if active and kind == "adam_eps" else eps
-        if planted and kind == "fade":
-            model.fade = params["amount"] * min(1.0, max(0, step - at + 1) / params["steps"])
 
         mu, logvar = model.encode(x)
         z = mu + torch.randn(mu.shape, generator=g) * torch.exp(0.5 * logvar)
@@ -217,6 +219,8 @@ def train(style: str, out: Path, *, seed: int = 0, lr: float = 1e-3, steps: int 
             continue
         bad_in_a_row = 0
         optimizer.step()
+        if planted and kind == "desaturate" and at <= step + 1 < at + params["steps"]:
+            desaturate(model.rgb, params["amount"])  # the model after step + 1 updates
         if planted and kind == "inf_weight" and step + 1 == at:
             with torch.no_grad():
                 getattr(model, layer).weight.view(-1)[0] = float("inf")

@@ -180,7 +180,7 @@ def test_nonfinite_origin_is_where_the_backward_pass_met_it_first(tmp_path):
     opt = torch.optim.Adam(model.parameters())
     mon = _monitor(tmp_path, model, opt)
     x = torch.rand(16, 3, 16, 16)
-    mu, logvar = model.encode(x)
+    mu, _ = model.encode(x)
     loss = model.decode(mu).sum()
     loss.backward()
     model.enc[1].weight.grad[0, 0] = float("nan")
@@ -195,7 +195,7 @@ def test_a_nonfinite_weight_is_found_by_scanning_the_parameters(tmp_path):
     mon = _monitor(tmp_path, model, opt)
     with torch.no_grad():
         model.dec[0].weight[0, 0] = float("inf")
-    mu, logvar = model.encode(torch.rand(16, 3, 16, 16))
+    mu, _ = model.encode(torch.rand(16, 3, 16, 16))
     loss = model.decode_logits(mu).sum()
     loss.backward()
     check = mon.after_backward(0, recon=loss, kl=0.0)
@@ -261,7 +261,7 @@ def test_user_input_problems_are_said_once_and_recorded(tmp_path, capsys):
     opt = torch.optim.Adam(model.parameters())
     mon = _monitor(tmp_path, model, opt, eval_every=2)
     for step in range(4):
-        mu, logvar = model.encode(torch.rand(8, 3, 16, 16))
+        mu, _ = model.encode(torch.rand(8, 3, 16, 16))
         loss = model.decode(mu).pow(2).mean()
         opt.zero_grad()
         loss.backward()

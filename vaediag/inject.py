@@ -21,11 +21,12 @@ inf_weight     sets one entry of a layer's weight to +Inf  layer (decoder.fc)
                after STEP updates (a corrupted weight)
 beta_scale     multiplies the KL weight (a level shift of  factor (0.02), steps (0 = to the end)
                the KL, not an instability)
-fade           blends the decoder's output toward grey,    amount (0.6), steps (400)
-               growing linearly over ``steps`` steps to
-               ``amount`` and held there (gradual colour
-               loss, in the forward pass of training and
-               of every evaluation)
+fade           the training images fade toward grey, by   amount (0.8), steps (400)
+               an amount growing linearly over ``steps``
+               steps and held there: a gradual data-
+               pipeline fault the optimizer cannot undo
+               (the model learns greyer faces; the fixed
+               validation images keep their colour)
 =============  ==========================================  ===================================
 
 ``desaturate`` is the honest way to make loss and quality part: a summed BCE on non-binary
@@ -49,11 +50,8 @@ KINDS: dict[str, dict[str, Any]] = {
     "nan_grad": {"layer": "decoder.out"},
     "inf_weight": {"layer": "decoder.fc"},
     "beta_scale": {"factor": 0.02, "steps": 0},
-    "fade": {"amount": 0.6, "steps": 400},
+    "fade": {"amount": 0.8, "steps": 400},
 }
-
-#: faults that act from their step to the end of the run whatever their ``steps`` (a ramp)
-_HELD = {"fade"}
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ class Fault:
     def last_step(self) -> int | None:
         """The last step the fault acts on; None for 'to the end'."""
         steps = self.params.get("steps")
-        if self.kind in _HELD:
+        if self.kind == "fade":  # a ramp, then held to the end
             return None
         if steps is None:
             return self.step  # one-off faults
@@ -129,9 +127,6 @@ class Injector:
 
     def __init__(self, faults: list[Fault]):
         self.faults = faults
-        #: the model state the forward pass is at (updates made); the trainer keeps it current
-        self.step = 0
-        self._hooked = False
 
     def __bool__(self) -> bool:
         return bool(self.faults)
@@ -153,8 +148,14 @@ class Injector:
                 factor *= f.params["factor"]
         return factor
 
+    def eps(self, step: int, configured: float) -> float:
+        for f in self.faults:
+            if f.kind == "adam_eps" and f.active(step):
+                return f.params["eps"]
+        return configured
+
     def fade_amount(self, step: int) -> float:
-        """How far the output is blended toward grey at ``step`` (0 before the fault)."""
+        """How far the training images are faded toward grey at ``step`` (0 before)."""
         amount = 0.0
         for f in self.faults:
             if f.kind == "fade" and step >= f.step:
@@ -162,35 +163,13 @@ class Injector:
                 amount = max(amount, f.params["amount"] * min(1.0, (step - f.step + 1) / ramp))
         return amount
 
-    def attach(self, model) -> None:
-        """Hook the model for faults that live in its forward pass (``fade``): the decoder's
-        logits are replaced by those of its image blended toward each pixel's grey."""
-        import torch
-
-        if self._hooked or not any(f.kind == "fade" for f in self.faults):
-            return
-
-        def hook(module, inputs, logits):
-            a = self.fade_amount(self.step)
-            if a <= 0:
-                return logits
-            p = torch.sigmoid(logits)
-            p = (1 - a) * p + a * p.mean(1, keepdim=True)
-            return torch.logit(p.clamp(1e-6, 1 - 1e-6))
-
-        model.decoder.out.register_forward_hook(hook)
-        self._hooked = True
-
-    def eps(self, step: int, configured: float) -> float:
-        for f in self.faults:
-            if f.kind == "adam_eps" and f.active(step):
-                return f.params["eps"]
-        return configured
-
     def batch(self, step: int, x, generator):
-        """The batch to train on: ``x`` itself, or out-of-distribution images."""
+        """The batch to train on: ``x`` itself, faded, or out-of-distribution images."""
         import torch
 
+        a = self.fade_amount(step)
+        if a > 0:
+            x = (1 - a) * x + a * x.mean(1, keepdim=True)
         for f in self.faults:
             if f.kind == "ood_batch" and f.active(step):
                 if f.params["source"] == "invert":

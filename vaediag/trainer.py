@@ -265,8 +265,6 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
         writer.save_checkpoint(step, _checkpoint_state(step, model, optimizer, sampler, monitor,
                                                        writer), keep=tc.keep_checkpoints)
 
-    injector.step = start
-    injector.attach(model)
     if start == 0:
         if injector:
             injector.after_update(0, model)
@@ -278,7 +276,6 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
         while step < total_steps:
             x = images[order.batch(step)].to(device, non_blocking=True).float().div_(255.0)
             lr = lr_at(step, config.optim, total_steps)
-            injector.step = step
             if injector:
                 for fault in injector.starting(step):
                     writer.event("inject", step, fault=fault.spec, fault_kind=fault.kind,

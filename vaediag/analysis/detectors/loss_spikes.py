@@ -10,9 +10,10 @@ within a few steps are one finding.
 Severity comes from harm, not from the size of one term: the *excess* of the objective (the
 recorded ``total``, else recon + beta * KL) above its level before the spike plus 2 robust
 standard deviations, relative to that level, summed from the onset until the objective is back
-under it: how many steps' worth of loss the spike cost. Below ``HARM_WARNING`` (one step's worth) it is ``info``: a blip, or a
-KL that rose while the reconstruction fell by as much (a trade, e.g. the KL leaving ~0 at the
-start of training). From ``HARM_HIGH``, or when the objective never came back, ``high``.
+under it: how many steps' worth of loss the spike cost. Below ``HARM_WARNING`` (one step's
+worth) it is ``info``: a blip, or a KL that rose while the reconstruction fell by as much (a
+trade, e.g. the KL leaving ~0 at the start of training). From ``HARM_HIGH``, or when the
+objective never came back, ``high``.
 
 Cause, from what the run recorded: a jump of the learning rate, the KL weight or Adam's eps
 within ``LOOKBACK`` steps before; else a gradient norm far above its usual in those steps; else
