@@ -223,7 +223,7 @@ def change_points(x: np.ndarray, max_points: int = 2000, penalty: float = 3.0) -
     bounds = [0] + [min(b * block, len(x)) for b in bkps[:-1]] + [len(x)]
     if block > 1:
         for k in range(1, len(bounds) - 1):
-            bounds[k] = _best_split(filled, bounds[k - 1], bounds[k + 1],
+            bounds[k] = best_split(filled, bounds[k - 1], bounds[k + 1],
                                     bounds[k] - 2 * block, bounds[k] + 2 * block)
     segments = []
     for start, end in itertools.pairwise(bounds):
@@ -234,7 +234,7 @@ def change_points(x: np.ndarray, max_points: int = 2000, penalty: float = 3.0) -
     return segments
 
 
-def _best_split(x: np.ndarray, left: int, right: int, lo: int, hi: int) -> int:
+def best_split(x: np.ndarray, left: int, right: int, lo: int, hi: int) -> int:
     """The split point in [lo, hi] of x[left:right] into two constant parts with the least
     squared error."""
     lo, hi = max(lo, left + 1), min(hi, right - 1)

@@ -2,10 +2,13 @@
 
 Statistic: change points of the log KL after the burn-in (PELT with an l2 cost on a series
 decimated to at most 2,000 block medians; the penalty is BIC-like, scaled by the series' own
-step-to-step noise). An explosion is a change point where the mean log KL jumps up by at least
-log(``MIN_FACTOR``) into a segment that lasts at least ``MIN_PERSIST`` steps (a spike that comes
-back is the loss-spike detector's), coming from a segment that was stable: at least
-``MIN_STABLE`` steps long and drifting by less than half the jump over its length.
+step-to-step noise) propose where a shift may start. A shift may take up to ``RAMP`` steps to
+reach its new level (the model adapts), so each proposed step ``t`` is judged on medians, not on
+its neighbouring segments: the level of the ``MIN_STABLE`` steps before ``t`` (which drifted by
+less than half the jump over them) against that of the ``MIN_PERSIST`` steps after ``t + RAMP``.
+An explosion is a jump of at least log(``MIN_FACTOR``), to at least ``KL_FLOOR`` nats, that then
+holds for at least ``MIN_PERSIST`` steps (a spike that comes back is the loss-spike detector's);
+its onset is the best single split of that stretch into the two levels.
 
 Severity: ``high`` from a factor of ``HIGH_FACTOR``, else ``warning``.
 
@@ -16,15 +19,15 @@ objective, not an instability); a jump of the learning rate; else what preceded 
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
+import pandas as pd
 
 from vaediag.analysis.causes import first_change, knob
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
-from vaediag.analysis.stats import change_points, to_log
+from vaediag.analysis.stats import best_split, change_points, to_log
 
 NAME = "kl_explosion"
 MIN_FACTOR = 2.0
@@ -32,6 +35,8 @@ HIGH_FACTOR = 5.0
 MIN_PERSIST = 100
 MIN_STABLE = 200
 LOOKBACK = 100
+KL_FLOOR = 0.1  # nats: a collapsed KL moving between thousandths of a nat is not a shift
+RAMP = 50  # steps a shift may take to reach its new level (the model adapts over a few steps)
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
@@ -47,18 +52,49 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     s = steps[keep]
     segments = change_points(x)
     findings, signals = [], []
-    for left, right in itertools.pairwise(segments):
-        jump = right.mean - left.mean
-        stable_len = int(s[left.end - 1] - s[left.start])
-        persist = int(s[right.end - 1] - s[right.start])
-        drift = abs(left.slope) * (left.end - left.start)
-        if (jump < math.log(MIN_FACTOR) or stable_len < MIN_STABLE or persist < MIN_PERSIST
-                or drift > jump / 2):
+    last_at = -math.inf
+    for k in range(1, len(segments)):
+        b = segments[k].start
+        at = int(s[b])
+        if at - last_at < RAMP or at - MIN_STABLE < s[0] or at + RAMP + MIN_PERSIST > s[-1] + 1:
+            continue  # inside a shift already found, or too near either end to judge
+        lo, r0, r1 = np.searchsorted(s, [at - MIN_STABLE, at + RAMP, at + RAMP + MIN_PERSIST])
+        left, right = x[lo:b], x[r0:r1]
+        before_log, after_log = float(np.nanmedian(left)), float(np.nanmedian(right))
+        jump = after_log - before_log
+        t = s[lo:b] - s[lo]
+        ok = np.isfinite(left)
+        drift = abs(float(np.polyfit(t[ok], left[ok], 1)[0])) * MIN_STABLE if ok.sum() > 2 \
+            else math.inf
+        if jump < math.log(MIN_FACTOR) or drift > jump / 2 or math.exp(after_log) < KL_FLOOR:
             continue
+        # the onset: the best single split of the stretch into the two levels
+        filled = pd.Series(x[lo:r1]).ffill().bfill().to_numpy()
+        b = lo + best_split(filled, 0, len(filled), 1, len(filled) - 1)
+        at = int(s[b])
+        if at - last_at < RAMP:
+            continue
+        # how long it was stable before (segments within half the jump of the level before)
+        first = next(i for i, g in enumerate(segments) if g.end > b)
+        while first > 0 and abs(segments[first - 1].mean - before_log) < jump / 2:
+            first -= 1
+        stable_len = at - int(s[segments[first].start])
+        if stable_len < MIN_STABLE // 2:
+            continue
+        # how long the new level held: until the KL fell back below halfway
+        fell = np.flatnonzero(pd.Series(x[r0:]).rolling(MIN_PERSIST // 2, min_periods=1)
+                              .median().to_numpy() < before_log + jump / 2)
+        end = r0 + int(fell[0]) if fell.size else len(s)
+        persist = int(s[end - 1]) - at
+        if persist < MIN_PERSIST:
+            continue
+        last_at = at
         factor = math.exp(jump)
-        at = int(s[right.start])
-        before, after = math.exp(left.mean), math.exp(right.mean)
-        rising = right.slope * (right.end - right.start) > math.log(1.5)
+        before, after = math.exp(before_log), math.exp(after_log)
+        tail = x[r0:end]
+        ok = np.isfinite(tail)
+        rising = ok.sum() > 2 and float(np.polyfit(np.arange(len(tail))[ok], tail[ok], 1)[0]) \
+            * len(tail) > math.log(1.5)
         change = first_change(data, ("beta", "lr"), at - LOOKBACK, at + 5)
         severity = "high" if factor >= HIGH_FACTOR else "warning"
         if change is not None and change.column == "beta" and not change.rose:
@@ -92,7 +128,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                    f"after {stable_len:,} stable steps" + ("; still rising" if rising else ""))
         findings.append(Finding(
             kind="kl_explosion", severity=severity,
-            first_step=at, last_step=int(s[right.end - 1]), summary=summary,
+            first_step=at, last_step=int(s[end - 1]), summary=summary,
             evidence={"kl_before": before, "kl_after": after, "factor": factor,
                       "stable_steps": stable_len, "persisted_steps": persist,
                       "still_rising": rising, "min_factor": MIN_FACTOR,
