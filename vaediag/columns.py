@@ -40,6 +40,11 @@ METRIC_FAMILY: dict[str, str] = {
     "factor_turn_err": "pose",
 }
 
+#: Metrics measured on one region of the face (a few pixels for the eyes at 32 px): alone they
+#: are weak evidence; they corroborate a whole-image metric of their family.
+METRIC_REGIONAL: frozenset[str] = frozenset({"factor_skin_de", "factor_hair_de", "factor_eye_de",
+                                             "factor_bg_de"})
+
 #: Estimates from image moments that the known factors (toyfaces) measure exactly: where the
 #: exact metric is recorded, the estimate is not used.
 METRIC_SUPERSEDED_BY: dict[str, str] = {"orient_err": "factor_angle_err",

@@ -291,11 +291,13 @@ _BOUNDED_GOOD = {"ssim", "haarpsi"}  # in [0, 1], 1 best: badness 1 - value
 
 
 def badness(metric: str, values: np.ndarray) -> np.ndarray:
-    """A quality metric turned into a badness, higher is worse: 1 - SSIM, |1 - saturation
-    ratio|, LPIPS as it is, ..."""
+    """A quality metric turned into a badness, higher is worse: 1 - SSIM, |log saturation
+    ratio| (half the saturation is as bad as twice it, and halving it again is as much worse
+    again), LPIPS as it is, ..."""
     direction = METRIC_DIRECTION[metric]
     if metric in _BOUNDED_GOOD:
         return 1.0 - values
     if direction == 0:
-        return np.abs(1.0 - values)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.abs(np.log(np.where(values > 0, values, np.nan)))
     return values if direction < 0 else -values

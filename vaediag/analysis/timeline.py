@@ -62,7 +62,8 @@ def fold_consequences(findings: list[Finding]) -> list[Finding]:
 
 
 #: sustained conditions that are harmless on their own and matter when harm follows them
-CONDITIONS = {"adam_update_rms_high", "adam_rms_t_high", "adam_eps_dominated"}
+CONDITIONS = {"adam_update_rms_high", "adam_rms_t_high", "adam_eps_dominated",
+              "oversized_update"}
 #: findings that are harm: the loss or the values broke
 HARMS = {"loss_spike", "kl_explosion", "grad_explosion", "nonfinite"}
 

@@ -25,7 +25,8 @@ the cadence the statistic was recorded at, after the burn-in):
   because the weights barely move, which is harmless. They become ``warning`` when a loss
   spike, KL explosion, gradient explosion or non-finite value follows while they hold
   (:func:`vaediag.analysis.timeline.grade`);
-- oversized updates: any ``update_ratio`` signal;
+- oversized updates: any ``update_ratio`` signal; ``warning`` from ``RATIO_SPIKE`` (5% of a
+  layer's weights in one step), ``info`` below it unless harm follows;
 - a jump in Adam's effective step size: any ``adam_eff_lr`` signal.
 
 The causes of the last two are read off the recorded learning rate and eps first.
@@ -271,8 +272,10 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                  "a step far larger than Adam's usual ~1e-3 of the weights, with no change of "
                  "learning rate or eps recorded: an outlier gradient, v^ collapsing, or an edit "
                  "of the weights")
+        # a jump to a few times a healthy step is harmless unless harm follows (timeline.grade)
         findings.append(Finding(
-            kind="oversized_update", severity="warning", first_step=first.step,
+            kind="oversized_update", severity="warning" if worst.value >= RATIO_SPIKE else "info",
+            first_step=first.step,
             last_step=max(s.step for s in hits),
             summary=(f"step {first.step:,}: an oversized update: {worst.where} changed by "
                      f"{worst.value:.3g} of its norm in one step"

@@ -28,10 +28,12 @@ between that explains a trade: the KL weight (a beta schedule raising it makes t
 the information a pixel loss charges least for, colour and pose among the first) and the KL of
 those evaluations (information the model stopped encoding). Metrics are grouped in families
 (structure, colour, pose: :data:`vaediag.columns.METRIC_FAMILY`); a warning needs
-``MIN_METRICS`` families to agree on the same pair, or one family worse by ``STRONG`` times both
-thresholds while no metric of another family got clearly better on that pair (one small
-region's colour, e.g. the eyes at 32 px, moves a lot on its own; an orientation estimate from
-blurry early reconstructions swings while their structure improves). Anything less is info.
+``MIN_METRICS`` families to agree on the same pair, or one family worse by ``STRONG`` times the
+relative threshold (30%: a change anyone sees) while no metric of another family got clearly
+better on that pair and, for a metric of one region of the face, another metric of its family
+agrees (one small region's colour, e.g. the eyes at 32 px, moves a lot on its own; an
+orientation estimate from blurry early reconstructions swings while their structure improves).
+Anything less is info.
 The pair shown is the first evaluation at which a warning (else any flag) is visible.
 """
 
@@ -48,7 +50,12 @@ from vaediag.analysis.stats import (
     expanding_noise_scale,
     rolling_spearman,
 )
-from vaediag.columns import METRIC_DIRECTION, METRIC_FAMILY, METRIC_SUPERSEDED_BY
+from vaediag.columns import (
+    METRIC_DIRECTION,
+    METRIC_FAMILY,
+    METRIC_REGIONAL,
+    METRIC_SUPERSEDED_BY,
+)
 
 NAME = "decoupling"
 Z_QUALITY = 4.0
@@ -57,7 +64,8 @@ LOSS_TOLERANCE = 0.05
 CORRELATION_WINDOW = 6
 MIN_EVALS = 6
 MIN_METRICS = 2  # families of metrics (structure, colour, pose) that must agree for a warning
-STRONG = 2.0  # ... or one family, by this many times both thresholds, none of the others better
+STRONG = 2.0  # ... or one family, by this many times the relative threshold, none of the others
+# clearly better
 MAX_GAP = 100
 BETA_RISE = 1.5  # the KL weight rose by at least this factor between the two evaluations
 KL_FALL = 0.75  # the evaluations' KL fell below this fraction of its earlier value
@@ -187,8 +195,13 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         for m in by_metric:
             against = np.any([better[o] for o in better if METRIC_FAMILY[o] !=
                               METRIC_FAMILY[m]] or [np.zeros_like(strong)], 0)
-            strong |= (by_metric[m] & (units[m] >= STRONG * Z_QUALITY)
-                       & (relative[m] >= STRONG * MIN_RELATIVE) & ~against)
+            # a regional metric alone (the eyes' colour) is weak evidence: it needs another
+            # metric of its family with it
+            kin = np.any([by_metric[o] for o in by_metric if o != m
+                          and METRIC_FAMILY[o] == METRIC_FAMILY[m]]
+                         or [np.zeros_like(strong)], 0)
+            alone_ok = kin if m in METRIC_REGIONAL else np.ones_like(strong)
+            strong |= by_metric[m] & (relative[m] >= STRONG * MIN_RELATIVE) & ~against & alone_ok
         warn = (agree >= MIN_METRICS) | strong
         # The pair to show: the first evaluation j at which a warning (else any flag) is
         # visible; there, the most families agreeing, then the largest worsening. Nothing later
