@@ -299,3 +299,43 @@ def test_bad_inject_spec(tmp_path, capsys, spec, message):
     code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--steps", "5", *TINY,
                            "--inject", spec)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_badness_of_a_ratio_is_symmetric_in_log():
+    b = stats.badness("sat_ratio", np.array([0.5, 2.0, 1.0, 0.25]))
+    assert b[0] == pytest.approx(b[1]) and b[2] == 0 and b[3] == pytest.approx(2 * b[0])
+
+
+def test_injector_faults_act_as_documented():
+    import torch
+
+    from vaediag.inject import Injector, parse_all
+    from vaediag.model import ConvVAE
+
+    inj = Injector(parse_all(["beta_scale@10:factor=0.1", "fade@20:amount=0.8,steps=40",
+                              "inf_weight@30:layer=decoder.fc"]))
+    assert (inj.beta_factor(9), inj.beta_factor(10), inj.beta_factor(10_000)) == (1, 0.1, 0.1)
+    assert inj.fade_amount(19) == 0 and inj.fade_amount(39) == pytest.approx(0.4)
+    assert inj.fade_amount(59) == inj.fade_amount(10_000) == pytest.approx(0.8)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    faded = inj.batch(59, x, None)
+    spread = lambda t: (t - t.mean(1, keepdim=True)).abs().mean()  # noqa: E731
+    assert float(spread(faded)) == pytest.approx(0.2 * float(spread(x)), rel=1e-5)
+    assert torch.equal(inj.batch(19, x, None), x)
+    model = ConvVAE(16, (8, 16), 4)
+    inj.after_update(29, model)
+    assert torch.isfinite(model.decoder.fc.weight).all()
+    inj.after_update(30, model)
+    assert model.decoder.fc.weight.view(-1)[0] == float("inf")
+    assert torch.isfinite(model.decoder.fc.weight.view(-1)[1:]).all()
+
+
+def test_end_to_end_corrupted_weight_is_named(tmp_path, capsys):
+    """A real tiny run whose weight is set to Inf: stopped, and the finding names the weight."""
+    out = tmp_path / "inf"
+    code, _, err = run_cli(capsys, "train", "--out", out, "--steps", "60", *TINY,
+                           "--set", "probes.metric_images=0",
+                           "--inject", "inf_weight@40:layer=decoder.fc")
+    assert code == 3 and "weight:decoder.fc.weight" in err
+    (f,) = [f for f in vaediag.analyze(out).findings if f.kind == "nonfinite"]
+    assert f.first_step == 40 and "the weight of decoder.fc" in f.summary

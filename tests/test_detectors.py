@@ -480,3 +480,40 @@ def test_drift_while_the_pictures_improve_is_info(tmp_path):
     ev["ssim"][4:] += 0.1
     (f,) = drift.detect(run_data(tmp_path, cols, ev))[0]
     assert f.severity == "info" and "did not get worse" in f.summary
+
+
+def test_kl_level_shift_from_a_falling_kl_weight_names_it(tmp_path):
+    cols = standard_scalars(N)
+    cols["beta"][1000:] = 0.02
+    ramp = np.clip((cols["step"] - 1000) / 30, 0, 1).astype(np.float32)  # adapts over 30 steps
+    cols["kl"] *= 1 + 2 * ramp
+    (f,) = kl_explosion.detect(run_data(tmp_path, cols))[0]
+    assert 1000 <= f.first_step <= 1030 and f.severity == "warning"
+    assert f.summary.startswith("KL level shift") and "the KL weight fell 50x" in f.cause
+    assert "not an instability" in f.cause
+
+
+def test_a_collapsed_kl_moving_in_thousandths_is_not_a_shift(tmp_path):
+    cols = standard_scalars(N)
+    cols["kl"] = (cols["kl"] / 18 * 2e-4).astype(np.float32)
+    cols["kl"][1000:] *= 6
+    assert kl_explosion.detect(run_data(tmp_path, cols))[0] == []
+
+
+@pytest.mark.parametrize(("ratio", "severity"), [(0.5, "warning"), (0.03, "info")])
+def test_oversized_update_severity(tmp_path, ratio, severity):
+    cols = standard_scalars(N)
+    cols["layer.update_ratio/decoder.fc"][1000] = ratio  # usual: 2e-3
+    (f,) = [f for f in adam.detect(run_data(tmp_path, cols))[0] if f.kind == "oversized_update"]
+    assert f.severity == severity and f.first_step == 1000
+
+
+def test_a_regional_metric_alone_is_info(tmp_path):
+    """The eyes' colour (a few pixels at 32 px) moving 40% on its own is not a warning."""
+    cols, ev = _evals_with_decoupling({})
+    n = len(ev["step"])
+    rng = np.random.default_rng(5)
+    ev["factor_eye_de"] = (28 + 0.5 * rng.standard_normal(n)).astype(np.float32)
+    ev["factor_eye_de"][18:] += 11
+    (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
+    assert f.severity == "info" and list(f.evidence["metrics"]) == ["factor_eye_de"]
