@@ -36,6 +36,7 @@ colour.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,19 +135,16 @@ class Injector:
     def starting(self, step: int) -> list[Fault]:
         return [f for f in self.faults if f.step == step]
 
+    def _factor(self, kind: str, step: int) -> float:
+        """The product of the ``factor`` of every fault of ``kind`` active at ``step``."""
+        return math.prod(f.params["factor"] for f in self.faults
+                         if f.kind == kind and f.active(step))
+
     def lr_factor(self, step: int) -> float:
-        factor = 1.0
-        for f in self.faults:
-            if f.kind == "lr_spike" and f.active(step):
-                factor *= f.params["factor"]
-        return factor
+        return self._factor("lr_spike", step)
 
     def beta_factor(self, step: int) -> float:
-        factor = 1.0
-        for f in self.faults:
-            if f.kind == "beta_scale" and f.active(step):
-                factor *= f.params["factor"]
-        return factor
+        return self._factor("beta_scale", step)
 
     def eps(self, step: int, configured: float) -> float:
         for f in self.faults:
