@@ -517,3 +517,13 @@ def test_a_regional_metric_alone_is_info(tmp_path):
     ev["factor_eye_de"][18:] += 11
     (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
     assert f.severity == "info" and list(f.evidence["metrics"]) == ["factor_eye_de"]
+
+
+def test_a_trade_of_one_quality_for_another_is_info(tmp_path):
+    """Pose 60% worse while colour gets 40% better one evaluation later: a trade, not a fault."""
+    cols, ev = _evals_with_decoupling({"orient_err": 3.0})
+    ev["colour_de"][19:] -= 6.0
+    (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
+    assert f.severity == "info" and f.evidence["families"] == ["pose"]
+    cols, ev = _evals_with_decoupling({"orient_err": 3.0})  # the same without the trade
+    assert decoupling.detect(run_data(tmp_path / "b", cols, ev))[0][0].severity == "warning"

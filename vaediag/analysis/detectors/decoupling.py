@@ -30,7 +30,8 @@ those evaluations (information the model stopped encoding). Metrics are grouped 
 (structure, colour, pose: :data:`vaediag.columns.METRIC_FAMILY`); a warning needs
 ``MIN_METRICS`` families to agree on the same pair, or one family worse by ``STRONG`` times the
 relative threshold (30%: a change anyone sees) while no metric of another family got clearly
-better on that pair and, for a metric of one region of the face, another metric of its family
+better on that pair (at j or at the evaluation after it: a trade of one quality for another)
+and, for a metric of one region of the face, another metric of its family
 agrees (one small region's colour, e.g. the eyes at 32 px, moves a lot on its own; an
 orientation estimate from blurry early reconstructions swings while their structure improves).
 Anything less is info.
@@ -155,6 +156,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                                                "loss_understates_quality": {}}
     units: dict[str, np.ndarray] = {}
     relative: dict[str, np.ndarray] = {}
+    better_next: dict[str, np.ndarray] = {}
     raw_values: dict[str, np.ndarray] = {}
     correlations = {}
     for metric in metrics:
@@ -174,14 +176,18 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         masks["loss_understates_quality"][metric] = bad & understated
         units[metric] = worse / unit
         relative[metric] = worse / scale
+        # at the evaluation after j (the one the sustained check reads): better by as much?
+        gain = b[i_idx] - np.append(b[1:], np.nan)[j_idx]
+        better_next[metric] = valid & (gain >= Z_QUALITY * unit) & (gain / scale >= MIN_RELATIVE)
         raw_values[metric] = raw
         correlations[metric] = rolling_spearman(np.diff(loss), np.diff(b), CORRELATION_WINDOW)
     data.derived["loss_quality_correlation"] = {
         "steps": s[1:].tolist(), "window": CORRELATION_WINDOW,
         "metrics": {m: rho.tolist() for m, rho in correlations.items()}}
-    # Evidence against a pair: a metric of another family clearly *better* at j than at i.
-    better = {m: valid & (-units[m] >= Z_QUALITY) & (-relative[m] >= MIN_RELATIVE)
-              for m in units}
+    # Evidence against a pair: a metric of another family clearly *better* than at i, at j or
+    # at the evaluation after it: the pictures traded one quality for another.
+    better = {m: valid & (((-units[m] >= Z_QUALITY) & (-relative[m] >= MIN_RELATIVE))
+                          | better_next[m]) for m in units}
     candidates: dict[str, tuple[tuple[int, int], dict, int, str]] = {}
     for kind, by_metric in masks.items():
         if not by_metric:
