@@ -244,7 +244,7 @@ def exploding_run(tmp_path):
 def test_analyze_prints_a_summary_and_writes_findings_json(exploding_run, capsys):
     code, out, _ = _analyze_cli(capsys, exploding_run)
     assert code == 0
-    assert "HIGH     kl_explosion" in out and "remedy:" in out
+    assert "HIGH     kl_explosion" in out and "remedy:" in out and "cause: " in out
     assert out.splitlines()[1].startswith("verdict: KL exploded at step")
     written = json.loads((exploding_run / "findings.json").read_text())
     assert written["format"] == 1

@@ -29,6 +29,8 @@ def render(analysis: Analysis, verdict: str, written: list[str] | None = None) -
         lines.append(_wrap(f.summary, 9))
         if f.preceded_by:
             lines.append(_wrap(f"preceded by: {f.precursors_text()}", 9))
+        if f.cause and f.severity != "info":
+            lines.append(_wrap(f"cause: {f.cause}", 9))
         if f.remedies:
             lines.append(_wrap(f"remedy: {f.remedies[0]}", 9))
     skipped = analysis.not_checked()
