@@ -527,3 +527,10 @@ def test_a_trade_of_one_quality_for_another_is_info(tmp_path):
     assert f.severity == "info" and f.evidence["families"] == ["pose"]
     cols, ev = _evals_with_decoupling({"orient_err": 3.0})  # the same without the trade
     assert decoupling.detect(run_data(tmp_path / "b", cols, ev))[0][0].severity == "warning"
+
+
+def test_kl_going_infinite_is_not_a_level_shift(tmp_path):
+    """Inf KLs after a failure belong to the non-finite finding, not to a KL 'explosion'."""
+    cols = standard_scalars(N)
+    cols["kl"][1200:] = np.inf
+    assert kl_explosion.detect(run_data(tmp_path, cols))[0] == []

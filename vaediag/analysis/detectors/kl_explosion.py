@@ -46,7 +46,8 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     if keep.sum() < MIN_STABLE + MIN_PERSIST:
         raise Skip(f"too short: needs {MIN_STABLE + MIN_PERSIST} steps after the burn-in")
     kl = data.series("kl")[keep]
-    x, logged = to_log(np.where(kl > 0, kl, np.nan))
+    # non-finite values are the nonfinite detector's: a level is judged on finite KLs only
+    x, logged = to_log(np.where((kl > 0) & np.isfinite(kl), kl, np.nan))
     if not logged:
         raise Skip("the KL is never positive")
     s = steps[keep]
@@ -60,6 +61,8 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
             continue  # inside a shift already found, or too near either end to judge
         lo, r0, r1 = np.searchsorted(s, [at - MIN_STABLE, at + RAMP, at + RAMP + MIN_PERSIST])
         left, right = x[lo:b], x[r0:r1]
+        if np.isfinite(left).sum() < MIN_STABLE // 2 or np.isfinite(right).sum() < MIN_PERSIST // 2:
+            continue  # mostly non-finite or missing: nothing to judge a level on
         before_log, after_log = float(np.nanmedian(left)), float(np.nanmedian(right))
         jump = after_log - before_log
         t = s[lo:b] - s[lo]
