@@ -86,13 +86,17 @@ def knob(data: RunData, key: str, value: object | None = None) -> str:
     return f" (--set {key}={value})" if value is not None else f" ({key})"
 
 
-def quality_lost(data: RunData, before: int, after: int) -> dict[str, tuple[float, float]]:
+def quality_lost(data: RunData, before: int, after: int,
+                 from_best: bool = False) -> dict[str, tuple[float, float]]:
     """Evaluation columns (the grid's loss and image-quality metrics) worse at ``after`` than
-    at ``before`` by ``Z_HARM`` of their noise units: {column: (before, after)}."""
+    at ``before`` by ``Z_HARM`` of their noise units: {column: (reference, after)}. With
+    ``from_best`` the reference is the best value between the two steps (quality the model had
+    and lost), not the value at ``before``."""
     ev = data.evals
     steps = ev["step"].to_numpy()
     if before not in steps or after not in steps:
         return {}
+    i, j = np.flatnonzero(steps == before)[0], np.flatnonzero(steps == after)[0]
     out = {}
     for col in ["eval_recon", *METRIC_DIRECTION]:
         if col == "psnr" or not data.has(col, "evals"):
@@ -101,7 +105,9 @@ def quality_lost(data: RunData, before: int, after: int) -> dict[str, tuple[floa
         b = raw if col == "eval_recon" else badness(col, raw)
         seen = b[(steps <= after) & np.isfinite(b)]
         unit = noise_scale(seen) if seen.size >= 4 else np.nan
-        i, j = np.flatnonzero(steps == before)[0], np.flatnonzero(steps == after)[0]
-        if unit > 0 and b[j] - b[i] >= Z_HARM * unit:
-            out[col] = (float(raw[i]), float(raw[j]))
+        ref = i
+        if from_best and np.isfinite(b[i:j + 1]).any():
+            ref = i + int(np.nanargmin(b[i:j + 1]))
+        if unit > 0 and b[j] - b[ref] >= Z_HARM * unit:
+            out[col] = (float(raw[ref]), float(raw[j]))
     return out

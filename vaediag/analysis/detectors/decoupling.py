@@ -105,8 +105,8 @@ def _trade(data: RunData, ctx: dict[str, float]) -> tuple[str, list[str]]:
     parts, remedies = [], []
     if beta_rose:
         parts.append(f"the KL weight rose from {b0:.3g} to {b1:.3g}")
-        remedies.append(f"stop the KL weight where the pictures were still right ({b0:.3g}"
-                        f"{knob(data, 'loss.beta', f'{b0:.3g}')}, or warm it up longer), or keep "
+        remedies.append(f"stop the KL weight where the pictures were still right, at {b0:.3g}"
+                        f"{knob(data, 'loss.beta', f'{b0:.3g}')}, or warm it up longer; or keep "
                         f"it and protect a minimum of information per dimension with free bits, "
                         f"0.5 to 1 nats{knob(data, 'loss.free_bits', 0.5)}")
     if kl_fell:

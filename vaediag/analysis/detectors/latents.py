@@ -2,9 +2,9 @@
 
 - Collapse during training: active units (evaluations) falling to at most half their peak.
   Severity from harm: ``high`` when none is left; ``warning`` when the grid's reconstruction
-  loss or an image-quality metric got worse between the peak and the collapse (beyond
-  4 of its noise units); else ``info``: the model stopped using dimensions it did not
-  need (common with many latents and a small KL weight). The cause is read off the recorded
+  loss or an image-quality metric is worse at the collapse than at its best since the peak
+  (by 4 of its noise units: quality the model had and lost); else ``info``: the model stopped
+  using dimensions it did not need (common with many latents and a small KL weight). The cause is read off the recorded
   columns: a learning-rate jump, a rising KL weight, else the KL term's pressure.
   Dimensions whose per-step KL averages below ``COLLAPSED_KL`` nats over the last tenth of
   the run are listed (some unused dimensions are normal: ``info``).
@@ -78,7 +78,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                 fell = ev_steps[(np.arange(len(au)) > peak_i) & ok & (au <= peak / 2)]
                 at = int(fell[0]) if fell.size else int(ev_steps[ok][-1])
                 peak_step = int(ev_steps[peak_i])
-                lost = quality_lost(data, peak_step, at)
+                lost = quality_lost(data, peak_step, at, from_best=True)
                 cause, remedies = _collapse_cause(data, peak_step, at)
                 summary = (f"posterior collapse: active units fell from {peak:.0f} (step "
                            f"{peak_step:,}) to {final:.0f}")
@@ -86,7 +86,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                     severity = "high"
                 elif lost:
                     severity = "warning"
-                    summary += "; the pictures got worse: " + "; ".join(
+                    summary += "; the pictures lost quality they had: " + "; ".join(
                         f"{k} {a:.3g} -> {b:.3g}" for k, (a, b) in list(lost.items())[:3])
                 else:
                     severity = "info"
