@@ -4,8 +4,9 @@
   Severity from harm: ``high`` when none is left; ``warning`` when the grid's reconstruction
   loss or an image-quality metric is worse at the collapse than at its best since the peak
   (by 4 of its noise units: quality the model had and lost); else ``info``: the model stopped
-  using dimensions it did not need (common with many latents and a small KL weight). The cause is read off the recorded
-  columns: a learning-rate jump, a rising KL weight, else the KL term's pressure.
+  using dimensions it did not need (common with many latents and a small KL weight). The
+  cause is read off the recorded columns: a learning-rate jump, a rising KL weight, else the
+  KL term's pressure.
   Dimensions whose per-step KL averages below ``COLLAPSED_KL`` nats over the last tenth of
   the run are listed (some unused dimensions are normal: ``info``).
 - Log-variance saturation: ``logvar_min`` <= ``LOGVAR_LOW`` or ``logvar_max`` >= ``LOGVAR_HIGH``
