@@ -460,10 +460,10 @@ class Monitor:
 
     def _encode_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         xs, recons, mus, logvars = [], [], [], []
+        lo, hi = self.value_range
         for start in range(0, len(self._set_x), _SET_CHUNK):
             x = self._set_x[start:start + _SET_CHUNK].to(self.device)
             mu, logvar = self.encode(x)
-            lo, hi = self.value_range
             xs.append(self._to_unit(x).cpu())
             recons.append(self._to_unit(self.decode(mu).clamp(lo, hi)).cpu())
             mus.append(mu.cpu())

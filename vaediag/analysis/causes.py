@@ -73,6 +73,19 @@ def first_change(data: RunData, columns: tuple[str, ...], start: int,
     return min(found, key=lambda c: c.step) if found else None
 
 
+def undo_remedy(data: RunData, change: SettingChange) -> str:
+    """What to do about a jump of a recorded setting: make it gradually, or set it back."""
+    if change.column == "lr":
+        return (f"check the learning-rate schedule: it jumped {change.factor:.3g}x; warm the "
+                f"rate up instead of jumping it{knob(data, 'optim.warmup_steps')}")
+    if change.column == "eps":
+        return (f"set Adam's eps back to {change.before:.3g}"
+                f"{knob(data, 'optim.eps', f'{change.before:.3g}')}: a different eps changes "
+                f"the step of every entry whose sqrt(v^) is near it, whatever its gradient")
+    return ("change the KL weight gradually (a warm-up) rather than at once"
+            + knob(data, "loss.beta_warmup_steps"))
+
+
 def is_trainer_run(data: RunData) -> bool:
     """Made by ``vaediag train`` (its config keys apply), not by a user's own loop."""
     return "train" in data.config and "optim" in data.config

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vaediag.analysis.causes import first_change, knob, setting_changes
+from vaediag.analysis.causes import first_change, knob, setting_changes, undo_remedy
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.stats import (
@@ -180,13 +180,8 @@ def _setting_cause(data: RunData, start: int, end: int) -> tuple[str, list[str]]
     change = first_change(data, ("eps", "lr"), start, end)
     if change is None:
         return None
-    if change.column == "eps":
-        return (f"{change.describe()}: eps changed",
-                [f"set eps back to {change.before:.3g}{knob(data, 'optim.eps', change.before)}: "
-                 "a different eps changes every entry's step size whose sqrt(v^) is near it"])
-    return (f"{change.describe()}: the learning rate itself changed",
-            ["check the learning-rate schedule for jumps; warm the rate up instead"
-             + knob(data, "optim.warmup_steps")])
+    what = "eps changed" if change.column == "eps" else "the learning rate itself changed"
+    return f"{change.describe()}: {what}", [undo_remedy(data, change)]
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:

@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from vaediag.analysis.causes import first_change, knob
+from vaediag.analysis.causes import SETTING_NAMES, first_change, knob, undo_remedy
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.stats import MAD_TO_SIGMA, episodes, to_log, trailing_robust_z
@@ -140,17 +140,9 @@ def _cause(data: RunData, onset: int, clip: float | None) -> tuple[str, list[str
     change = first_change(data, ("lr", "eps"), onset - LOOKBACK, onset - 1) \
         or first_change(data, ("beta",), onset - LOOKBACK, onset)
     if change is not None and (change.rose or change.column == "eps"):
-        what = {"lr": "the learning rate", "eps": "Adam's eps", "beta": "the KL weight"}
-        remedies = {
-            "lr": [f"check the learning-rate schedule: it jumped {change.factor:.3g}x; warm the "
-                   f"rate up instead of jumping it{knob(data, 'optim.warmup_steps')}"],
-            "eps": [f"keep Adam's eps at {change.before:.3g}{knob(data, 'optim.eps')}: with a "
-                    f"tiny eps, entries with tiny v^ step by about lr whatever their gradient"],
-            "beta": ["raise the KL weight gradually (a warm-up) rather than at once"
-                     + knob(data, "loss.beta_warmup_steps")],
-        }[change.column]
-        return (f"{change.describe()}, just before the spike: {what[change.column]} changed, "
-                f"and the loss followed", remedies, {"setting_change": change.__dict__})
+        return (f"{change.describe()}, just before the spike: {SETTING_NAMES[change.column]} "
+                f"changed, and the loss followed", [undo_remedy(data, change)],
+                {"setting_change": change.__dict__})
     clip_text = ([f"clip gradients at {clip:.3g} (the 99th percentile of the gradient norm "
                   f"before the spike){knob(data, 'optim.grad_clip', f'{clip:.3g}')}"]
                  if clip else [])
