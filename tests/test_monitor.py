@@ -18,7 +18,7 @@ sys.path.insert(0, "examples")
 from own_loop import TinyVAE
 
 
-def _loop(mon, model, optimizer, steps, retain=True, poison=None):
+def _loop(mon, model, optimizer, steps, retain=True, poison=None, jolt=None, lr_jump=None):
     g = torch.Generator().manual_seed(0)
     data = torch.rand(64, 3, 16, 16, generator=g)
     for step in range(steps):
@@ -29,7 +29,10 @@ def _loop(mon, model, optimizer, steps, retain=True, poison=None):
                                                    reduction="none").sum((1, 2, 3)).mean()
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
         optimizer.zero_grad()
-        (recon + kl).backward(retain_graph=retain and mon.wants_graph(step))
+        if lr_jump is not None and step == lr_jump:
+            optimizer.param_groups[0]["lr"] *= 10
+        scale = 100.0 if jolt is not None and step == jolt else 1.0
+        (scale * (recon + kl)).backward(retain_graph=retain and mon.wants_graph(step))
         if poison is not None and step == poison:
             next(model.parameters()).grad[0, 0] = float("nan")
         check = mon.after_backward(step, recon=recon, kl=kl, beta=1.0, mu=mu, logvar=logvar)
@@ -53,18 +56,33 @@ def test_user_loop_records_probes_and_a_final_grid(tmp_path, capsys):
     model = TinyVAE(16)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     mon = _monitor(tmp_path, model, opt)
-    assert [s for s in range(60) if mon.wants_graph(s)] == [0, 25, 50]
+    assert [s for s in range(250) if mon.wants_graph(s)] == [0, 100, 200]
     _loop(mon, model, opt, 23)
     run = vaediag.load_run(tmp_path / "run")
     assert run.status == "finished" and list(run.scalars["step"]) == list(range(23))
     s = run.scalars
     assert s["split_cos"].notna().tolist() == [i in (0,) for i in range(23)]
-    assert s["layer.adam_update_rms/enc.1"].notna().all()
+    assert s["layer.adam_update_rms/enc.1"].notna().tolist() == [i % 4 == 0 for i in range(23)]
+    assert s["layer.update_ratio/enc.1"].notna().tolist() == [i % 4 == 0 for i in range(23)]
     assert s["dim.kl/7"].notna().all()
     assert list(run.evals["step"]) == [0, 10, 20, 23]  # close() adds the final model's grid
     assert [step for step, _ in run.grids] == [0, 10, 20, 23]
     assert "ssim" in run.evals and "eval_recon" not in run.evals  # no eval_loss given
     assert run.config["monitor"]["eval_every"] == 10
+
+
+def test_optimizer_statistics_also_at_unusual_steps(tmp_path):
+    """Adam's state and the update ratio run every 4 steps, and at once when the gradient norm
+    jumps (step 9: the loss scaled 100 times) or the learning rate changes (step 14)."""
+    torch.manual_seed(0)
+    model = TinyVAE(16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _loop(_monitor(tmp_path, model, opt), model, opt, 18, jolt=9, lr_jump=14)
+    s = vaediag.load_run(tmp_path / "run").scalars
+    recorded = s["step"][s["adam_rms_t"].notna()].tolist()
+    assert recorded == [0, 4, 8, 9, 12, 14, 16]
+    assert s["update_ratio"].notna().tolist() == s["adam_rms_t"].notna().tolist()
+    assert s["adam_rms_t"][9] > 3 * s["adam_rms_t"][8]  # the jolt, seen as it happened
 
 
 def test_freed_graph_disables_only_the_split_with_one_clear_warning(tmp_path, capsys):
@@ -77,7 +95,7 @@ def test_freed_graph_disables_only_the_split_with_one_clear_warning(tmp_path, ca
     run = vaediag.load_run(tmp_path / "run")
     failed = run.events[run.events["kind"] == "probe_failed"]
     assert list(failed["probe"]) == ["grad_split"] and list(failed["step"]) == [0]
-    assert "split_cos" not in run.scalars and run.scalars["adam_rms_t"].notna().all()
+    assert "split_cos" not in run.scalars and run.scalars["adam_rms_t"][::4].notna().all()
 
 
 class Exploding(Probe):
@@ -111,7 +129,7 @@ def test_sgd_makes_adam_probes_not_applicable(tmp_path, capsys):
     assert "probe 'adam' is not applicable: the optimizer is SGD" in capsys.readouterr().err
     run = vaediag.load_run(tmp_path / "run")
     assert not any(c.startswith(("adam", "layer.adam")) for c in run.scalars.columns)
-    assert run.scalars["update_ratio"].notna().all()
+    assert run.scalars["update_ratio"].notna().tolist() == [True, False, False]  # every 4
     note = run.events[run.events["kind"] == "probe_not_applicable"].iloc[0]
     assert note["probe"] == "adam"
 
@@ -169,7 +187,7 @@ def test_the_own_loop_example_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "30 steps, 2 evaluations recorded" in result.stdout
     run = vaediag.load_run(tmp_path / "own")
-    assert run.scalars["split_cos"].notna().sum() == 2  # steps 0 and 25
+    assert run.scalars["split_cos"].notna().sum() == 1  # step 0 (then every 100 steps)
     assert run.config["example"]["beta"] == 1.0
 
 

@@ -30,8 +30,9 @@ from vaediag.probes import (
     log_spaced,
 )
 from vaediag.probes import adam as adam_module
-from vaediag.probes.base import to_floats
+from vaediag.probes.base import EntrySample, sample_slice, to_floats
 from vaediag.probes.latents import latent_stats
+from vaediag.probes.updates import update_ratios
 
 
 def _floats(values: dict) -> dict:
@@ -309,9 +310,33 @@ def test_adam_sampling_for_large_tensors_estimates_the_full_statistics():
     ctx = StepContext(0, params, LayerIndex.from_params(params), opt,
                       {"recon": 0.0, "kl": 0.0, "param_grad_norms": torch.zeros(2)})
     full = _floats(AdamState(max_entries=None).compute(ctx))
-    sampled = _floats(AdamState(max_entries=16_384).compute(ctx))  # the weight has 120,000
+    sampled = _floats(AdamState().compute(ctx))  # the weight has 120,000 entries
+    assert adam_module.MAX_ENTRIES < 120_000
     for stat in adam_module.STATS:
         assert sampled[stat] == pytest.approx(full[stat], rel=0.03, abs=0.01), stat
+
+
+def test_sampled_update_ratio_estimates_the_full_one():
+    torch.manual_seed(4)
+    big = nn.Sequential(nn.Linear(400, 300), nn.Linear(300, 2))
+    opt = torch.optim.Adam(big.parameters(), lr=1e-2)
+    params = list(big.named_parameters())
+    layers = LayerIndex.from_params(params)
+    for _ in range(3):
+        opt.zero_grad()
+        (big(torch.randn(16, 400)) ** 2).mean().backward()
+        ctx = StepContext(0, params, layers, opt,
+                          {"recon": 0.0, "kl": 0.0, "param_grad_norms": torch.zeros(4)})
+        probe = UpdateRatio()
+        probe.before_step(ctx)
+        before = [p.detach().reshape(-1).clone() for _, p in params]
+        opt.step()
+        sampled = _floats(probe.compute(ctx))
+        full = _floats(update_ratios(before, [p.detach().reshape(-1) for _, p in params],
+                                     layers))
+    assert set(sampled) == set(full)
+    for column, value in full.items():
+        assert sampled[column] == pytest.approx(value, rel=0.03), column
 
 
 def test_adam_probe_declines_other_optimizers():
@@ -333,9 +358,11 @@ def test_update_ratio_is_the_measured_change():
     sum(_losses(model, torch.rand(4, 6), torch.zeros(4, 2))[:2]).backward()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ctx = _context(model, opt)
-    ctx.before = [p.detach().reshape(-1).clone() for _, p in model.named_parameters()]
+    probe = UpdateRatio()
+    assert probe.compute(ctx) == {}  # nothing taken before the step
+    probe.before_step(ctx)
     opt.step()
-    out = _floats(UpdateRatio().compute(ctx))
+    out = _floats(probe.compute(ctx))
     for layer in ("encoder.fc", "decoder.out"):
         delta = torch.cat([(p.detach() - before[n]).flatten()
                            for n, p in model.named_parameters() if n.startswith(layer)])
@@ -424,9 +451,30 @@ def test_bad_probe_files(tmp_path, content, spec, message):
         load_from_path(spec.format(d=tmp_path))
 
 
-def test_sample_span_is_fixed_and_inside_the_tensor():
-    start, length = adam_module.sample_span(120_000, 16_384, seed=3)
-    assert length == 16_384 and 0 <= start <= 120_000 - 16_384
-    assert adam_module.sample_span(120_000, 16_384, seed=3) == (start, length)
-    assert adam_module.sample_span(300, 16_384, seed=0) == (0, 300)
-    assert adam_module.sample_span(300, None, seed=0) == (0, 300)
+def test_sample_visits_every_filter_and_tap():
+    """A conv weight (64 filters of 32 x 4 x 4) sampled to at most 1,000 of its 32,768 entries: the
+    prime stride reaches every filter and every one of the 16 kernel taps."""
+    shape = (64, 32, 4, 4)
+    chosen = torch.arange(math.prod(shape))[sample_slice(math.prod(shape), 1_000)]
+    assert 800 <= len(chosen) <= 1_000 and len(set(chosen.tolist())) == len(chosen)
+    filters, taps = chosen // (32 * 16), chosen % 16
+    assert set(filters.tolist()) == set(range(64)) and set(taps.tolist()) == set(range(16))
+    assert sample_slice(300, 1_000) == slice(None) and sample_slice(300, 300) == slice(None)
+
+
+def test_entry_sample_sums_estimate_the_layer_sums():
+    """Sampled layers (weight and bias split in proportion) and whole layers, one vector."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(300, 200), nn.Linear(200, 3))  # 60,200 and 603 entries
+    params = list(model.named_parameters())
+    layers = LayerIndex.from_params(params)
+    sample = EntrySample(list(range(4)), [p.numel() for _, p in params], layers, 2_048,
+                         torch.device("cpu"))
+    assert sample.size == 2_048 + 603 and sample.layer_ids.tolist() == [0, 1]
+    flat = torch.empty(sample.size)
+    sample.gather([p.abs() for _, p in params], flat)
+    sums = sample.layer_sums(flat.unsqueeze(0))[0]
+    exact = [params[0][1].abs().sum() + params[1][1].abs().sum(),
+             params[2][1].abs().sum() + params[3][1].abs().sum()]
+    assert sums[0].item() == pytest.approx(exact[0].item(), rel=0.03)
+    assert sums[1].item() == pytest.approx(exact[1].item(), rel=1e-6)  # measured whole

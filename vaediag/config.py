@@ -124,9 +124,13 @@ class ProbesConfig:
         "standard", "what to record beyond the losses: 'off', 'cheap', 'standard' or 'full' "
         "(docs/probes.md)")
     extra: tuple[str, ...] = opt((), "more probes to load, as FILE.py:ClassName")
-    split_every: int = opt(25, "steps between recon/KL gradient splits (standard preset)")
-    layer_every: int = opt(1, "steps between per-layer gradient, Adam and update statistics "
-                           "(standard and full)")
+    split_every: int = opt(100, "steps between recon/KL gradient splits (an extra backward pass "
+                           "through the encoder; standard, and full at most 10)")
+    layer_every: int = opt(1, "steps between per-layer gradient norms (standard and full)")
+    optimizer_every: int = opt(4, "steps between Adam-state and update-ratio statistics in the "
+                               "standard preset, which also takes them at every step whose "
+                               "gradient norm jumps or whose lr or eps changes (full: every "
+                               "step)")
     metric_images: int = opt(64, "score at most this many validation images at every evaluation, "
                              "for active units and set-level quality (the grid's 8 are always "
                              "scored); 0 = grid only")
@@ -419,6 +423,7 @@ def validate(c: Config) -> None:
     parse_all(c.train.inject)  # raises ConfigError on a bad fault
     need(c.probes.split_every >= 1, "probes.split_every must be >= 1")
     need(c.probes.layer_every >= 1, "probes.layer_every must be >= 1")
+    need(c.probes.optimizer_every >= 1, "probes.optimizer_every must be >= 1")
     need(c.probes.metric_images >= 0, "probes.metric_images must be >= 0")
     need(all(":" in spec for spec in c.probes.extra),
          "probes.extra entries must be FILE.py:ClassName")

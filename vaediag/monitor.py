@@ -43,6 +43,7 @@ from vaediag.probes.base import (
     Probe,
     ProbeSetup,
     StepContext,
+    read_floats,
     to_floats,
 )
 from vaediag.rundir import RunWriter, load_run
@@ -55,6 +56,13 @@ EvalLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 
 GRID_IMAGES = grid.COLS
 _SET_CHUNK = 64
+
+#: A step is unusual when its gradient norm exceeds this many times the recent level (an
+#: exponential average with weight ``GRAD_LEVEL_ALPHA`` per step) ...
+GRAD_JUMP = 2.0
+GRAD_LEVEL_ALPHA = 0.1
+#: ... or when one of these optimizer settings changed since the previous step.
+WATCHED_SETTINGS = ("lr", "eps")
 
 
 @dataclass
@@ -86,6 +94,33 @@ def _as_images(images: torch.Tensor | np.ndarray, what: str, minimum: int,
         raise UserError(f"{what} must lie in [{lo:g}, {hi:g}] (value_range), or be uint8 0..255; "
                         f"got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
     return x
+
+
+def _held(values: dict[Any, Any]) -> dict[Any, Any]:
+    """Probe values to read later, copied into one vector per device (so buffers a probe
+    reuses may change in the meantime): the 0-d tensors stacked, then every vector appended,
+    in as few operations as there are kinds of value, not values."""
+    out: dict[Any, Any] = {}
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[str], list[torch.Tensor],
+                                                         list[tuple[str, ...]],
+                                                         list[torch.Tensor]]] = {}
+    for key, value in values.items():
+        if not isinstance(value, torch.Tensor):
+            out[key] = value
+            continue
+        scalars, scalar_values, vector_names, vectors = groups.setdefault(
+            (value.device, value.dtype), ([], [], [], []))
+        if value.dim() == 0:
+            scalars.append(key)
+            scalar_values.append(value.detach())
+        else:
+            vector_names.append(key if isinstance(key, tuple) else (key,))
+            vectors.append(value.detach().reshape(-1))
+    for scalars, scalar_values, vector_names, vectors in groups.values():
+        parts = ([torch.stack(scalar_values)] if scalar_values else []) + vectors
+        flat = (torch.cat(parts) if len(parts) > 1 else parts[0].clone()).float()
+        out[(*scalars, *(n for names in vector_names for n in names))] = flat
+    return out
 
 
 def forward_order(model: nn.Module, run: Callable[[], Any]) -> dict[str, int]:
@@ -252,6 +287,12 @@ class Monitor:
         self._setup_probes(resume)
 
         self._pending: tuple[StepContext, dict[str, Any], dict[str, Any]] | None = None
+        #: the last step's row and its probe values still on the device (see after_step)
+        self._unread: tuple[dict[str, Any], dict[Any, Any]] | None = None
+        #: whether the current step is unusual (see _judge), and what that is judged from
+        self.unusual = False
+        self._grad_level: float | None = None
+        self._settings: tuple | None = None
         self._before: list[torch.Tensor] | None = None
         self._sums = np.zeros(3)  # recon, kl, count since the last evaluation
         self._elapsed_before = 0.0
@@ -326,7 +367,8 @@ class Monitor:
 
     def _due(self, step: int, *, after_step: bool) -> list[Probe]:
         return [p for p in self.probes
-                if not p.on_eval and p.after_step == after_step and p.schedule(step)]
+                if not p.on_eval and p.after_step == after_step
+                and (p.schedule(step) or (p.when_unusual and self.unusual))]
 
     def wants_graph(self, step: int) -> bool:
         """Whether ``loss.backward`` should keep the graph at ``step`` (for the gradient split)."""
@@ -355,35 +397,36 @@ class Monitor:
 
         ``kl_term`` is the KL part of the loss as differentiated (default ``beta * kl``); give
         it, still attached to the graph, for the recon/KL gradient split.
+
+        This is the step's one read from the device: the losses, the gradient norm and the
+        previous step's probe values come back together (see :meth:`_read`).
         """
         if step == 0 and not self._evaluated:
             self.evaluate(0)
-        grads = [p.grad for _, p in self._params]
-        norms = torch.stack([g.detach().norm() if g is not None
-                             else torch.zeros((), device=self.device) for g in grads]) \
-            if grads else torch.zeros(0)
-        core = {"recon": recon, "kl": kl}
+        norms = self._grad_norms()
+        core: dict[str, Any] = {"recon": recon, "kl": kl}
         if total is not None:
             core["total"] = total
-        has_grads = any(g is not None for g in grads)
-        if has_grads:
-            core["grad_norm"] = norms.double().pow(2).sum().sqrt()
-        row: dict[str, Any] = {"step": int(step), "time": self.elapsed(), **to_floats(core)}
+        if norms is not None:
+            core["grad_norm"] = norms.double().square().sum().sqrt()
+        row: dict[str, Any] = {"step": int(step), "time": self.elapsed(), **self._read(core)}
         if epoch is not None:
             row["epoch"] = epoch
         if beta is not None:
             row["beta"] = float(beta)
         if self.optimizer is not None:
             group = self.optimizer.param_groups[0]
-            row["lr"] = float(group["lr"])
+            if isinstance(group["lr"], (int, float)):
+                row["lr"] = float(group["lr"])
             if isinstance(group.get("eps"), (int, float)):
                 row["eps"] = float(group["eps"])
         check = StepCheck(grad_norm=row.get("grad_norm", math.nan))
         for term in ("recon", "kl", "total"):
             if term in row and not math.isfinite(row[term]):
                 check.nonfinite.append(term)
-        if check.nonfinite or (has_grads and not math.isfinite(check.grad_norm)):
-            check.nonfinite += self._nonfinite_origin(norms if has_grads else None) or ["grad"]
+        grads_finite = norms is None or math.isfinite(check.grad_norm)
+        if check.nonfinite or not grads_finite:
+            check.nonfinite += self._nonfinite_origin(norms) or ["grad"]
         for term in check.nonfinite:
             self.writer.event("nonfinite", step, term=term, recon=row["recon"], kl=row["kl"],
                               grad_norm=check.grad_norm)
@@ -393,22 +436,71 @@ class Monitor:
                        f"reduction); a single-sample Monte Carlo estimate can be", kl=row["kl"])
         if math.isfinite(row["recon"]) and math.isfinite(row["kl"]):
             self._sums += (row["recon"], row["kl"], 1)
+        self.unusual = self._judge(row, check)
 
         if kl_term is None and isinstance(kl, torch.Tensor) and kl.requires_grad:
             kl_term = kl * (1.0 if beta is None else beta)
+        zeros = torch.zeros(len(self._params), device=self.device)
         ctx = StepContext(step, self._params, self.layers, self.optimizer,
                           {"recon": row["recon"], "kl": row["kl"], "total": row.get("total"),
                            "beta": beta, "mu": None if mu is None else mu.detach(),
                            "logvar": None if logvar is None else logvar.detach(),
-                           "kl_term": kl_term, "param_grad_norms": norms})
+                           "kl_term": kl_term,
+                           "param_grad_norms": norms if norms is not None else zeros,
+                           "grads_finite": grads_finite})
         values: dict[str, Any] = dict(extra or {})
         for probe in self._due(step, after_step=False):
             values.update(self._run(probe, ctx, step))
         ctx.kl_term = None  # release the graph
-        if any("update" in p.needs for p in self._due(step, after_step=True)):
+        after = self._due(step, after_step=True)
+        if any("update" in p.needs for p in after):
             ctx.before = self._snapshot()
+        for probe in after:
+            probe.before_step(ctx)
         self._pending = (ctx, row, values)
         return check
+
+    def _judge(self, row: dict[str, Any], check: StepCheck) -> bool:
+        """Whether this step is unusual: its gradient norm jumped (``GRAD_JUMP`` times the
+        recent level), lr or eps changed, or a value went non-finite. Probes made with
+        ``when_unusual=True`` then run whatever their schedule. From host values alone."""
+        settings = tuple(row.get(k) for k in WATCHED_SETTINGS)
+        changed = self._settings is not None and settings != self._settings
+        self._settings = settings
+        norm = check.grad_norm
+        if not math.isfinite(norm):
+            return True
+        jumped = self._grad_level is not None and norm > GRAD_JUMP * self._grad_level
+        self._grad_level = norm if self._grad_level is None else \
+            (1 - GRAD_LEVEL_ALPHA) * self._grad_level + GRAD_LEVEL_ALPHA * norm
+        return bool(check.nonfinite) or changed or jumped
+
+    def _grad_norms(self) -> torch.Tensor | None:
+        """(P,) L2 norm of each parameter's gradient (0 where it has none), on the device, in
+        one list-wide operation; None when no parameter has a gradient."""
+        grads = [p.grad for _, p in self._params]
+        present = [g.detach() for g in grads if g is not None]
+        if not present:
+            return None
+        norms = torch.stack(torch._foreach_norm(present))
+        if len(present) == len(grads):
+            return norms
+        full = torch.zeros(len(grads), device=norms.device, dtype=norms.dtype)
+        full[[i for i, g in enumerate(grads) if g is not None]] = norms
+        return full
+
+    def _read(self, values: dict[str, Any]) -> dict[str, float]:
+        """Read ``values`` from the device together with the probe values of the step before
+        (held back by :meth:`after_step`), in one transfer per device: one synchronisation
+        per step on a GPU. Completes and writes that previous row."""
+        unread, self._unread = self._unread, None
+        if unread is None:
+            return to_floats(values)
+        row, held = unread
+        now, before = read_floats([values, held])
+        row.update(before)
+        self.writer.log_step(row)
+        return now
 
     def _nonfinite_origin(self, norms: torch.Tensor | None) -> list[str]:
         """Where non-finite values started: parameters that are themselves non-finite
@@ -431,15 +523,17 @@ class Monitor:
     def _snapshot(self) -> list[torch.Tensor]:
         """Copy the parameters into buffers kept for the run (no allocation per step)."""
         if self._before is None:
-            self._before = [torch.empty(p.numel(), device=p.device) for _, p in self._params]
-        for buf, (_, p) in zip(self._before, self._params, strict=True):
-            buf.copy_(p.detach().reshape(-1))
+            self._before = [torch.empty(p.numel(), device=p.device, dtype=p.dtype)
+                            for _, p in self._params]
+        torch._foreach_copy_(self._before, [p.detach().reshape(-1) for _, p in self._params])
         return self._before
 
     def after_step(self, step: int, *, skipped: bool = False, evaluate: bool = True) -> None:
         """Call after ``optimizer.step()`` (or instead of it, with ``skipped=True``).
 
         Evaluates when one is due, unless ``evaluate`` is False (a loop that is about to stop).
+        The step's probe values stay on the device until the next step's read (or the next
+        evaluation, checkpoint or :meth:`close`), so they cost no synchronisation of their own.
         """
         if self._pending is None or self._pending[1]["step"] != step:
             raise UserError(f"after_step({step}) without after_backward({step}) before it")
@@ -450,11 +544,15 @@ class Monitor:
         else:
             for probe in self._due(step, after_step=True):
                 values.update(self._run(probe, ctx, step))
-        row.update(to_floats(values))
-        self.writer.log_step(row)
         self.last_step_row = row
+        self._unread = (row, _held(values))
         if evaluate and (step + 1) % self.eval_every == 0:
             self.evaluate(step + 1)
+
+    def flush(self) -> None:
+        """Read the last step's held-back probe values and write its row (done by itself at
+        every evaluation, checkpoint and at :meth:`close`)."""
+        self._read({})
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -473,6 +571,7 @@ class Monitor:
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any]:
         """Evaluate the model as it is now (after ``step`` updates): grid PNG and eval row."""
+        self.flush()
         was_training = self.model.training
         self.model.eval()
         try:
@@ -583,13 +682,17 @@ class Monitor:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs so a resumed run continues averages, clock and probes."""
+        self.flush()
         return {"sums": self._sums.tolist(), "elapsed": self.elapsed(),
+                "grad_level": self._grad_level, "settings": list(self._settings or []),
                 "probes": {p.name: p.state_dict() for p in self.probes}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._sums = np.asarray(state["sums"], dtype=np.float64)
         self._elapsed_before = float(state["elapsed"])
         self._t0 = time.monotonic()
+        self._grad_level = state.get("grad_level")
+        self._settings = tuple(state["settings"]) if state.get("settings") else None
         for probe in self.probes:
             if probe.name in state.get("probes", {}):
                 probe.load_state_dict(state["probes"][probe.name])
@@ -600,6 +703,7 @@ class Monitor:
         A finished run whose last grid is older than its last step gets a final evaluation, so
         the last grid always shows the final model.
         """
+        self.flush()
         last = step if step is not None else int(self.last_step_row.get("step", -1)) + 1
         if status == "finished" and last > 0 and self.last_eval_row.get("step") != last:
             self.evaluate(last)

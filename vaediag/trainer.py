@@ -218,7 +218,8 @@ def train(
         pc = config.probes
         monitor = Monitor(writer, model, optimizer, eval_images=data.val[:8],
                           eval_loss=_eval_loss_fn(model, config), eval_every=eval_every,
-                          probes=probe_library.build(pc.preset, pc.split_every, pc.layer_every),
+                          probes=probe_library.build(pc.preset, pc.split_every, pc.layer_every,
+                                                     pc.optimizer_every),
                           extra_probes=extra_probes,
                           metric_images=data.val[:pc.metric_images] if pc.metric_images else None,
                           lpips_weights=pc.lpips_weights or None,

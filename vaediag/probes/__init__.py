@@ -9,10 +9,13 @@ preset     probes
 off        none: the Monitor still records losses, lr and the global gradient norm every step
 cheap      latent stats every step; per-layer gradient norms every 10 steps; at each evaluation:
            image quality, latent health, factors (toyfaces), generation drift
-standard   latent stats, per-layer gradient norms, Adam state (on a fixed run of 16,384
-           entries of each larger tensor) and update ratios every step; the recon/KL
-           gradient split every ``probes.split_every`` steps; evaluations as cheap
-full       as standard, with Adam state on every entry and the gradient split every step
+standard   latent stats and per-layer gradient norms every step; Adam state and update ratios
+           (on a fixed sample of 2,048 entries of each larger layer) every
+           ``probes.optimizer_every`` steps and at every unusual step (the gradient norm
+           jumped, lr or eps changed: :meth:`Monitor.unusual`); the recon/KL gradient split
+           every ``probes.split_every`` steps; evaluations as cheap
+full       as standard, with Adam state and update ratios on every entry at every step and
+           the gradient split every ``FULL_SPLIT_EVERY`` steps
 =========  =======================================================================================
 """
 
@@ -52,7 +55,14 @@ def _eval_probes() -> list[Probe]:
     return [ImageQuality(), LatentHealth(), FactorFidelity(), GenerationDrift()]
 
 
-def build(preset: str, split_every: int = 25, layer_every: int = 1) -> list[Probe]:
+#: Steps between gradient splits in the ``full`` preset. The split is an extra backward pass
+#: through the encoder, about a third of a training step; no detector reads it, so even
+#: ``full`` takes it at a cadence.
+FULL_SPLIT_EVERY = 10
+
+
+def build(preset: str, split_every: int = 100, layer_every: int = 1,
+          optimizer_every: int = 4) -> list[Probe]:
     """The probes of a named preset (see the module docstring)."""
     if preset == "off":
         return []
@@ -60,9 +70,12 @@ def build(preset: str, split_every: int = 25, layer_every: int = 1) -> list[Prob
         return [LatentStats(), GradientNorms(every(10)), *_eval_probes()]
     if preset in ("standard", "full"):
         full = preset == "full"
-        adam = AdamState(every(layer_every), max_entries=None if full else MAX_ENTRIES)
-        return [LatentStats(), GradientNorms(every(layer_every)), adam,
-                UpdateRatio(every(layer_every)), GradSplit(every(1 if full else split_every)),
+        cap = None if full else MAX_ENTRIES
+        optimizer = every(1 if full else optimizer_every)
+        return [LatentStats(), GradientNorms(every(layer_every)),
+                AdamState(optimizer, max_entries=cap, when_unusual=True),
+                UpdateRatio(optimizer, max_entries=cap, when_unusual=True),
+                GradSplit(every(min(split_every, FULL_SPLIT_EVERY) if full else split_every)),
                 *_eval_probes()]
     raise UserError(f"unknown probe preset {preset!r}; choose from {', '.join(PRESETS)}")
 

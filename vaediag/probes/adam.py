@@ -23,19 +23,21 @@ From ``optimizer.state`` (moments ``m``, ``v``, step count ``t``) with bias corr
 they are recorded every ``V_EVERY`` steps, the others every step the probe runs.
 
 Global versions (no prefix) pool all entries. With amsgrad, ``max_exp_avg_sq`` replaces v in u.
-Tensors larger than ``max_entries`` are measured on a fixed random run of that many entries.
+Tensors larger than ``max_entries`` are measured on a fixed sample of about that many entries
+(every k-th entry, k prime: :class:`~vaediag.probes.base.EntrySample`).
 Other optimizers: the probe declines ("not applicable") and records nothing.
+
+Everything stays on the model's device until the Monitor's one read of the step.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vaediag.probes.base import LayerIndex, Probe, ProbeSetup, StepContext, per_index
+from vaediag.probes.base import EntrySample, LayerIndex, Probe, ProbeSetup, StepContext, per_index
 
 STATS = ("adam_update_rms", "adam_eps_frac", "adam_sign_frac", "adam_rms_t", "adam_eff_lr")
 
@@ -46,112 +48,131 @@ STATS = ("adam_update_rms", "adam_eps_frac", "adam_sign_frac", "adam_rms_t", "ad
 V_STATS = ("adam_eps_frac", "adam_eff_lr")
 V_EVERY = 10
 
-#: Parameter tensors with more entries than this are measured on a fixed random sample of this
-#: many entries, which bounds the cost per step whatever the model's size. The sample is one
-#: contiguous run of entries at a random offset fixed for the run (a run of whole filters or
-#: rows, which are exchangeable), so that it is a plain view: no gather, and only the sampled
-#: memory is read. The ``full`` preset measures every entry of every tensor.
-MAX_ENTRIES = 1 << 14
+#: Layers with more entries than this are measured on a fixed sample of exactly this many
+#: (every k-th entry of each tensor for a prime k, a plain strided view: no gather, and a sample
+#: spread over every filter, row and kernel tap), which bounds the cost per step whatever the
+#: model's size. The ``full`` preset measures every entry of every tensor.
+MAX_ENTRIES = 1 << 11
 
 
-def sample_span(numel: int, cap: int | None, seed: int) -> tuple[int, int]:
-    """(start, length) of the entries measured for a tensor of ``numel`` entries."""
-    if cap is None or numel <= cap:
-        return 0, numel
-    start = int(torch.randint(0, numel - cap + 1, (1,),
-                              generator=torch.Generator().manual_seed(seed)))
-    return start, cap
+#: The rows of :func:`moment_rows`: the first three every step, the last two (v alone) every
+#: ``V_EVERY`` steps, so that either set is one slice of the work buffer.
+ROWS = ("adam_update_rms", "adam_sign_frac", "adam_rms_t", "adam_eps_frac", "adam_eff_lr")
 
 
-def moment_sums(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                v_max: torch.Tensor | None, sizes: list[int], t: float, lr: float,
-                beta1: float, beta2: float, eps: float, v_stats: bool = True,
-                work: torch.Tensor | None = None) -> torch.Tensor:
-    """Sums over each segment (``sizes``) of flat moments of
-    [u^2, sqrt(v^) < eps, |u| > 0.9, g^2 / max(v^, eps^2), log(lr / (sqrt(v^) + eps))]:
-    shape (len(sizes), 5), NaN in columns 1 and 4 when ``v_stats`` is False.
+def moment_rows(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, v_max: torch.Tensor | None,
+                t: float | torch.Tensor, lr: float | torch.Tensor, beta1: float, beta2: float,
+                eps: float, v_stats: bool, work: torch.Tensor) -> torch.Tensor:
+    """Per-entry moments, written into ``work`` (6, N; row 5 is scratch) in the order of
+    ``ROWS``: [(m / (sqrt(v^) + eps))^2, |u| > 0.9, g^2 / max(v^, eps^2), sqrt(v^) < eps,
+    log(lr / (sqrt(v^) + eps))]; returns rows 0-4, or 0-2 unless ``v_stats``. Row 0 is u^2
+    times bc1^2 (bias correction of m, applied to the sums by :func:`summarise`).
 
-    One pipeline of in-place operations over every tensor at once, writing the five quantities
-    into rows 0-4 of ``work`` (6, N; row 5 is scratch), then one sum per segment. On a CPU the
-    fixed cost of an operation, not arithmetic, is what makes per-tensor statistics slow.
+    A dozen in-place operations over every entry at once. ``t`` (Adam's step count) and ``lr``
+    may be tensors on the device (a capturable optimizer), so nothing here reads the device.
     """
-    n = m.numel()
-    w = work if work is not None else torch.empty(6, n, device=m.device)
-    a = w[5]
+    a = work[5]
     bc1 = 1.0 - beta1 ** t
     bc2 = 1.0 - beta2 ** t
     torch.div(v_max if v_max is not None else v, bc2, out=a).sqrt_()  # sqrt(v^) in u
     if v_stats:
-        torch.lt(a, eps, out=w[1])
+        torch.lt(a, eps, out=work[3])
     if v_max is not None:  # amsgrad: RMS_t still uses the running v^, not its maximum
-        torch.div(v, bc2, out=w[3]).sqrt_().clamp_min_(eps)
+        torch.div(v, bc2, out=work[2]).sqrt_().clamp_min_(eps)
     else:
-        torch.clamp(a, min=eps, out=w[3])
-    torch.div(g, w[3], out=w[3]).mul_(w[3])  # g^2 / max(v^, eps^2)
+        torch.clamp(a, min=eps, out=work[2])
+    torch.div(g, work[2], out=work[2]).square_()  # g^2 / max(v^, eps^2)
     a.add_(eps)  # Adam's denominator sqrt(v^) + eps
     if v_stats:
-        torch.log(a, out=w[4]).neg_().add_(math.log(lr) if lr > 0 else math.nan)
-    torch.div(m, a, out=w[0]).div_(bc1)  # u
-    torch.gt(torch.abs(w[0], out=w[2]), 0.9, out=w[2])
-    w[0].mul_(w[0])
-    rows = w[:5]
-    sums = torch.stack([s.sum(1) for s in rows.split(sizes, 1)]).double().cpu()
-    if not v_stats:
-        sums[:, [1, 4]] = math.nan
-    return sums
+        torch.log(a, out=work[4]).neg_().add_(torch.log(torch.as_tensor(lr, dtype=a.dtype,
+                                                                        device=a.device)))
+    torch.div(m, a, out=work[0])  # u * bc1
+    torch.gt(torch.abs(work[0], out=work[1]), 0.9 * bc1, out=work[1])
+    work[0].square_()
+    return work[:5] if v_stats else work[:3]
 
 
-def summarise(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Turn (..., 5) sums and (...,) entry counts into the five statistics."""
-    mean = sums / counts.unsqueeze(-1).clamp_min(1)
-    return torch.stack([mean[..., 0].sqrt(), mean[..., 1], mean[..., 2], mean[..., 3].sqrt(),
-                        mean[..., 4].exp()], -1)
+def summarise(sums: torch.Tensor, counts: torch.Tensor,
+              bc1: float | torch.Tensor) -> torch.Tensor:
+    """Turn (R, ...) sums of :func:`moment_rows` and (...) entry counts into the statistics
+    of ``ROWS[:R]``."""
+    mean = sums / counts.clamp_min(1)
+    stats = [mean[0].sqrt() / bc1, mean[1], mean[2].sqrt()]
+    if len(sums) == 5:
+        stats += [mean[3], mean[4].exp()]
+    return torch.stack(stats)
 
 
 @dataclass
-class _Batch:
-    """The parameters of one optimizer group, ready for :func:`moment_sums`."""
+class _Group:
+    """The parameters of one optimizer group with Adam state, ready for :func:`moment_rows`."""
 
-    index: list[int]  # parameter positions
     group: dict[str, Any]
-    spans: list[tuple[int, int]]  # (start, length) measured in each parameter
-    m: list[torch.Tensor]  # views of the measured entries of the optimizer's state
+    sample: EntrySample
+    step: Any  # the state's step count (a tensor or a number) of the group's first parameter
+    m: list[torch.Tensor]  # views of the sampled entries of the optimizer's state
     v: list[torch.Tensor]
     v_max: list[torch.Tensor] | None
-    work: torch.Tensor  # (6, N) buffer
-    flat: torch.Tensor  # (4, N) buffer: m, v, g, v_max concatenated
+    flat: torch.Tensor  # (4, N): m, v, g, v_max gathered
+    work: torch.Tensor  # (6, N)
+    layer_ids: torch.Tensor  # on the device
+
+
+@dataclass
+class _Plan:
+    groups: list[_Group]
+    counts: torch.Tensor  # (L,) entries with Adam state per layer, on the device
+    measured: torch.Tensor  # (L',) indices of the layers with any
+    names: list[str]  # their names
 
 
 def _plan(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-          max_entries: int | None) -> list[_Batch]:
+          layers: LayerIndex, max_entries: int | None) -> _Plan:
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     members: dict[int, list[int]] = {}
     for i, p in enumerate(params):
         state = optimizer.state.get(p)
-        if state and "exp_avg" in state:
+        if state and "exp_avg" in state and id(p) in group_of:
             members.setdefault(id(group_of[id(p)]), []).append(i)
-    plan = []
+    numels = [p.numel() for p in params]
+    device, dtype = params[0].device, params[0].dtype
+    counts = torch.zeros(len(layers.layers), dtype=torch.float64)
+    groups = []
     for index in members.values():
-        states = [optimizer.state[params[i]] for i in index]
-        spans = [sample_span(params[i].numel(), max_entries, seed=i) for i in index]
+        sample = EntrySample(index, numels, layers, max_entries, device)
+        states = [optimizer.state[params[i]] if i in index else None for i in range(len(params))]
 
-        def views(key: str, states=states, spans=spans) -> list[torch.Tensor]:
-            return [s[key].detach().reshape(-1)[a:a + n] for s, (a, n) in zip(states, spans,
-                                                                                strict=True)]
+        def views(key: str, states=states, sample=sample) -> list[torch.Tensor]:
+            return sample.views([s[key] if s is not None else None for s in states])
 
-        n = sum(length for _, length in spans)
-        device = params[index[0]].device
-        amsgrad = all("max_exp_avg_sq" in s for s in states)
-        plan.append(_Batch(index, group_of[id(params[index[0]])], spans, views("exp_avg"),
-                           views("exp_avg_sq"), views("max_exp_avg_sq") if amsgrad else None,
-                           torch.empty(6, n, device=device), torch.empty(4, n, device=device)))
-    return plan
+        amsgrad = all("max_exp_avg_sq" in states[i] for i in index)
+        counts.index_add_(0, layers.param_layer[index], torch.tensor(
+            [float(numels[i]) for i in index], dtype=torch.float64))
+        groups.append(_Group(group_of[id(params[index[0]])], sample,
+                             states[index[0]]["step"], views("exp_avg"), views("exp_avg_sq"),
+                             views("max_exp_avg_sq") if amsgrad else None,
+                             torch.empty(4, sample.size, device=device, dtype=dtype),
+                             torch.empty(6, sample.size, device=device, dtype=dtype),
+                             sample.layer_ids.to(device)))
+    has = (counts > 0).tolist()
+    return _Plan(groups, counts.float().to(device),
+                 torch.tensor([i for i, h in enumerate(has) if h], dtype=torch.long,
+                              device=device),
+                 [name for name, h in zip(layers.layers, has, strict=True) if h])
 
 
 def _signature(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> tuple:
     """Changes when the optimizer's state tensors are replaced (first step, load_state_dict)."""
     return tuple(id(optimizer.state[p].get("exp_avg")) if p in optimizer.state else 0
                  for p in params)
+
+
+def _step_count(step: Any) -> float | torch.Tensor:
+    """Adam's step count: a number, or a tensor read without a device sync when it is on the
+    CPU (torch's default) and kept as a tensor when it is on the device (capturable)."""
+    if isinstance(step, torch.Tensor):
+        return float(step) if step.device.type == "cpu" else step.float()
+    return float(step)
 
 
 def adam_stats(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
@@ -165,43 +186,35 @@ def adam_stats(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter
     cache = {} if cache is None else cache
     signature = _signature(optimizer, params)
     if cache.get("signature") != signature:
-        cache.update(signature=signature, plan=_plan(optimizer, params, max_entries))
-    plan: list[_Batch] = cache["plan"]
-    if not plan:
+        cache.update(signature=signature, plan=_plan(optimizer, params, layers, max_entries))
+    plan: _Plan = cache["plan"]
+    if not plan.groups:
         return {}
-    rows, order, numel = [], [], []
-    for b in plan:
-        g = [(grads[i] if grads[i] is not None else torch.zeros_like(params[i]))
-             .detach().reshape(-1)[a:a + n] for i, (a, n) in zip(b.index, b.spans, strict=True)]
-        torch.cat(b.m, out=b.flat[0])
-        torch.cat(b.v, out=b.flat[1])
-        torch.cat(g, out=b.flat[2])
-        if b.v_max is not None:
-            torch.cat(b.v_max, out=b.flat[3])
-        sizes = [n for _, n in b.spans]
-        b1, b2 = b.group["betas"]
-        rows.append(moment_sums(b.flat[0], b.flat[1], b.flat[2],
-                                b.flat[3] if b.v_max is not None else None, sizes,
-                                float(optimizer.state[params[b.index[0]]]["step"]),
-                                float(b.group["lr"]), b1, b2, b.group["eps"], v_stats, b.work))
-        order += b.index
-        numel += [float(n) for n in sizes]
-    sums = torch.cat(rows)  # (P', 5), parameters in `order`
-    counts = torch.tensor(numel, dtype=torch.float64)
-    index = layers.param_layer[torch.tensor(order)]
-    n_layers = len(layers.layers)
-    layer_sums = torch.zeros(n_layers, 5, dtype=torch.float64).index_add_(0, index, sums)
-    layer_counts = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, index, counts)
-    per_layer = summarise(layer_sums, layer_counts).float()
-    overall = summarise(sums.sum(0), counts.sum()).float()
-    has = layer_counts > 0
-    names = [n for n, ok in zip(layers.layers, has.tolist(), strict=True) if ok]
+    sums = None
+    for g in plan.groups:
+        s = g.sample
+        torch.cat(g.m, out=g.flat[0])  # cached views of the state: the optimizer updates it
+        torch.cat(g.v, out=g.flat[1])  # in place
+        s.gather(grads, g.flat[2])
+        if g.v_max is not None:
+            torch.cat(g.v_max, out=g.flat[3])
+        b1, b2 = g.group["betas"]
+        t = _step_count(g.step)
+        rows = moment_rows(g.flat[0], g.flat[1], g.flat[2],
+                           g.flat[3] if g.v_max is not None else None, t,
+                           g.group["lr"], b1, b2, g.group["eps"], v_stats, g.work)
+        part = s.layer_sums(rows)
+        if sums is None:
+            sums = torch.zeros(len(rows), len(plan.counts), device=part.device,
+                               dtype=part.dtype)
+            bc1 = 1.0 - b1 ** t  # of the first group: every group sees the same step count
+        sums.index_add_(1, g.layer_ids, part)
+    per_layer = summarise(sums, plan.counts, bc1)[:, plan.measured]
+    overall = summarise(sums.sum(1), plan.counts.sum(), bc1)
     out: dict[str, Any] = {}
-    for k, stat in enumerate(STATS):
-        if not v_stats and stat in V_STATS:
-            continue
+    for k, stat in enumerate(ROWS[:len(sums)]):
         out[stat] = overall[k]
-        out.update(per_index("layer", stat, per_layer[has, k], names))
+        out.update(per_index("layer", stat, per_layer[k], plan.names))
     return out
 
 
@@ -217,9 +230,11 @@ class AdamState(Probe):
             return f"the optimizer is {type(opt).__name__}, not Adam or AdamW"
         return None
 
-    def __init__(self, schedule=None, max_entries: int | None = MAX_ENTRIES):
-        """``max_entries``: sample larger tensors down to this many entries (None: all)."""
-        super().__init__(schedule)
+    def __init__(self, schedule=None, max_entries: int | None = MAX_ENTRIES, *,
+                 when_unusual: bool = False):
+        """``max_entries``: measure larger layers on a sample of this many entries (None:
+        every entry)."""
+        super().__init__(schedule, when_unusual=when_unusual)
         self.max_entries = max_entries
         self._cache: dict[str, Any] = {}
 

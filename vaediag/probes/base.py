@@ -31,6 +31,7 @@ says; a probe that raises is disabled with one warning and an event, and trainin
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,13 +74,17 @@ class Probe:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset({"losses"})
 
-    def __init__(self, schedule: Schedule | None = None):
+    def __init__(self, schedule: Schedule | None = None, *, when_unusual: bool = False):
+        """``when_unusual``: also run at every step the Monitor finds unusual (the gradient
+        norm jumped, lr or eps changed, a value went non-finite), whatever the schedule, so a
+        sparse schedule still sees sudden events."""
         unknown = set(self.needs) - NEEDS
         if unknown:
             raise ValueError(f"probe {self.name!r} needs unknown inputs {sorted(unknown)}")
         if not self.name:
             raise ValueError(f"{type(self).__name__} must set a name")
         self.schedule: Schedule = schedule or every(1)
+        self.when_unusual = when_unusual
 
     @property
     def on_eval(self) -> bool:
@@ -92,6 +97,10 @@ class Probe:
     def setup(self, info: ProbeSetup) -> str | None:
         """Called once before the first step. Return a reason to decline ('not applicable')."""
         return None
+
+    def before_step(self, ctx: StepContext) -> None:
+        """Called before ``optimizer.step()`` at the steps a probe that runs after the step is
+        due (needs ``optimizer`` or ``update``): e.g. to copy what the step will change."""
 
     def compute(self, ctx: Any) -> dict[str, Any]:
         raise NotImplementedError
@@ -147,10 +156,18 @@ class LayerIndex:
     def layer_numel(self) -> torch.Tensor:
         return self.per_layer_sum(self.param_numel)
 
-    @staticmethod
-    def _group_sum(values: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
+    def on(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``index`` on ``device``, copied there once (a copy per step would cost a device
+        synchronisation on a GPU)."""
+        key = (id(index), device)
+        cache = self.__dict__.setdefault("_on_device", {})
+        if key not in cache:
+            cache[key] = index.to(device)
+        return cache[key]
+
+    def _group_sum(self, values: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
         out = torch.zeros((groups, *values.shape[1:]), dtype=values.dtype, device=values.device)
-        return out.index_add_(0, index.to(values.device), values)
+        return out.index_add_(0, self.on(index, values.device), values)
 
     def per_layer_sum(self, per_param: torch.Tensor) -> torch.Tensor:
         """Sum a (P, ...) per-parameter quantity into (L, ...) per-layer totals."""
@@ -173,39 +190,124 @@ class ProbeSetup:
     lpips: LPIPSMetric | None
 
 
-#: Parameter tensors with fewer entries than this are processed together in one batch: on a CPU
-#: the fixed cost of a tensor operation, not arithmetic, dominates for biases and small layers.
-SMALL_TENSOR = 1 << 15
+_ALL = slice(None)
 
 
-def param_batches(numels: list[int], keys: list[object] | None = None) -> list[list[int]]:
-    """Parameter indices to process together: each large tensor alone, small ones batched.
+def _prime_at_least(n: int) -> int:
+    """The smallest prime >= n (n >= 2)."""
+    while any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)):
+        n += 1
+    return n
 
-    Small tensors are batched only with others of the same ``key`` (e.g. optimizer group).
+
+def sample_slice(numel: int, count: int) -> slice:
+    """At most ``count`` entries of a flattened tensor of ``numel`` entries, fixed for the run:
+    all of them, or every k-th over the whole tensor for the smallest prime k that keeps to
+    ``count``. A prime stride shares no factor with a tensor's shape (4x4 kernels, 64
+    channels, ...), so the sample visits every filter, row and kernel tap; and it is a plain
+    strided view (no gather)."""
+    if count >= numel:
+        return _ALL
+    return slice(0, None, _prime_at_least(max(2, -(-numel // count))))
+
+
+def _quotas(numels: list[int], cap: int) -> list[int]:
+    """Split ``cap`` sampled entries over a layer's tensors in proportion to their sizes (at
+    least one entry each)."""
+    total = sum(numels)
+    quotas = [min(n, max(1, cap * n // total)) for n in numels]
+    largest = max(range(len(numels)), key=numels.__getitem__)
+    quotas[largest] = min(numels[largest], quotas[largest] + cap - sum(quotas))
+    return quotas
+
+
+class EntrySample:
+    """A fixed sample of the entries of a list of tensors (parameters or their optimizer
+    state), gathered into one flat vector layer by layer, and reduced per layer.
+
+    Every statistic of a step is then a few operations over one vector, whatever the number of
+    tensors: on a CPU the fixed cost of an operation, not its arithmetic, is what makes
+    per-tensor statistics slow. A layer with more than ``cap`` entries is measured on exactly
+    ``cap`` of them (split over its weight and bias in proportion), each standing for
+    ``numel / sampled`` entries of its tensor, so per-layer sums estimate those over every
+    entry; smaller layers (and every layer when ``cap`` is None) are measured whole. The
+    sampled layers come first, as one (layers x cap) block reduced in a single operation.
     """
-    keys = keys if keys is not None else [None] * len(numels)
-    batches: list[list[int]] = []
-    small: dict[object, list[int]] = {}
-    for i, (n, key) in enumerate(zip(numels, keys, strict=True)):
-        if n >= SMALL_TENSOR:
-            batches.append([i])
-        else:
-            small.setdefault(key, []).append(i)
-    return batches + list(small.values())
 
+    def __init__(self, members: list[int], numels: list[int], layers: LayerIndex,
+                 cap: int | None, device: torch.device):
+        layer_of = layers.param_layer.tolist()
+        by_layer: dict[int, list[int]] = {}
+        for i in members:
+            by_layer.setdefault(layer_of[i], []).append(i)
+        sampled = [la for la, ps in by_layer.items()
+                   if cap is not None and sum(numels[i] for i in ps) > cap]
+        whole = [la for la in by_layer if la not in sampled]
+        self.cap = cap or 0
+        self.n_sampled = len(sampled)
+        self.order: list[int] = []
+        self.slices: dict[int, slice] = {}
+        counts: dict[int, int] = {}
+        self._pads: dict[int, torch.Tensor] = {}  # after position: zeros completing a layer
+        zeros = torch.zeros(self.cap, device=device)
+        for la in sampled:
+            ps = by_layer[la]
+            for i, q in zip(ps, _quotas([numels[i] for i in ps], self.cap), strict=True):
+                self.order.append(i)
+                self.slices[i] = sample_slice(numels[i], q)
+                counts[i] = len(range(numels[i])[self.slices[i]])
+            pad = self.cap - sum(counts[i] for i in ps)
+            if pad:
+                self._pads[len(self.order) - 1] = zeros[:pad]
+        self.whole_sizes = []
+        for la in whole:
+            for i in by_layer[la]:
+                self.order.append(i)
+                self.slices[i] = _ALL
+                counts[i] = numels[i]
+            self.whole_sizes.append(sum(numels[i] for i in by_layer[la]))
+        self.numels = numels
+        self.size = sum(counts.values()) + sum(len(z) for z in self._pads.values())
+        #: the layers measured (indices into ``layers.layers``), in the order of the vector
+        self.layer_ids = torch.tensor(sampled + whole, dtype=torch.long)
+        #: per entry of the sampled block: how many entries of its tensor it stands for
+        weights = []
+        for position, i in enumerate(self.order[:sum(len(by_layer[la]) for la in sampled)]):
+            weights.append(torch.full((counts[i],), numels[i] / counts[i]))
+            if position in self._pads:
+                weights.append(torch.zeros(len(self._pads[position])))
+        self.weight = torch.cat(weights or [torch.zeros(0)]).to(device)
 
-def concat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One flat tensor: a view for a single tensor, a concatenation for several."""
-    if len(tensors) == 1:
-        return tensors[0].reshape(-1)
-    return torch.cat([t.reshape(-1) for t in tensors])
+    def views(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The sampled entries of ``tensors`` (indexed like the parameters; None reads as
+        zeros, e.g. a parameter without a gradient at this step), as flat views."""
+        out = []
+        for position, i in enumerate(self.order):
+            t = tensors[i]
+            if t is None:
+                t = torch.zeros(self.numels[i], device=self.weight.device)
+            flat = t.detach().view(-1) if t.is_contiguous() else t.detach().reshape(-1)
+            out.append(flat if self.slices[i] == _ALL else flat[self.slices[i]])
+            if position in self._pads:
+                out.append(self._pads[position])
+        return out
 
+    def gather(self, tensors: list[torch.Tensor | None], out: torch.Tensor) -> torch.Tensor:
+        """Copy the sampled entries of ``tensors`` into ``out`` (one vector of ``size``)."""
+        return torch.cat(self.views(tensors), out=out)
 
-def segment_sums(values: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Sums of consecutive segments of a flat tensor, (len(sizes),)."""
-    if len(sizes) == 1:
-        return values.sum().reshape(1)
-    return torch.stack([s.sum() for s in values.split(sizes)])
+    def layer_sums(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R, N) per-entry values -> (R, layers) sums over each layer's entries (estimated
+        for sampled layers)."""
+        parts = []
+        block = self.n_sampled * self.cap
+        if self.n_sampled:
+            sampled = rows[:, :block] * self.weight
+            parts.append(sampled.view(len(rows), self.n_sampled, self.cap).sum(-1))
+        if self.whole_sizes:
+            parts.append(torch.stack([s.sum(1) for s in
+                                      rows[:, block:].split(self.whole_sizes, 1)], 1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 class StepContext:
@@ -230,6 +332,11 @@ class StepContext:
         self.logvar: torch.Tensor | None = values.get("logvar")
         self.kl_term: torch.Tensor | None = values.get("kl_term")
         self.param_grad_norms: torch.Tensor = values["param_grad_norms"]  # (P,), zeros if no grad
+        #: whether every gradient entry is finite, known on the host (the Monitor has read the
+        #: global gradient norm), so probes need not read the device to ask
+        finite = values.get("grads_finite")
+        self.grads_finite: bool = bool(torch.isfinite(self.param_grad_norms).all()) \
+            if finite is None else finite
         #: Flat copies of the parameters taken before the optimizer step ("update" need);
         #: a probe may overwrite them (they are refreshed at every snapshot).
         self.before: list[torch.Tensor] | None = None
@@ -244,10 +351,10 @@ class StepContext:
         """(L,) L2 norm of each layer's gradient."""
         return self.layers.per_layer_sum(self.param_grad_norms.double().pow(2)).sqrt()
 
-    def nonfinite_grad_entries(self) -> torch.Tensor:
+    def nonfinite_grad_entries(self) -> torch.Tensor | float:
         """Count of NaN/Inf gradient entries (0 without looking, when every norm is finite)."""
-        if bool(torch.isfinite(self.param_grad_norms).all()):
-            return torch.tensor(0.0)
+        if self.grads_finite:
+            return 0.0
         return sum((~torch.isfinite(g)).sum().double() for g in self.grads)
 
 
@@ -276,6 +383,13 @@ class EvalContext:
         return self._set
 
 
+@functools.lru_cache(maxsize=1024)
+def _column_names(kind: str, stat: str, labels: tuple[str, ...]) -> tuple[str, ...]:
+    from vaediag.columns import name
+
+    return tuple(name(kind, stat, label) for label in labels)
+
+
 def per_index(kind: str, stat: str, values: torch.Tensor | np.ndarray,
               labels: list[str] | None = None) -> dict[Any, Any]:
     """The columns ``KIND.STAT/LABEL`` of a 1-D vector of values, as one probe-result entry.
@@ -283,10 +397,8 @@ def per_index(kind: str, stat: str, values: torch.Tensor | np.ndarray,
     The entry's key is the tuple of column names and its value the whole vector, so the Monitor
     reads all of a step's values from the device at once (see :func:`to_floats`).
     """
-    from vaediag.columns import name
-
     labels = labels if labels is not None else [str(i) for i in range(len(values))]
-    names = tuple(name(kind, stat, label) for label in labels)
+    names = _column_names(kind, stat, tuple(labels))
     if len(names) != len(values):
         raise ValueError(f"{len(names)} labels for {len(values)} values of {kind}.{stat}")
     vector = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
@@ -299,23 +411,31 @@ def to_floats(values: dict[Any, Any]) -> dict[str, float]:
     A key is a column name (value: a float or a 0-d tensor) or a tuple of column names (value:
     a 1-D tensor or array of as many values).
     """
-    from collections import defaultdict
+    return read_floats([values])[0]
 
-    out: dict[str, float] = {}
-    pending: dict[torch.device, list[tuple[tuple[str, ...], torch.Tensor]]] = defaultdict(list)
-    for key, value in values.items():
-        names = key if isinstance(key, tuple) else (key,)
-        if isinstance(value, torch.Tensor):
-            pending[value.device].append((names, value.detach().reshape(-1).float()))
-        elif isinstance(key, tuple):
-            out.update(zip(names, (float(v) for v in value), strict=True))
-        else:
-            out[key] = float(value)
+
+def read_floats(groups: list[dict[Any, Any]]) -> list[dict[str, float]]:
+    """:func:`to_floats` of several dicts at once: one transfer per device for all of them."""
+    outs: list[dict[str, float]] = [{} for _ in groups]
+    pending: dict[torch.device, list[tuple[int, tuple[str, ...], torch.Tensor]]] = {}
+    for g, values in enumerate(groups):
+        out = outs[g]
+        for key, value in values.items():
+            names = key if isinstance(key, tuple) else (key,)
+            if isinstance(value, torch.Tensor):
+                pending.setdefault(value.device, []).append(
+                    (g, names, value.detach().reshape(-1).float()))
+            elif isinstance(key, tuple):
+                out.update(zip(names, (float(v) for v in value), strict=True))
+            else:
+                out[key] = float(value)
     for items in pending.values():
-        flat = torch.cat([v for _, v in items]).tolist()
-        names = [n for ns, _ in items for n in ns]
-        out.update(zip(names, flat, strict=True))
-    return out
+        flat = torch.cat([v for _, _, v in items]).tolist()
+        at = 0
+        for g, names, _ in items:
+            outs[g].update(zip(names, flat[at:at + len(names)], strict=True))
+            at += len(names)
+    return outs
 
 
 def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

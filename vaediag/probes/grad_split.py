@@ -30,7 +30,7 @@ def split_stats(total: list[torch.Tensor], kl: list[torch.Tensor],
     for g, k in zip(total, kl, strict=True):
         gg, gk, kk = torch.dot(g, g), torch.dot(g, k), torch.dot(k, k)
         sums.append(torch.stack([gg - 2 * gk + kk, kk, gk - kk]))
-    per_param = torch.stack(sums).double().cpu()  # (P, 3): |r|^2, |k|^2, r.k
+    per_param = torch.stack(sums).double()  # (P, 3): |r|^2, |k|^2, r.k
     per_part = layers.per_part_sum(layers.per_layer_sum(per_param))
 
     def summarise(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,15 +13,16 @@ import torch
 from vaediag.losses import kl_per_dim
 from vaediag.probes.base import Probe, StepContext, per_index
 
+RANGES = ("mu_min", "logvar_min", "mu_max", "logvar_max", "mu_mean", "logvar_mean")
+
 
 def latent_stats(mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, Any]:
     """Per-dimension batch-mean analytic KL, and min/max/mean of mu and logvar."""
     mu, logvar = mu.detach().float(), logvar.detach().float()
     out: dict[str, Any] = per_index("dim", "kl", kl_per_dim(mu, logvar).mean(0))
-    for label, t in (("mu", mu), ("logvar", logvar)):
-        out[f"{label}_min"] = t.min()
-        out[f"{label}_max"] = t.max()
-        out[f"{label}_mean"] = t.mean()
+    both = torch.stack([mu, logvar]).flatten(1)  # (2, B * D)
+    low, high = torch.aminmax(both, dim=1)
+    out[RANGES] = torch.cat([low, high, both.mean(1)])
     return out
 
 

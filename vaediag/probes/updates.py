@@ -4,6 +4,9 @@ Measured, not predicted: the parameters are copied before the step and compared 
 weight decay, clipping and the optimizer's own quirks are all included. Around 1e-3 per step is
 the usual healthy order of magnitude for Adam; 1e-2 and above changes a layer quickly, 1e-5 and
 below means it has practically stopped learning.
+
+Tensors larger than ``max_entries`` are measured on the same kind of fixed sample as Adam's
+state (:class:`~vaediag.probes.base.EntrySample`); ``None`` measures every entry.
 """
 
 from __future__ import annotations
@@ -12,19 +15,18 @@ from typing import Any
 
 import torch
 
-from vaediag.probes.base import LayerIndex, Probe, StepContext, per_index, safe_div
+from vaediag.probes.adam import MAX_ENTRIES
+from vaediag.probes.base import EntrySample, LayerIndex, Probe, StepContext, per_index, safe_div
 
 
 def update_ratios(before: list[torch.Tensor], after: list[torch.Tensor],
                   layers: LayerIndex) -> dict[str, Any]:
-    """Per-layer and global ||after - before|| / ||before||. Overwrites ``before``.
-
-    Three list-wide (foreach) operations, whatever the number of tensors.
-    """
-    weight = torch.stack(torch._foreach_norm(before)).double()
-    torch._foreach_sub_(before, after)  # the snapshot becomes the update
-    delta = torch.stack(torch._foreach_norm(before)).double()
-    per_layer = layers.per_layer_sum(torch.stack([delta, weight], 1).pow(2).cpu())  # (L, 2)
+    """Per-layer and global ||after - before|| / ||before|| over every entry (the reference
+    the sampled probe is tested against). ``before``/``after``: flattened parameters."""
+    weight = torch.stack([b.double().norm() for b in before])
+    delta = torch.stack([(a.double() - b.double()).norm() for a, b in zip(after, before,
+                                                                          strict=True)])
+    per_layer = layers.per_layer_sum(torch.stack([delta, weight], 1).pow(2))  # (L, 2)
     ratio = safe_div(per_layer[:, 0].sqrt(), per_layer[:, 1].sqrt()).float()
     total = per_layer.sum(0)
     out: dict[str, Any] = per_index("layer", "update_ratio", ratio, layers.layers)
@@ -34,10 +36,46 @@ def update_ratios(before: list[torch.Tensor], after: list[torch.Tensor],
 
 class UpdateRatio(Probe):
     name = "updates"
-    needs = frozenset({"update"})
+    needs = frozenset({"optimizer"})
+
+    def __init__(self, schedule=None, max_entries: int | None = MAX_ENTRIES, *,
+                 when_unusual: bool = False):
+        """``max_entries``: measure larger layers on a sample of this many entries (None:
+        every entry)."""
+        super().__init__(schedule, when_unusual=when_unusual)
+        self.max_entries = max_entries
+        self._sample: EntrySample | None = None
+        self._names: list[str] = []
+        self._flat: torch.Tensor | None = None  # (2, N): before, then after the step
+        self._taken = False
+
+    def _prepare(self, ctx: StepContext) -> EntrySample:
+        if self._sample is None:
+            params = [p for _, p in ctx.params]
+            device = params[0].device
+            self._sample = EntrySample(list(range(len(params))), [p.numel() for p in params],
+                                       ctx.layers, self.max_entries, device)
+            self._names = [ctx.layers.layers[i] for i in self._sample.layer_ids.tolist()]
+            self._flat = torch.empty(2, self._sample.size, device=device,
+                                     dtype=params[0].dtype)
+        return self._sample
+
+    def before_step(self, ctx: StepContext) -> None:
+        self._prepare(ctx).gather([p for _, p in ctx.params], self._flat[0])
+        self._taken = True
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
-        if ctx.before is None:
+        if not self._taken:
             return {}
-        after = [p.detach().reshape(-1) for _, p in ctx.params]
-        return update_ratios(ctx.before, after, ctx.layers)
+        self._taken = False
+        sample = self._prepare(ctx)
+        before, after = self._flat[0], self._flat[1]
+        sample.gather([p for _, p in ctx.params], after)
+        after.sub_(before).square_()  # the update, squared
+        before.square_()
+        sums = sample.layer_sums(self._flat)  # (2, L): |W|^2, |dW|^2
+        ratio = safe_div(sums[1].sqrt(), sums[0].sqrt())
+        total = sums.sum(1)
+        out: dict[str, Any] = per_index("layer", "update_ratio", ratio, self._names)
+        out["update_ratio"] = safe_div(total[1].sqrt(), total[0].sqrt())
+        return out
