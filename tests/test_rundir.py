@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from vaediag import rundir as rundir_module
 from vaediag.errors import RunDirError
 from vaediag.rundir import (
     RunWriter,
@@ -54,7 +55,7 @@ def test_a_torn_last_write_keeps_every_complete_batch(tmp_path):
         t.append({"step": s, "v": float(s)})
         if s % 10 == 9:
             t.flush()
-    t.close()
+    # the writer is killed here: never closed, so its segment is not compacted
     (segment,) = (tmp_path / "t").iterdir()
     data = segment.read_bytes()
     segment.write_bytes(data[: len(data) - 30])  # the end of the last batch is lost
@@ -64,6 +65,26 @@ def test_a_torn_last_write_keeps_every_complete_batch(tmp_path):
     segment.write_bytes(data[:20])  # not even the schema is complete
     frame, problems = read_table(tmp_path / "t")
     assert len(frame) == 0 and "step" in frame.columns
+
+
+def test_segments_are_compacted_into_one_batch(tmp_path, monkeypatch):
+    """Rows flushed 5 at a time; a segment is closed and rewritten as one record batch every
+    10 rows and at close, so readers decompress few large buffers."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    monkeypatch.setattr(rundir_module, "COMPACT_ROWS", 10)
+    t = TableWriter(tmp_path / "t")
+    for s in range(25):
+        t.append({"step": s, "v": float(s)})
+        if s % 5 == 4:
+            t.flush()
+    t.close()
+    segments = sorted((tmp_path / "t").iterdir())
+    batches = [len(list(ipc.open_stream(pa.memory_map(str(p))))) for p in segments]
+    assert batches == [1, 1, 1]
+    frame, problems = read_table(tmp_path / "t")
+    assert list(frame["step"]) == list(range(25)) and problems == []
 
 
 def test_truncate_table(tmp_path):

@@ -138,12 +138,31 @@ def _read_segment(path: Path) -> tuple[pa.Table | None, bool]:
     return pa.Table.from_batches(batches, schema=schema), complete
 
 
+#: A segment that has reached this many rows is closed and rewritten as a single record batch
+#: (compacted), as is every segment when it is closed: rows are flushed in small batches for
+#: durability, but a million steps in batches of 50 would take a reader tens of seconds to
+#: decompress one tiny buffer at a time. A killed run leaves at most one segment uncompacted.
+COMPACT_ROWS = 10_000
+
+
+def compact_segment(path: Path) -> None:
+    """Rewrite a segment's complete record batches as one batch, atomically."""
+    table, _ = _read_segment(path)
+    if table is None or table.num_rows == 0:
+        return
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema, options=_IPC_OPTIONS) as writer:
+        writer.write_table(table.combine_chunks())
+    atomic_write(path, sink.getvalue().to_pybytes())
+
+
 class TableWriter:
     """Append-only writer of one table (per-step or per-eval rows) as Arrow IPC segments.
 
     A segment's columns are all the columns seen so far in this session; a row that lacks one
     stores a null. When a row brings a new column, the writer starts a new segment, so wide or
-    late-appearing statistics never force a rewrite of what is on disk.
+    late-appearing statistics never force a rewrite of what is on disk. A segment is compacted
+    into one record batch when it is closed, and closed every ``COMPACT_ROWS`` rows.
     """
 
     def __init__(self, directory: Path):
@@ -156,6 +175,8 @@ class TableWriter:
         self._schema: pa.Schema | None = None
         self._sink: pa.OSFile | None = None
         self._writer: ipc.RecordBatchStreamWriter | None = None
+        self._path: Path | None = None
+        self._segment_rows = 0
 
     def append(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
@@ -171,11 +192,17 @@ class TableWriter:
             for key in row:
                 if key not in self._columns:
                     self._columns[key] = None
-        if self._schema is None or len(self._columns) != len(self._schema):
+        if self._writer is None or len(self._columns) != len(self._schema):
             self._open_segment()
         arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in self._schema]
-        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+        self._write(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+
+    def _write(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
         self._sink.flush()
+        self._segment_rows += batch.num_rows
+        if self._segment_rows >= COMPACT_ROWS:  # the next rows open a new segment
+            self._close_segment()
 
     def write_columns(self, columns: dict[str, np.ndarray]) -> None:
         """Write many rows at once, given column by column (for tools that convert or
@@ -183,27 +210,28 @@ class TableWriter:
         self.flush()
         for key in columns:
             self._columns.setdefault(key, None)
-        if self._schema is None or len(self._columns) != len(self._schema):
+        if self._writer is None or len(self._columns) != len(self._schema):
             self._open_segment()
         n = len(next(iter(columns.values())))
         arrays = [pa.array(np.asarray(columns[f.name], dtype=f.type.to_pandas_dtype()),
                            type=f.type) if f.name in columns else pa.nulls(n, f.type)
                   for f in self._schema]
-        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
-        self._sink.flush()
+        self._write(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
 
     def _open_segment(self) -> None:
         self._close_segment()
         self._schema = pa.schema([(name, _column_type(name)) for name in self._columns])
-        path = self.directory / f"{self._next_index:06d}.arrows"
+        self._path = self.directory / f"{self._next_index:06d}.arrows"
         self._next_index += 1
-        self._sink = pa.OSFile(str(path), "wb")
+        self._sink = pa.OSFile(str(self._path), "wb")
         self._writer = ipc.new_stream(self._sink, self._schema, options=_IPC_OPTIONS)
+        self._segment_rows = 0
 
     def _close_segment(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._sink.close()
+            compact_segment(self._path)
         self._writer = self._sink = None
 
     def close(self) -> None:

@@ -32,9 +32,12 @@ QUALITY = {  # metric: (level, noise) at every evaluation
 
 
 def standard_scalars(n: int, *, seed: int = 0, layers: Iterable[str] = LAYERS,
-                     latent_dim: int = 16, split_every: int = 25, v_every: int = 10,
-                     first_step: int = 0) -> dict[str, np.ndarray]:
-    """Per-step columns of a calm run of ``n`` steps (float32 noise around steady levels)."""
+                     latent_dim: int = 16, split_every: int = 100, v_every: int = 10,
+                     optimizer_every: int = 1, first_step: int = 0) -> dict[str, np.ndarray]:
+    """Per-step columns of a calm run of ``n`` steps (float32 noise around steady levels).
+
+    Adam's state and the update ratios are recorded every ``optimizer_every`` steps (the
+    ``standard`` preset: 4; 1 gives every step, for tests that plant events in them)."""
     rng = np.random.default_rng(seed)
     step = np.arange(first_step, first_step + n, dtype=np.int64)
 
@@ -72,9 +75,12 @@ def standard_scalars(n: int, *, seed: int = 0, layers: Iterable[str] = LAYERS,
         cols[f"layer.adam_eff_lr/{layer}"] = around(0.01, 0.05)
         cols[f"layer.update_ratio/{layer}"] = around(2e-3, 0.1)
     v_rows = np.arange(n) % v_every != 0  # statistics of v alone: every v_every steps
+    off_cadence = np.arange(n) % optimizer_every != 0
     for name in list(cols):
         if name.split("/")[0] in ("layer.adam_eps_frac", "layer.adam_eff_lr"):
             cols[name][v_rows] = np.nan
+        if name.startswith(("layer.adam", "layer.update_ratio")):
+            cols[name][off_cadence] = np.nan
     for stat in ("adam_update_rms", "adam_eps_frac", "adam_sign_frac", "adam_rms_t",
                  "adam_eff_lr", "update_ratio"):
         cols[stat] = np.median([cols[f"layer.{stat}/{la}"] for la in layers], axis=0)
