@@ -109,6 +109,33 @@ def test_change_points_find_a_planted_shift_on_a_long_series():
     assert len(stats.change_points(rng.normal(size=5000))) == 1
 
 
+def _optimal_partition(y, penalty, min_size):
+    """Every segmentation's cost, by dynamic programming without pruning: the slow reference."""
+    n = len(y)
+    best = {0: (-penalty, [])}
+    for t in range(min_size, n + 1):
+        options = [(best[s][0] + ((y[s:t] - y[s:t].mean()) ** 2).sum() + penalty, best[s][1] + [t])
+                   for s in best if t - s >= min_size]
+        if options:
+            best[t] = min(options, key=lambda o: o[0])
+    return best[n]
+
+
+def test_pelt_finds_the_optimal_segmentation():
+    rng = np.random.default_rng(12)
+    for trial in range(20):
+        n = int(rng.integers(8, 60))
+        y = rng.normal(size=n) + np.repeat(rng.normal(scale=2, size=4), n // 4 + 1)[:n]
+        penalty = float(rng.uniform(1, 10))
+        cost, ends = _optimal_partition(y, penalty, 3)
+        found = stats.pelt(y, penalty, min_size=3)
+        starts = [0, *found[:-1]]
+        found_cost = sum(((y[a:b] - y[a:b].mean()) ** 2).sum() + penalty
+                         for a, b in zip(starts, found, strict=True)) - penalty
+        assert found_cost == pytest.approx(cost, rel=1e-9), trial
+        assert found == ends or found_cost == pytest.approx(cost, rel=1e-12)
+
+
 def test_rolling_spearman_against_scipy():
     rng = np.random.default_rng(6)
     a, b = rng.normal(size=40), rng.normal(size=40)
@@ -191,10 +218,18 @@ def test_nan_filled_columns_do_not_crash(tmp_path):
 
 
 def test_truncated_last_write_is_analysed_and_reported(tmp_path):
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
     cols = standard_scalars(1500)
-    run = write_run(tmp_path / "torn", cols, chunk=500)
+    run = write_run(tmp_path / "torn", cols)
     segment = sorted((run / "scalars").iterdir())[-1]
-    segment.write_bytes(segment.read_bytes()[:-300])  # a writer killed mid-batch
+    table = ipc.open_stream(pa.memory_map(str(segment))).read_all()
+    sink = pa.BufferOutputStream()  # as a writer leaves it before closing: batches of 500
+    with ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=500):
+            writer.write_batch(batch)
+    segment.write_bytes(sink.getvalue().to_pybytes()[:-300])  # killed mid-batch
     result = vaediag.analyze(run)
     assert 1000 <= result.run["steps"] < 1500
     assert result.problems and "scalars" in result.problems[0]

@@ -120,8 +120,9 @@ def _segments(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _SEGMENT_RE.match(p.name))
 
 
-def _read_segment(path: Path) -> tuple[pa.Table | None, bool]:
-    """All complete record batches of one segment, and whether it ended cleanly."""
+def _read_segment(path: Path, fields: list[str] | None = None) -> tuple[pa.Table | None, bool]:
+    """All complete record batches of one segment (only ``fields`` of them, when given: the
+    others are not even decompressed), and whether it ended cleanly."""
     batches: list[pa.RecordBatch] = []
     schema = None
     complete = True
@@ -129,6 +130,12 @@ def _read_segment(path: Path) -> tuple[pa.Table | None, bool]:
         with pa.memory_map(str(path)) as source:
             reader = ipc.open_stream(source)
             schema = reader.schema
+            if fields is not None:
+                source.seek(0)
+                included = [schema.get_field_index(f) for f in fields if f in schema.names]
+                reader = ipc.open_stream(source, options=ipc.IpcReadOptions(
+                    included_fields=included))
+                schema = reader.schema
             for batch in reader:
                 batches.append(batch)
     except (pa.ArrowInvalid, OSError, EOFError):
@@ -240,24 +247,66 @@ class TableWriter:
 
 
 def read_table(directory: Path) -> tuple[pd.DataFrame, list[str]]:
-    """Read every segment of a table into one DataFrame sorted by step; and problems found."""
-    tables, problems = [], []
+    """Read every segment of a table into one DataFrame sorted by step; and problems found.
+
+    Two passes, so that a million rows never sit in memory twice: the first reads each
+    segment's schema and its step column alone (which gives its row count), the second fills
+    preallocated columns one segment at a time. A column some segment lacks reads as NaN
+    there (an integer column then becomes float).
+    """
+    problems: list[str] = []
     segments = _segments(directory)
+    sizes: list[int] = []
+    schemas: list[pa.Schema] = []
     for i, path in enumerate(segments):
-        table, complete = _read_segment(path)
+        table, complete = _read_segment(path, fields=["step"])
         if not complete:
             what = "last" if i == len(segments) - 1 else "a"
             problems.append(f"{directory.name}/{path.name}: {what} segment ends in an incomplete "
                             f"write; its complete rows were read")
-        if table is not None and table.num_rows:
-            tables.append(table)
-    if not tables:
+        schemas.append(_schema_of(path))
+        sizes.append(0 if table is None else table.num_rows)
+    total = sum(sizes)
+    if not total:
         return pd.DataFrame({"step": pd.Series(dtype="int64")}), problems
-    table = pa.concat_tables(tables, promote_options="default")
-    frame = table.to_pandas()
+    present = [schema for schema, size in zip(schemas, sizes, strict=True) if size and schema]
+    types: dict[str, pa.DataType] = {}
+    for schema in present:
+        for f in schema:
+            types.setdefault(f.name, f.type)
+    columns: dict[str, np.ndarray] = {}
+    for name, kind in types.items():
+        if pa.types.is_integer(kind) and all(name in schema.names for schema in present):
+            columns[name] = np.zeros(total, dtype=np.int64)
+        else:
+            dtype = np.float32 if kind == pa.float32() else np.float64
+            columns[name] = np.full(total, np.nan, dtype=dtype)
+    at = 0
+    for path, size in zip(segments, sizes, strict=True):
+        if not size:
+            continue
+        table, _ = _read_segment(path)
+        rows = min(size, table.num_rows)
+        for name in table.column_names:
+            values = table.column(name).slice(0, rows)
+            if values.null_count:
+                values = values.cast(pa.float64())
+            target = columns[name]
+            target[at:at + rows] = values.to_numpy()
+        del table
+        at += size
+    frame = pd.DataFrame(columns, copy=False)
     if not frame["step"].is_monotonic_increasing:
         frame = frame.sort_values("step", kind="stable", ignore_index=True)
     return frame, problems
+
+
+def _schema_of(path: Path) -> pa.Schema | None:
+    try:
+        with pa.memory_map(str(path)) as source:
+            return ipc.open_stream(source).schema
+    except (pa.ArrowInvalid, OSError, EOFError):
+        return None
 
 
 def truncate_table(directory: Path, keep: Any) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -19,6 +20,9 @@ from vaediag.rundir import Run
 #: (a KL that rises while the total loss falls is a trade, not a spike).
 MIN_BURN_IN = 100
 
+#: How many indexed-statistic matrices :meth:`RunData.matrix` keeps.
+MATRICES_KEPT = 3
+
 
 @dataclass
 class Skip(Exception):
@@ -35,7 +39,7 @@ class RunData:
         #: series a detector derived and a reader may want to see (the report plots them):
         #: {name: {"steps": [...], ...}}; written to findings.json under "derived"
         self.derived: dict[str, dict[str, Any]] = {}
-        self._matrices: dict[tuple[str, str, str], pd.DataFrame] = {}
+        self._matrices: OrderedDict[tuple[str, str, str], pd.DataFrame] = OrderedDict()
 
     @cached_property
     def scalars(self) -> pd.DataFrame:
@@ -83,12 +87,17 @@ class RunData:
         return frame[column].to_numpy(dtype=np.float64)
 
     def matrix(self, kind: str, stat: str, table: str = "scalars") -> pd.DataFrame:
-        """(rows x index) frame of an indexed statistic; empty if not recorded. Built once per
-        run: several detectors read the same statistics. Treat it as read-only."""
+        """(rows x index) frame of an indexed statistic, in float64; empty if not recorded.
+        The last ``MATRICES_KEPT`` are kept (a detector reads the same statistic several
+        times; a million steps of eight layers is 64 MB). Treat it as read-only."""
         key = (kind, stat, table)
-        if key not in self._matrices:
+        if key in self._matrices:
+            self._matrices.move_to_end(key)
+        else:
             frame = self.scalars if table == "scalars" else self.evals
             self._matrices[key] = columns.matrix(frame, kind, stat).astype("float64")
+            while len(self._matrices) > MATRICES_KEPT:
+                self._matrices.popitem(last=False)
         return self._matrices[key]
 
     def require(self, *names: str, table: str = "scalars") -> None:

@@ -11,6 +11,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import bottleneck
 import numpy as np
 import pandas as pd
 
@@ -29,6 +30,22 @@ def to_log(x: np.ndarray) -> tuple[np.ndarray, bool]:
     return x.astype(np.float64), False
 
 
+def rolling_median(x: np.ndarray, window: int, min_periods: int) -> np.ndarray:
+    """The median of the ``window`` values up to and including each one, NaN with fewer than
+    ``min_periods`` finite values among them (NaN are skipped): pandas'
+    ``rolling(window, min_periods).median()``, four times faster (bottleneck's double heap)."""
+    return bottleneck.move_median(np.asarray(x, dtype=np.float64), window,
+                                  min_count=min(min_periods, window))
+
+
+def shift(x: np.ndarray, by: int = 1) -> np.ndarray:
+    """``x`` moved ``by`` places later, NaN in front (pandas' ``shift``)."""
+    out = np.full(len(x), np.nan)
+    if by < len(x):
+        out[by:] = x[:len(x) - by]
+    return out
+
+
 @dataclass
 class RobustZ:
     z: np.ndarray  # (x - median) / scale against the trailing window, NaN where undefined
@@ -43,15 +60,14 @@ def trailing_robust_z(x: np.ndarray, window: int, min_scale: float = 1e-12) -> R
     The MAD is the rolling median of absolute deviations from the rolling median, a standard
     O(n log w) approximation of the windowed MAD.
     """
-    s = pd.Series(x, dtype="float64")
-    past = s.shift(1)
+    x = np.asarray(x, dtype=np.float64)
+    past = shift(x)
     minimum = max(5, window // 2)
-    median = past.rolling(window, min_periods=minimum).median()
-    deviation = (past - median).abs()
-    mad = deviation.rolling(window, min_periods=minimum).median()
-    scale = (MAD_TO_SIGMA * mad).clip(lower=min_scale)
-    z = (s - median) / scale
-    return RobustZ(z.to_numpy(), median.to_numpy(), scale.to_numpy())
+    median = rolling_median(past, window, minimum)
+    mad = rolling_median(np.abs(past - median), window, minimum)
+    scale = np.maximum(MAD_TO_SIGMA * mad, min_scale)  # NaN stays NaN
+    z = (x - median) / scale
+    return RobustZ(z, median, scale)
 
 
 def ewm_z(x: np.ndarray, alpha: float = 0.03, cap: float = 4.0, warmup: int = 30) -> np.ndarray:
@@ -112,8 +128,7 @@ def trailing_median_where(x: np.ndarray, window: int, factor: float,
     with np.errstate(invalid="ignore"):
         candidates = np.flatnonzero(x >= factor * floor)
     if candidates.size > max(1000, len(x) // 20):  # dense: one full rolling median is cheaper
-        median = s.rolling(window, min_periods=min_periods).median().shift(1).to_numpy()
-        median = median[candidates]
+        median = shift(rolling_median(x, window, min_periods))[candidates]
     else:
         median = trailing_median_at(x, candidates, window, min_periods)
     with np.errstate(invalid="ignore"):
@@ -198,18 +213,47 @@ class Segment:
     slope: float  # per original index
 
 
+def pelt(y: np.ndarray, penalty: float, min_size: int = 3) -> list[int]:
+    """Optimal piecewise-constant segmentation of ``y`` under the l2 cost (the sum of squared
+    deviations from each segment's mean) plus ``penalty`` per segment, segments at least
+    ``min_size`` long: PELT (Killick et al. 2012), exact, with each step's candidates scored
+    at once. Returns the segment ends, the last being len(y) (as ruptures gives them).
+    """
+    n = len(y)
+    if n < 2 * min_size:
+        return [n]
+    s1 = np.concatenate([[0.0], np.cumsum(y, dtype=np.float64)])
+    s2 = np.concatenate([[0.0], np.cumsum(np.square(y, dtype=np.float64))])
+    best = np.full(n + 1, np.inf)
+    best[0] = -penalty
+    previous = np.zeros(n + 1, dtype=np.int64)
+    candidates = np.array([0], dtype=np.int64)
+    for t in range(min_size, n + 1):
+        opened = t - min_size  # a segment may now start where one of min_size could end
+        if opened >= min_size and np.isfinite(best[opened]):
+            candidates = np.append(candidates, opened)
+        length = t - candidates
+        cost = (s2[t] - s2[candidates]) - (s1[t] - s1[candidates]) ** 2 / length
+        total = best[candidates] + cost
+        k = int(np.argmin(total))
+        best[t] = total[k] + penalty
+        previous[t] = candidates[k]
+        candidates = candidates[total <= best[t]]  # never optimal again
+    ends, t = [], n
+    while t > 0:
+        ends.append(t)
+        t = int(previous[t])
+    return ends[::-1]
+
+
 def change_points(x: np.ndarray, max_points: int = 2000, penalty: float = 3.0) -> list[Segment]:
     """Piecewise-constant segmentation (PELT, l2 cost) of a decimated series.
 
-    ruptures' ``KernelCPD`` with a linear kernel is PELT with the l2 cost in compiled code
-    (its pure-Python ``Pelt`` takes ~40 s on 2,000 points; this takes ~10 ms). The penalty is
-    ``penalty * sigma^2 * log(n)`` (a BIC-like choice) with sigma the series' step-to-step
-    noise, so it adapts to the data's own scale. Each change point found on the block medians
-    is then placed exactly: the best single split of the full-resolution series within two
-    blocks of it (O(block) with cumulative sums).
+    The penalty is ``penalty * sigma^2 * log(n)`` (a BIC-like choice) with sigma the series'
+    step-to-step noise, so it adapts to the data's own scale. Each change point found on the
+    block medians is then placed exactly: the best single split of the full-resolution series
+    within two blocks of it (O(block) with cumulative sums).
     """
-    import ruptures
-
     finite = np.isfinite(x)
     if finite.sum() < 20:
         return []
@@ -217,8 +261,7 @@ def change_points(x: np.ndarray, max_points: int = 2000, penalty: float = 3.0) -
     values, block = decimate(filled, max_points)
     sigma = noise_scale(values) / math.sqrt(2)  # diff of two noisy points has sqrt(2) sigma
     sigma = sigma if sigma > 0 else float(np.std(values)) or 1.0
-    algo = ruptures.KernelCPD(kernel="linear", min_size=3).fit(values.reshape(-1, 1))
-    bkps = algo.predict(pen=penalty * sigma**2 * math.log(len(values)))
+    bkps = pelt(values, penalty * sigma**2 * math.log(len(values)), min_size=3)
     bounds = [0] + [min(b * block, len(x)) for b in bkps[:-1]] + [len(x)]
     if block > 1:
         for k in range(1, len(bounds) - 1):
@@ -261,8 +304,8 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     values, as scipy.stats.rankdata gives them (pandas' rank, without importing scipy.stats,
     which costs most of a second)."""
     if x.ndim == 1:
-        return pd.Series(x).rank().to_numpy()
-    return pd.DataFrame(x).rank(axis=1).to_numpy()
+        return pd.Series(x).rank().to_numpy(dtype=np.float64, copy=True)
+    return pd.DataFrame(x).rank(axis=1).to_numpy(dtype=np.float64, copy=True)
 
 
 def rolling_spearman(a: np.ndarray, b: np.ndarray, window: int) -> np.ndarray:
