@@ -40,7 +40,6 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/detectors.py
 	$(BIN)/python benchmarks/case_study.py
 	$(BIN)/python benchmarks/analyze_scale.py
-	$(BIN)/python benchmarks/report_speed.py
 
 # The example reports: the case study's natural runs (presets seed-decoupling and its remedy
 # seed-decoupling-stable, nothing planted) and the reference run (reports/reference.toml, two

@@ -191,7 +191,7 @@ def grid_steps(finding: Finding, eval_steps: list[int]) -> list[tuple[str, int]]
 
 
 def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
-    """The report's content, and the matplotlib figures (in order) for the PDF."""
+    """The report's content, and its figures (in order, as rendered images) for the PDF."""
     from PIL import Image as PILImage
 
     from vaediag.report import figures
@@ -205,10 +205,16 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
     pdf_figures: list[tuple[str, Any]] = []
 
     def add(section: str, title: str, fig) -> None:
+        """Render a figure once, for both reports: drawing it again as vectors for the PDF
+        cost as much as everything else in the reports together."""
         if fig is None:
             return
-        report.figures.setdefault(section, []).append((title, Image(_png(fig), title)))
-        pdf_figures.append((section, fig))
+        import matplotlib.pyplot as plt
+
+        image = Image(_png(fig), title)
+        plt.close(fig)
+        report.figures.setdefault(section, []).append((title, image))
+        pdf_figures.append((section, image))
 
     if len(scalars):
         add("timelines", "Losses over time", figures.timelines(scalars, evals, analysis))
@@ -268,24 +274,18 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
 def write_reports(run_dir: str | Path | Run, analysis: Analysis, *, html: str | Path | None,
                   pdf: str | Path | None) -> list[Path]:
     """Write the HTML and/or PDF report; returns the paths written."""
-    import matplotlib.pyplot as plt
-
     from vaediag.report.html import render_html
     from vaediag.report.pdf import render_pdf
 
     run = run_dir if isinstance(run_dir, Run) else load_run(run_dir)
     report, pdf_figures = build(run, analysis)
     written = []
-    try:
-        if html is not None:
-            atomic_write(Path(html), render_html(report).encode("utf-8"))
-            written.append(Path(html))
-        if pdf is not None:
-            atomic_write(Path(pdf), render_pdf(report, [f for _, f in pdf_figures]))
-            written.append(Path(pdf))
-    finally:
-        for _, fig in pdf_figures:
-            plt.close(fig)
+    if html is not None:
+        atomic_write(Path(html), render_html(report).encode("utf-8"))
+        written.append(Path(html))
+    if pdf is not None:
+        atomic_write(Path(pdf), render_pdf(report, [f for _, f in pdf_figures]))
+        written.append(Path(pdf))
     return written
 
 

@@ -2,7 +2,9 @@
 
 Each function takes the run's tables and the analysis and draws; none computes a statistic.
 Long per-step series are decimated *for drawing only* (block median with a min-max band, or
-block max for heatmaps), so a 100,000-step run plots as fast as a short one.
+block max for heatmaps), and so are long evaluation series (block medians, markers only while
+they are few; the scatter shows at most ``MAX_SCATTER`` evaluations, evenly spread), so a
+million-step run plots about as fast as a short one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
@@ -27,9 +28,14 @@ from vaediag.analysis.findings import Analysis, Finding
 PAGE_WIDTH = 8.3  # inches: A4 portrait
 MAX_POINTS = 1500  # drawn per series
 MAX_COLUMNS = 600  # drawn per heatmap row
+MAX_EVAL_POINTS = 600  # evaluations drawn per line; more are drawn as block medians
+MAX_MARKED = 150  # evaluation lines get a marker per point up to this many points
+MAX_SCATTER = 400  # evaluations drawn in a scatter
 SEVERITY_COLOURS = {"high": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
 
-sns.set_theme(context="paper", style="whitegrid", font_scale=0.95)
+# seaborn's "paper" context and "whitegrid" style, as matplotlib ships them (importing seaborn
+# to set a theme would cost most of a second: it imports scipy.stats)
+plt.style.use(["seaborn-v0_8-whitegrid", "seaborn-v0_8-paper"])
 
 
 def _blocks(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINTS):
@@ -43,6 +49,14 @@ def _blocks(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINTS)
     shaped = values[:n].reshape(-1, block)
     return (steps[:n].reshape(-1, block)[:, 0], np.median(shaped, 1), shaped.min(1),
             shaped.max(1))
+
+
+def _evals_line(ax, steps, values, marker: str, **style) -> None:
+    """An evaluation series as a line: decimated beyond ``MAX_EVAL_POINTS``, with markers
+    while it has at most ``MAX_MARKED`` points (markers are what costs in a PDF)."""
+    x, med, _, _ = _blocks(np.asarray(steps), np.asarray(values, dtype=np.float64),
+                           MAX_EVAL_POINTS)
+    ax.plot(x, med, marker=marker if len(x) <= MAX_MARKED else None, **style)
 
 
 def _shade(ax, findings: list[Finding], kinds: set[str] | None = None) -> None:
@@ -76,8 +90,8 @@ def timelines(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis) ->
         drawn = _series(ax, scalars, term, f"{term} (training batch, per step)", colour)
         eval_col = f"eval_{term}"
         if eval_col in evals.columns and evals[eval_col].notna().any():
-            ax.plot(evals["step"], evals[eval_col], "o-", color="k", ms=3, lw=0.8,
-                    label=f"{term} (the 8 grid images, per evaluation)")
+            _evals_line(ax, evals["step"], evals[eval_col], "o", color="k", ms=3, lw=0.8,
+                        label=f"{term} (the 8 grid images, per evaluation)")
             drawn = True
         if drawn:
             positive = scalars[term] if term in scalars.columns else pd.Series([1.0])
@@ -128,10 +142,10 @@ def loss_vs_quality(evals: pd.DataFrame, analysis: Analysis) -> Figure | None:
     steps = evals["step"].to_numpy()
     kinds = {"loss_quality_decoupling", "loss_understates_quality"}
     for ax, (metric, label) in zip(axes.flat, metrics, strict=False):
-        ax.plot(steps, evals["eval_recon"], "o-", color="k", ms=2, lw=0.8)
+        _evals_line(ax, steps, evals["eval_recon"], "o", color="k", ms=2, lw=0.8)
         ax.set_ylabel("eval recon", fontsize=7)
         twin = ax.twinx()
-        twin.plot(steps, evals[metric], "s-", color="C3", ms=2, lw=0.8)
+        _evals_line(twin, steps, evals[metric], "s", color="C3", ms=2, lw=0.8)
         twin.set_ylabel(metric, color="C3", fontsize=7)
         twin.grid(False)
         ax.set_title(label, fontsize=8)
@@ -174,6 +188,7 @@ def loss_quality_scatter(evals: pd.DataFrame) -> Figure | None:
     if "eval_recon" not in evals.columns or not metrics:
         return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(PAGE_WIDTH, 2.6), squeeze=False)
+    evals = evals.iloc[::math.ceil(len(evals) / MAX_SCATTER)]
     for ax, (metric, _) in zip(axes[0], metrics, strict=True):
         points = ax.scatter(evals["eval_recon"], evals[metric], c=evals["step"], cmap="viridis",
                             s=12)
@@ -199,7 +214,12 @@ def _decimated_matrix(steps: np.ndarray, frame: pd.DataFrame, reduce: str):
             import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                values = (np.nanmax(shaped, 1) if reduce == "max" else np.nanmedian(shaped, 1))
+                if reduce == "max":
+                    values = np.nanmax(shaped, 1)
+                elif np.isnan(shaped).any():
+                    values = np.nanmedian(shaped, 1)
+                else:  # five times faster than nanmedian
+                    values = np.median(shaped, 1)
         steps = steps[:n].reshape(-1, block)[:, 0]
     return steps, values
 
@@ -285,7 +305,8 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
             ax.set_title("KL per latent dimension (nats; dark = unused)", fontsize=8)
             fig.colorbar(mesh, ax=ax, fraction=0.02, pad=0.01)
         elif row == "au":
-            ax.plot(evals["step"], evals["active_units"], "o-", ms=3, lw=0.8, color="C1")
+            _evals_line(ax, evals["step"], evals["active_units"], "o", ms=3, lw=0.8,
+                        color="C1")
             ax.set_ylabel("active units", fontsize=7)
             ax.set_ylim(bottom=0)
         else:

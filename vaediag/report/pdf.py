@@ -1,5 +1,6 @@
 """The PDF report: the same story as the HTML, paginated on A4 with matplotlib's PdfPages:
-text pages (summary and findings), the figures (vector), the grids, what was not checked."""
+text pages (summary and findings), the figures (the images the HTML shows, drawn once), the
+grids, what was not checked."""
 
 from __future__ import annotations
 
@@ -97,30 +98,26 @@ def _array(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def on_a4(fig) -> None:
-    """Put a figure shorter than A4 at the top of an A4 page (every page the same size): the
-    figure grows to A4 height and its axes and texts keep their size and place."""
-    _, height = fig.get_size_inches()
-    if height >= A4[1] - 0.01:
-        return
-    k = height / A4[1]
-    fig.set_layout_engine("none")
-    fig.set_size_inches(A4[0], A4[1])
-    for ax in fig.axes:
-        box = ax.get_position()
-        ax.set_position([box.x0, 1 - (1 - box.y0) * k, box.width, box.height * k])
-    for text in fig.texts:
-        x, y = text.get_position()
-        text.set_position((x, 1 - (1 - y) * k))
+def image_page(data: bytes):
+    """An A4 page with a rendered figure across its width at the top, embedded as it is
+    (``interpolation="none"``: no resampling)."""
+    picture = _array(data)
+    height = min(1.0, A4[0] * picture.shape[0] / picture.shape[1] / A4[1])
+    fig = plt.figure(figsize=A4)
+    ax = fig.add_axes((0, 1 - height, 1, height))
+    ax.imshow(picture, interpolation="none", aspect="auto")
+    ax.set_axis_off()
+    return fig
 
 
 def render_pdf(report: Report, figures: list) -> bytes:
     buf = io.BytesIO()
     with PdfPages(buf, metadata={"Title": report.title, "Creator": "vaediag"}) as pdf:
         text_pages(pdf, _summary_blocks(report))
-        for fig in figures:  # after the HTML took its PNGs
-            on_a4(fig)
+        for image in figures:
+            fig = image_page(image.data)
             pdf.savefig(fig)
+            plt.close(fig)
         for grid_set in report.grid_sets:
             fig = grid_panel([(f"{g.role}: " + " | ".join(c for c in g.caption if c),
                                _array(g.image.data)) for g in grid_set.grids],
