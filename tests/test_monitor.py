@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 import vaediag
 from vaediag.errors import UserError
@@ -296,3 +297,84 @@ def test_user_input_problems_are_said_once_and_recorded(tmp_path, capsys):
     warned = run.events[run.events["kind"] == "monitor_warning"]
     assert sorted(warned["what"]) == ["decoder_range", "negative_kl", "no_eval_loss"]
     assert run.scalars["eps"].eq(1e-8).all()  # Adam's eps, recorded every step
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts reads of tensor values into Python (each one a device synchronisation on a GPU),
+    except of the optimizer's step counts, which torch keeps on the CPU."""
+
+    READS = frozenset({"tolist", "item", "__bool__", "__float__", "__int__", "__index__",
+                       "cpu", "numpy"})
+
+    def __init__(self, exempt):
+        super().__init__()
+        self.exempt = exempt
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS and not any(a is e for a in args[:1] for e in self.exempt):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_read_from_the_device_per_step(tmp_path):
+    """The standard preset reads a step's values once: losses and gradient norm together with
+    the previous step's probe values (Adam, update ratio at steps 0, 4, 8; latents and layer
+    gradient norms every step). Measured from the third step on (the first ones plan)."""
+    torch.manual_seed(0)
+    model = TinyVAE(16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    mon = _monitor(tmp_path, model, opt, eval_every=10_000)
+    g = torch.Generator().manual_seed(0)
+    data = torch.rand(64, 3, 16, 16, generator=g)
+    reads = []
+    for step in range(14):
+        x = data[torch.randint(0, 64, (16,), generator=g)]
+        mu, logvar = model.encode(x)
+        z = mu + torch.randn(mu.shape, generator=g) * torch.exp(0.5 * logvar)
+        recon = F.binary_cross_entropy_with_logits(model.decode_logits(z), x,
+                                                   reduction="none").sum((1, 2, 3)).mean()
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+        opt.zero_grad()
+        (recon + kl).backward(retain_graph=mon.wants_graph(step))
+        exempt = [s["step"] for s in opt.state.values()]
+        with _HostReads(exempt) as counter:
+            mon.after_backward(step, recon=recon, kl=kl, beta=1.0, mu=mu, logvar=logvar)
+            opt.step()
+            mon.after_step(step)
+        reads.append(counter.reads)
+    mon.close()
+    assert all(r == ["tolist"] for r in reads[2:]), reads
+    s = vaediag.load_run(tmp_path / "run").scalars
+    assert s["adam_rms_t"].notna().sum() >= 4 and s["dim.kl/0"].notna().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_device_synchronisation_per_step_on_a_gpu(tmp_path):
+    import warnings
+
+    model = TinyVAE(16).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    mon = _monitor(tmp_path, model, opt, eval_every=10_000)
+    data = torch.rand(64, 3, 16, 16, device="cuda")
+    syncs = []
+    for step in range(10):
+        x = data[step:step + 16]
+        mu, logvar = model.encode(x)
+        recon = F.binary_cross_entropy_with_logits(model.decode_logits(mu), x)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+        opt.zero_grad()
+        (recon + kl).backward(retain_graph=mon.wants_graph(step))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            mon.after_backward(step, recon=recon, kl=kl, beta=1.0, mu=mu, logvar=logvar)
+            torch.cuda.set_sync_debug_mode("default")
+            opt.step()
+            torch.cuda.set_sync_debug_mode("warn")
+            mon.after_step(step)
+            torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+    mon.close()
+    assert all(n == 1 for n in syncs[2:]), syncs
