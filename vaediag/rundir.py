@@ -330,7 +330,7 @@ def truncate_table(directory: Path, keep: Any) -> int:
             continue
         sink = pa.BufferOutputStream()
         with ipc.new_stream(sink, kept.schema, options=_IPC_OPTIONS) as writer:
-            writer.write_table(kept)
+            writer.write_table(kept.combine_chunks())  # compacted, as closed segments are
         atomic_write(path, sink.getvalue().to_pybytes())
     return dropped
 
