@@ -19,7 +19,8 @@ sys.path.insert(0, "examples")
 from own_loop import TinyVAE
 
 
-def _loop(mon, model, optimizer, steps, retain=True, poison=None, jolt=None, lr_jump=None):
+def _loop(mon, model, optimizer, steps, retain=True, poison=None, jolt=None, lr_jump=None,
+          lr_at=None):
     g = torch.Generator().manual_seed(0)
     data = torch.rand(64, 3, 16, 16, generator=g)
     for step in range(steps):
@@ -32,6 +33,8 @@ def _loop(mon, model, optimizer, steps, retain=True, poison=None, jolt=None, lr_
         optimizer.zero_grad()
         if lr_jump is not None and step == lr_jump:
             optimizer.param_groups[0]["lr"] *= 10
+        if lr_at is not None:
+            optimizer.param_groups[0]["lr"] = lr_at(step)
         scale = 100.0 if jolt is not None and step == jolt else 1.0
         (scale * (recon + kl)).backward(retain_graph=retain and mon.wants_graph(step))
         if poison is not None and step == poison:
@@ -84,6 +87,21 @@ def test_optimizer_statistics_also_at_unusual_steps(tmp_path):
     assert recorded == [0, 4, 8, 9, 12, 14, 16]
     assert s["update_ratio"].notna().tolist() == s["adam_rms_t"].notna().tolist()
     assert s["adam_rms_t"][9] > 3 * s["adam_rms_t"][8]  # the jolt, seen as it happened
+
+
+def test_a_smooth_lr_schedule_is_not_unusual(tmp_path):
+    """A cosine decay moves the lr a little every step: the optimizer statistics keep their
+    cadence."""
+    import math
+
+    torch.manual_seed(0)
+    model = TinyVAE(16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _loop(_monitor(tmp_path, model, opt), model, opt, 17,
+          lr_at=lambda s: 1e-3 * 0.5 * (1 + math.cos(math.pi * s / 200)))
+    s = vaediag.load_run(tmp_path / "run").scalars
+    assert s["lr"].diff().iloc[1:].lt(0).all()  # the lr did move at every step
+    assert s["step"][s["adam_rms_t"].notna()].tolist() == [0, 4, 8, 12, 16]
 
 
 def test_freed_graph_disables_only_the_split_with_one_clear_warning(tmp_path, capsys):

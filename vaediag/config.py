@@ -129,7 +129,7 @@ class ProbesConfig:
     layer_every: int = opt(1, "steps between per-layer gradient norms (standard and full)")
     optimizer_every: int = opt(4, "steps between Adam-state and update-ratio statistics in the "
                                "standard preset, which also takes them at every step whose "
-                               "gradient norm jumps or whose lr or eps changes (full: every "
+                               "gradient norm jumps or whose lr or eps jumps by 10% (full: every "
                                "step)")
     metric_images: int = opt(64, "score at most this many validation images at every evaluation, "
                              "for active units and set-level quality (the grid's 8 are always "

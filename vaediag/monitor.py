@@ -61,8 +61,11 @@ _SET_CHUNK = 64
 #: exponential average with weight ``GRAD_LEVEL_ALPHA`` per step) ...
 GRAD_JUMP = 2.0
 GRAD_LEVEL_ALPHA = 0.1
-#: ... or when one of these optimizer settings changed since the previous step.
+#: ... or when one of these optimizer settings changed by more than ``SETTING_JUMP`` times (either
+#: way) since the previous step: a step decay or a spike, not a smooth schedule (a cosine decay
+#: moves the lr by far less per step; a linear warm-up by more only in its first 10 steps).
 WATCHED_SETTINGS = ("lr", "eps")
+SETTING_JUMP = 1.1
 
 
 @dataclass
@@ -94,6 +97,15 @@ def _as_images(images: torch.Tensor | np.ndarray, what: str, minimum: int,
         raise UserError(f"{what} must lie in [{lo:g}, {hi:g}] (value_range), or be uint8 0..255; "
                         f"got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
     return x
+
+
+def _jumped(before: float | None, now: float | None) -> bool:
+    """Whether a setting moved by more than ``SETTING_JUMP`` times (or changed sign)."""
+    if before is None or now is None or before == now:
+        return False
+    if before <= 0 or now <= 0:
+        return True
+    return max(now / before, before / now) > SETTING_JUMP
 
 
 def _held(values: dict[Any, Any]) -> dict[Any, Any]:
@@ -440,13 +452,14 @@ class Monitor:
 
         if kl_term is None and isinstance(kl, torch.Tensor) and kl.requires_grad:
             kl_term = kl * (1.0 if beta is None else beta)
-        zeros = torch.zeros(len(self._params), device=self.device)
+        if norms is None:
+            norms = torch.zeros(len(self._params), device=self.device)
         ctx = StepContext(step, self._params, self.layers, self.optimizer,
                           {"recon": row["recon"], "kl": row["kl"], "total": row.get("total"),
                            "beta": beta, "mu": None if mu is None else mu.detach(),
                            "logvar": None if logvar is None else logvar.detach(),
                            "kl_term": kl_term,
-                           "param_grad_norms": norms if norms is not None else zeros,
+                           "param_grad_norms": norms,
                            "grads_finite": grads_finite})
         values: dict[str, Any] = dict(extra or {})
         for probe in self._due(step, after_step=False):
@@ -462,10 +475,12 @@ class Monitor:
 
     def _judge(self, row: dict[str, Any], check: StepCheck) -> bool:
         """Whether this step is unusual: its gradient norm jumped (``GRAD_JUMP`` times the
-        recent level), lr or eps changed, or a value went non-finite. Probes made with
-        ``when_unusual=True`` then run whatever their schedule. From host values alone."""
+        recent level), lr or eps jumped (``SETTING_JUMP``), or a value went non-finite. Probes
+        made with ``when_unusual=True`` then run whatever their schedule. From host values
+        alone."""
         settings = tuple(row.get(k) for k in WATCHED_SETTINGS)
-        changed = self._settings is not None and settings != self._settings
+        changed = self._settings is not None and any(
+            _jumped(before, now) for before, now in zip(self._settings, settings, strict=True))
         self._settings = settings
         norm = check.grad_norm
         if not math.isfinite(norm):

@@ -12,7 +12,7 @@ cheap      latent stats every step; per-layer gradient norms every 10 steps; at 
 standard   latent stats and per-layer gradient norms every step; Adam state and update ratios
            (on a fixed sample of 2,048 entries of each larger layer) every
            ``probes.optimizer_every`` steps and at every unusual step (the gradient norm
-           jumped, lr or eps changed: ``Monitor.unusual``); the recon/KL gradient split
+           jumped, lr or eps jumped: ``Monitor.unusual``); the recon/KL gradient split
            every ``probes.split_every`` steps; evaluations as cheap
 full       as standard, with Adam state and update ratios on every entry at every step and
            the gradient split every ``FULL_SPLIT_EVERY`` steps

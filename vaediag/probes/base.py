@@ -76,7 +76,7 @@ class Probe:
 
     def __init__(self, schedule: Schedule | None = None, *, when_unusual: bool = False):
         """``when_unusual``: also run at every step the Monitor finds unusual (the gradient
-        norm jumped, lr or eps changed, a value went non-finite), whatever the schedule, so a
+        norm jumped, lr or eps jumped, a value went non-finite), whatever the schedule, so a
         sparse schedule still sees sudden events."""
         unknown = set(self.needs) - NEEDS
         if unknown:

@@ -46,6 +46,7 @@ class UpdateRatio(Probe):
         self.max_entries = max_entries
         self._sample: EntrySample | None = None
         self._names: list[str] = []
+        self._order: torch.Tensor | None = None
         self._flat: torch.Tensor | None = None  # (2, N): before, then after the step
         self._taken = False
 
@@ -55,7 +56,10 @@ class UpdateRatio(Probe):
             device = params[0].device
             self._sample = EntrySample(list(range(len(params))), [p.numel() for p in params],
                                        ctx.layers, self.max_entries, device)
-            self._names = [ctx.layers.layers[i] for i in self._sample.layer_ids.tolist()]
+            ids = self._sample.layer_ids.tolist()  # sampled layers first: put back in model order
+            self._order = torch.tensor(sorted(range(len(ids)), key=ids.__getitem__),
+                                       device=device)
+            self._names = [ctx.layers.layers[ids[k]] for k in self._order.tolist()]
             self._flat = torch.empty(2, self._sample.size, device=device,
                                      dtype=params[0].dtype)
         return self._sample
@@ -74,7 +78,7 @@ class UpdateRatio(Probe):
         after.sub_(before).square_()  # the update, squared
         before.square_()
         sums = sample.layer_sums(self._flat)  # (2, L): |W|^2, |dW|^2
-        ratio = safe_div(sums[1].sqrt(), sums[0].sqrt())
+        ratio = safe_div(sums[1].sqrt(), sums[0].sqrt())[self._order]
         total = sums.sum(1)
         out: dict[str, Any] = per_index("layer", "update_ratio", ratio, self._names)
         out["update_ratio"] = safe_div(total[1].sqrt(), total[0].sqrt())
