@@ -19,17 +19,23 @@ sys.path.insert(0, "examples")
 from own_loop import TinyVAE
 
 
+def _batch_losses(model, data, g):
+    """A random batch of ``data``: (summed BCE, analytic KL, mu, logvar)."""
+    x = data[torch.randint(0, 64, (16,), generator=g)]
+    mu, logvar = model.encode(x)
+    z = mu + torch.randn(mu.shape, generator=g) * torch.exp(0.5 * logvar)
+    recon = F.binary_cross_entropy_with_logits(model.decode_logits(z), x,
+                                               reduction="none").sum((1, 2, 3)).mean()
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+    return recon, kl, mu, logvar
+
+
 def _loop(mon, model, optimizer, steps, retain=True, poison=None, jolt=None, lr_jump=None,
           lr_at=None):
     g = torch.Generator().manual_seed(0)
     data = torch.rand(64, 3, 16, 16, generator=g)
     for step in range(steps):
-        x = data[torch.randint(0, 64, (16,), generator=g)]
-        mu, logvar = model.encode(x)
-        z = mu + torch.randn(mu.shape, generator=g) * torch.exp(0.5 * logvar)
-        recon = F.binary_cross_entropy_with_logits(model.decode_logits(z), x,
-                                                   reduction="none").sum((1, 2, 3)).mean()
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+        recon, kl, mu, logvar = _batch_losses(model, data, g)
         optimizer.zero_grad()
         if lr_jump is not None and step == lr_jump:
             optimizer.param_groups[0]["lr"] *= 10
@@ -348,12 +354,7 @@ def test_one_read_from_the_device_per_step(tmp_path):
     data = torch.rand(64, 3, 16, 16, generator=g)
     reads = []
     for step in range(14):
-        x = data[torch.randint(0, 64, (16,), generator=g)]
-        mu, logvar = model.encode(x)
-        z = mu + torch.randn(mu.shape, generator=g) * torch.exp(0.5 * logvar)
-        recon = F.binary_cross_entropy_with_logits(model.decode_logits(z), x,
-                                                   reduction="none").sum((1, 2, 3)).mean()
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+        recon, kl, mu, logvar = _batch_losses(model, data, g)
         opt.zero_grad()
         (recon + kl).backward(retain_graph=mon.wants_graph(step))
         exempt = [s["step"] for s in opt.state.values()]
