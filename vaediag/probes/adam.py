@@ -39,13 +39,16 @@ import torch
 
 from vaediag.probes.base import EntrySample, LayerIndex, Probe, ProbeSetup, StepContext, per_index
 
-STATS = ("adam_update_rms", "adam_eps_frac", "adam_sign_frac", "adam_rms_t", "adam_eff_lr")
+#: The statistics, in the order of the rows of :func:`moment_rows`: the first three every step
+#: the probe runs, the last two (v alone, ``V_STATS``) every ``V_EVERY`` steps, so that either
+#: set is one slice of the work buffer.
+ROWS = ("adam_update_rms", "adam_sign_frac", "adam_rms_t", "adam_eps_frac", "adam_eff_lr")
 
 #: The statistics that depend on v alone. v is an exponential average with a time constant of
 #: 1 / (1 - beta2) steps (1000 at the default 0.999) that can fall by at most a factor beta2 per
 #: step, so these change slowly: recorded every ``V_EVERY`` steps, which saves the most
 #: expensive operations (a log over every entry) on the other steps.
-V_STATS = ("adam_eps_frac", "adam_eff_lr")
+V_STATS = ROWS[3:]
 V_EVERY = 10
 
 #: Layers with more entries than this are measured on a fixed sample of exactly this many
@@ -54,10 +57,6 @@ V_EVERY = 10
 #: model's size. The ``full`` preset measures every entry of every tensor.
 MAX_ENTRIES = 1 << 11
 
-
-#: The rows of :func:`moment_rows`: the first three every step, the last two (v alone) every
-#: ``V_EVERY`` steps, so that either set is one slice of the work buffer.
-ROWS = ("adam_update_rms", "adam_sign_frac", "adam_rms_t", "adam_eps_frac", "adam_eff_lr")
 
 
 def moment_rows(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, v_max: torch.Tensor | None,

@@ -16,22 +16,7 @@ from typing import Any
 import torch
 
 from vaediag.probes.adam import MAX_ENTRIES
-from vaediag.probes.base import EntrySample, LayerIndex, Probe, StepContext, per_index, safe_div
-
-
-def update_ratios(before: list[torch.Tensor], after: list[torch.Tensor],
-                  layers: LayerIndex) -> dict[str, Any]:
-    """Per-layer and global ||after - before|| / ||before|| over every entry (the reference
-    the sampled probe is tested against). ``before``/``after``: flattened parameters."""
-    weight = torch.stack([b.double().norm() for b in before])
-    delta = torch.stack([(a.double() - b.double()).norm() for a, b in zip(after, before,
-                                                                          strict=True)])
-    per_layer = layers.per_layer_sum(torch.stack([delta, weight], 1).pow(2))  # (L, 2)
-    ratio = safe_div(per_layer[:, 0].sqrt(), per_layer[:, 1].sqrt()).float()
-    total = per_layer.sum(0)
-    out: dict[str, Any] = per_index("layer", "update_ratio", ratio, layers.layers)
-    out["update_ratio"] = safe_div(total[0].sqrt(), total[1].sqrt()).float()
-    return out
+from vaediag.probes.base import EntrySample, Probe, StepContext, per_index, safe_div
 
 
 class UpdateRatio(Probe):

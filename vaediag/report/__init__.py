@@ -192,6 +192,7 @@ def grid_steps(finding: Finding, eval_steps: list[int]) -> list[tuple[str, int]]
 
 def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
     """The report's content, and its figures (in order, as rendered images) for the PDF."""
+    import matplotlib.pyplot as plt
     from PIL import Image as PILImage
 
     from vaediag.report import figures
@@ -209,8 +210,6 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
         cost as much as everything else in the reports together."""
         if fig is None:
             return
-        import matplotlib.pyplot as plt
-
         image = Image(_png(fig), title)
         plt.close(fig)
         report.figures.setdefault(section, []).append((title, image))
