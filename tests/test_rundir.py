@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from vaediag import rundir as rundir_module
+from vaediag.rundir import segments as segments_module
 from vaediag.errors import RunDirError
 from vaediag.rundir import (
     RunWriter,
@@ -73,7 +73,7 @@ def test_segments_are_compacted_into_one_batch(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    monkeypatch.setattr(rundir_module, "COMPACT_ROWS", 10)
+    monkeypatch.setattr(segments_module, "COMPACT_ROWS", 10)
     t = TableWriter(tmp_path / "t")
     for s in range(25):
         t.append({"step": s, "v": float(s)})

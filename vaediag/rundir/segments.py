@@ -1,0 +1,245 @@
+"""Tables (per-step and per-evaluation rows) as Arrow IPC stream segments: the append-only
+writer, compaction, the two-pass reader and the truncation a resume needs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from vaediag.rundir.layout import atomic_write
+
+#: Integer columns; every other column is float32, except those in DOUBLE_COLUMNS.
+INT_COLUMNS = frozenset({"step", "epoch"})
+
+DOUBLE_COLUMNS = frozenset({"time"})
+
+
+_SEGMENT_RE = re.compile(r"^(\d{6})\.arrows$")
+_IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
+
+
+def _column_type(name: str) -> pa.DataType:
+    if name in INT_COLUMNS:
+        return pa.int64()
+    if name in DOUBLE_COLUMNS:
+        return pa.float64()
+    return pa.float32()
+
+def _segments(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _SEGMENT_RE.match(p.name))
+
+def _read_segment(path: Path, fields: list[str] | None = None) -> tuple[pa.Table | None, bool]:
+    """All complete record batches of one segment (only ``fields`` of them, when given: the
+    others are not even decompressed), and whether it ended cleanly."""
+    batches: list[pa.RecordBatch] = []
+    schema = None
+    complete = True
+    try:
+        with pa.memory_map(str(path)) as source:
+            reader = ipc.open_stream(source)
+            schema = reader.schema
+            if fields is not None:
+                source.seek(0)
+                included = [schema.get_field_index(f) for f in fields if f in schema.names]
+                reader = ipc.open_stream(source, options=ipc.IpcReadOptions(
+                    included_fields=included))
+                schema = reader.schema
+            for batch in reader:
+                batches.append(batch)
+    except (pa.ArrowInvalid, OSError, EOFError):
+        complete = False  # a truncated last batch (killed writer) or one still being written
+    if schema is None:
+        return None, complete
+    return pa.Table.from_batches(batches, schema=schema), complete
+
+#: A segment that has reached this many rows is closed and rewritten as a single record batch
+#: (compacted), as is every segment when it is closed: rows are flushed in small batches for
+#: durability, but a million steps in batches of 50 would take a reader tens of seconds to
+#: decompress one tiny buffer at a time. A killed run leaves at most one segment uncompacted.
+COMPACT_ROWS = 10_000
+
+def compact_segment(path: Path) -> None:
+    """Rewrite a segment's complete record batches as one batch, atomically."""
+    table, _ = _read_segment(path)
+    if table is None or table.num_rows == 0:
+        return
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema, options=_IPC_OPTIONS) as writer:
+        writer.write_table(table.combine_chunks())
+    atomic_write(path, sink.getvalue().to_pybytes())
+
+class TableWriter:
+    """Append-only writer of one table (per-step or per-eval rows) as Arrow IPC segments.
+
+    A segment's columns are all the columns seen so far in this session; a row that lacks one
+    stores a null. When a row brings a new column, the writer starts a new segment, so wide or
+    late-appearing statistics never force a rewrite of what is on disk. A segment is compacted
+    into one record batch when it is closed, and closed every ``COMPACT_ROWS`` rows.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        existing = _segments(directory)
+        self._next_index = int(_SEGMENT_RE.match(existing[-1].name).group(1)) + 1 if existing else 0
+        self._rows: list[dict[str, Any]] = []
+        self._columns: dict[str, None] = {}  # ordered set
+        self._schema: pa.Schema | None = None
+        self._sink: pa.OSFile | None = None
+        self._writer: ipc.RecordBatchStreamWriter | None = None
+        self._path: Path | None = None
+        self._segment_rows = 0
+
+    def append(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        for row in rows:
+            for key in row:
+                if key not in self._columns:
+                    self._columns[key] = None
+        if self._writer is None or len(self._columns) != len(self._schema):
+            self._open_segment()
+        arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in self._schema]
+        self._write(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+
+    def _write(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+        self._sink.flush()
+        self._segment_rows += batch.num_rows
+        if self._segment_rows >= COMPACT_ROWS:  # the next rows open a new segment
+            self._close_segment()
+
+    def write_columns(self, columns: dict[str, np.ndarray]) -> None:
+        """Write many rows at once, given column by column (for tools that convert or
+        synthesise runs; the trainer writes row by row). Buffered rows are written first."""
+        self.flush()
+        for key in columns:
+            self._columns.setdefault(key, None)
+        if self._writer is None or len(self._columns) != len(self._schema):
+            self._open_segment()
+        n = len(next(iter(columns.values())))
+        arrays = [pa.array(np.asarray(columns[f.name], dtype=f.type.to_pandas_dtype()),
+                           type=f.type) if f.name in columns else pa.nulls(n, f.type)
+                  for f in self._schema]
+        self._write(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+
+    def _open_segment(self) -> None:
+        self._close_segment()
+        self._schema = pa.schema([(name, _column_type(name)) for name in self._columns])
+        self._path = self.directory / f"{self._next_index:06d}.arrows"
+        self._next_index += 1
+        self._sink = pa.OSFile(str(self._path), "wb")
+        self._writer = ipc.new_stream(self._sink, self._schema, options=_IPC_OPTIONS)
+        self._segment_rows = 0
+
+    def _close_segment(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            compact_segment(self._path)
+        self._writer = self._sink = None
+
+    def close(self) -> None:
+        self.flush()
+        self._close_segment()
+
+def read_table(directory: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Read every segment of a table into one DataFrame sorted by step; and problems found.
+
+    Two passes, so that a million rows never sit in memory twice: the first reads each
+    segment's schema and its step column alone (which gives its row count), the second fills
+    preallocated columns one segment at a time. A column some segment lacks reads as NaN
+    there (an integer column then becomes float).
+    """
+    problems: list[str] = []
+    segments = _segments(directory)
+    sizes: list[int] = []
+    schemas: list[pa.Schema] = []
+    for i, path in enumerate(segments):
+        table, complete = _read_segment(path, fields=["step"])
+        if not complete:
+            what = "last" if i == len(segments) - 1 else "a"
+            problems.append(f"{directory.name}/{path.name}: {what} segment ends in an incomplete "
+                            f"write; its complete rows were read")
+        schemas.append(_schema_of(path))
+        sizes.append(0 if table is None else table.num_rows)
+    total = sum(sizes)
+    if not total:
+        return pd.DataFrame({"step": pd.Series(dtype="int64")}), problems
+    present = [schema for schema, size in zip(schemas, sizes, strict=True) if size and schema]
+    types: dict[str, pa.DataType] = {}
+    for schema in present:
+        for f in schema:
+            types.setdefault(f.name, f.type)
+    columns: dict[str, np.ndarray] = {}
+    for name, kind in types.items():
+        if pa.types.is_integer(kind) and all(name in schema.names for schema in present):
+            columns[name] = np.zeros(total, dtype=np.int64)
+        else:
+            dtype = np.float32 if kind == pa.float32() else np.float64
+            columns[name] = np.full(total, np.nan, dtype=dtype)
+    at = 0
+    for path, size in zip(segments, sizes, strict=True):
+        if not size:
+            continue
+        table, _ = _read_segment(path)
+        rows = min(size, table.num_rows)
+        for name in table.column_names:
+            values = table.column(name).slice(0, rows)
+            if values.null_count:
+                values = values.cast(pa.float64())
+            target = columns[name]
+            target[at:at + rows] = values.to_numpy()
+        del table
+        at += size
+    frame = pd.DataFrame(columns, copy=False)
+    if not frame["step"].is_monotonic_increasing:
+        frame = frame.sort_values("step", kind="stable", ignore_index=True)
+    return frame, problems
+
+def _schema_of(path: Path) -> pa.Schema | None:
+    try:
+        with pa.memory_map(str(path)) as source:
+            return ipc.open_stream(source).schema
+    except (pa.ArrowInvalid, OSError, EOFError):
+        return None
+
+def truncate_table(directory: Path, keep: Any) -> int:
+    """Drop rows for which ``keep(step_array)`` is False; returns how many were dropped.
+
+    Each affected segment is rewritten atomically; empty ones are removed.
+    """
+    dropped = 0
+    for path in _segments(directory):
+        table, complete = _read_segment(path)
+        if table is None:
+            path.unlink()
+            continue
+        mask = keep(table.column("step").to_numpy())
+        if mask.all() and complete:
+            continue
+        dropped += int((~mask).sum())
+        kept = table.filter(pa.array(mask))
+        if kept.num_rows == 0:
+            path.unlink()
+            continue
+        sink = pa.BufferOutputStream()
+        with ipc.new_stream(sink, kept.schema, options=_IPC_OPTIONS) as writer:
+            writer.write_table(kept.combine_chunks())  # compacted, as closed segments are
+        atomic_write(path, sink.getvalue().to_pybytes())
+    return dropped
