@@ -20,6 +20,7 @@ from vaediag.probes import (
     GenerationDrift,
     GradientNorms,
     GradSplit,
+    ImageQuality,
     LatentHealth,
     LayerIndex,
     ProbeSetup,
@@ -436,6 +437,23 @@ def test_generation_drift(faces):
     restored.load_state_dict(probe.state_dict())
     assert _floats(restored.compute(_eval_ctx(x, x, fixed=(x + 0.1).clamp(0, 1))))[
         "drift_fixed_rmse"] == 0
+
+
+def test_the_quality_probes_record_exactly_the_registered_metrics(faces):
+    """Every metric the quality probes record has its facts (direction, family, labels) in
+    ``columns.QUALITY_METRICS``, and every registered metric is recorded by one of them: a
+    metric added to a probe without registering it, or registered and never recorded, fails."""
+    from vaediag.columns import QUALITY_METRICS
+
+    x, factors = faces
+    recon = (x * 0.9).clamp(0, 1)
+    fake_lpips = lambda a, b: (a - b).abs().flatten(1).mean(1)  # noqa: E731 - a stand-in
+    ctx = EvalContext(0, x, recon, x[:1], x, torch.zeros(8, 2), torch.zeros(8, 2),
+                      factors.table(), fake_lpips, None)
+    recorded = set()
+    for probe in (ImageQuality(), FactorFidelity()):
+        recorded |= {k for k in probe.compute(ctx) if isinstance(k, str)}
+    assert recorded == set(QUALITY_METRICS)
 
 
 # -- probes loaded by path ----------------------------------------------------------------------

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-from vaediag.rundir import segments as segments_module
 from vaediag.errors import RunDirError
 from vaediag.rundir import (
     RunWriter,
@@ -17,6 +16,7 @@ from vaediag.rundir import (
     read_table,
     truncate_table,
 )
+from vaediag.rundir import segments as segments_module
 
 
 def _writer(path, **kw) -> RunWriter:

@@ -15,40 +15,71 @@ DataFrame with :func:`matrix`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import pandas as pd
 
 KINDS = ("layer", "part", "dim", "img")
 _INDEXED = re.compile(r"^(layer|part|dim|img)\.([A-Za-z0-9_]+)/(.+)$")
 
-#: Which way is better for each quality metric: +1 higher is better, -1 lower is better, 0 means
-#: 1.0 is best (a ratio). Analysis reads this; probes must keep it true.
-METRIC_DIRECTION: dict[str, int] = {
-    "ssim": +1, "psnr": +1, "haarpsi": +1, "gmsd": -1, "lpips": -1,
-    "colour_de": -1, "sat_ratio": 0, "orient_err": -1, "centroid_err": -1,
-    "factor_skin_de": -1, "factor_hair_de": -1, "factor_eye_de": -1, "factor_bg_de": -1,
-    "factor_angle_err": -1, "factor_turn_err": -1,
-}
+@dataclass(frozen=True)
+class QualityMetric:
+    """Everything vaediag knows about one image-quality metric, in one place: the probes that
+    record it must keep these facts true; analysis, the reports and the grid read them here."""
 
-#: What each quality metric looks at. Metrics of one family move together (SSIM and HaarPSI both
-#: see structure), so agreement is counted in families, not metrics.
-METRIC_FAMILY: dict[str, str] = {
-    "ssim": "structure", "psnr": "structure", "haarpsi": "structure", "gmsd": "structure",
-    "lpips": "structure", "colour_de": "colour", "sat_ratio": "colour", "orient_err": "pose",
-    "centroid_err": "pose", "factor_skin_de": "colour", "factor_hair_de": "colour",
-    "factor_eye_de": "colour", "factor_bg_de": "colour", "factor_angle_err": "pose",
-    "factor_turn_err": "pose",
-}
+    name: str
+    #: +1 higher is better, -1 lower is better, 0 a ratio whose best value is 1.0
+    direction: int
+    #: what it looks at; metrics of one family move together (SSIM and HaarPSI both see
+    #: structure), so agreement is counted in families, not metrics
+    family: str
+    #: for figures: a readable name, and which way is better
+    label: str
+    #: for captions under the grids, or "" for none
+    short: str = ""
+    #: in [0, 1] with 1 best (its badness is 1 - value)
+    unit_interval: bool = False
+    #: measured on one region of the face (a few pixels for the eyes at 32 px): alone it is
+    #: weak evidence; it corroborates a whole-image metric of its family
+    regional: bool = False
+    #: an estimate from image moments that this exact metric (toyfaces' known factors)
+    #: supersedes where it is recorded
+    superseded_by: str | None = None
+    #: a pixel metric, like the loss itself: no evidence that loss and pictures part
+    pixel: bool = False
+    #: drawn in the report's loss-against-quality figures
+    shown: bool = True
 
-#: Metrics measured on one region of the face (a few pixels for the eyes at 32 px): alone they
-#: are weak evidence; they corroborate a whole-image metric of their family.
-METRIC_REGIONAL: frozenset[str] = frozenset({"factor_skin_de", "factor_hair_de", "factor_eye_de",
-                                             "factor_bg_de"})
 
-#: Estimates from image moments that the known factors (toyfaces) measure exactly: where the
-#: exact metric is recorded, the estimate is not used.
-METRIC_SUPERSEDED_BY: dict[str, str] = {"orient_err": "factor_angle_err",
-                                        "centroid_err": "factor_angle_err"}
+def _metrics(*metrics: QualityMetric) -> dict[str, QualityMetric]:
+    return {m.name: m for m in metrics}
+
+
+#: The image-quality metrics, in the order analysis considers them. The probes that record
+#: them (``image_quality``, ``factors``) are tested to record exactly these.
+QUALITY_METRICS: dict[str, QualityMetric] = _metrics(
+    QualityMetric("ssim", +1, "structure", "SSIM (higher is better)", "SSIM",
+                  unit_interval=True),
+    QualityMetric("psnr", +1, "structure", "PSNR (dB, higher is better)", pixel=True,
+                  shown=False),
+    QualityMetric("haarpsi", +1, "structure", "HaarPSI (higher is better)", unit_interval=True),
+    QualityMetric("gmsd", -1, "structure", "GMSD (lower is better)"),
+    QualityMetric("lpips", -1, "structure", "LPIPS (lower is better)", "LPIPS"),
+    QualityMetric("colour_de", -1, "colour", "colour error, CIEDE2000", "colour err"),
+    QualityMetric("sat_ratio", 0, "colour", "saturation ratio (1 = kept)", "saturation"),
+    QualityMetric("orient_err", -1, "pose", "orientation error (deg)",
+                  superseded_by="factor_angle_err"),
+    QualityMetric("centroid_err", -1, "pose", "centroid error (px)",
+                  superseded_by="factor_angle_err", shown=False),
+    QualityMetric("factor_skin_de", -1, "colour", "skin colour error", regional=True),
+    QualityMetric("factor_hair_de", -1, "colour", "hair colour error", regional=True),
+    QualityMetric("factor_eye_de", -1, "colour", "eye colour error", regional=True,
+                  shown=False),
+    QualityMetric("factor_bg_de", -1, "colour", "background colour error", regional=True,
+                  shown=False),
+    QualityMetric("factor_angle_err", -1, "pose", "face angle error (deg)"),
+    QualityMetric("factor_turn_err", -1, "pose", "face turn error"),
+)
 
 
 def name(kind: str, stat: str, index: object) -> str:

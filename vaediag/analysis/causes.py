@@ -16,7 +16,7 @@ import numpy as np
 
 from vaediag.analysis.data import RunData
 from vaediag.analysis.stats import badness, noise_scale
-from vaediag.columns import METRIC_DIRECTION
+from vaediag.columns import QUALITY_METRICS
 
 #: a recorded setting changed when it moved by at least this factor from one step to the next
 CHANGE_FACTOR = 1.5
@@ -111,8 +111,9 @@ def quality_lost(data: RunData, before: int, after: int,
         return {}
     i, j = np.flatnonzero(steps == before)[0], np.flatnonzero(steps == after)[0]
     out = {}
-    for col in ["eval_recon", *METRIC_DIRECTION]:
-        if col == "psnr" or not data.has(col, "evals"):
+    judged = [m for m, facts in QUALITY_METRICS.items() if not facts.pixel]
+    for col in ["eval_recon", *judged]:
+        if not data.has(col, "evals"):
             continue
         raw = data.series(col, "evals")
         b = raw if col == "eval_recon" else badness(col, raw)

@@ -15,7 +15,7 @@ import bottleneck
 import numpy as np
 import pandas as pd
 
-from vaediag.columns import METRIC_DIRECTION
+from vaediag.columns import QUALITY_METRICS
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
@@ -338,17 +338,14 @@ def bce_floor(images: np.ndarray) -> float:
     return float(h.reshape(len(images), -1).sum(1).mean())
 
 
-_BOUNDED_GOOD = {"ssim", "haarpsi"}  # in [0, 1], 1 best: badness 1 - value
-
-
 def badness(metric: str, values: np.ndarray) -> np.ndarray:
     """A quality metric turned into a badness, higher is worse: 1 - SSIM, |log saturation
     ratio| (half the saturation is as bad as twice it, and halving it again is as much worse
     again), LPIPS as it is, ..."""
-    direction = METRIC_DIRECTION[metric]
-    if metric in _BOUNDED_GOOD:
+    facts = QUALITY_METRICS[metric]
+    if facts.unit_interval:
         return 1.0 - values
-    if direction == 0:
+    if facts.direction == 0:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.abs(np.log(np.where(values > 0, values, np.nan)))
-    return values if direction < 0 else -values
+    return values if facts.direction < 0 else -values

@@ -20,6 +20,7 @@ from typing import Any
 from vaediag import __version__
 from vaediag.analysis import verdict
 from vaediag.analysis.findings import Analysis, Finding
+from vaediag.columns import QUALITY_METRICS
 from vaediag.rundir import Run, atomic_write, load_run
 
 HTML_NAME = "report.html"
@@ -163,9 +164,8 @@ def _grid_caption(evals, step: int) -> list[str]:
         return [f"step {step:,}"]
     row = row.iloc[0]
     parts = []
-    for col, label in (("eval_recon", "recon"), ("eval_kl", "KL"), ("ssim", "SSIM"),
-                       ("lpips", "LPIPS"), ("colour_de", "colour err"),
-                       ("sat_ratio", "saturation")):
+    captioned = [(m, facts.short) for m, facts in QUALITY_METRICS.items() if facts.short]
+    for col, label in (("eval_recon", "recon"), ("eval_kl", "KL"), *captioned):
         if col in row.index and row[col] == row[col]:  # not NaN
             parts.append(f"{label} {row[col]:.4g}")
     return [f"step {step:,}", ", ".join(parts[:3]), ", ".join(parts[3:])]

@@ -115,18 +115,11 @@ def timelines(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis) ->
     return fig
 
 
-#: quality metrics in the order shown, with a readable label and which way is better
-QUALITY = (("lpips", "LPIPS (lower is better)"), ("ssim", "SSIM (higher is better)"),
-           ("haarpsi", "HaarPSI (higher is better)"), ("gmsd", "GMSD (lower is better)"),
-           ("colour_de", "colour error, CIEDE2000"), ("sat_ratio", "saturation ratio (1 = kept)"),
-           ("orient_err", "orientation error (deg)"), ("factor_skin_de", "skin colour error"),
-           ("factor_hair_de", "hair colour error"), ("factor_angle_err", "face angle error (deg)"),
-           ("factor_turn_err", "face turn error"))
-
-
 def quality_metrics(evals: pd.DataFrame) -> list[tuple[str, str]]:
-    return [(m, label) for m, label in QUALITY
-            if m in evals.columns and evals[m].notna().sum() >= 2]
+    """(metric, label) of the quality metrics to draw (:data:`vaediag.columns.QUALITY_METRICS`
+    marked ``shown``) that have at least two recorded values."""
+    return [(m, facts.label) for m, facts in columns.QUALITY_METRICS.items()
+            if facts.shown and m in evals.columns and evals[m].notna().sum() >= 2]
 
 
 def loss_vs_quality(evals: pd.DataFrame, analysis: Analysis) -> Figure | None:

@@ -27,7 +27,7 @@ The finding names the two evaluations to compare side by side, and says what cha
 between that explains a trade: the KL weight (a beta schedule raising it makes the model give up
 the information a pixel loss charges least for, colour and pose among the first) and the KL of
 those evaluations (information the model stopped encoding). Metrics are grouped in families
-(structure, colour, pose: :data:`vaediag.columns.METRIC_FAMILY`); a warning needs
+(structure, colour, pose: ``family`` in :data:`vaediag.columns.QUALITY_METRICS`); a warning needs
 ``MIN_METRICS`` families to agree on the same pair, or one family worse by ``STRONG`` times the
 relative threshold (30%: a change anyone sees) while no metric of another family got clearly
 better on that pair (at j or at the evaluation after it: a trade of one quality for another)
@@ -51,12 +51,7 @@ from vaediag.analysis.stats import (
     expanding_noise_scale,
     rolling_spearman,
 )
-from vaediag.columns import (
-    METRIC_DIRECTION,
-    METRIC_FAMILY,
-    METRIC_REGIONAL,
-    METRIC_SUPERSEDED_BY,
-)
+from vaediag.columns import QUALITY_METRICS
 
 NAME = "decoupling"
 Z_QUALITY = 4.0
@@ -71,7 +66,7 @@ MAX_GAP = 100
 BETA_RISE = 1.5  # the KL weight rose by at least this factor between the two evaluations
 KL_FALL = 0.75  # the evaluations' KL fell below this fraction of its earlier value
 
-_SKIP = {"psnr"}  # a pixel metric, like the loss itself
+FAMILY = {m: facts.family for m, facts in QUALITY_METRICS.items()}
 
 
 def _describe(metric: str, before: float, after: float) -> str:
@@ -127,8 +122,9 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     if keep.sum() < MIN_EVALS:
         raise Skip(f"needs {MIN_EVALS} evaluations after the burn-in (step "
                    f"{data.burn_in_step:,}), has {int(keep.sum())}")
-    metrics = [m for m in METRIC_DIRECTION if m not in _SKIP and data.has(m, "evals")]
-    metrics = [m for m in metrics if METRIC_SUPERSEDED_BY.get(m) not in metrics]
+    metrics = [m for m, facts in QUALITY_METRICS.items()
+               if not facts.pixel and data.has(m, "evals")]
+    metrics = [m for m in metrics if QUALITY_METRICS[m].superseded_by not in metrics]
     if not metrics:
         raise Skip("no image-quality metrics recorded (evaluation probes off)")
     s = steps[keep]
@@ -192,21 +188,21 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     for kind, by_metric in masks.items():
         if not by_metric:
             continue
-        families = sorted({METRIC_FAMILY[m] for m in by_metric})
-        agree = sum(np.any([by_metric[m] for m in by_metric if METRIC_FAMILY[m] == fam], 0)
+        families = sorted({FAMILY[m] for m in by_metric})
+        agree = sum(np.any([by_metric[m] for m in by_metric if FAMILY[m] == fam], 0)
                     .astype(np.int32) for fam in families)
         if not agree.any():
             continue
         strong = np.zeros_like(agree, dtype=bool)
         for m in by_metric:
-            against = np.any([better[o] for o in better if METRIC_FAMILY[o] !=
-                              METRIC_FAMILY[m]] or [np.zeros_like(strong)], 0)
+            against = np.any([better[o] for o in better if FAMILY[o] !=
+                              FAMILY[m]] or [np.zeros_like(strong)], 0)
             # a regional metric alone (the eyes' colour) is weak evidence: it needs another
             # metric of its family with it
             kin = np.any([by_metric[o] for o in by_metric if o != m
-                          and METRIC_FAMILY[o] == METRIC_FAMILY[m]]
+                          and FAMILY[o] == FAMILY[m]]
                          or [np.zeros_like(strong)], 0)
-            alone_ok = kin if m in METRIC_REGIONAL else np.ones_like(strong)
+            alone_ok = kin if QUALITY_METRICS[m].regional else np.ones_like(strong)
             strong |= by_metric[m] & (relative[m] >= STRONG * MIN_RELATIVE) & ~against & alone_ok
         warn = (agree >= MIN_METRICS) | strong
         # The pair to show: the first evaluation j at which a warning (else any flag) is
@@ -228,7 +224,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         why = ("metrics of several families agree" if agree[k, i] >= MIN_METRICS else
                "one family of metrics, by a wide margin, with none of the others better"
                if warn[k, i] else "one family of metrics only")
-        entry["families"] = sorted({METRIC_FAMILY[m] for m in entry["metrics"]})
+        entry["families"] = sorted({FAMILY[m] for m in entry["metrics"]})
         candidates[kind] = ((int(i), j), entry, int((agree > 0).sum()),
                             "warning" if warn[k, i] else "info", why)
     findings = []
