@@ -248,6 +248,59 @@ def test_a_failing_detector_is_reported_not_fatal(tmp_path, monkeypatch):
     assert "ValueError: boom" in failed[0].reason
 
 
+
+def test_an_undeclared_finding_kind_fails_its_detector(tmp_path, monkeypatch):
+    """A finding whose kind its detector's KINDS do not declare is not reported (the reports
+    would not know where to show it): the detector's check fails and names the kind."""
+    from vaediag.analysis.findings import Finding
+
+    run = write_run(tmp_path / "r", standard_scalars(300))
+    monkeypatch.setattr(DETECTORS[1], "detect", lambda data: (
+        [Finding("made_up_kind", "warning", 10, 20, "x")], []))
+    result = vaediag.analyze(run)
+    assert "made_up_kind" not in {f.kind for f in result.findings}
+    failed = [c for c in result.checks if c.status == "failed"]
+    assert [c.detector for c in failed] == [DETECTORS[1].NAME]
+    assert "made_up_kind" in failed[0].reason
+
+
+def test_every_kind_a_detector_writes_is_declared_by_it():
+    """Each detector module names the kinds it emits (``Finding(kind="...")``, ``add("...")``,
+    or a loop over literal names) only from its own ``KINDS``; and every kind of the registry
+    has a report section and a place in the verdict's rules that exists."""
+    import ast
+    import inspect
+
+    from vaediag.analysis import DECOUPLING, INSTABILITIES
+    from vaediag.analysis.detectors import KINDS
+    from vaediag.analysis.kinds import SECTIONS
+
+    named_anywhere = set()
+    for detector in DETECTORS:
+        own = {k.name for k in detector.KINDS}
+        assert own, detector.NAME
+        written = set()
+        for node in ast.walk(ast.parse(inspect.getsource(detector))):
+            if isinstance(node, ast.Call):
+                for kw in node.keywords:
+                    if kw.arg == "kind" and isinstance(kw.value, ast.Constant):
+                        written.add(kw.value.value)
+                if (isinstance(node.func, ast.Name) and node.func.id == "add" and node.args
+                        and isinstance(node.args[0], ast.Constant)):
+                    written.add(node.args[0].value)
+            if isinstance(node, ast.For) and isinstance(node.target, ast.Name) \
+                    and node.target.id == "kind" and isinstance(node.iter, ast.Tuple):
+                written |= {e.value for e in node.iter.elts if isinstance(e, ast.Constant)}
+        assert written, f"{detector.NAME}: no finding kind found in its source"
+        assert written <= own, f"{detector.NAME} writes undeclared kinds {written - own}"
+        named_anywhere |= written
+    assert set(KINDS) == named_anywhere  # no kind declared that no detector writes
+    assert all(k.section in SECTIONS for k in KINDS.values())
+    ranks = [KINDS[n].instability for n in INSTABILITIES]
+    assert ranks == sorted(set(ranks)), "instability ranks must be distinct"
+    assert set(DECOUPLING) == {"loss_quality_decoupling", "loss_understates_quality"}
+
+
 def test_analysis_never_imports_torch(tmp_path):
     cols = standard_scalars(1500)
     cols["kl"][1000:] *= 10

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from vaediag.analysis.data import RunData, Skip
-from vaediag.analysis.detectors import DETECTORS
+from vaediag.analysis.detectors import DETECTORS, KINDS
 from vaediag.analysis.findings import Analysis, Check, Finding, Signal, severity_rank
 from vaediag.analysis.timeline import fold_consequences, grade, link
 from vaediag.rundir import Run, atomic_write, load_run
@@ -57,6 +57,11 @@ def analyze(path: str | Path | Run) -> Analysis:
             message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             checks.append(Check(detector.NAME, "failed", f"the detector failed ({message})"))
             continue
+        undeclared = sorted({f.kind for f in found} - {k.name for k in detector.KINDS})
+        if undeclared:  # a detector's bug: the reports would not know where to show them
+            checks.append(Check(detector.NAME, "failed", f"the detector emitted finding kinds "
+                                f"its KINDS do not declare: {', '.join(undeclared)}"))
+            continue
         checks.append(Check(detector.NAME, "ok"))
         findings += found
         signals += sig
@@ -74,12 +79,11 @@ def write_findings(analysis: Analysis, path: Path) -> None:
     atomic_write(path, json.dumps(analysis.to_json(), indent=2).encode())
 
 
-#: instabilities, most important first; then the loss-quality kinds
-INSTABILITIES = ("nonfinite", "kl_explosion", "loss_spike", "grad_explosion",
-                 "posterior_collapse", "oversized_update", "adam_step_size_jump",
-                 "adam_eps_dominated", "logvar_saturation", "decoder_scale_shrinking",
-                 "generation_drift")
-DECOUPLING = ("loss_quality_decoupling", "loss_understates_quality")
+#: instabilities, most important first (as their detectors rank them); then the loss-quality
+#: kinds
+INSTABILITIES = tuple(sorted((k.name for k in KINDS.values() if k.instability is not None),
+                             key=lambda name: KINDS[name].instability))
+DECOUPLING = tuple(k.name for k in KINDS.values() if k.decoupling)
 
 
 def verdict(analysis: Analysis) -> str:

@@ -8,21 +8,20 @@ its precursors: the first occurrence of each (channel, where), in time order.
 
 from __future__ import annotations
 
+from vaediag.analysis.detectors import KINDS
 from vaediag.analysis.findings import Finding, Signal
 
 LOOKBACK = 50
 MAX_PRECURSORS = 8
-#: A finding's own channels: its own signals are not its precursors.
-OWN_CHANNELS = {
-    "loss_spike": {"recon", "kl", "total"},
-    "kl_explosion": {"kl_level", "kl", "total"},
-    "nonfinite": {"nonfinite"},
-    "grad_explosion": {"grad_norm"},
-}
-
-
-#: kinds that, once training has gone non-finite, are consequences rather than new events
-AFTERMATH = {"loss_spike", "grad_explosion", "oversized_update"}
+#: What a detector declares of its kinds (:class:`~vaediag.analysis.kinds.Kind`), by role:
+#: a linked finding's own channels (its own signals are not its precursors) ...
+OWN_CHANNELS = {k.name: k.own_channels for k in KINDS.values() if k.own_channels is not None}
+#: ... kinds that, once training has gone non-finite, are consequences rather than new events
+AFTERMATH = {k.name for k in KINDS.values() if k.aftermath}
+#: ... sustained conditions, harmless on their own, that matter when harm follows them
+CONDITIONS = {k.name for k in KINDS.values() if k.condition}
+#: ... and harms: the loss or the values broke
+HARMS = {k.name for k in KINDS.values() if k.harm}
 
 
 def fold_consequences(findings: list[Finding]) -> list[Finding]:
@@ -59,13 +58,6 @@ def fold_consequences(findings: list[Finding]) -> list[Finding]:
                 f"{n} more {kind.replace('_', ' ')}{'s' if n > 1 else ''}"
                 for kind, n in sorted(b.evidence["aftermath"].items()))
     return keep
-
-
-#: sustained conditions that are harmless on their own and matter when harm follows them
-CONDITIONS = {"adam_update_rms_high", "adam_rms_t_high", "adam_eps_dominated",
-              "oversized_update"}
-#: findings that are harm: the loss or the values broke
-HARMS = {"loss_spike", "kl_explosion", "grad_explosion", "nonfinite"}
 
 
 def grade(findings: list[Finding]) -> None:

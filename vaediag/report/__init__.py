@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from vaediag import __version__
-from vaediag.analysis import verdict
+from vaediag.analysis import DECOUPLING, verdict
+from vaediag.analysis.detectors import KINDS
 from vaediag.analysis.findings import Analysis, Finding
 from vaediag.columns import QUALITY_METRICS
 from vaediag.rundir import Run, atomic_write, load_run
@@ -29,18 +30,8 @@ DPI = 110
 MAX_FINDING_GRIDS = 6  # sets of grids shown for findings (decoupling, then most severe)
 MAX_FILMSTRIP = 24  # evaluations in the filmstrip (evenly spread when there are more)
 
-#: where each finding kind is shown in figures
-SECTION_OF = {
-    "loss_spike": "timelines", "kl_explosion": "timelines", "nonfinite": "timelines",
-    "epoch_average_trap": "timelines",
-    "grad_explosion": "optimizer", "grad_vanishing": "optimizer", "oversized_update": "optimizer",
-    "adam_eps_dominated": "optimizer", "adam_update_rms_high": "optimizer",
-    "adam_rms_t_high": "optimizer", "adam_step_size_jump": "optimizer",
-    "loss_quality_decoupling": "quality", "loss_understates_quality": "quality",
-    "posterior_collapse": "latents", "unused_dimensions": "latents",
-    "logvar_saturation": "latents", "decoder_scale_shrinking": "latents",
-    "generation_drift": "grids",
-}
+#: where each finding kind is shown in figures (its detector declares it)
+SECTION_OF = {name: kind.section for name, kind in KINDS.items()}
 SECTIONS = (("summary", "Summary"), ("findings", "Findings"), ("timelines", "Losses over time"),
             ("quality", "Loss against image quality"), ("optimizer", "Optimizer and gradients"),
             ("latents", "Latent health"), ("grids", "Grids"), ("unchecked", "Not checked"))
@@ -235,8 +226,7 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
         return loaded[step]
 
     shown = [(i, f) for i, f in enumerate(findings) if f.severity != "info"]
-    decoupling_first = sorted(shown, key=lambda x: x[1].kind not in (
-        "loss_quality_decoupling", "loss_understates_quality"))
+    decoupling_first = sorted(shown, key=lambda x: x[1].kind not in DECOUPLING)
     by_steps: dict[tuple[int, ...], GridSet] = {}
     for index, finding in decoupling_first:
         chosen = grid_steps(finding, eval_steps)

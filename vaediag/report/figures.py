@@ -23,6 +23,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from vaediag import columns
+from vaediag.analysis import DECOUPLING
 from vaediag.analysis.findings import Analysis, Finding
 
 PAGE_WIDTH = 8.3  # inches: A4 portrait
@@ -133,7 +134,7 @@ def loss_vs_quality(evals: pd.DataFrame, analysis: Analysis) -> Figure | None:
     fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH, 1.9 * rows + 0.6), sharex=True,
                              squeeze=False)
     steps = evals["step"].to_numpy()
-    kinds = {"loss_quality_decoupling", "loss_understates_quality"}
+    kinds = set(DECOUPLING)
     for ax, (metric, label) in zip(axes.flat, metrics, strict=False):
         _evals_line(ax, steps, evals["eval_recon"], "o", color="k", ms=2, lw=0.8)
         ax.set_ylabel("eval recon", fontsize=7)

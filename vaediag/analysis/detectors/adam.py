@@ -42,6 +42,7 @@ import numpy as np
 from vaediag.analysis.causes import first_change, knob, setting_changes, undo_remedy
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
+from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import (
     episodes,
     robust_z_at,
@@ -51,6 +52,14 @@ from vaediag.analysis.stats import (
 )
 
 NAME = "adam"
+#: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
+KINDS = (
+    Kind("oversized_update", "optimizer", instability=6, condition=True, aftermath=True),
+    Kind("adam_step_size_jump", "optimizer", instability=7),
+    Kind("adam_eps_dominated", "optimizer", instability=8, condition=True),
+    Kind("adam_update_rms_high", "optimizer", condition=True),
+    Kind("adam_rms_t_high", "optimizer", condition=True),
+)
 WINDOW = 50
 WINDOW_STEPS = 50
 EFF_LR_SPAN = 20  # steps before an eff_lr jump searched for its cause (it is recorded every 10)

@@ -45,6 +45,7 @@ import numpy as np
 from vaediag.analysis.causes import knob
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
+from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import (
     badness,
     bce_floor,
@@ -54,6 +55,11 @@ from vaediag.analysis.stats import (
 from vaediag.columns import QUALITY_METRICS
 
 NAME = "decoupling"
+#: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
+KINDS = (
+    Kind("loss_quality_decoupling", "quality", decoupling=True),
+    Kind("loss_understates_quality", "quality", decoupling=True),
+)
 Z_QUALITY = 4.0
 MIN_RELATIVE = 0.15
 LOSS_TOLERANCE = 0.05

@@ -18,8 +18,13 @@ import pandas as pd
 from vaediag.analysis.causes import quality_lost
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
+from vaediag.analysis.kinds import Kind
 
 NAME = "drift"
+#: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
+KINDS = (
+    Kind("generation_drift", "grids", instability=11),
+)
 WINDOW = 5
 FACTOR = 3.0
 MIN_RMSE = 0.04  # about 10 grey levels of 255 over the whole image: visible

@@ -16,9 +16,14 @@ import numpy as np
 
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
+from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import noise_scale
 
 NAME = "epoch_average"
+#: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
+KINDS = (
+    Kind("epoch_average_trap", "timelines"),
+)
 Z_CHANGE = 2.0
 
 

@@ -22,9 +22,16 @@ import pandas as pd
 from vaediag.analysis.causes import knob
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
+from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import episodes, ewm_z, share_at_least
 
 NAME = "gradients"
+#: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
+KINDS = (
+    Kind("grad_explosion", "optimizer", instability=4, own_channels=frozenset({"grad_norm"}),
+         harm=True, aftermath=True),
+    Kind("grad_vanishing", "optimizer"),
+)
 Z_EXPLODE = 6.0
 MIN_RATIO = 5.0
 HIGH_RATIO = 100.0

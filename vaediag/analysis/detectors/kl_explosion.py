@@ -27,9 +27,15 @@ import pandas as pd
 from vaediag.analysis.causes import first_change, knob
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
+from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import best_split, change_points, to_log
 
 NAME = "kl_explosion"
+#: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
+KINDS = (
+    Kind("kl_explosion", "timelines", instability=2,
+         own_channels=frozenset({"kl_level", "kl", "total"}), harm=True),
+)
 MIN_FACTOR = 2.0
 HIGH_FACTOR = 5.0
 MIN_PERSIST = 100

@@ -23,8 +23,16 @@ import numpy as np
 from vaediag.analysis.causes import first_change, knob, quality_lost
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
+from vaediag.analysis.kinds import Kind
 
 NAME = "latents"
+#: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
+KINDS = (
+    Kind("posterior_collapse", "latents", instability=5),
+    Kind("unused_dimensions", "latents"),
+    Kind("logvar_saturation", "latents", instability=9),
+    Kind("decoder_scale_shrinking", "latents", instability=10),
+)
 COLLAPSED_KL = 0.01
 LOGVAR_LOW, LOGVAR_HIGH = -20.0, 10.0
 LOGVAR_BREAK_LOW, LOGVAR_BREAK_HIGH = -30.0, 20.0

@@ -32,9 +32,15 @@ import numpy as np
 from vaediag.analysis.causes import SETTING_NAMES, first_change, knob, undo_remedy
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
+from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import MAD_TO_SIGMA, episodes, to_log, trailing_robust_z
 
 NAME = "loss_spikes"
+#: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
+KINDS = (
+    Kind("loss_spike", "timelines", instability=3,
+         own_channels=frozenset({"recon", "kl", "total"}), harm=True, aftermath=True),
+)
 TERMS = ("recon", "kl", "total")
 WINDOW = 100
 Z_SPIKE = 6.0

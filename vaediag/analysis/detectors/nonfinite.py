@@ -20,9 +20,15 @@ import numpy as np
 from vaediag.analysis.causes import knob
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
+from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import MAD_TO_SIGMA
 
 NAME = "nonfinite"
+#: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
+KINDS = (
+    Kind("nonfinite", "timelines", instability=1, own_channels=frozenset({"nonfinite"}),
+         harm=True),
+)
 LOOKBACK = 20
 
 #: remedies by where it started: (text, config key of ``vaediag train``, value)
