@@ -182,7 +182,7 @@ def train(style: str, out: Path, *, seed: int = 0, lr: float = 1e-3, steps: int 
         beta = beta0
         lr_now = lr
         if planted and step == at:
-            mon.writer.event("inject", step, fault=fault, fault_kind=kind, **params)
+            mon.event("inject", step, fault=fault, fault_kind=kind, **params)
         active = planted and at <= step < at + int(params.get("steps", 10**9) or 10**9)
         if active and kind == "lr_spike":
             lr_now = lr * params["factor"]

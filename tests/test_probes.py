@@ -356,7 +356,7 @@ def test_adam_probe_declines_other_optimizers():
     model = TinyVAE()
     params = list(model.named_parameters())
     setup = ProbeSetup(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                       LayerIndex.from_params(params), 2, False, None)
+                       LayerIndex.from_params(params), 2, False)
     assert AdamState().setup(setup) == "the optimizer is SGD, not Adam or AdamW"
     setup.optimizer = None
     assert "no optimizer" in AdamState().setup(setup)
@@ -420,7 +420,7 @@ def test_factor_fidelity_sees_a_mirrored_face_and_lost_colour(faces):
 def test_factor_probe_declines_without_factors():
     model = TinyVAE()
     setup = ProbeSetup(model, None, LayerIndex.from_params(list(model.named_parameters())), 2,
-                       False, None)
+                       False)
     assert "toyfaces only" in FactorFidelity().setup(setup)
 
 

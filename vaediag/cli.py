@@ -14,18 +14,13 @@ from typing import Any
 
 import click
 
-from vaediag import __version__, inject
-from vaediag.errors import ConfigError, TrainingStopped, UserError
+from vaediag import __version__, inject, probes
+from vaediag.errors import TrainingStopped, UserError
 
 EXIT_FINDINGS = 1
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
 EXIT_INTERRUPTED = 130
-
-#: Keys a resumed run may not change: they define the data, the model's shape or the data order.
-RESUME_LOCKED = ("data.", "model.", "train.seed", "train.batch_size", "loss.recon",
-                 "loss.decoder_scale", "loss.learn_decoder_scale")
-
 
 def _err(message: str) -> None:
     click.echo(f"vaediag: error: {message}", err=True)
@@ -94,9 +89,10 @@ def _preset_help() -> dict[str, str]:
 @click.option("--seed", type=int, metavar="N",
               help="Training seed: initialisation, data order, sampling, the grid's fixed z "
                    "(data.seed fixes the data and its split separately).")
-@click.option("--probes", "probe_preset", type=click.Choice(["off", "cheap", "standard", "full"]),
-              help="What to record beyond the losses (default standard; docs/probes.md). Same as "
-                   "--set probes.preset=...")
+@click.option("--probes", "probe_preset", type=click.Choice(list(probes.PRESETS)),
+              help="What to record beyond the losses (default standard; docs/probes.md): "
+                   + "; ".join(f"'{k}': {v}" for k, v in probes.PRESETS.items())
+                   + ". Same as --set probes.preset=...")
 @click.option("--probe", "probe_specs", multiple=True, metavar="FILE.py:ClassName",
               help="Load an extra probe from a Python file, e.g. --probe "
                    "probes/decoder_saturation.py:DecoderSaturation. Repeatable.")
@@ -130,7 +126,7 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
       vaediag train --preset tiny --out runs/smoke --set optim.lr=1e-3
       vaediag train --out runs/first --resume --epochs 20 # continue to 20 epochs
     """
-    from vaediag.config import build_config, from_dict
+    from vaediag.config import build_config
     from vaediag.trainer import default_run_dir
     from vaediag.trainer import train as run_training
 
@@ -138,29 +134,28 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
         raise click.UsageError("--resume and --overwrite exclude each other")
     if steps is not None and epochs is not None:
         raise click.UsageError("give --steps or --epochs, not both")
-    flags = list(overrides)
+    flags: dict[str, Any] = {}
     if data is not None:
-        flags.append(f"data.source={_toml_string(data)}")
+        flags["data.source"] = data
     if steps is not None:
-        flags += [f"train.steps={steps}"]
+        flags["train.steps"] = steps
     if epochs is not None:
-        flags += ["train.steps=0", f"train.epochs={epochs}"]
+        flags.update({"train.steps": 0, "train.epochs": epochs})
     if device is not None:
-        flags.append(f"train.device={_toml_string(device)}")
+        flags["train.device"] = device
     if seed is not None:
-        flags.append(f"train.seed={seed}")
+        flags["train.seed"] = seed
     if probe_preset is not None:
-        flags.append(f"probes.preset={probe_preset}")
+        flags["probes.preset"] = probe_preset
     if probe_specs:
-        flags.append("probes.extra=[" + ", ".join(_toml_string(s) for s in probe_specs) + "]")
+        flags["probes.extra"] = list(probe_specs)
     if faults:
-        flags.append("train.inject=[" + ", ".join(_toml_string(s) for s in faults) + "]")
+        flags["train.inject"] = list(faults)
     if lpips_weights is not None:
         if not Path(lpips_weights).is_file():
             raise UserError(f"--lpips-weights {lpips_weights}: no such file")
-        flags.append(f"probes.lpips_weights={_toml_string(lpips_weights)}")
+        flags["probes.lpips_weights"] = lpips_weights
 
-    changes: dict[str, Any] = {}
     if resume:
         if out is None:
             raise click.UsageError("--resume needs --out RUN_DIR")
@@ -169,22 +164,16 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
                                    "to change keys, not --preset or --config")
         from vaediag.rundir import load_run
 
-        saved = load_run(out).config
-        config = build_config(base=saved, overrides=flags)
-        changes = _changed_keys(from_dict(saved), config)
-        locked = [k for k in changes if k.startswith(RESUME_LOCKED)]
-        if locked:
-            raise ConfigError(f"--resume cannot change {', '.join(locked)}: they fix the data, "
-                              f"the model or the data order; start a new run instead")
+        config = build_config(base=load_run(out).config, overrides=overrides, values=flags)
         run_dir = Path(out)
     else:
-        config = build_config(preset=preset, file=config_file, overrides=flags)
+        config = build_config(preset=preset, file=config_file, overrides=overrides, values=flags)
         run_dir = Path(out) if out else default_run_dir()
 
     click.echo(f"run directory: {run_dir}")
     started = time.monotonic()
     result = run_training(config, run_dir, resume=resume, overwrite=overwrite,
-                          progress=progress, resume_changes=changes)
+                          progress=progress)
     took = time.monotonic() - started
     if result.status == "interrupted":
         click.echo(f"interrupted at step {result.step:,} of {result.total_steps:,} (checkpoint "
@@ -192,17 +181,6 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
         sys.exit(EXIT_INTERRUPTED)
     click.echo(f"trained to step {result.step:,} in {took:.0f} s; grids in {run_dir / 'grids'}")
     click.echo(f"run directory: {run_dir}")
-
-
-def _toml_string(text: str) -> str:
-    """Quote a flag's value as a TOML string for the --set machinery."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _changed_keys(old, new) -> dict[str, list[Any]]:
-    a, b = old.to_dict(), new.to_dict()
-    return {f"{s}.{k}": [a[s][k], b[s][k]]
-            for s in a for k in a[s] if a[s][k] != b[s][k]}
 
 
 @cli.command()

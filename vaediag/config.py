@@ -20,6 +20,17 @@ from typing import Any, Literal
 import tomli_w
 
 from vaediag.errors import ConfigError
+from vaediag.inject import KINDS as FAULT_KINDS
+from vaediag.probes import PRESETS as _PROBE_PRESETS
+
+#: the choices of ``probes.preset`` (:data:`vaediag.probes.PRESETS`)
+PROBE_PRESETS = tuple(_PROBE_PRESETS)
+
+
+def _either(choices: typing.Iterable[str]) -> str:
+    """``'a', 'b' or 'c'``."""
+    quoted = [f"'{c}'" for c in choices]
+    return ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
 
 
 def opt(default: Any, help: str) -> Any:
@@ -107,8 +118,7 @@ class TrainConfig:
     checkpoint_every: int = opt(0, "steps between checkpoints; 0 = at every evaluation")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
     inject: tuple[str, ...] = opt((), "faults to plant, as KIND@STEP[:key=value,...] (see "
-                                  "docs/detectors.md): lr_spike, grad_scale, adam_eps, "
-                                  "ood_batch, desaturate, nan_grad")
+                                  "docs/detectors.md): " + ", ".join(FAULT_KINDS))
 
 
 @dataclass
@@ -120,8 +130,8 @@ class EvalConfig:
 
 @dataclass
 class ProbesConfig:
-    preset: Literal["off", "cheap", "standard", "full"] = opt(
-        "standard", "what to record beyond the losses: 'off', 'cheap', 'standard' or 'full' "
+    preset: Literal[PROBE_PRESETS] = opt(
+        "standard", f"what to record beyond the losses: {_either(PROBE_PRESETS)} "
         "(docs/probes.md)")
     extra: tuple[str, ...] = opt((), "more probes to load, as FILE.py:ClassName")
     split_every: int = opt(100, "steps between recon/KL gradient splits (an extra backward pass "
@@ -332,9 +342,12 @@ def build_config(
     preset: str | None = None,
     file: str | Path | None = None,
     overrides: typing.Sequence[str] = (),
+    values: typing.Mapping[str, Any] | None = None,
     base: dict[str, Any] | None = None,
 ) -> Config:
-    """Resolve a :class:`Config` from defaults, a preset, a TOML file and ``--set`` overrides.
+    """Resolve a :class:`Config` from defaults, a preset, a TOML file, ``--set`` overrides and
+    then ``values`` (typed values by dotted key, e.g. ``{"train.steps": 400}``: the command's
+    own flags).
 
     ``base`` replaces the defaults+preset layer (used when resuming from a run's saved config).
     """
@@ -350,7 +363,27 @@ def build_config(
     for text in overrides:
         section, key, value = parse_override(text)
         _merge(merged, {section: {key: value}}, f"--set {text}")
+    for dotted, value in (values or {}).items():
+        section, _, key = dotted.partition(".")
+        _merge(merged, {section: {key: value}}, dotted)
     return from_dict(merged, source="config")
+
+
+#: Keys a resumed run may not change: they define the data, the model's shape or the data order.
+RESUME_LOCKED = ("data.", "model.", "train.seed", "train.batch_size", "loss.recon",
+                 "loss.decoder_scale", "loss.learn_decoder_scale")
+
+
+def resume_changes(saved: Config, new: Config) -> dict[str, list[Any]]:
+    """What ``new`` changes from a run's saved config, ``{key: [old, new]}``; a
+    :class:`ConfigError` when it changes a key a resumed run may not (``RESUME_LOCKED``)."""
+    a, b = saved.to_dict(), new.to_dict()
+    changes = {f"{s}.{k}": [a[s][k], b[s][k]] for s in a for k in a[s] if a[s][k] != b[s][k]}
+    locked = [k for k in changes if k.startswith(RESUME_LOCKED)]
+    if locked:
+        raise ConfigError(f"--resume cannot change {', '.join(locked)}: they fix the data, the "
+                          f"model or the data order; start a new run instead")
+    return changes
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> Config:
@@ -420,6 +453,7 @@ def validate(c: Config) -> None:
     need(c.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
     need(c.eval.every_steps >= 0, "eval.every_steps must be >= 0")
     from vaediag.inject import parse_all
+
     parse_all(c.train.inject)  # raises ConfigError on a bad fault
     need(c.probes.split_every >= 1, "probes.split_every must be >= 1")
     need(c.probes.layer_every >= 1, "probes.layer_every must be >= 1")
@@ -456,6 +490,7 @@ def reference_markdown() -> str:
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig",
-    "EvalConfig", "LogConfig", "PRESETS", "ProbesConfig", "build_config", "from_dict",
+    "EvalConfig", "LogConfig", "PRESETS", "ProbesConfig", "RESUME_LOCKED", "build_config",
+    "from_dict", "resume_changes",
     "parse_override", "all_keys", "annotated_toml", "validate", "read_toml", "reference_markdown",
 ]

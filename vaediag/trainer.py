@@ -20,17 +20,15 @@ from tqdm import tqdm
 
 from vaediag import environment
 from vaediag import probes as probe_library
-from vaediag.config import Config
+from vaediag.config import Config, from_dict, resume_changes
 from vaediag.data import Dataset, load_dataset
-from vaediag.errors import RunDirError, TrainingStopped, UserError
+from vaediag.errors import TrainingStopped, UserError
 from vaediag.inject import Injector, parse_all
 from vaediag.losses import kl_per_dim, loss_terms, recon_per_sample
 from vaediag.model import ConvVAE
 from vaediag.monitor import Monitor
-from vaediag.rundir import RunWriter, check_can_create, check_can_resume, list_checkpoints
 from vaediag.schedules import beta_at, lr_at
-
-CHECKPOINT_FORMAT = 1
+from vaediag.session import RunSession
 
 
 @dataclass
@@ -101,38 +99,6 @@ def _eval_loss_fn(model: ConvVAE, config: Config):
     return eval_loss
 
 
-def _checkpoint_state(step: int, model, optimizer, sampler: torch.Generator, monitor: Monitor,
-                      writer: RunWriter) -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "sampler_rng": sampler.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "monitor": monitor.state_dict(),
-        "events_written": writer.events_written,
-    }
-
-
-def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """The newest checkpoint that loads with ``weights_only=True``."""
-    checkpoints = list_checkpoints(run_dir)
-    if not checkpoints:
-        raise RunDirError(f"{run_dir} has no checkpoint to resume from; start it again with "
-                          f"--overwrite")
-    for step, path in reversed(checkpoints):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint: try an older one
-            print(f"vaediag: warning: checkpoint {path.name} is unreadable ({exc}); trying an "
-                  f"older one", file=sys.stderr)
-            continue
-        if state.get("format") == CHECKPOINT_FORMAT and state.get("step") == step:
-            return state
-    raise RunDirError(f"{run_dir}: no readable checkpoint to resume from")
-
-
 def build_extra_probes(specs: tuple[str, ...]) -> list:
     """Instantiate the probes named FILE.py:ClassName in ``probes.extra``."""
     out = []
@@ -158,24 +124,24 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
-    resume_changes: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a VAE as configured, recording everything into ``run_dir``.
 
-    ``progress``: a tqdm bar (True), periodic log lines (False), or pick by whether stderr is a
-    terminal (None). Raises :class:`~vaediag.errors.TrainingStopped` when the non-finite policy
-    is 'stop' and a loss or gradient went non-finite.
+    ``resume``: continue ``run_dir`` from its newest checkpoint; ``config`` is the run's saved
+    config with the changes a resume may make (:func:`vaediag.config.resume_changes`), which
+    are recorded in the ``resume`` event. ``progress``: a tqdm bar (True), periodic log lines
+    (False), or pick by whether stderr is a terminal (None). Raises
+    :class:`~vaediag.errors.TrainingStopped` when the non-finite policy is 'stop' and a loss or
+    gradient went non-finite.
     """
-    run_dir = Path(run_dir)
     tc = config.train
     device = environment.resolve_device(tc.device)
     # Refuse a run dir we may not use before spending time on data or touching its files.
-    state = None
     if resume:
-        check_can_resume(run_dir)
-        state = load_latest_checkpoint(run_dir)
+        session = RunSession.resume(run_dir)
+        changes = resume_changes(from_dict(session.saved_config()), config)
     else:
-        check_can_create(run_dir, overwrite)
+        session = RunSession.new(run_dir, overwrite=overwrite)
     extra_probes = build_extra_probes(config.probes.extra)
     data = load_dataset(config.data)
     _report_skipped(data)
@@ -193,30 +159,22 @@ def train(
     optimizer = build_optimizer(model, config)
     sampler = torch.Generator(device=device).manual_seed(tc.seed + 1)
 
-    flush = {"flush_steps": config.log.flush_steps, "flush_seconds": config.log.flush_seconds}
-    if resume:
-        writer = RunWriter.reopen(run_dir, **flush)
-        writer.save_config(config.to_toml())
-    else:
-        writer = RunWriter.create(run_dir, config_toml=config.to_toml(), overwrite=overwrite,
-                                  environment=environment.collect(device, tc.seed), **flush)
-    step = 0
-    try:
-        # Record how this session starts before anything else writes events: a resumed run
-        # first forgets what came after its checkpoint.
-        if state is not None:
-            step = int(state["step"])
-            dropped = writer.rewind(step, int(state["events_written"]))
-            writer.event("resume", step, dropped=dropped, changes=resume_changes or {},
-                         total_steps=total_steps)
-        else:
+    # A resumed run first forgets what came after its checkpoint and records how this session
+    # starts, before anything else writes events.
+    writer = session.open(config_toml=config.to_toml(),
+                          environment=environment.collect(device, tc.seed),
+                          flush_steps=config.log.flush_steps,
+                          flush_seconds=config.log.flush_seconds,
+                          **({"changes": changes, "total_steps": total_steps} if resume else {}))
+    with session:
+        if not resume:
             skipped = data.skipped
             writer.event("start", 0, total_steps=total_steps, steps_per_epoch=spe,
                          train_images=len(data.train), val_images=len(data.val), data=data.name,
                          skipped_files=len(skipped.corrupt) + len(skipped.not_images)
                          if skipped else 0)
         pc = config.probes
-        monitor = Monitor(writer, model, optimizer, eval_images=data.val[:8],
+        monitor = Monitor(session, model, optimizer, eval_images=data.val[:8],
                           eval_loss=_eval_loss_fn(model, config), eval_every=eval_every,
                           probes=probe_library.build(pc.preset, pc.split_every, pc.layer_every,
                                                      pc.optimizer_every),
@@ -225,31 +183,24 @@ def train(
                           lpips_weights=pc.lpips_weights or None,
                           lpips_download=pc.lpips_download,
                           recon_mode=config.eval.recon_mode, seed=tc.seed,
-                          steps_per_epoch=spe, eval_factors=data.val_factors, resume=resume)
-        if state is not None:
+                          steps_per_epoch=spe, eval_factors=data.val_factors)
+        step = session.start_step
+        if resume:
+            state = session.checkpoint
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             sampler.set_state(state["sampler_rng"])
             torch.set_rng_state(state["torch_rng"])
             monitor.load_state_dict(state["monitor"])
         if step >= total_steps:
-            writer.close("finished", step, "nothing to do: already at the last step")
-            return TrainResult(run_dir, "finished", step, total_steps)
-        return _loop(config, data, order, model, optimizer, sampler, monitor, writer, device,
+            session.close("finished", step, "nothing to do: already at the last step")
+            return TrainResult(session.path, "finished", step, total_steps)
+        return _loop(config, data, order, model, optimizer, sampler, monitor, session, device,
                      step, total_steps, checkpoint_every, progress)
-    except BaseException as exc:
-        if not writer.closed:  # the loop did not close it: record why training ended
-            if isinstance(exc, TrainingStopped):
-                writer.close("stopped", exc.step, str(exc))
-            elif isinstance(exc, KeyboardInterrupt):
-                writer.close("interrupted", writer.last_step + 1, "aborted by a second signal")
-            else:
-                writer.close("failed", writer.last_step + 1, f"{type(exc).__name__}: {exc}")
-        raise
 
 
 def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, optimizer,
-          sampler: torch.Generator, monitor: Monitor, writer: RunWriter, device: torch.device,
+          sampler: torch.Generator, monitor: Monitor, session: RunSession, device: torch.device,
           start: int, total_steps: int, checkpoint_every: int,
           progress: bool | None) -> TrainResult:
     tc, spe = config.train, order.steps_per_epoch
@@ -261,10 +212,13 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                disable=not use_bar, file=sys.stderr, desc="training")
     log_every = max(1, total_steps // 20)
 
+    writer = session.writer
+
     def checkpoint(step: int) -> None:
-        writer.event("checkpoint", step)
-        writer.save_checkpoint(step, _checkpoint_state(step, model, optimizer, sampler, monitor,
-                                                       writer), keep=tc.keep_checkpoints)
+        session.save_checkpoint(step, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "sampler_rng": sampler.get_state(), "torch_rng": torch.get_rng_state(),
+            "monitor": monitor.state_dict()}, keep=tc.keep_checkpoints)
 
     if start == 0:
         if injector:
@@ -341,9 +295,9 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                       file=sys.stderr, flush=True)
             if stop.signal:
                 monitor.close("interrupted", step, f"stopped by signal {stop.signal}")
-                return TrainResult(writer.path, "interrupted", step, total_steps)
+                return TrainResult(session.path, "interrupted", step, total_steps)
     monitor.close("finished", step)
-    return TrainResult(writer.path, "finished", step, total_steps)
+    return TrainResult(session.path, "finished", step, total_steps)
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:
@@ -355,5 +309,4 @@ def default_run_dir(root: str | Path = "runs") -> Path:
     return root / f"run-{i}"
 
 
-__all__ = ["train", "TrainResult", "build_optimizer", "EpochOrder", "load_latest_checkpoint",
-           "default_run_dir"]
+__all__ = ["train", "TrainResult", "build_optimizer", "EpochOrder", "default_run_dir"]

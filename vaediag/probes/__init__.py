@@ -1,7 +1,10 @@
 """Probes: what the Monitor records beyond the losses. One built-in probe per module.
 
 :func:`build` turns a preset name and config into probe instances; :func:`load_from_path`
-loads a user's probe class from ``FILE.py:ClassName``.
+loads a user's probe class from ``FILE.py:ClassName``. :data:`PRESETS` names the presets (the
+command line and the configuration take their choices from it). This package imports torch
+only when a probe is built or one of its classes is used, so the CLI's help and analysis stay
+light.
 
 =========  =======================================================================================
 preset     probes
@@ -21,39 +24,44 @@ full       as standard, with Adam state and update ratios on every entry at ever
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vaediag.errors import UserError
-from vaediag.probes.adam import MAX_ENTRIES, AdamState
-from vaediag.probes.base import (
-    EvalContext,
-    LayerIndex,
-    Probe,
-    ProbeSetup,
-    Schedule,
-    StepContext,
-    every,
-    log_spaced,
-    per_index,
-)
-from vaediag.probes.drift import GenerationDrift
-from vaediag.probes.factors import FactorFidelity
-from vaediag.probes.grad_split import GradSplit
-from vaediag.probes.gradients import GradientNorms
-from vaediag.probes.image_quality import ImageQuality
-from vaediag.probes.latent_health import LatentHealth
-from vaediag.probes.latents import LatentStats
-from vaediag.probes.updates import UpdateRatio
 
-PRESETS = ("off", "cheap", "standard", "full")
+if TYPE_CHECKING:
+    from vaediag.probes.adam import AdamState as AdamState
+    from vaediag.probes.base import EvalContext as EvalContext
+    from vaediag.probes.base import LayerIndex as LayerIndex
+    from vaediag.probes.base import Probe as Probe
+    from vaediag.probes.base import ProbeSetup as ProbeSetup
+    from vaediag.probes.base import Schedule as Schedule
+    from vaediag.probes.base import StepContext as StepContext
+    from vaediag.probes.base import every as every
+    from vaediag.probes.base import log_spaced as log_spaced
+    from vaediag.probes.base import per_index as per_index
+    from vaediag.probes.drift import GenerationDrift as GenerationDrift
+    from vaediag.probes.factors import FactorFidelity as FactorFidelity
+    from vaediag.probes.grad_split import GradSplit as GradSplit
+    from vaediag.probes.gradients import GradientNorms as GradientNorms
+    from vaediag.probes.image_quality import ImageQuality as ImageQuality
+    from vaediag.probes.latent_health import LatentHealth as LatentHealth
+    from vaediag.probes.latents import LatentStats as LatentStats
+    from vaediag.probes.updates import UpdateRatio as UpdateRatio
 
-
-def _eval_probes() -> list[Probe]:
-    return [ImageQuality(), LatentHealth(), FactorFidelity(), GenerationDrift()]
-
+#: The presets, each with what it records (the table above, short).
+PRESETS: dict[str, str] = {
+    "off": "losses, lr and the global gradient norm only",
+    "cheap": "latent statistics; per-layer gradient norms every 10 steps; image quality at "
+             "evaluations",
+    "standard": "as cheap, with per-layer gradient norms every step and Adam's state and "
+                "update ratios on a sample of each layer every few steps and at unusual steps",
+    "full": "as standard, on every entry at every step",
+}
 
 #: Steps between gradient splits in the ``full`` preset. The split is an extra backward pass
 #: through the encoder, about a third of a training step; no detector reads it, so even
@@ -61,27 +69,45 @@ def _eval_probes() -> list[Probe]:
 FULL_SPLIT_EVERY = 10
 
 
+def _eval_probes() -> list[Probe]:
+    from vaediag.probes.drift import GenerationDrift
+    from vaediag.probes.factors import FactorFidelity
+    from vaediag.probes.image_quality import ImageQuality
+    from vaediag.probes.latent_health import LatentHealth
+
+    return [ImageQuality(), LatentHealth(), FactorFidelity(), GenerationDrift()]
+
+
 def build(preset: str, split_every: int = 100, layer_every: int = 1,
           optimizer_every: int = 4) -> list[Probe]:
     """The probes of a named preset (see the module docstring)."""
+    from vaediag.probes.adam import MAX_ENTRIES, AdamState
+    from vaediag.probes.base import every
+    from vaediag.probes.grad_split import GradSplit
+    from vaediag.probes.gradients import GradientNorms
+    from vaediag.probes.latents import LatentStats
+    from vaediag.probes.updates import UpdateRatio
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown probe preset {preset!r}; choose from {', '.join(PRESETS)}")
     if preset == "off":
         return []
     if preset == "cheap":
         return [LatentStats(), GradientNorms(every(10)), *_eval_probes()]
-    if preset in ("standard", "full"):
-        full = preset == "full"
-        cap = None if full else MAX_ENTRIES
-        optimizer = every(1 if full else optimizer_every)
-        return [LatentStats(), GradientNorms(every(layer_every)),
-                AdamState(optimizer, max_entries=cap, when_unusual=True),
-                UpdateRatio(optimizer, max_entries=cap, when_unusual=True),
-                GradSplit(every(min(split_every, FULL_SPLIT_EVERY) if full else split_every)),
-                *_eval_probes()]
-    raise UserError(f"unknown probe preset {preset!r}; choose from {', '.join(PRESETS)}")
+    full = preset == "full"
+    cap = None if full else MAX_ENTRIES
+    optimizer = every(1 if full else optimizer_every)
+    return [LatentStats(), GradientNorms(every(layer_every)),
+            AdamState(optimizer, max_entries=cap, when_unusual=True),
+            UpdateRatio(optimizer, max_entries=cap, when_unusual=True),
+            GradSplit(every(min(split_every, FULL_SPLIT_EVERY) if full else split_every)),
+            *_eval_probes()]
 
 
 def load_from_path(spec: str) -> type[Probe]:
     """``"probes/saturation.py:DecoderSaturation"`` -> the class, checked to be a Probe."""
+    from vaediag.probes.base import Probe
+
     path_text, sep, class_name = spec.rpartition(":")
     if not sep or not path_text or not class_name:
         raise UserError(f"--probe {spec!r}: expected FILE.py:ClassName")
@@ -105,9 +131,22 @@ def load_from_path(spec: str) -> type[Probe]:
     return cls
 
 
-__all__ = [
-    "PRESETS", "AdamState", "EvalContext", "FactorFidelity", "GenerationDrift", "GradSplit",
-    "GradientNorms", "ImageQuality", "LatentHealth", "LatentStats", "LayerIndex", "Probe",
-    "ProbeSetup", "Schedule", "StepContext", "UpdateRatio", "build", "every", "load_from_path",
-    "log_spaced", "per_index",
-]
+#: the probe API and the built-in probes, imported on first use
+_LAZY = {
+    **dict.fromkeys(["EvalContext", "LayerIndex", "Probe", "ProbeSetup", "Schedule",
+                     "StepContext", "every", "log_spaced", "per_index"], "vaediag.probes.base"),
+    "AdamState": "vaediag.probes.adam", "GenerationDrift": "vaediag.probes.drift",
+    "FactorFidelity": "vaediag.probes.factors", "GradSplit": "vaediag.probes.grad_split",
+    "GradientNorms": "vaediag.probes.gradients", "ImageQuality": "vaediag.probes.image_quality",
+    "LatentHealth": "vaediag.probes.latent_health", "LatentStats": "vaediag.probes.latents",
+    "UpdateRatio": "vaediag.probes.updates",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vaediag.probes' has no attribute {name!r}")
+
+
+__all__ = ["FULL_SPLIT_EVERY", "PRESETS", "build", "load_from_path", *_LAZY]

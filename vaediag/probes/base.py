@@ -187,7 +187,9 @@ class ProbeSetup:
     layers: LayerIndex
     latent_dim: int
     has_factors: bool
-    lpips: LPIPSMetric | None
+    #: LPIPS for a probe that uses it: loaded on the first call (None when its weights are not
+    #: to be had; the Monitor says so once), then shared by every evaluation's ``ctx.lpips``
+    load_lpips: Callable[[], LPIPSMetric | None] = lambda: None
 
 
 _ALL = slice(None)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from vaediag.metrics import image
-from vaediag.probes.base import EvalContext, Probe
+from vaediag.probes.base import EvalContext, Probe, ProbeSetup
 
 
 def _u8(x: torch.Tensor) -> torch.Tensor:
@@ -28,6 +28,10 @@ class GenerationDrift(Probe):
     def __init__(self, schedule=None):
         super().__init__(schedule)
         self.previous: dict[str, torch.Tensor] = {}
+
+    def setup(self, info: ProbeSetup) -> str | None:
+        info.load_lpips()  # the perceptual distance when LPIPS is available (ctx.lpips)
+        return None
 
     def compute(self, ctx: EvalContext) -> dict[str, Any]:
         now = {"zero": _u8(ctx.zero), "fixed": _u8(ctx.fixed)}

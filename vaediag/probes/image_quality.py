@@ -16,7 +16,7 @@ import torch
 
 from vaediag.metrics import image
 from vaediag.metrics.lpips import LPIPSMetric
-from vaediag.probes.base import EvalContext, Probe, per_index
+from vaediag.probes.base import EvalContext, Probe, ProbeSetup, per_index
 
 
 def quality(x: torch.Tensor, y: torch.Tensor, lpips: LPIPSMetric | None) -> dict[str, torch.Tensor]:
@@ -36,6 +36,10 @@ def quality(x: torch.Tensor, y: torch.Tensor, lpips: LPIPSMetric | None) -> dict
 class ImageQuality(Probe):
     name = "image_quality"
     needs = frozenset({"eval"})
+
+    def setup(self, info: ProbeSetup) -> str | None:
+        info.load_lpips()  # LPIPS when its weights are to be had (ctx.lpips); the rest always
+        return None
 
     def compute(self, ctx: EvalContext) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -1,0 +1,455 @@
+"""The Monitor: records a VAE's training into a run directory, one instrumented code path.
+
+The built-in trainer and a user's own loop call the same methods::
+
+    mon = vaediag.Monitor("runs/mine", model, optimizer, eval_images=val_batch,
+                          encode=model.encode, decode=model.decode, eval_loss=eval_loss)
+    for step, x in enumerate(loader):
+        recon, kl, mu, logvar = ...                      # your forward pass and loss terms
+        loss = recon + beta * kl
+        optimizer.zero_grad()
+        loss.backward(retain_graph=mon.wants_graph(step))  # retain only for the recon/KL split
+        mon.after_backward(step, recon=recon, kl=kl, beta=beta, mu=mu, logvar=logvar)
+        optimizer.step()
+        mon.after_step(step)
+    mon.close()
+
+``step`` counts optimizer updates made before this batch (0-based): a per-step row with step s
+describes the model after s updates, and an evaluation at step S shows it after S updates.
+What is recorded beyond the losses is decided by probes (:mod:`vaediag.probes`).
+
+The Monitor wires together its parts, each in a module of its own: the run's lifecycle
+(:class:`vaediag.session.RunSession`), the probes (:mod:`.probing`), the evaluations
+(:mod:`.evaluation`) and the grid's text (:mod:`.captions`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vaediag import probes as probe_library
+from vaediag.errors import UserError
+from vaediag.monitor.evaluation import (
+    DecodeFn,
+    EncodeFn,
+    EvalLossFn,
+    Evaluator,
+)
+from vaediag.monitor.probing import (
+    LPIPSLoader,
+    ProbeRunner,
+    UnusualSteps,
+    forward_order,
+    held,
+)
+from vaediag.probes.base import (
+    LayerIndex,
+    Probe,
+    ProbeSetup,
+    StepContext,
+    read_floats,
+    to_floats,
+)
+from vaediag.rundir import load_run
+from vaediag.session import RunSession
+
+
+@dataclass
+class StepCheck:
+    """What :meth:`Monitor.after_backward` saw: the trainer applies its non-finite policy to it."""
+
+    grad_norm: float
+    nonfinite: list[str] = field(default_factory=list)  # e.g. ["kl", "grad:decoder.fc.weight"]
+
+
+class Monitor:
+    """Record losses, gradients, optimizer state and image quality; evaluate the 4x8 grid.
+
+    Parameters
+    ----------
+    run_dir
+        A path for a new run directory, or a :class:`~vaediag.session.RunSession` already
+        opened (the trainer's, new or resumed).
+    model, optimizer
+        The model (parameter names, gradients) and its optimizer (learning rate, Adam state).
+    eval_images
+        The fixed validation batch of the grid: at least 8 RGB images (N, 3, H, W) in [0, 1]
+        (uint8 0..255 is accepted too); the first 8 are used.
+    encode, decode
+        ``encode(x) -> (mu, logvar)`` and ``decode(z) -> image in [0, 1]``; default: the
+        model's own ``encode`` / ``decode`` methods.
+    eval_loss
+        Optional ``(x, z, mu, logvar) -> (recon per image, kl per image)``; without it the
+        grid shows no losses of its own images.
+    eval_every
+        Steps between evaluations (grid, eval losses, image-quality probes). An evaluation
+        costs about as much as a few training steps; the loss-quality analysis needs at least
+        six after the first few hundred steps.
+    value_range
+        The range of the images ``eval_images`` holds and ``decode`` returns: ``(0, 1)``
+        (default) or e.g. ``(-1, 1)`` for a tanh decoder. Images are mapped from it onto [0, 1]
+        for the grid and the quality metrics; a decoder output outside it is clamped, with one
+        warning and an event.
+    probes
+        A preset name (``off``, ``cheap``, ``standard``, ``full``) or a list of probes.
+    extra_probes
+        More probes (instances) to run besides the preset.
+    metric_images
+        Optional larger fixed set of validation images scored at each evaluation (active units,
+        set-level quality).
+    lpips_weights, lpips_download
+        Where LPIPS' AlexNet weights are, and whether torchvision may download them (LPIPS is
+        loaded only when a probe asks for it).
+    overwrite
+        Replace an existing run directory at ``run_dir`` (a path).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path | RunSession,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        eval_images: torch.Tensor | np.ndarray,
+        encode: EncodeFn | None = None,
+        decode: DecodeFn | None = None,
+        eval_loss: EvalLossFn | None = None,
+        eval_every: int = 100,
+        value_range: tuple[float, float] = (0.0, 1.0),
+        probes: str | Sequence[Probe] = "standard",
+        extra_probes: Sequence[Probe] = (),
+        metric_images: torch.Tensor | np.ndarray | None = None,
+        lpips_weights: str | None = None,
+        lpips_download: bool = False,
+        recon_mode: str = "mean",
+        seed: int = 0,
+        steps_per_epoch: int | None = None,
+        eval_factors: dict[str, np.ndarray] | None = None,
+        config: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ):
+        if eval_every < 1:
+            raise UserError(f"eval_every must be >= 1, got {eval_every}")
+        self.model = model
+        self.optimizer = optimizer
+        encode = encode or getattr(model, "encode", None)
+        decode = decode or getattr(model, "decode", None)
+        if encode is None or decode is None:
+            raise UserError("Monitor needs encode(x) -> (mu, logvar) and decode(z) -> image: "
+                            "pass encode= and decode=, or give the model those methods")
+        self.evaluator = Evaluator(model, encode, decode, eval_images=eval_images,
+                                   eval_loss=eval_loss, value_range=value_range,
+                                   recon_mode=recon_mode, metric_images=metric_images,
+                                   factors=eval_factors, warn=self._warn)
+        self.eval_every = eval_every
+        self.steps_per_epoch = steps_per_epoch
+        self.device = self.evaluator.device
+        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.layers = LayerIndex.from_params(self._params)
+        self._warned: set[str] = set()
+
+        if isinstance(run_dir, RunSession):
+            self.session = run_dir
+        else:
+            import tomli_w
+
+            from vaediag import environment
+            settings = {"monitor": {"eval_every": eval_every, "recon_mode": recon_mode,
+                                    "value_range": list(self.evaluator.value_range),
+                                    "probes": probes if isinstance(probes, str) else "custom"}}
+            self.session = RunSession.new(run_dir, overwrite=overwrite)
+            self.session.open(config_toml=tomli_w.dumps({**settings, **(config or {})}),
+                              environment=environment.collect(self.device, seed))
+        self.writer = self.session.writer
+        resumed = self.session.resumed
+        # One forward pass in eval mode tells the order in which layers run; the latent size
+        # comes from another.
+        with self.evaluator.eval_mode(), torch.no_grad():
+            x = self.evaluator.x[:2]
+            self._rank = forward_order(model, lambda: decode(encode(x)[0]))
+        if resumed:
+            self.evaluator.load_fixed(load_run(self.session.path).fixed)
+        else:
+            self.writer.save_fixed(**self.evaluator.make_fixed(seed))
+
+        self.runner = ProbeRunner([*self._choose(probes), *extra_probes], self.writer)
+        self._lpips = LPIPSLoader(self.writer, lpips_weights, lpips_download, self.device)
+        self.runner.setup(ProbeSetup(model, optimizer, self.layers,
+                                     int(self.evaluator.fixed_z.shape[1]),
+                                     bool(self.evaluator.factors), self._lpips), resumed)
+
+        self._pending: tuple[StepContext, dict[str, Any], dict[str, Any]] | None = None
+        #: the last step's row and its probe values still on the device (see after_step)
+        self._unread: tuple[dict[str, Any], dict[Any, Any]] | None = None
+        #: whether the current step is unusual (see probing.UnusualSteps)
+        self.unusual = False
+        self._unusual = UnusualSteps()
+        self._before: list[torch.Tensor] | None = None
+        self._sums = np.zeros(3)  # recon, kl, count since the last evaluation
+        self._elapsed_before = 0.0
+        self._t0 = time.monotonic()
+        self.last_step_row: dict[str, Any] = {}
+        self.last_eval_row: dict[str, Any] = {}
+        self._evaluated = resumed  # a resumed run has its evaluation at the checkpoint's step
+        if eval_loss is None and not resumed:
+            self._warn("no_eval_loss", 0, "no eval_loss given: the grid shows no losses of its "
+                       "own images and the loss-quality analysis cannot run (pass eval_loss=)")
+
+    @property
+    def probes(self) -> list[Probe]:
+        """The active probes (those that declined or failed are gone)."""
+        return self.runner.probes
+
+    def event(self, kind: str, step: int, **fields: Any) -> None:
+        """Record an event of your own in the run (``events.jsonl``), e.g. a planted fault."""
+        self.writer.event(kind, step, **fields)
+
+    def _warn(self, what: str, step: int, message: str, **fields: Any) -> None:
+        """Say something about the user's input once per run, and record it as an event."""
+        if what in self._warned:
+            return
+        self._warned.add(what)
+        self.writer.event("monitor_warning", step, what=what, message=message, **fields)
+        print(f"vaediag: warning: {message}", file=sys.stderr)
+
+    @staticmethod
+    def _choose(spec: str | Sequence[Probe]) -> list[Probe]:
+        return probe_library.build(spec) if isinstance(spec, str) else list(spec)
+
+    def _due(self, step: int, *, after_step: bool) -> list[Probe]:
+        return self.runner.due(step, after_step=after_step, unusual=self.unusual)
+
+    def wants_graph(self, step: int) -> bool:
+        """Whether ``loss.backward`` should keep the graph at ``step`` (for the gradient split)."""
+        return any("graph" in p.needs for p in self._due(step, after_step=False))
+
+    # -- per step -----------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return self._elapsed_before + time.monotonic() - self._t0
+
+    def after_backward(
+        self,
+        step: int,
+        *,
+        recon: torch.Tensor | float,
+        kl: torch.Tensor | float,
+        total: torch.Tensor | float | None = None,
+        beta: float | None = None,
+        epoch: int | None = None,
+        mu: torch.Tensor | None = None,
+        logvar: torch.Tensor | None = None,
+        kl_term: torch.Tensor | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> StepCheck:
+        """Call after ``loss.backward()`` and before ``optimizer.step()``.
+
+        ``kl_term`` is the KL part of the loss as differentiated (default ``beta * kl``); give
+        it, still attached to the graph, for the recon/KL gradient split.
+
+        This is the step's one read from the device: the losses, the gradient norm and the
+        previous step's probe values come back together (see :meth:`_read`).
+        """
+        if step == 0 and not self._evaluated:
+            self.evaluate(0)
+        norms = self._grad_norms()
+        core: dict[str, Any] = {"recon": recon, "kl": kl}
+        if total is not None:
+            core["total"] = total
+        if norms is not None:
+            core["grad_norm"] = norms.double().square().sum().sqrt()
+        row: dict[str, Any] = {"step": int(step), "time": self.elapsed(), **self._read(core)}
+        if epoch is not None:
+            row["epoch"] = epoch
+        if beta is not None:
+            row["beta"] = float(beta)
+        if self.optimizer is not None:
+            group = self.optimizer.param_groups[0]
+            if isinstance(group["lr"], (int, float)):
+                row["lr"] = float(group["lr"])
+            if isinstance(group.get("eps"), (int, float)):
+                row["eps"] = float(group["eps"])
+        check = StepCheck(grad_norm=row.get("grad_norm", math.nan))
+        for term in ("recon", "kl", "total"):
+            if term in row and not math.isfinite(row[term]):
+                check.nonfinite.append(term)
+        grads_finite = norms is None or math.isfinite(check.grad_norm)
+        if check.nonfinite or not grads_finite:
+            check.nonfinite += self._nonfinite_origin(norms) or ["grad"]
+        for term in check.nonfinite:
+            self.writer.event("nonfinite", step, term=term, recon=row["recon"], kl=row["kl"],
+                              grad_norm=check.grad_norm)
+        if math.isfinite(row["kl"]) and row["kl"] < -1e-3 * max(1.0, abs(row["recon"])):
+            self._warn("negative_kl", step, f"the KL given at step {step} is negative "
+                       f"({row['kl']:.4g}): an analytic KL never is (check its sign and "
+                       f"reduction); a single-sample Monte Carlo estimate can be", kl=row["kl"])
+        if math.isfinite(row["recon"]) and math.isfinite(row["kl"]):
+            self._sums += (row["recon"], row["kl"], 1)
+        self.unusual = self._unusual.judge(row, check.grad_norm, bool(check.nonfinite))
+
+        if kl_term is None and isinstance(kl, torch.Tensor) and kl.requires_grad:
+            kl_term = kl * (1.0 if beta is None else beta)
+        if norms is None:
+            norms = torch.zeros(len(self._params), device=self.device)
+        ctx = StepContext(step, self._params, self.layers, self.optimizer,
+                          {"recon": row["recon"], "kl": row["kl"], "total": row.get("total"),
+                           "beta": beta, "mu": None if mu is None else mu.detach(),
+                           "logvar": None if logvar is None else logvar.detach(),
+                           "kl_term": kl_term,
+                           "param_grad_norms": norms,
+                           "grads_finite": grads_finite})
+        values: dict[str, Any] = dict(extra or {})
+        values.update(self.runner.run(self._due(step, after_step=False), ctx, step))
+        ctx.kl_term = None  # release the graph
+        after = self._due(step, after_step=True)
+        if any("update" in p.needs for p in after):
+            ctx.before = self._snapshot()
+        for probe in after:
+            probe.before_step(ctx)
+        self._pending = (ctx, row, values)
+        return check
+
+    def _grad_norms(self) -> torch.Tensor | None:
+        """(P,) L2 norm of each parameter's gradient (0 where it has none), on the device, in
+        one list-wide operation; None when no parameter has a gradient."""
+        grads = [p.grad for _, p in self._params]
+        present = [g.detach() for g in grads if g is not None]
+        if not present:
+            return None
+        norms = torch.stack(torch._foreach_norm(present))
+        if len(present) == len(grads):
+            return norms
+        full = torch.zeros(len(grads), device=norms.device, dtype=norms.dtype)
+        full[[i for i, g in enumerate(grads) if g is not None]] = norms
+        return full
+
+    def _read(self, values: dict[str, Any]) -> dict[str, float]:
+        """Read ``values`` from the device together with the probe values of the step before
+        (held back by :meth:`after_step`), in one transfer per device: one synchronisation
+        per step on a GPU. Completes and writes that previous row."""
+        unread, self._unread = self._unread, None
+        if unread is None:
+            return to_floats(values)
+        row, held = unread
+        now, before = read_floats([values, held])
+        row.update(before)
+        self.writer.log_step(row)
+        return now
+
+    def _nonfinite_origin(self, norms: torch.Tensor | None) -> list[str]:
+        """Where non-finite values started: parameters that are themselves non-finite
+        (``weight:NAME``, a corrupted weight), else the layer whose gradient the backward pass
+        reached first among those that went non-finite (``grad:NAME``, the one latest in the
+        forward pass). Scans the parameters, so it runs only on steps that went wrong."""
+        out = []
+        with torch.no_grad():
+            bad_weights = [n for n, p in self._params if not bool(torch.isfinite(p).all())]
+        out += [f"weight:{n}" for n in bad_weights[:3]]
+        if norms is not None:
+            values = norms.tolist()
+            bad = [n for (n, _), v in zip(self._params, values, strict=True)
+                   if not math.isfinite(v)]
+            if bad:
+                origin = max(bad, key=lambda n: self._rank.get(n, -1))
+                out.append(f"grad:{origin}")
+        return out
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        """Copy the parameters into buffers kept for the run (no allocation per step)."""
+        if self._before is None:
+            self._before = [torch.empty(p.numel(), device=p.device, dtype=p.dtype)
+                            for _, p in self._params]
+        torch._foreach_copy_(self._before, [p.detach().reshape(-1) for _, p in self._params])
+        return self._before
+
+    def after_step(self, step: int, *, skipped: bool = False, evaluate: bool = True) -> None:
+        """Call after ``optimizer.step()`` (or instead of it, with ``skipped=True``).
+
+        Evaluates when one is due, unless ``evaluate`` is False (a loop that is about to stop).
+        The step's probe values stay on the device until the next step's read (or the next
+        evaluation, checkpoint or :meth:`close`), so they cost no synchronisation of their own.
+        """
+        if self._pending is None or self._pending[1]["step"] != step:
+            raise UserError(f"after_step({step}) without after_backward({step}) before it")
+        ctx, row, values = self._pending
+        self._pending = None
+        if skipped:
+            self.writer.event("skipped_step", step)
+        else:
+            values.update(self.runner.run(self._due(step, after_step=True), ctx, step))
+        self.last_step_row = row
+        self._unread = (row, held(values))
+        if evaluate and (step + 1) % self.eval_every == 0:
+            self.evaluate(step + 1)
+
+    def flush(self) -> None:
+        """Read the last step's held-back probe values and write its row (done by itself at
+        every evaluation, checkpoint and at :meth:`close`)."""
+        self._read({})
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Evaluate the model as it is now (after ``step`` updates): grid PNG and eval row."""
+        self.flush()
+        with self.evaluator.eval_mode(), torch.no_grad():  # probes may encode the larger set
+            evaluation = self.evaluator.run(step, self._lpips.metric)
+            values = self.runner.run(self.runner.on_eval, evaluation.context, step)
+        row: dict[str, Any] = {"step": int(step), "time": self.elapsed()}
+        if self.steps_per_epoch:
+            row["epoch"] = step / self.steps_per_epoch
+        if evaluation.per_image is not None:
+            recon_each, kl_each = (t.float().cpu() for t in evaluation.per_image)
+            values["eval_recon"] = recon_each.mean()
+            values["eval_kl"] = kl_each.mean()
+            values.update(probe_library.per_index("img", "recon", recon_each))
+            values.update(probe_library.per_index("img", "kl", kl_each))
+        recon_sum, kl_sum, count = self._sums
+        if count:
+            row["train_recon_avg"] = recon_sum / count
+            row["train_kl_avg"] = kl_sum / count
+            row["train_avg_steps"] = int(count)
+        self._sums[:] = 0
+        row.update(to_floats(values))
+        self.writer.save_grid(step, self.evaluator.grid_png(evaluation.tiles, row))
+        self.writer.log_eval(row)
+        self.last_eval_row = row
+        self._evaluated = True
+        return row
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs so a resumed run continues averages, clock and probes."""
+        self.flush()
+        return {"sums": self._sums.tolist(), "elapsed": self.elapsed(),
+                **self._unusual.state_dict(), "probes": self.runner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sums = np.asarray(state["sums"], dtype=np.float64)
+        self._elapsed_before = float(state["elapsed"])
+        self._t0 = time.monotonic()
+        self._unusual.load_state_dict(state)
+        self.runner.load_state_dict(state.get("probes", {}))
+
+    def close(self, status: str = "finished", step: int | None = None, message: str = "") -> None:
+        """Flush everything and mark the run's status; the run directory is complete.
+
+        A finished run whose last grid is older than its last step gets a final evaluation, so
+        the last grid always shows the final model.
+        """
+        self.flush()
+        last = step if step is not None else int(self.last_step_row.get("step", -1)) + 1
+        if status == "finished" and last > 0 and self.last_eval_row.get("step") != last:
+            self.evaluate(last)
+        self.session.close(status, last, message)

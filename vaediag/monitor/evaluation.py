@@ -1,0 +1,190 @@
+"""Evaluating the model on the grid's fixed inputs: the 8 validation images, decode(0), decode of
+8 fixed z, and a larger fixed set for the set-level metrics.
+
+:class:`Evaluator` owns those inputs (made at the start of a run and saved in ``fixed.npz``, or
+read back from it when the run is resumed), maps images between the model's ``value_range`` and
+[0, 1], runs the model on them, and draws the annotated grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vaediag import grid
+from vaediag.errors import UserError
+from vaediag.monitor import captions
+from vaediag.probes.base import EvalContext
+
+EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+#: (x, z, mu, logvar) -> (per-image reconstruction loss, per-image KL), each of shape (B,)
+EvalLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                      tuple[torch.Tensor, torch.Tensor]]
+#: (what, step, message, fields): says something about the user's input once per run
+WarnFn = Callable[..., None]
+
+GRID_IMAGES = grid.COLS
+_SET_CHUNK = 64
+
+
+def as_images(images: torch.Tensor | np.ndarray, what: str, minimum: int,
+              value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """The images as float tensors in ``value_range`` (uint8 0..255 is mapped onto it)."""
+    x = torch.as_tensor(images)
+    if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] < minimum:
+        raise UserError(f"{what} must be a batch of at least {minimum} RGB images shaped "
+                        f"(N, 3, H, W), got {tuple(x.shape)}")
+    lo, hi = value_range
+    x = x.float() / 255.0 * (hi - lo) + lo if x.dtype == torch.uint8 else x.float()
+    if not torch.isfinite(x).all() or x.min() < lo or x.max() > hi:
+        raise UserError(f"{what} must lie in [{lo:g}, {hi:g}] (value_range), or be uint8 0..255; "
+                        f"got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
+    return x
+
+
+def check_value_range(value_range: Any) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise UserError(f"value_range must be (low, high), got {value_range!r}") from None
+    if not hi > lo:
+        raise UserError(f"value_range must have low < high, got {value_range!r}")
+    return lo, hi
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation's forward passes gave: the probes' context, the grid's tiles and the
+    per-image losses (None without an eval loss function)."""
+
+    context: EvalContext
+    tiles: np.ndarray  # (4, 8, 3, H, W) uint8
+    per_image: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class Evaluator:
+    """The grid's fixed inputs and the model's outputs on them."""
+
+    def __init__(self, model: torch.nn.Module, encode: EncodeFn, decode: DecodeFn, *,
+                 eval_images: torch.Tensor | np.ndarray,
+                 eval_loss: EvalLossFn | None, value_range: tuple[float, float],
+                 recon_mode: str, metric_images: torch.Tensor | np.ndarray | None,
+                 factors: dict[str, np.ndarray] | None, warn: WarnFn):
+        if recon_mode not in ("mean", "sample"):
+            raise UserError(f"recon_mode must be 'mean' or 'sample', got {recon_mode!r}")
+        self.model = model
+        self.encode = encode
+        self.decode = decode
+        self.eval_loss = eval_loss
+        self.value_range = check_value_range(value_range)
+        self.recon_mode = recon_mode
+        self.device = next(iter(model.parameters())).device
+        self.x = as_images(eval_images, "eval_images", GRID_IMAGES,
+                           self.value_range)[:GRID_IMAGES].to(self.device)
+        self.set_x = None if metric_images is None else \
+            as_images(metric_images, "metric_images", 2, self.value_range)
+        self.factors = {k: np.asarray(v)[:GRID_IMAGES] for k, v in (factors or {}).items()}
+        self._warn = warn
+        self.fixed_z: torch.Tensor | None = None
+        self.recon_noise: torch.Tensor | None = None
+
+    def latent_size(self) -> int:
+        """The size of z, from one encoding in eval mode (batch norm's statistics kept)."""
+        with self.eval_mode(), torch.no_grad():
+            return int(self.encode(self.x[:2])[0].shape[1])
+
+    def make_fixed(self, seed: int) -> dict[str, np.ndarray]:
+        """Draw the fixed z and the reconstruction noise of a new run; returns every fixed
+        array, for ``fixed.npz``."""
+        latent = self.latent_size()
+        g = torch.Generator().manual_seed(seed + 20_231)
+        self.fixed_z = torch.randn(GRID_IMAGES, latent, generator=g).to(self.device)
+        self.recon_noise = torch.randn(GRID_IMAGES, latent, generator=g).to(self.device)
+        return {"eval_images": (self.to_unit(self.x).cpu().numpy() * 255).round()
+                .astype(np.uint8),
+                "fixed_z": self.fixed_z.cpu().numpy(),
+                "recon_noise": self.recon_noise.cpu().numpy(),
+                **{f"factor_{k}": v for k, v in self.factors.items()}}
+
+    def load_fixed(self, fixed: dict[str, np.ndarray]) -> None:
+        """The fixed z and noise a resumed run was started with."""
+        self.fixed_z = torch.from_numpy(fixed["fixed_z"]).to(self.device)
+        self.recon_noise = torch.from_numpy(fixed["recon_noise"]).to(self.device)
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from ``value_range`` onto [0, 1]."""
+        lo, hi = self.value_range
+        return x if (lo, hi) == (0.0, 1.0) else (x - lo) / (hi - lo)
+
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """The model in eval mode (batch norm's running statistics kept), then as it was."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    def encode_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, recon, mu, logvar) of the larger fixed set, on the CPU, in chunks."""
+        xs, recons, mus, logvars = [], [], [], []
+        lo, hi = self.value_range
+        for start in range(0, len(self.set_x), _SET_CHUNK):
+            x = self.set_x[start:start + _SET_CHUNK].to(self.device)
+            mu, logvar = self.encode(x)
+            xs.append(self.to_unit(x).cpu())
+            recons.append(self.to_unit(self.decode(mu).clamp(lo, hi)).cpu())
+            mus.append(mu.cpu())
+            logvars.append(logvar.cpu())
+        return torch.cat(xs), torch.cat(recons), torch.cat(mus), torch.cat(logvars)
+
+    @torch.no_grad()
+    def run(self, step: int, lpips: Any) -> Evaluation:
+        """The model as it is now (after ``step`` updates) on the fixed inputs, in eval mode."""
+        with self.eval_mode():
+            x = self.x
+            mu, logvar = self.encode(x)
+            z = mu if self.recon_mode == "mean" else \
+                mu + self.recon_noise * torch.exp(0.5 * logvar)
+            recon_img = self.decode(z)
+            zero_img = self.decode(torch.zeros_like(self.fixed_z[:1]))
+            fixed_img = self.decode(self.fixed_z)
+            per_image = self.eval_loss(x, z, mu, logvar) if self.eval_loss else None
+            recon_img, zero_img, fixed_img = (self._decoded(t, step)
+                                              for t in (recon_img, zero_img, fixed_img))
+            x = self.to_unit(x)
+            context = EvalContext(step, x, recon_img, zero_img, fixed_img, mu, logvar,
+                                  self.factors or None, lpips,
+                                  self.encode_set if self.set_x is not None else None)
+        tiles = torch.stack([x, recon_img, zero_img.expand(GRID_IMAGES, -1, -1, -1),
+                             fixed_img]).clamp(0, 1)
+        tiles = (tiles * 255).round().to(torch.uint8).cpu().numpy()
+        return Evaluation(context, tiles, per_image)
+
+    def grid_png(self, tiles: np.ndarray, row: dict[str, Any]) -> bytes:
+        """The annotated 4x8 grid of an evaluation, as PNG bytes."""
+        return grid.to_png(grid.render(tiles, captions.header(row),
+                                       captions.row_labels(self.recon_mode),
+                                       captions.image_captions(row)))
+
+    def _decoded(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """Decoder output mapped onto [0, 1]; values outside ``value_range`` are clamped, and
+        said once."""
+        lo, hi = self.value_range
+        tolerance = 1e-3 * (hi - lo)
+        outside = (images < lo - tolerance) | (images > hi + tolerance)
+        if bool(outside.any()):
+            share = float(outside.float().mean())
+            self._warn("decoder_range", step, f"the decoder's output leaves value_range "
+                       f"[{lo:g}, {hi:g}] (values in [{float(images.min()):.3g}, "
+                       f"{float(images.max()):.3g}], {share:.1%} of pixels at step {step}); "
+                       f"they are clamped for the grid and the metrics: pass "
+                       f"value_range=(-1, 1) for a tanh decoder", share=share)
+        return self.to_unit(images.clamp(lo, hi))

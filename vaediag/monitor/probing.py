@@ -1,0 +1,202 @@
+"""Running the probes: set up once, each run at the steps it is due, disabled when it fails;
+which steps are unusual (so probes on a sparse schedule still see sudden events); and LPIPS,
+loaded once when a probe asks for it."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from vaediag.metrics import lpips as lpips_metric
+from vaediag.probes.base import Probe, ProbeSetup
+from vaediag.rundir import RunWriter
+
+#: A step is unusual when its gradient norm exceeds this many times the recent level (an
+#: exponential average with weight ``GRAD_LEVEL_ALPHA`` per step) ...
+GRAD_JUMP = 2.0
+GRAD_LEVEL_ALPHA = 0.1
+#: ... or when one of these optimizer settings changed by more than ``SETTING_JUMP`` times (either
+#: way) since the previous step: a step decay or a spike, not a smooth schedule (a cosine decay
+#: moves the lr by far less per step; a linear warm-up by more only in its first 10 steps).
+WATCHED_SETTINGS = ("lr", "eps")
+SETTING_JUMP = 1.1
+
+
+def _jumped(before: float | None, now: float | None) -> bool:
+    """Whether a setting moved by more than ``SETTING_JUMP`` times (or changed sign)."""
+    if before is None or now is None or before == now:
+        return False
+    if before <= 0 or now <= 0:
+        return True
+    return max(now / before, before / now) > SETTING_JUMP
+
+
+class UnusualSteps:
+    """Judges each step from host values the Monitor already has: its gradient norm jumped
+    (``GRAD_JUMP`` times the recent level), lr or eps jumped (``SETTING_JUMP``), or a value went
+    non-finite. Its state is kept in checkpoints, so a resumed run judges the same."""
+
+    def __init__(self) -> None:
+        self._grad_level: float | None = None
+        self._settings: tuple | None = None
+
+    def judge(self, row: dict[str, Any], grad_norm: float, nonfinite: bool) -> bool:
+        settings = tuple(row.get(k) for k in WATCHED_SETTINGS)
+        changed = self._settings is not None and any(
+            _jumped(before, now) for before, now in zip(self._settings, settings, strict=True))
+        self._settings = settings
+        if not math.isfinite(grad_norm):
+            return True
+        jumped = self._grad_level is not None and grad_norm > GRAD_JUMP * self._grad_level
+        self._grad_level = grad_norm if self._grad_level is None else \
+            (1 - GRAD_LEVEL_ALPHA) * self._grad_level + GRAD_LEVEL_ALPHA * grad_norm
+        return nonfinite or changed or jumped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"grad_level": self._grad_level, "settings": list(self._settings or [])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._grad_level = state.get("grad_level")
+        self._settings = tuple(state["settings"]) if state.get("settings") else None
+
+
+def held(values: dict[Any, Any]) -> dict[Any, Any]:
+    """Probe values to read later, copied into one vector per device (so buffers a probe
+    reuses may change in the meantime): the 0-d tensors stacked, then every vector appended,
+    in as few operations as there are kinds of value, not values."""
+    out: dict[Any, Any] = {}
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[str], list[torch.Tensor],
+                                                         list[tuple[str, ...]],
+                                                         list[torch.Tensor]]] = {}
+    for key, value in values.items():
+        if not isinstance(value, torch.Tensor):
+            out[key] = value
+            continue
+        scalars, scalar_values, vector_names, vectors = groups.setdefault(
+            (value.device, value.dtype), ([], [], [], []))
+        if value.dim() == 0:
+            scalars.append(key)
+            scalar_values.append(value.detach())
+        else:
+            vector_names.append(key if isinstance(key, tuple) else (key,))
+            vectors.append(value.detach().reshape(-1))
+    for scalars, scalar_values, vector_names, vectors in groups.values():
+        parts = ([torch.stack(scalar_values)] if scalar_values else []) + vectors
+        flat = (torch.cat(parts) if len(parts) > 1 else parts[0].clone()).float()
+        out[(*scalars, *(n for names in vector_names for n in names))] = flat
+    return out
+
+
+def forward_order(model: nn.Module, run: Callable[[], Any]) -> dict[str, int]:
+    """The order in which ``run()`` (a forward pass) first calls each module that owns
+    parameters: {parameter name: rank}. The backward pass reaches the highest rank first."""
+    order: dict[str, int] = {}
+    owners = {name: m for name, m in model.named_modules()
+              if any(True for _ in m.parameters(recurse=False))}
+
+    def hook(name: str):
+        def record(module, inputs):
+            order.setdefault(name, len(order))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in owners.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    ranks = {}
+    for pname, _ in model.named_parameters():
+        module = pname.rpartition(".")[0]
+        ranks[pname] = order.get(module, -1)
+    return ranks
+
+
+class LPIPSLoader:
+    """Loads LPIPS the first time a probe asks (in its ``setup``), says once whether it is
+    available and records that as a ``metric_status`` event; later asks get the same metric."""
+
+    def __init__(self, writer: RunWriter, weights: str | None, download: bool,
+                 device: torch.device):
+        self.writer, self.weights, self.download, self.device = writer, weights, download, device
+        self.asked = False
+        self.metric: lpips_metric.LPIPSMetric | None = None
+
+    def __call__(self) -> lpips_metric.LPIPSMetric | None:
+        if self.asked:
+            return self.metric
+        self.asked = True
+        self.metric, status = lpips_metric.load(self.weights, self.download, self.device)
+        self.writer.event("metric_status", 0, metric="lpips", available=status.available,
+                          reason=status.reason, weights=status.weights, sha256=status.sha256,
+                          verified=status.verified)
+        if not status.available:
+            print(f"vaediag: warning: {status.describe()}; the other metrics are recorded",
+                  file=sys.stderr)
+        elif not status.verified:
+            print(f"vaediag: warning: {status.describe()}", file=sys.stderr)
+        return self.metric
+
+
+class ProbeRunner:
+    """The run's probes: set up once, run when due, disabled (with one warning and an event)
+    when one raises, so a broken probe never stops training."""
+
+    def __init__(self, probes: Sequence[Probe], writer: RunWriter):
+        self.probes = list(probes)
+        self.writer = writer
+
+    def setup(self, info: ProbeSetup, resumed: bool) -> None:
+        """Offer each probe the run's setting; keep those that accept. A new run records which
+        declined and why (``probe_not_applicable``) and which are active (``probes``)."""
+        active = []
+        for probe in self.probes:
+            reason = probe.setup(info)
+            if reason:
+                if not resumed:
+                    self.writer.event("probe_not_applicable", 0, probe=probe.name, reason=reason)
+                print(f"vaediag: note: probe '{probe.name}' is not applicable: {reason}",
+                      file=sys.stderr)
+            else:
+                active.append(probe)
+        self.probes = active
+        if not resumed:
+            self.writer.event("probes", 0, active=[p.name for p in active])
+
+    @property
+    def on_eval(self) -> list[Probe]:
+        return [p for p in self.probes if p.on_eval]
+
+    def due(self, step: int, *, after_step: bool, unusual: bool) -> list[Probe]:
+        """The step probes to run before (``after_step`` False) or after the optimizer step."""
+        return [p for p in self.probes
+                if not p.on_eval and p.after_step == after_step
+                and (p.schedule(step) or (p.when_unusual and unusual))]
+
+    def run(self, probes: Sequence[Probe], ctx: Any, step: int) -> dict[str, Any]:
+        """Run ``probes`` on ``ctx``; their values, merged."""
+        values: dict[str, Any] = {}
+        for probe in probes:
+            try:
+                values.update(probe.compute(ctx))
+            except Exception as exc:  # noqa: BLE001 - a broken probe must never stop training
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                message = f"{type(exc).__name__}: {first}"
+                self.probes = [p for p in self.probes if p is not probe]
+                self.writer.event("probe_failed", step, probe=probe.name, error=message)
+                print(f"vaediag: warning: probe '{probe.name}' failed at step {step} and is "
+                      f"disabled: {message}", file=sys.stderr)
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        return {p.name: p.state_dict() for p in self.probes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for probe in self.probes:
+            if probe.name in state:
+                probe.load_state_dict(state[probe.name])
