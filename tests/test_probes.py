@@ -80,7 +80,7 @@ def test_layer_index_groups_weights_and_biases():
     assert idx.layers == ["encoder.fc", "encoder.head", "decoder.fc", "decoder.out"]
     assert idx.parts == ["encoder", "decoder"]
     assert idx.param_layer.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert idx.layer_numel.tolist() == [28, 20, 12, 30]
+    assert idx.per_layer_sum(idx.param_numel).tolist() == [28, 20, 12, 30]
     special = LayerIndex.from_params([("decoder.log_scale", nn.Parameter(torch.zeros(())))])
     assert special.layers == ["decoder.log_scale"] and special.parts == ["decoder"]
 

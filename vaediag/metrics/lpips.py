@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 import socket
 import warnings
 from dataclasses import dataclass
@@ -66,10 +65,6 @@ class LPIPSMetric:
             y = torch.nn.functional.interpolate(y, size=size, mode="bilinear", align_corners=False)
         d = self.model(x, y, normalize=True)
         return d.flatten().cpu()
-
-    def to(self, device: torch.device) -> LPIPSMetric:
-        self.model.to(device)
-        return self
 
 
 def _expected() -> tuple[str, str]:
@@ -153,11 +148,6 @@ def load(explicit: str | None = None, allow_download: bool = False,
     model.eval().requires_grad_(False)
     status = LPIPSStatus(True, where, str(path), digest, verified)
     return LPIPSMetric(model.to(device), status), status
-
-
-def lpips_home() -> str:
-    """Where torchvision would keep the weights (for messages and docs)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
 def _home_relative(path: Path) -> str:

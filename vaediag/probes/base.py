@@ -17,16 +17,20 @@ need           available as
 =============  =================================================================================
 ``losses``     ``ctx.recon``, ``ctx.kl``, ``ctx.total``, ``ctx.beta`` (always available)
 ``latents``    ``ctx.mu``, ``ctx.logvar``: the batch's posterior parameters (detached)
-``grads``      ``ctx.flat_grad``, ``ctx.param_grad_norms``, ``ctx.layer_grad_norms()``
+``grads``      ``ctx.grads`` (each parameter's gradient, flattened), ``ctx.param_grad_norms``,
+               ``ctx.grads_finite``, ``ctx.layers``
 ``graph``      ``ctx.kl_term`` still attached to the autograd graph (the recon/KL split)
-``optimizer``  ``ctx.optimizer`` after its step (runs after ``optimizer.step()``)
-``update``     ``ctx.flat_update()``: the parameter change made by the step (after the step)
+``optimizer``  ``ctx.optimizer`` after its step (runs after ``optimizer.step()``; the probe's
+               ``before_step(ctx)`` runs before it)
+``update``     ``ctx.before``: flat copies of the parameters before the step (runs after it;
+               the update is ``p - before``)
 ``eval``       an :class:`EvalContext` at every evaluation instead of a StepContext
 =============  =================================================================================
 
-``compute`` returns plain floats or 0-d tensors (the Monitor syncs every tensor of a step with
-the device once), named with :mod:`vaediag.columns`. Probes run at the steps their ``schedule``
-says; a probe that raises is disabled with one warning and an event, and training goes on.
+``compute`` returns plain floats, 0-d tensors or vectors (:func:`per_index`), named with
+:mod:`vaediag.columns`; the Monitor reads every tensor of a step from the device at once, and
+never in ``compute``. Probes run at the steps their ``schedule`` says; a probe that raises is
+disabled with one warning and an event, and training goes on.
 """
 
 from __future__ import annotations
@@ -151,10 +155,6 @@ class LayerIndex:
             layer_part=torch.tensor(layer_part, dtype=torch.long),
             param_numel=torch.tensor([p.numel() for _, p in named], dtype=torch.float64),
         )
-
-    @cached_property
-    def layer_numel(self) -> torch.Tensor:
-        return self.per_layer_sum(self.param_numel)
 
     def on(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``index`` on ``device``, copied there once (a copy per step would cost a device
@@ -315,9 +315,10 @@ class EntrySample:
 class StepContext:
     """Inputs of one training step, each computed at most once and only when asked for.
 
-    Everything is per parameter tensor (in ``params`` order): probes reduce each tensor and
-    then sum the few per-parameter results into layers, which is far cheaper than working on
-    one concatenated vector of every entry.
+    What is per parameter is in ``params`` order; ``layers`` sums it into layers and parts.
+    Work on many tensors at once (list-wide ``torch._foreach_*`` operations, or a fixed
+    sample gathered into one vector with :class:`EntrySample`): on a CPU an operation's fixed
+    cost, not its arithmetic, is what makes per-tensor statistics slow.
     """
 
     def __init__(self, step: int, params: list[tuple[str, nn.Parameter]], layers: LayerIndex,
@@ -348,10 +349,6 @@ class StepContext:
         """Each parameter's gradient, flattened (zeros where it has none), detached."""
         return [p.grad.detach().reshape(-1) if p.grad is not None
                 else torch.zeros(p.numel(), device=p.device) for _, p in self.params]
-
-    def layer_grad_norms(self) -> torch.Tensor:
-        """(L,) L2 norm of each layer's gradient."""
-        return self.layers.per_layer_sum(self.param_grad_norms.double().pow(2)).sqrt()
 
     def nonfinite_grad_entries(self) -> torch.Tensor | float:
         """Count of NaN/Inf gradient entries (0 without looking, when every norm is finite)."""
