@@ -37,10 +37,11 @@ from vaediag.data import load_dataset
 from vaediag.losses import loss_terms
 from vaediag.model import ConvVAE
 from vaediag.monitor import Monitor
+from vaediag.probes import PRESETS as PROBE_PRESETS
 from vaediag.probes import build
 from vaediag.trainer import EpochOrder, build_optimizer
 
-PRESETS = ("off", "cheap", "standard", "full")
+PRESETS = tuple(PROBE_PRESETS)
 TARGETS = {"cheap": 1.01, "standard": 1.03, "full": 1.2}
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
