@@ -78,6 +78,25 @@ def test_every_command_and_option_has_help(capsys):
         assert flag in out
 
 
+
+def test_command_line_choices_come_from_the_registries():
+    """--probes, --preset, --inject and --fail-on offer exactly what the library defines, and the
+    config's help names every fault kind: one list each, nowhere copied."""
+    from vaediag import inject, probes
+    from vaediag.analysis.findings import SEVERITIES
+    from vaediag.config import PRESETS, all_keys
+
+    options = {p.name: p for p in cli.commands["train"].params}
+    assert list(options["probe_preset"].type.choices) == list(probes.PRESETS)
+    assert list(options["preset"].type.choices) == list(PRESETS)
+    assert all(kind in options["faults"].help for kind in inject.KINDS)
+    fail_on = next(p for p in cli.commands["analyze"].params if p.name == "fail_on")
+    assert list(fail_on.type.choices) == list(SEVERITIES)
+    helps = {key: text for key, _, text in all_keys()}
+    assert all(kind in helps["train.inject"] for kind in inject.KINDS)
+    assert all(f"'{name}'" in helps["probes.preset"] for name in probes.PRESETS)
+
+
 def test_python_dash_m_works():
     result = subprocess.run([sys.executable, "-m", "vaediag", "--help"], capture_output=True,
                             text=True, timeout=120)

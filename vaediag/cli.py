@@ -188,6 +188,8 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
 @click.option("--json", "as_json", is_flag=True,
               help="Print the findings as JSON (the content of findings.json) instead of the "
                    "summary.")
+# analysis.findings.SEVERITIES (importing analysis here would make every command's start slow;
+# a test keeps the two equal)
 @click.option("--fail-on", type=click.Choice(["info", "warning", "high"]), default=None,
               help="Exit with code 1 when a finding of this severity or worse exists (for CI).")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), metavar="PATH",

@@ -19,8 +19,9 @@ describes the model after s updates, and an evaluation at step S shows it after 
 What is recorded beyond the losses is decided by probes (:mod:`vaediag.probes`).
 
 The Monitor wires together its parts, each in a module of its own: the run's lifecycle
-(:class:`vaediag.session.RunSession`), the probes (:mod:`.probing`), the evaluations
-(:mod:`.evaluation`) and the grid's text (:mod:`.captions`).
+(:class:`vaediag.session.RunSession`), the probes and unusual steps (:mod:`.probing`), what
+the gradients say (:mod:`.gradients`), the evaluations (:mod:`.evaluation`) and the grid's text
+(:mod:`.captions`).
 """
 
 from __future__ import annotations
@@ -45,13 +46,8 @@ from vaediag.monitor.evaluation import (
     EvalLossFn,
     Evaluator,
 )
-from vaediag.monitor.probing import (
-    LPIPSLoader,
-    ProbeRunner,
-    UnusualSteps,
-    forward_order,
-    held,
-)
+from vaediag.monitor.gradients import forward_order, grad_norms, nonfinite_origin
+from vaediag.monitor.probing import LPIPSLoader, ProbeRunner, UnusualSteps, held
 from vaediag.probes.base import (
     LayerIndex,
     Probe,
@@ -194,7 +190,6 @@ class Monitor:
         #: whether the current step is unusual (see probing.UnusualSteps)
         self.unusual = False
         self._unusual = UnusualSteps()
-        self._before: list[torch.Tensor] | None = None
         self._sums = np.zeros(3)  # recon, kl, count since the last evaluation
         self._elapsed_before = 0.0
         self._t0 = time.monotonic()
@@ -262,7 +257,7 @@ class Monitor:
         """
         if step == 0 and not self._evaluated:
             self.evaluate(0)
-        norms = self._grad_norms()
+        norms = grad_norms(self._params)
         core: dict[str, Any] = {"recon": recon, "kl": kl}
         if total is not None:
             core["total"] = total
@@ -285,7 +280,7 @@ class Monitor:
                 check.nonfinite.append(term)
         grads_finite = norms is None or math.isfinite(check.grad_norm)
         if check.nonfinite or not grads_finite:
-            check.nonfinite += self._nonfinite_origin(norms) or ["grad"]
+            check.nonfinite += nonfinite_origin(self._params, norms, self._rank) or ["grad"]
         for term in check.nonfinite:
             self.writer.event("nonfinite", step, term=term, recon=row["recon"], kl=row["kl"],
                               grad_norm=check.grad_norm)
@@ -311,27 +306,9 @@ class Monitor:
         values: dict[str, Any] = dict(extra or {})
         values.update(self.runner.run(self._due(step, after_step=False), ctx, step))
         ctx.kl_term = None  # release the graph
-        after = self._due(step, after_step=True)
-        if any("update" in p.needs for p in after):
-            ctx.before = self._snapshot()
-        for probe in after:
-            probe.before_step(ctx)
+        self.runner.before_step(self._due(step, after_step=True), ctx)
         self._pending = (ctx, row, values)
         return check
-
-    def _grad_norms(self) -> torch.Tensor | None:
-        """(P,) L2 norm of each parameter's gradient (0 where it has none), on the device, in
-        one list-wide operation; None when no parameter has a gradient."""
-        grads = [p.grad for _, p in self._params]
-        present = [g.detach() for g in grads if g is not None]
-        if not present:
-            return None
-        norms = torch.stack(torch._foreach_norm(present))
-        if len(present) == len(grads):
-            return norms
-        full = torch.zeros(len(grads), device=norms.device, dtype=norms.dtype)
-        full[[i for i, g in enumerate(grads) if g is not None]] = norms
-        return full
 
     def _read(self, values: dict[str, Any]) -> dict[str, float]:
         """Read ``values`` from the device together with the probe values of the step before
@@ -345,32 +322,6 @@ class Monitor:
         row.update(before)
         self.writer.log_step(row)
         return now
-
-    def _nonfinite_origin(self, norms: torch.Tensor | None) -> list[str]:
-        """Where non-finite values started: parameters that are themselves non-finite
-        (``weight:NAME``, a corrupted weight), else the layer whose gradient the backward pass
-        reached first among those that went non-finite (``grad:NAME``, the one latest in the
-        forward pass). Scans the parameters, so it runs only on steps that went wrong."""
-        out = []
-        with torch.no_grad():
-            bad_weights = [n for n, p in self._params if not bool(torch.isfinite(p).all())]
-        out += [f"weight:{n}" for n in bad_weights[:3]]
-        if norms is not None:
-            values = norms.tolist()
-            bad = [n for (n, _), v in zip(self._params, values, strict=True)
-                   if not math.isfinite(v)]
-            if bad:
-                origin = max(bad, key=lambda n: self._rank.get(n, -1))
-                out.append(f"grad:{origin}")
-        return out
-
-    def _snapshot(self) -> list[torch.Tensor]:
-        """Copy the parameters into buffers kept for the run (no allocation per step)."""
-        if self._before is None:
-            self._before = [torch.empty(p.numel(), device=p.device, dtype=p.dtype)
-                            for _, p in self._params]
-        torch._foreach_copy_(self._before, [p.detach().reshape(-1) for _, p in self._params])
-        return self._before
 
     def after_step(self, step: int, *, skipped: bool = False, evaluate: bool = True) -> None:
         """Call after ``optimizer.step()`` (or instead of it, with ``skipped=True``).

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from vaediag.metrics import lpips as lpips_metric
-from vaediag.probes.base import Probe, ProbeSetup
+from vaediag.probes.base import Probe, ProbeSetup, StepContext
 from vaediag.rundir import RunWriter
 
 #: A step is unusual when its gradient norm exceeds this many times the recent level (an
@@ -92,31 +92,6 @@ def held(values: dict[Any, Any]) -> dict[Any, Any]:
     return out
 
 
-def forward_order(model: nn.Module, run: Callable[[], Any]) -> dict[str, int]:
-    """The order in which ``run()`` (a forward pass) first calls each module that owns
-    parameters: {parameter name: rank}. The backward pass reaches the highest rank first."""
-    order: dict[str, int] = {}
-    owners = {name: m for name, m in model.named_modules()
-              if any(True for _ in m.parameters(recurse=False))}
-
-    def hook(name: str):
-        def record(module, inputs):
-            order.setdefault(name, len(order))
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in owners.items()]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    ranks = {}
-    for pname, _ in model.named_parameters():
-        module = pname.rpartition(".")[0]
-        ranks[pname] = order.get(module, -1)
-    return ranks
-
-
 class LPIPSLoader:
     """Loads LPIPS the first time a probe asks (in its ``setup``), says once whether it is
     available and records that as a ``metric_status`` event; later asks get the same metric."""
@@ -150,6 +125,7 @@ class ProbeRunner:
     def __init__(self, probes: Sequence[Probe], writer: RunWriter):
         self.probes = list(probes)
         self.writer = writer
+        self._before: list[torch.Tensor] | None = None
 
     def setup(self, info: ProbeSetup, resumed: bool) -> None:
         """Offer each probe the run's setting; keep those that accept. A new run records which
@@ -177,6 +153,22 @@ class ProbeRunner:
         return [p for p in self.probes
                 if not p.on_eval and p.after_step == after_step
                 and (p.schedule(step) or (p.when_unusual and unusual))]
+
+    def before_step(self, probes: Sequence[Probe], ctx: StepContext) -> None:
+        """Before the optimizer step, for the probes that run after it: the parameters as they
+        are now (``ctx.before``) when one needs the update, then each probe's ``before_step``."""
+        if any("update" in p.needs for p in probes):
+            ctx.before = self._snapshot(ctx.params)
+        for probe in probes:
+            probe.before_step(ctx)
+
+    def _snapshot(self, params: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:
+        """Copy the parameters into buffers kept for the run (no allocation per step)."""
+        if self._before is None:
+            self._before = [torch.empty(p.numel(), device=p.device, dtype=p.dtype)
+                            for _, p in params]
+        torch._foreach_copy_(self._before, [p.detach().reshape(-1) for _, p in params])
+        return self._before
 
     def run(self, probes: Sequence[Probe], ctx: Any, step: int) -> dict[str, Any]:
         """Run ``probes`` on ``ctx``; their values, merged."""
