@@ -22,6 +22,7 @@ EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
 EXIT_INTERRUPTED = 130
 
+
 def _err(message: str) -> None:
     click.echo(f"vaediag: error: {message}", err=True)
 

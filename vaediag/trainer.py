@@ -159,14 +159,15 @@ def train(
     optimizer = build_optimizer(model, config)
     sampler = torch.Generator(device=device).manual_seed(tc.seed + 1)
 
-    # A resumed run first forgets what came after its checkpoint and records how this session
-    # starts, before anything else writes events.
-    writer = session.open(config_toml=config.to_toml(),
-                          environment=environment.collect(device, tc.seed),
-                          flush_steps=config.log.flush_steps,
-                          flush_seconds=config.log.flush_seconds,
-                          **({"changes": changes, "total_steps": total_steps} if resume else {}))
-    with session:
+    with session:  # an exception from here on closes the run with the status it calls for
+        # A resumed run first forgets what came after its checkpoint and records how this
+        # session starts, before anything else writes events.
+        writer = session.open(config_toml=config.to_toml(),
+                              environment=environment.collect(device, tc.seed),
+                              flush_steps=config.log.flush_steps,
+                              flush_seconds=config.log.flush_seconds,
+                              **({"changes": changes, "total_steps": total_steps} if resume
+                                 else {}))
         if not resume:
             skipped = data.skipped
             writer.event("start", 0, total_steps=total_steps, steps_per_epoch=spe,

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: the report sections whose figures show findings
-SECTIONS = ("timelines", "quality", "optimizer", "latents", "grids")
+#: the report's sections of figures, where findings are shown: {id: title}, in page order
+SECTIONS = {"timelines": "Losses over time", "quality": "Loss against image quality",
+            "optimizer": "Optimizer and gradients", "latents": "Latent health",
+            "grids": "Grids"}
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,8 @@ class Monitor:
         self._warned: set[str] = set()
 
         if isinstance(run_dir, RunSession):
+            if run_dir.writer is None:
+                raise UserError("Monitor needs an opened RunSession: call its open() first")
             self.session = run_dir
         else:
             import tomli_w

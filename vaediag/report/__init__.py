@@ -21,6 +21,7 @@ from vaediag import __version__
 from vaediag.analysis import DECOUPLING, verdict
 from vaediag.analysis.detectors import KINDS
 from vaediag.analysis.findings import Analysis, Finding
+from vaediag.analysis.kinds import SECTIONS as FIGURE_SECTIONS
 from vaediag.columns import QUALITY_METRICS
 from vaediag.rundir import Run, atomic_write, load_run
 
@@ -32,9 +33,8 @@ MAX_FILMSTRIP = 24  # evaluations in the filmstrip (evenly spread when there are
 
 #: where each finding kind is shown in figures (its detector declares it)
 SECTION_OF = {name: kind.section for name, kind in KINDS.items()}
-SECTIONS = (("summary", "Summary"), ("findings", "Findings"), ("timelines", "Losses over time"),
-            ("quality", "Loss against image quality"), ("optimizer", "Optimizer and gradients"),
-            ("latents", "Latent health"), ("grids", "Grids"), ("unchecked", "Not checked"))
+SECTIONS = (("summary", "Summary"), ("findings", "Findings"), *FIGURE_SECTIONS.items(),
+            ("unchecked", "Not checked"))
 
 
 @dataclass
