@@ -202,13 +202,22 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
 @click.option("--no-write", is_flag=True,
               help="Write nothing into RUN_DIR (no findings.json, and reports only where "
                    "--html or --pdf name a path): for a read-only run directory.")
+@click.option("--verify", is_flag=True,
+              help="Test each warning or high finding's first concrete remedy by experiment: "
+                   "replay it from the checkpoint before the finding (into RUN_DIR/replays) "
+                   "and report whether the finding and the quality loss are gone, with the "
+                   "numbers. Trains: minutes, not seconds.")
+@click.option("--verify-steps", type=click.IntRange(min=1), default=1000, show_default=True,
+              metavar="N", help="Replay at most N steps per finding.")
 def analyze(run_dir: str, as_json: bool, fail_on: str | None, html_path: str | None,
-            pdf_path: str | None, no_html: bool, no_pdf: bool, no_write: bool) -> int:
+            pdf_path: str | None, no_html: bool, no_pdf: bool, no_write: bool, verify: bool,
+            verify_steps: int) -> int:
     """Find where training went unstable and where the loss stopped tracking image quality.
 
     Reads only RUN_DIR (no model, no torch; a run that crashed or is still training works),
     prints each finding with its severity, steps and remedy, and writes RUN_DIR/findings.json
     and the reports RUN_DIR/report.html (one self-contained file) and RUN_DIR/report.pdf.
+    With --verify it also replays remedies from the run's checkpoints (that needs torch).
     Exit code 0 even with findings, unless --fail-on says otherwise.
     """
     import json as json_module
@@ -219,6 +228,11 @@ def analyze(run_dir: str, as_json: bool, fail_on: str | None, html_path: str | N
     from vaediag.analysis.summary import render
 
     result = run_analysis(run_dir)
+    if verify:
+        from vaediag.verify import verify as run_verify
+
+        result.verification = [v.to_json() for v in run_verify(
+            result, run_dir, write=not no_write, max_steps=verify_steps)]
     written: list[str] = []
     if not no_write:
         target = Path(run_dir) / FINDINGS_JSON
@@ -251,6 +265,50 @@ def analyze(run_dir: str, as_json: bool, fail_on: str | None, html_path: str | N
     if fail_on and result.worst and severity_rank(result.worst) >= severity_rank(fail_on):
         return EXIT_FINDINGS
     return 0
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(), metavar="RUN_DIR")
+@click.option("--from", "from_step", type=click.IntRange(min=0), required=True, metavar="STEP",
+              help="Start from RUN_DIR's checkpoint at or before this step (by default there "
+                   "is one at every evaluation).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="A setting to change, as in 'vaediag train --set', e.g. optim.name=sgd, "
+                   "optim.lr=1e-4, optim.eps=1e-6, optim.grad_clip=100, loss.free_bits=0.5, "
+                   "loss.beta=1. Keys that fix the data, the model or the data order are "
+                   "refused. Repeatable.")
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True,
+              metavar="BRANCH", help="The new run directory (must not exist).")
+@click.option("--steps", type=click.IntRange(min=1), metavar="N",
+              help="Train N steps after the checkpoint (default: to the parent run's end).")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar (default: only when stderr is a terminal).")
+def replay(run_dir: str, from_step: int, overrides: tuple[str, ...], out: str,
+           steps: int | None, progress: bool | None) -> None:
+    """Continue RUN_DIR from a checkpoint with changed settings, as a new run BRANCH.
+
+    BRANCH holds RUN_DIR as it was at the checkpoint, then training with the changes, with the
+    same data order and noise: with no changes it repeats RUN_DIR step for step, so whatever
+    differs is the changes' doing. Analyse it like any run, and set it beside its parent with
+    'vaediag compare RUN_DIR BRANCH'.
+
+    \b
+    Examples:
+      vaediag replay runs/a --from 3000 --set optim.name=sgd --set optim.lr=0.01 --out runs/a-sgd
+      vaediag replay runs/a --from 3000 --set optim.eps=1e-6 --steps 1000 --out runs/a-eps
+    """
+    from vaediag.replay import replay as run_replay
+
+    started = time.monotonic()
+    result = run_replay(run_dir, from_step, out, overrides=overrides, steps=steps,
+                        progress=progress)
+    took = time.monotonic() - started
+    if result.status == "interrupted":
+        click.echo(f"interrupted at step {result.step:,} of {result.total_steps:,} (checkpoint "
+                   f"saved); continue with: vaediag train --out {out} --resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(f"replayed to step {result.step:,} in {took:.0f} s into {out}; compare with: "
+               f"vaediag compare {run_dir} {out}")
 
 
 @cli.command("toyfaces")

@@ -91,9 +91,11 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adam", "adamw"] = opt("adam", "optimizer")
+    name: Literal["adam", "adamw", "sgd"] = opt("adam", "optimizer ('sgd' with momentum: a "
+                                                "replay that asks whether Adam is to blame)")
     lr: float = opt(1e-3, "peak learning rate")
     betas: tuple[float, ...] = opt((0.9, 0.999), "Adam's beta1, beta2")
+    momentum: float = opt(0.9, "sgd only: momentum")
     eps: float = opt(1e-8, "Adam's epsilon, added to sqrt(v)")
     weight_decay: float = opt(0.0, "L2 penalty (adam) or decoupled weight decay (adamw)")
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value; 0 = off")
@@ -115,8 +117,10 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip", "continue"] = opt(
         "stop", "when a loss term or gradient is NaN/Inf: 'stop' (checkpoint and exit), 'skip' "
         "the update, or 'continue'; every occurrence is recorded as an event")
-    checkpoint_every: int = opt(0, "steps between checkpoints; 0 = at every evaluation")
-    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    checkpoint_every: int = opt(0, "steps between checkpoints; 0 = at every evaluation, so a "
+                                "replay (vaediag replay, analyze --verify) can start near any "
+                                "finding")
+    keep_checkpoints: int = opt(0, "how many recent checkpoints to keep; 0 = all")
     inject: tuple[str, ...] = opt((), "faults to plant, as KIND@STEP[:key=value,...] (see "
                                   "docs/detectors.md): " + ", ".join(FAULT_KINDS))
 
@@ -374,14 +378,15 @@ RESUME_LOCKED = ("data.", "model.", "train.seed", "train.batch_size", "loss.reco
                  "loss.decoder_scale", "loss.learn_decoder_scale")
 
 
-def resume_changes(saved: Config, new: Config) -> dict[str, list[Any]]:
+def resume_changes(saved: Config, new: Config, what: str = "--resume") -> dict[str, list[Any]]:
     """What ``new`` changes from a run's saved config, ``{key: [old, new]}``; a
-    :class:`ConfigError` when it changes a key a resumed run may not (``RESUME_LOCKED``)."""
+    :class:`ConfigError` when it changes a key a resumed run (or a replay: ``what`` says which)
+    may not (``RESUME_LOCKED``)."""
     a, b = saved.to_dict(), new.to_dict()
     changes = {f"{s}.{k}": [a[s][k], b[s][k]] for s in a for k in a[s] if a[s][k] != b[s][k]}
     locked = [k for k in changes if k.startswith(RESUME_LOCKED)]
     if locked:
-        raise ConfigError(f"--resume cannot change {', '.join(locked)}: they fix the data, the "
+        raise ConfigError(f"{what} cannot change {', '.join(locked)}: they fix the data, the "
                           f"model or the data order; start a new run instead")
     return changes
 
@@ -450,7 +455,8 @@ def validate(c: Config) -> None:
          or (c.train.device.startswith("cuda:") and c.train.device[5:].isdigit()),
          f"train.device must be auto, cpu, cuda, cuda:N or mps, got {c.train.device!r}")
     need(c.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
-    need(c.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+    need(c.train.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 = all)")
+    need(0 <= c.optim.momentum < 1, "optim.momentum must be within [0, 1)")
     need(c.eval.every_steps >= 0, "eval.every_steps must be >= 0")
     from vaediag.inject import parse_all
 

@@ -117,7 +117,7 @@ class RunSession:
 
     def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> None:
         """Record a ``checkpoint`` event and save ``state`` (tensors and plain types) with what a
-        resume needs to rewind the run to this moment; keep the newest ``keep``."""
+        resume needs to rewind the run to this moment; keep the newest ``keep`` (0: all)."""
         self.writer.event("checkpoint", step)
         self.writer.save_checkpoint(step, {"format": CHECKPOINT_FORMAT, "step": step, **state,
                                            "events_written": self.writer.events_written},

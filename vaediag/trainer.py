@@ -41,9 +41,27 @@ class TrainResult:
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
     o = config.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+                               weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                weight_decay=o.weight_decay)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                      config: Config) -> None:
+    """Load a checkpoint's optimizer state, then the configured settings over the saved ones
+    (``load_state_dict`` brings back the saved eps, betas, ...): a resume or replay that
+    changes them gets them."""
+    optimizer.load_state_dict(state)
+    o = config.optim
+    settings = {"eps": o.eps, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
+                "momentum": o.momentum}
+    for group in optimizer.param_groups:
+        for key, value in settings.items():
+            if key in group:
+                group[key] = value
 
 
 class EpochOrder:
@@ -124,13 +142,14 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
+    quiet: bool = False,
 ) -> TrainResult:
     """Train a VAE as configured, recording everything into ``run_dir``.
 
     ``resume``: continue ``run_dir`` from its newest checkpoint; ``config`` is the run's saved
     config with the changes a resume may make (:func:`vaediag.config.resume_changes`), which
     are recorded in the ``resume`` event. ``progress``: a tqdm bar (True), periodic log lines
-    (False), or pick by whether stderr is a terminal (None). Raises
+    (False), or pick by whether stderr is a terminal (None); ``quiet``: neither. Raises
     :class:`~vaediag.errors.TrainingStopped` when the non-finite policy is 'stop' and a loss or
     gradient went non-finite.
     """
@@ -140,6 +159,8 @@ def train(
     if resume:
         session = RunSession.resume(run_dir)
         changes = resume_changes(from_dict(session.saved_config()), config)
+        # another optimizer starts with its own fresh state (a replay asking "is it Adam?")
+        new_optimizer = "optim.name" in changes
     else:
         session = RunSession.new(run_dir, overwrite=overwrite)
     extra_probes = build_extra_probes(config.probes.extra)
@@ -166,8 +187,9 @@ def train(
                               environment=environment.collect(device, tc.seed),
                               flush_steps=config.log.flush_steps,
                               flush_seconds=config.log.flush_seconds,
-                              **({"changes": changes, "total_steps": total_steps} if resume
-                                 else {}))
+                              **({"changes": changes, "total_steps": total_steps,
+                                  "optimizer_state": "new" if new_optimizer else "restored"}
+                                 if resume else {}))
         if not resume:
             skipped = data.skipped
             writer.event("start", 0, total_steps=total_steps, steps_per_epoch=spe,
@@ -189,7 +211,8 @@ def train(
         if resume:
             state = session.checkpoint
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            if not new_optimizer:
+                restore_optimizer(optimizer, state["optimizer"], config)
             sampler.set_state(state["sampler_rng"])
             torch.set_rng_state(state["torch_rng"])
             monitor.load_state_dict(state["monitor"])
@@ -197,18 +220,18 @@ def train(
             session.close("finished", step, "nothing to do: already at the last step")
             return TrainResult(session.path, "finished", step, total_steps)
         return _loop(config, data, order, model, optimizer, sampler, monitor, session, device,
-                     step, total_steps, checkpoint_every, progress)
+                     step, total_steps, checkpoint_every, progress, quiet)
 
 
 def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, optimizer,
           sampler: torch.Generator, monitor: Monitor, session: RunSession, device: torch.device,
           start: int, total_steps: int, checkpoint_every: int,
-          progress: bool | None) -> TrainResult:
+          progress: bool | None, quiet: bool) -> TrainResult:
     tc, spe = config.train, order.steps_per_epoch
     images = torch.from_numpy(data.train)
     injector = Injector(parse_all(tc.inject))
     fault_noise = torch.Generator().manual_seed(tc.seed + 2)
-    use_bar = sys.stderr.isatty() if progress is None else progress
+    use_bar = not quiet and (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not use_bar, file=sys.stderr, desc="training")
     log_every = max(1, total_steps // 20)
@@ -289,7 +312,7 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                 bar.set_postfix_str(f"recon {row['recon']:.4g}  KL {row['kl']:.4g}",
                                     refresh=False)
                 bar.update(1)
-            elif step % log_every == 0 or step == total_steps:
+            elif not quiet and (step % log_every == 0 or step == total_steps):
                 elapsed = monitor.elapsed()
                 print(f"step {step:,}/{total_steps:,}  epoch {step / spe:.2f}  recon "
                       f"{row['recon']:.4g}  KL {row['kl']:.4g}  ({elapsed:.0f} s)",
@@ -310,4 +333,5 @@ def default_run_dir(root: str | Path = "runs") -> Path:
     return root / f"run-{i}"
 
 
-__all__ = ["train", "TrainResult", "build_optimizer", "EpochOrder", "default_run_dir"]
+__all__ = ["train", "TrainResult", "build_optimizer", "restore_optimizer", "EpochOrder",
+           "default_run_dir"]

@@ -96,6 +96,9 @@ class Analysis:
     signals: list[Signal]
     problems: list[str]  # of the run dir itself: torn writes, a killed writer, ...
     derived: dict[str, Any] = field(default_factory=dict)  # series detectors derived
+    #: what replaying each warning or high finding's remedy showed (``analyze --verify``;
+    #: JSON of :class:`vaediag.verify.Verification`), empty otherwise
+    verification: list[dict[str, Any]] = field(default_factory=list)
 
     def sorted_findings(self) -> list[Finding]:
         """Most severe first, then in time order."""
@@ -117,6 +120,7 @@ class Analysis:
             "problems": list(self.problems),
             "timeline": [_clean(asdict(s)) for s in sorted(self.signals, key=lambda s: s.step)],
             "derived": _clean(self.derived),
+            **({"verification": _clean(self.verification)} if self.verification else {}),
         }
 
 

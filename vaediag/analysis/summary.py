@@ -33,6 +33,9 @@ def render(analysis: Analysis, verdict: str, written: list[str] | None = None) -
             lines.append(_wrap(f"cause: {f.cause}", 9))
         if f.remedies:
             lines.append(_wrap(f"remedy: {f.remedies[0]}", 9))
+    if analysis.verification:
+        lines += ["", "verified by replay (analyze --verify):"]
+        lines += [_wrap(v["text"], 2) for v in analysis.verification]
     skipped = analysis.not_checked()
     if skipped:
         lines += ["", "not checked:"]

@@ -188,7 +188,8 @@ class RunWriter:
         return path
 
     def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> Path:
-        """torch.save ``state`` atomically as checkpoints/step-N.pt; keep the newest ``keep``."""
+        """torch.save ``state`` atomically as checkpoints/step-N.pt; keep the newest ``keep``
+        (0: keep all)."""
         import io
 
         import torch
@@ -197,8 +198,9 @@ class RunWriter:
         torch.save(state, buf)
         path = self.path / CHECKPOINTS_DIR / step_file(step, "pt")
         atomic_write(path, buf.getvalue())
-        for old in list_checkpoints(self.path)[:-keep]:
-            old[1].unlink(missing_ok=True)
+        if keep:
+            for old in list_checkpoints(self.path)[:-keep]:
+                old[1].unlink(missing_ok=True)
         return path
 
     def flush(self) -> None:
