@@ -311,6 +311,57 @@ def replay(run_dir: str, from_step: int, overrides: tuple[str, ...], out: str,
                f"vaediag compare {run_dir} {out}")
 
 
+@cli.command()
+@click.argument("runs", nargs=-1, type=click.Path(), metavar="RUN_DIR RUN_DIR [...]")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), metavar="PATH",
+              default="compare.html", show_default=True, help="Where to write the HTML report.")
+@click.option("--pdf", "pdf_path", type=click.Path(dir_okay=False), metavar="PATH",
+              default="compare.pdf", show_default=True, help="Where to write the PDF report.")
+@click.option("--no-html", is_flag=True, help="Do not write the HTML report.")
+@click.option("--no-pdf", is_flag=True, help="Do not write the PDF report.")
+def compare(runs: tuple[str, ...], html_path: str, pdf_path: str, no_html: bool,
+            no_pdf: bool) -> None:
+    """Set runs side by side in one report: a run and its replays, or any runs.
+
+    Losses and image quality overlaid on the same step axis (dotted where a replay branched
+    off), the grids side by side at the same steps, each run's settings where they differ from
+    the first run's, its verdict and its findings. Writes nothing into the run directories.
+
+    \b
+    Example:
+      vaediag compare runs/anime runs/anime-sgd runs/anime-eps --html anime.html --pdf anime.pdf
+    """
+    from vaediag.report.compare import write_comparison
+
+    if len(runs) < 2:
+        raise click.UsageError("give at least two run directories to compare")
+    html = None if no_html else Path(html_path)
+    pdf = None if no_pdf else Path(pdf_path)
+    for path in (html, pdf):
+        if path and not path.resolve().parent.is_dir():
+            raise UserError(f"cannot write {path}: no such directory")
+    for path in write_comparison(list(runs), html=html, pdf=pdf):
+        click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(), metavar="RUN_DIR")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False),
+              required=True, metavar="DIR",
+              help="Write TensorBoard event files to DIR/<run name> (view with tensorboard "
+                   "--logdir DIR). Needs the tensorboard package: pip install "
+                   "'vaediag[tensorboard]'.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export of this run in DIR.")
+def export(run_dir: str, tensorboard_dir: str, overwrite: bool) -> None:
+    """Export RUN_DIR for TensorBoard: every recorded column as a scalar (train/..., eval/...),
+    each evaluation's grid as an image, the findings (when analysed) and the config as text."""
+    from vaediag.export import to_tensorboard
+
+    done = to_tensorboard(run_dir, tensorboard_dir, overwrite=overwrite)
+    click.echo(f"wrote {done['scalars']:,} scalars and {done['images']:,} grids to "
+               f"{done['folder']}")
+
+
 @cli.command("toyfaces")
 @click.argument("out_dir", type=click.Path(file_okay=False), metavar="OUT_DIR")
 @click.option("-n", "--count", type=click.IntRange(min=1), default=64, show_default=True,

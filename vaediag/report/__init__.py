@@ -149,7 +149,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _grid_caption(evals, step: int) -> list[str]:
+def grid_caption(evals, step: int) -> list[str]:
     row = evals[evals["step"] == step]
     if row.empty:
         return [f"step {step:,}"]
@@ -242,7 +242,7 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
         by_steps[key] = GridSet(
             anchor=f"grids-{index}", findings=[index],
             title=f"{finding.kind} (steps {finding.first_step:,}-{finding.last_step:,})",
-            grids=[GridImage(s, grid(s), _grid_caption(evals, s), role) for role, s in chosen])
+            grids=[GridImage(s, grid(s), grid_caption(evals, s), role) for role, s in chosen])
         report.grid_sets.append(by_steps[key])
     if eval_steps:
         pick = eval_steps if len(eval_steps) <= MAX_FILMSTRIP else [
@@ -256,7 +256,7 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
                 thumb.save(buf, format="JPEG", quality=85)  # thumbnails: a tenth of a PNG
             report.filmstrip.append(GridImage(step, Image(buf.getvalue(), f"step {step}",
                                                           "image/jpeg"),
-                                              _grid_caption(evals, step)))
+                                              grid_caption(evals, step)))
     return report, pdf_figures
 
 

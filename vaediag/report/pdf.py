@@ -93,7 +93,7 @@ def _unchecked_blocks(report: Report) -> list[tuple[str, str]]:
     return blocks
 
 
-def _array(data: bytes) -> np.ndarray:
+def image_array(data: bytes) -> np.ndarray:
     with PILImage.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -101,7 +101,7 @@ def _array(data: bytes) -> np.ndarray:
 def image_page(data: bytes):
     """An A4 page with a rendered figure across its width at the top, embedded as it is
     (``interpolation="none"``: no resampling)."""
-    picture = _array(data)
+    picture = image_array(data)
     height = min(1.0, A4[0] * picture.shape[0] / picture.shape[1] / A4[1])
     fig = plt.figure(figsize=A4)
     ax = fig.add_axes((0, 1 - height, 1, height))
@@ -120,7 +120,7 @@ def render_pdf(report: Report, figures: list) -> bytes:
             plt.close(fig)
         for grid_set in report.grid_sets:
             fig = grid_panel([(f"{g.role}: " + " | ".join(c for c in g.caption if c),
-                               _array(g.image.data)) for g in grid_set.grids],
+                               image_array(g.image.data)) for g in grid_set.grids],
                              f"Grids for {grid_set.title}")
             pdf.savefig(fig)
             plt.close(fig)
@@ -132,7 +132,7 @@ def render_pdf(report: Report, figures: list) -> bytes:
             for ax in axes.flat:
                 ax.set_axis_off()
             for ax, g in zip(axes.flat, chunk, strict=False):
-                ax.imshow(_array(g.image.data))
+                ax.imshow(image_array(g.image.data))
                 ax.set_title(" | ".join(c for c in g.caption[:2] if c), fontsize=6)
             fig.suptitle("All evaluations", fontsize=10)
             fig.tight_layout()
