@@ -155,7 +155,7 @@ def test_analyze_verify_end_to_end(tmp_path, capsys, monkeypatch):
                            "--set", "eval.every_steps=20", "--set", "probes.metric_images=0",
                            "--inject", "lr_spike@120:factor=100,steps=5")
     assert code == 0, err
-    code, text, err = run_cli(capsys, "analyze", out, "--no-html", "--no-pdf", "--verify",
+    code, text, err = run_cli(capsys, "analyze", out, "--no-pdf", "--verify",
                               "--verify-steps", "60")
     assert code == 0, err
     findings = json.loads((out / "findings.json").read_text())
@@ -165,6 +165,8 @@ def test_analyze_verify_end_to_end(tmp_path, capsys, monkeypatch):
     assert [(v["kind"], v["first_step"]) for v in verification] == \
         [(f["kind"], f["first_step"]) for f in serious]
     assert "verified by replay" in text
+    html = (out / "report.html").read_text()
+    assert "Verified by replay" in html and verification[0]["kind"] in html
     assert any(v["status"] == "verified" for v in verification)
     for v in verification:
         assert v["text"] in " ".join(text.split()) or v["text"][:60] in " ".join(text.split())

@@ -166,3 +166,53 @@ def test_pdf_pages_render_with_pdftoppm(reported, tmp_path):
     for page in pages:
         with Image.open(page) as image:
             assert np.asarray(image.convert("L")).std() > 5  # something on every page
+
+
+# -- comparing runs -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_run):
+    """The tiny run, a replay of it with another learning rate, and their comparison."""
+    from vaediag.cli import main
+
+    where = tmp_path_factory.mktemp("compare")
+    assert main(["replay", str(tiny_run), "--from", "16", "--set", "optim.lr=0.01", "--out",
+                 str(where / "faster"), "--no-progress"]) == 0
+    assert main(["compare", str(tiny_run), str(where / "faster"), "--html",
+                 str(where / "c.html"), "--pdf", str(where / "c.pdf")]) == 0
+    return where
+
+
+def test_compare_sets_a_run_beside_its_replay(compared, tiny_run):
+    html = (compared / "c.html").read_text()
+    assert "vaediag comparison: tiny vs faster" in html
+    assert "replay of tiny from step 16" in html
+    assert re.search(r"<th>optim.lr</th><td>0.01</td><td>&nbsp;&nbsp;0.001</td>", html)
+    assert html.count("<h3>Step ") == 2  # where it branched, and the last step both have
+    assert "<h3>Step 16</h3>" in html and "<h3>Step 30</h3>" in html
+    sources = IMG_SRC.findall(html)
+    assert len(sources) == 2 + 2 * 2  # two figures, two runs' grids at two steps
+    for src in sources:
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
+            image.verify()
+    assert not re.search(r"https?://", html) and "<script" not in html
+    pdf = (compared / "c.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and len(re.findall(rb"/Type\s*/Page\b", pdf)) >= 4
+    assert not (tiny_run / "compare.html").exists()  # nothing written into the runs
+
+
+def test_compared_steps_start_where_a_replay_branched():
+    from vaediag.report.compare import MAX_COMPARED_STEPS, compared_steps
+
+    every = list(range(0, 1001, 100))
+    assert compared_steps([every, every[3:]], [300]) == [300, 400, 600, 800, 1000]
+    assert compared_steps([every, every], []) == [0, 200, 500, 800, 1000]
+    assert len(compared_steps([every] * 3, [])) == MAX_COMPARED_STEPS
+    assert compared_steps([[0, 10], [20]], []) == []
+
+
+def test_compare_needs_two_readable_runs(tiny_run, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compare", tiny_run)
+    assert code == 2 and "at least two run directories" in err
+    code, _, err = run_cli(capsys, "compare", tiny_run, tmp_path / "missing")
+    assert code == 2 and "no run directory at" in err and len(err.strip().splitlines()) == 1

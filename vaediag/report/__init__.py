@@ -77,6 +77,8 @@ class Report:
     filmstrip: list[GridImage] = field(default_factory=list)
     unchecked: list[tuple[str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: what replaying the findings' remedies showed (analyze --verify), one line each
+    verification: list[str] = field(default_factory=list)
     sections: tuple[tuple[str, str], ...] = SECTIONS
     version: str = __version__
 
@@ -194,6 +196,7 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
                     header=header_rows(run, analysis), findings=findings,
                     problems=list(analysis.problems))
     report.unchecked = [(c.detector, c.reason) for c in analysis.not_checked()]
+    report.verification = [v["text"] for v in analysis.verification]
     pdf_figures: list[tuple[str, Any]] = []
 
     def add(section: str, title: str, fig) -> None:

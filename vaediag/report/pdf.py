@@ -79,6 +79,9 @@ def _summary_blocks(report: Report) -> list[tuple[str, str]]:
         if f.cause:
             blocks.append(("body", f"Likely cause: {f.cause}"))
         blocks += [("bullet", r) for r in f.remedies]
+    if report.verification:
+        blocks.append(("h1", "Verified by replay"))
+        blocks += [("bullet", text) for text in report.verification]
     return blocks
 
 
