@@ -27,8 +27,9 @@ def test_train_writes_exactly_the_documented_run_dir(tiny_run):
     assert {p.name for p in tiny_run.iterdir()} == RUN_FILES
     assert sorted(p.name for p in (tiny_run / "grids").iterdir()) == [
         "step-00000000.png", "step-00000016.png", "step-00000030.png"]
+    # one checkpoint per evaluation, all kept, so a replay can start near any step
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == [
-        "step-00000016.pt", "step-00000030.pt"]
+        "step-00000000.pt", "step-00000016.pt", "step-00000030.pt"]
     run = load_run(tiny_run)
     assert run.status == "finished" and run.info["step"] == 30
     s = run.scalars

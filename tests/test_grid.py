@@ -56,7 +56,7 @@ def test_grid_rows_are_what_they_say(tiny_run):
     images = torch.from_numpy(fixed["eval_images"]).float() / 255
     fixed_z = torch.from_numpy(fixed["fixed_z"])
     grids = dict(run.grids)
-    assert len(run.checkpoints) == 2
+    assert len(run.checkpoints) == 3  # one per evaluation, all kept
     for step, _ in run.checkpoints:
         tiles = grid.read_tiles(grids[step].read_bytes(), 16)
         model = _model_at(run, step)
