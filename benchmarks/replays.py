@@ -37,6 +37,8 @@ REPLAYS = {
     "free-bits": ["loss.free_bits=0.5"],
 }
 STEPS_SHOWN = (400, 800, 1500, 2000)
+#: the runs whose grids are stacked in the figure
+GRIDS_SHOWN = ("seed-decoupling", "sgd-1e-4", "free-bits")
 
 
 def _env() -> dict:
@@ -72,10 +74,11 @@ def replay(parent: Path, name: str, settings: list[str], start: int, steps: int,
     return branch
 
 
-def row(name: str, run_dir: Path, start: int) -> list[str]:
+def row(name: str, run_dir: Path, start: int, end: int) -> list[str]:
+    """What was found in the replayed steps (start, end], and the numbers at STEPS_SHOWN."""
     run = vaediag.load_run(run_dir)
     found = [f for f in vaediag.analyze(run).sorted_findings()
-             if severity_rank(f.severity) >= 1 and f.last_step > start]
+             if severity_rank(f.severity) >= 1 and f.last_step > start and f.first_step <= end]
     ev = run.evals.set_index("step")
 
     def at(step: int, column: str) -> str:
@@ -104,10 +107,11 @@ def main() -> None:
         branches = dict(zip(REPLAYS, pool.map(
             lambda item: replay(parent, item[0], item[1], args.start, args.steps, args.out,
                                 args.reuse), REPLAYS.items()), strict=True))
-    header = ["run", "status", "warning/high findings after the checkpoint",
+    header = ["run", "status", "warning/high findings in the replayed steps",
               f"pose error at {' / '.join(map(str, STEPS_SHOWN))}", "eval KL", "eval recon"]
-    rows = [row("the run itself", parent, args.start)]
-    rows += [row(f"{name}: {', '.join(REPLAYS[name]) or 'no change'}", path, args.start)
+    end = args.start + args.steps
+    rows = [row("the run itself", parent, args.start, end)]
+    rows += [row(f"{name}: {', '.join(REPLAYS[name]) or 'no change'}", path, args.start, end)
              for name, path in branches.items()]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -120,31 +124,35 @@ def main() -> None:
         write_comparison(shown, html=args.report, pdf=None)
         print(f"wrote {args.report}")
     if args.figures:
-        from PIL import Image
+        from PIL import Image, ImageDraw, ImageFont
 
         from vaediag.report.compare import build
 
         args.figures.mkdir(parents=True, exist_ok=True)
         comparison = build(shown)
-        for title, image in comparison.figures:
-            name = "replays-" + title.split()[0].lower() + ".png"
+        for (_, image), name in zip(comparison.figures, ("replays-losses.png",
+                                                          "replays-quality.png"), strict=False):
             (args.figures / name).write_bytes(image.data)
             print(f"wrote {args.figures / name}")
         step, grids = comparison.grid_rows[-2] if len(comparison.grid_rows) > 1 else \
             comparison.grid_rows[-1]
-        pictures = [Image.open(io.BytesIO(g.image.data)).convert("RGB") for g in grids if g]
-        for p in pictures:
-            p.thumbnail((420, 10_000))
-        width = sum(p.width for p in pictures) + 8 * (len(pictures) - 1)
-        strip = Image.new("RGB", (width, max(p.height for p in pictures)), "white")
-        x = 0
-        for p in pictures:
-            strip.paste(p, (x, 0))
-            x += p.width + 8
+        stacked = [(run.name, g) for run, g in zip(comparison.runs, grids, strict=True)
+                   if g is not None and run.name in GRIDS_SHOWN]
+        pictures = [(name, Image.open(io.BytesIO(g.image.data)).convert("RGB"))
+                    for name, g in stacked]
+        label, font = 26, ImageFont.load_default(size=16)
+        width = max(p.width for _, p in pictures)
+        strip = Image.new("RGB", (width, sum(p.height + label for _, p in pictures)), "white")
+        draw = ImageDraw.Draw(strip)
+        y = 0
+        for name, p in pictures:
+            draw.text((6, y + 4), f"{name}: {', '.join(REPLAYS.get(name, [])) or 'Adam'}",
+                      fill="black", font=font)
+            strip.paste(p, (0, y + label))
+            y += p.height + label
         path = args.figures / f"replays-grids-{step}.png"
         strip.save(path)
-        print(f"wrote {path} ({', '.join(r.name for r in comparison.runs)})")
-
+        print(f"wrote {path} ({', '.join(name for name, _ in pictures)})")
 
 if __name__ == "__main__":
     main()
