@@ -53,10 +53,19 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _config(run: Run) -> dict[str, Any]:
+    """The run's settings by dotted key; a ``vaediag train`` run's with today's defaults for
+    keys added since it was made (so they do not show as differences)."""
     try:
-        return _flat(run.config)
+        config = _flat(run.config)
     except Exception:  # noqa: BLE001 - a run without a readable config still compares
         return {}
+    if "train" not in run.config:
+        return config
+    from vaediag.config import Config
+
+    defaults = {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in _flat(Config().to_dict()).items()}
+    return {**defaults, **config}
 
 
 def _names(runs: list[Run]) -> list[str]:

@@ -22,7 +22,7 @@ from vaediag.report.figures import grid_panel
 A4 = (8.27, 11.69)
 MARGIN = 0.07  # of the page width/height
 #: style: (font size, bold, wrap width in characters, space before in points)
-STYLES = {"title": (16, True, 60, 0), "h1": (12, True, 80, 10), "h2": (9.5, True, 100, 6),
+STYLES = {"title": (16, True, 48, 0), "h1": (12, True, 80, 10), "h2": (9.5, True, 100, 6),
           "body": (8.5, False, 108, 1), "bullet": (8.5, False, 104, 1),
           "small": (7.5, False, 120, 1)}
 
