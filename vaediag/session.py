@@ -17,6 +17,7 @@ change) are :func:`vaediag.config.resume_changes`.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from types import TracebackType
@@ -43,16 +44,29 @@ def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
     if not checkpoints:
         raise RunDirError(f"{run_dir} has no checkpoint to resume from; start it again with "
                           f"--overwrite")
+    unreadable = []
     for step, path in reversed(checkpoints):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            ok = isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT \
+                and state.get("step") == step
+            reason = "" if ok else "not a vaediag checkpoint of this step"
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint: try an older one
-            print(f"vaediag: warning: checkpoint {path.name} is unreadable ({exc}); trying an "
-                  f"older one", file=sys.stderr)
-            continue
-        if state.get("format") == CHECKPOINT_FORMAT and state.get("step") == step:
+            ok, reason = False, _first_line(exc)
+        if ok:
+            if unreadable:
+                print(f"vaediag: warning: {len(unreadable)} newer checkpoint(s) unreadable "
+                      f"({unreadable[0]}); resuming from step {step}", file=sys.stderr)
             return state
-    raise RunDirError(f"{run_dir}: no readable checkpoint to resume from")
+        unreadable.append(f"{path.name}: {reason}")
+    raise RunDirError(f"{run_dir}: no readable checkpoint to resume from ({unreadable[0]}"
+                      + (f"; and {len(unreadable) - 1} more" if len(unreadable) > 1 else "")
+                      + ")")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
 
 
 class RunSession:
@@ -119,6 +133,9 @@ class RunSession:
         """Record a ``checkpoint`` event and save ``state`` (tensors and plain types) with what a
         resume needs to rewind the run to this moment; keep the newest ``keep`` (0: all)."""
         self.writer.event("checkpoint", step)
+        # Rows reach the disk before the checkpoint does: a run killed after this checkpoint
+        # resumes from it with every earlier row on disk, none missing.
+        self.writer.flush()
         self.writer.save_checkpoint(step, {"format": CHECKPOINT_FORMAT, "step": step, **state,
                                            "events_written": self.writer.events_written},
                                     keep=keep)
@@ -140,11 +157,16 @@ class RunSession:
         if exc is None or self.closed:
             return
         if isinstance(exc, TrainingStopped):
-            self.close("stopped", exc.step, str(exc))
+            status, step, message = "stopped", exc.step, str(exc)
         elif isinstance(exc, KeyboardInterrupt):
-            self.close("interrupted", self.writer.last_step + 1, "aborted by a second signal")
+            status, step, message = ("interrupted", self.writer.last_step + 1,
+                                     "aborted by a second signal")
         else:
-            self.close("failed", self.writer.last_step + 1, f"{type(exc).__name__}: {exc}")
+            status, step, message = ("failed", self.writer.last_step + 1,
+                                     f"{type(exc).__name__}: {exc}")
+        # the disk that failed the run may fail this too: the run's own error is the one to see
+        with contextlib.suppress(RunDirError):
+            self.close(status, step, message)
 
 
 __all__ = ["CHECKPOINT_FORMAT", "RunSession", "load_latest_checkpoint"]

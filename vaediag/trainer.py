@@ -22,7 +22,7 @@ from vaediag import environment
 from vaediag import probes as probe_library
 from vaediag.config import Config, from_dict, resume_changes
 from vaediag.data import Dataset, load_dataset
-from vaediag.errors import TrainingStopped, UserError
+from vaediag.errors import RunDirError, TrainingStopped, UserError
 from vaediag.inject import Injector, parse_all
 from vaediag.losses import kl_per_dim, loss_terms, recon_per_sample
 from vaediag.model import ConvVAE
@@ -117,6 +117,31 @@ def _eval_loss_fn(model: ConvVAE, config: Config):
     return eval_loss
 
 
+#: what a trainer checkpoint holds besides the session's own keys
+CHECKPOINT_KEYS = ("model", "optimizer", "sampler_rng", "torch_rng", "monitor")
+
+
+def _restore_weights(session: RunSession, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, config: Config,
+                     new_optimizer: bool) -> None:
+    """Load the checkpoint's model and optimizer state, or say in one line why it does not fit
+    this run (another model, missing keys); nothing in the run directory has changed then."""
+    state = session.checkpoint
+    name = f"checkpoints/step-{session.start_step:08d}.pt"
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise RunDirError(f"{session.path}: {name} lacks {', '.join(missing)}: not a checkpoint "
+                          f"of vaediag train; nothing was changed")
+    try:
+        model.load_state_dict(state["model"])
+        if not new_optimizer:
+            restore_optimizer(optimizer, state["optimizer"], config)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise RunDirError(f"{session.path}: {name} does not fit this run's model or optimizer "
+                          f"({type(exc).__name__}: {first}); nothing was changed") from None
+
+
 def build_extra_probes(specs: tuple[str, ...]) -> list:
     """Instantiate the probes named FILE.py:ClassName in ``probes.extra``."""
     out = []
@@ -180,6 +205,9 @@ def train(
     optimizer = build_optimizer(model, config)
     sampler = torch.Generator(device=device).manual_seed(tc.seed + 1)
 
+    if resume:  # before anything in the run directory changes: the checkpoint must fit
+        _restore_weights(session, model, optimizer, config, new_optimizer)
+
     with session:  # an exception from here on closes the run with the status it calls for
         # A resumed run first forgets what came after its checkpoint and records how this
         # session starts, before anything else writes events.
@@ -208,11 +236,8 @@ def train(
                           recon_mode=config.eval.recon_mode, seed=tc.seed,
                           steps_per_epoch=spe, eval_factors=data.val_factors)
         step = session.start_step
-        if resume:
+        if resume:  # the random state last: setting up the Monitor may draw from it
             state = session.checkpoint
-            model.load_state_dict(state["model"])
-            if not new_optimizer:
-                restore_optimizer(optimizer, state["optimizer"], config)
             sampler.set_state(state["sampler_rng"])
             torch.set_rng_state(state["torch_rng"])
             monitor.load_state_dict(state["monitor"])
@@ -244,7 +269,7 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
             "sampler_rng": sampler.get_state(), "torch_rng": torch.get_rng_state(),
             "monitor": monitor.state_dict()}, keep=tc.keep_checkpoints)
 
-    if start == 0:
+    if start == 0 and not session.resumed:  # a resume from step 0 has these already
         if injector:
             injector.after_update(0, model)
         monitor.evaluate(0)

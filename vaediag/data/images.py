@@ -8,6 +8,7 @@ palette and CMYK converted), centre-cropped to a square and resized with a high-
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,10 @@ def square_resize(img: Image.Image, resolution: int) -> np.ndarray:
 def _load_one(path: Path, resolution: int) -> np.ndarray | str:
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                return (f"too large to decode safely ({width}x{height} pixels, over "
+                        f"{Image.MAX_IMAGE_PIXELS:,})")
             return square_resize(img, resolution)
     except UnidentifiedImageError:
         return "not a readable image"
@@ -77,10 +82,20 @@ def _load_one(path: Path, resolution: int) -> np.ndarray | str:
 
 
 def list_folder(root: Path) -> tuple[list[Path], list[str]]:
-    """Image candidates (sorted, so the order is the same on every machine) and other files."""
+    """Image candidates (sorted, so the order is the same on every machine) and other files.
+
+    Symbolic links are followed, but each real directory is read once: a link back up the tree
+    (a loop) or two links to one folder add nothing twice, and the walk always ends."""
     images, others = [], []
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in seen)
         for name in filenames:
             if name.startswith("."):
                 continue
@@ -106,7 +121,10 @@ def load_folder(root: str | Path, resolution: int, max_images: int = 0,
         pick = np.sort(rng.choice(len(candidates), size=max_images, replace=False))
         candidates = [candidates[i] for i in pick]
     workers = min(8, (os.cpu_count() or 1) * 2)  # PIL releases the GIL while decoding
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    # Images too large to decode safely are skipped and said in vaediag's one line, not in
+    # PIL's warning (the filter is the process's; the threads run inside this block).
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         results = list(pool.map(lambda p: _load_one(p, resolution), candidates))
     skipped = Skipped(not_images=others)
     good = []

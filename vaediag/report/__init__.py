@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,20 @@ def grid_caption(evals, step: int) -> list[str]:
     return [f"step {step:,}", ", ".join(parts[:3]), ", ".join(parts[3:])]
 
 
+def load_grid(path: Path) -> bytes | str:
+    """A grid PNG's bytes, checked to decode; or why it does not (a torn or damaged file)."""
+    from PIL import Image as PILImage
+
+    try:
+        data = path.read_bytes()
+        with PILImage.open(io.BytesIO(data)) as im:
+            im.load()
+        return data
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: truncated, not an image, ...
+        text = str(exc).strip().splitlines()
+        return text[0][:120] if text else type(exc).__name__
+
+
 def grid_steps(finding: Finding, eval_steps: list[int]) -> list[tuple[str, int]]:
     """The evaluations to show for a finding: the two it compares (and the next), or the last
     before it, the first at or after its start, and the first after its end."""
@@ -220,13 +235,22 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
         add("quality", "Loss against quality", figures.loss_quality_scatter(evals))
 
     grids = dict(run.grids)
-    eval_steps = sorted(grids)
-    loaded: dict[int, Image] = {}
+    loaded: dict[int, Image | None] = {}
 
-    def grid(step: int) -> Image:
+    def grid(step: int) -> Image | None:
+        """The grid at ``step``; None, and a note among the problems, when it is unreadable."""
         if step not in loaded:
-            loaded[step] = Image(grids[step].read_bytes(), f"grid at step {step}")
+            data = load_grid(grids[step])
+            if isinstance(data, str):
+                note = f"grids/{grids[step].name} is unreadable ({data}); left out of the report"
+                report.problems.append(note)
+                print(f"vaediag: warning: {note}", file=sys.stderr)
+                loaded[step] = None
+            else:
+                loaded[step] = Image(data, f"grid at step {step}")
         return loaded[step]
+
+    eval_steps = sorted(grids)
 
     shown = [(i, f) for i, f in enumerate(findings) if f.severity != "info"]
     decoupling_first = sorted(shown, key=lambda x: x[1].kind not in DECOUPLING)
@@ -245,14 +269,17 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
         by_steps[key] = GridSet(
             anchor=f"grids-{index}", findings=[index],
             title=f"{finding.kind} (steps {finding.first_step:,}-{finding.last_step:,})",
-            grids=[GridImage(s, grid(s), grid_caption(evals, s), role) for role, s in chosen])
+            grids=[GridImage(s, grid(s), grid_caption(evals, s), role) for role, s in chosen
+                   if grid(s) is not None])
         report.grid_sets.append(by_steps[key])
     if eval_steps:
         pick = eval_steps if len(eval_steps) <= MAX_FILMSTRIP else [
             eval_steps[round(k * (len(eval_steps) - 1) / (MAX_FILMSTRIP - 1))]
             for k in range(MAX_FILMSTRIP)]
         for step in pick:
-            with PILImage.open(grids[step]) as im:
+            if grid(step) is None:
+                continue
+            with PILImage.open(io.BytesIO(grid(step).data)) as im:
                 thumb = im.convert("RGB")
                 thumb.thumbnail((360, 360))
                 buf = io.BytesIO()

@@ -16,7 +16,7 @@ from typing import Any
 from vaediag import __version__
 from vaediag.analysis import analyze, verdict
 from vaediag.analysis.findings import Finding
-from vaediag.report import DPI, GridImage, Image, grid_caption
+from vaediag.report import DPI, GridImage, Image, grid_caption, load_grid
 from vaediag.rundir import Run, atomic_write, load_run
 
 #: evaluations whose grids are set side by side
@@ -138,8 +138,9 @@ def build(paths: list[str | Path]) -> Comparison:
     for step in compared_steps([sorted(g) for g in grids], [s for _, s in branches]):
         row: list[GridImage | None] = []
         for run, grid in zip(runs, grids, strict=True):
-            row.append(GridImage(step, Image(grid[step].read_bytes(), f"grid at step {step}"),
-                                 grid_caption(run.evals, step)) if step in grid else None)
+            data = load_grid(grid[step]) if step in grid else "none"
+            row.append(None if isinstance(data, str) else GridImage(
+                step, Image(data, f"grid at step {step}"), grid_caption(run.evals, step)))
         comparison.grid_rows.append((step, row))
     return comparison
 

@@ -43,6 +43,7 @@ from vaediag.rundir.layout import (
     check_run_dir,
     list_checkpoints,
     list_grids,
+    remove_temporaries,
     step_file,
 )
 from vaediag.rundir.lock import RunLock, is_locked
@@ -69,5 +70,5 @@ __all__ = [
     "LOCK_FILE", "RUN_JSON", "SCALARS_DIR", "Run", "RunLock", "RunWriter", "TableWriter",
     "atomic_write", "check_can_create", "check_can_resume", "check_run_dir", "compact_segment",
     "is_locked", "list_checkpoints", "list_grids", "load_run", "prepare_new", "read_events_lines",
-    "read_table", "step_file", "truncate_table",
+    "read_table", "remove_temporaries", "step_file", "truncate_table",
 ]

@@ -32,8 +32,10 @@ _STEP_FILE_RE = re.compile(r"^step-(\d{8})\.(png|pt)$")
 def step_file(step: int, suffix: str) -> str:
     return f"step-{step:08d}.{suffix}"
 
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
 
 def _default_file_mode() -> int:
     mask = os.umask(0)
@@ -41,6 +43,7 @@ def _default_file_mode() -> int:
     return 0o666 & ~mask
 
 _FILE_MODE = _default_file_mode()
+
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
@@ -55,11 +58,26 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
 
+
+def remove_temporaries(path: Path) -> int:
+    """Remove what :func:`atomic_write` leaves when its process is killed mid-write (hidden
+    ``.NAME.*.tmp`` files, as large as what they were replacing) from a run directory; returns
+    how many. Only for the process about to write the run (it holds the lock)."""
+    removed = 0
+    for directory in (path, *(p for p in path.iterdir() if p.is_dir())):
+        for stale in directory.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def list_grids(path: Path) -> list[tuple[int, Path]]:
     return _list_step_files(Path(path) / GRIDS_DIR, "png")
 
+
 def list_checkpoints(path: Path) -> list[tuple[int, Path]]:
     return _list_step_files(Path(path) / CHECKPOINTS_DIR, "pt")
+
 
 def _list_step_files(directory: Path, suffix: str) -> list[tuple[int, Path]]:
     if not directory.is_dir():
@@ -70,6 +88,7 @@ def _list_step_files(directory: Path, suffix: str) -> list[tuple[int, Path]]:
         if m and m.group(2) == suffix:
             out.append((int(m.group(1)), p))
     return sorted(out)
+
 
 def check_run_dir(path: Path) -> dict[str, Any]:
     """Raise :class:`RunDirError` unless ``path`` is a readable run directory; return run.json."""
@@ -87,6 +106,12 @@ def check_run_dir(path: Path) -> dict[str, Any]:
         raise RunDirError(f"{info_path} is corrupt: {exc}") from None
     if not isinstance(info, dict) or "format" not in info:
         raise RunDirError(f"{info_path} is corrupt: no format version")
+    for key, kind, what in (("format", int, "an integer"), ("step", int, "an integer"),
+                            ("status", str, "a string")):
+        value = info.get(key)
+        if key in info and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise RunDirError(f"{info_path} is corrupt: {key} must be {what}, got "
+                              f"{json.dumps(value)[:40]}")
     if info["format"] > FORMAT_VERSION:
         raise RunDirError(f"{path} was written by a newer vaediag (run format {info['format']}); "
                           f"upgrade vaediag to read it")

@@ -13,6 +13,7 @@ try:  # POSIX advisory locks; on other systems runs are simply not locked
 except ImportError:  # pragma: no cover
     fcntl = None
 
+
 class RunLock:
     """An exclusive advisory lock on RUN_DIR/.lock, released when the process dies."""
 
@@ -28,6 +29,7 @@ class RunLock:
     def release(self) -> None:
         if not self._file.closed:
             self._file.close()  # closing the file releases the flock
+
 
 def is_locked(path: Path) -> bool:
     """True while some process holds the run's lock (i.e. it is being written)."""

@@ -30,20 +30,25 @@ from vaediag.rundir.lock import is_locked
 from vaediag.rundir.segments import read_table
 
 
-def read_events_lines(path: Path) -> Iterator[str]:
-    """Complete, valid JSON lines of an events file (a torn last line is skipped)."""
+def read_events_lines(path: Path, skipped: list[int] | None = None) -> Iterator[str]:
+    """The lines of an events file that are JSON objects (a torn last line, or a line that is
+    not an object, is skipped; its line number goes to ``skipped`` when given)."""
     if not path.exists():
         return
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line:
                 continue
             try:
-                json.loads(line)
+                ok = isinstance(json.loads(line), dict)
             except json.JSONDecodeError:
-                continue
-            yield line
+                ok = False
+            if ok:
+                yield line
+            elif skipped is not None:
+                skipped.append(number)
+
 
 @dataclass
 class Run:
@@ -102,7 +107,10 @@ class Run:
 
     @cached_property
     def events(self) -> pd.DataFrame:
-        records = [json.loads(line) for line in read_events_lines(self.path / EVENTS_JSONL)]
+        skipped: list[int] = []
+        records = [json.loads(line) for line in read_events_lines(self.path / EVENTS_JSONL,
+                                                                   skipped)]
+        self.__dict__["_events_skipped"] = skipped
         if not records:
             return pd.DataFrame({"seq": pd.Series(dtype="int64"),
                                  "step": pd.Series(dtype="int64"),
@@ -132,6 +140,11 @@ class Run:
     @property
     def problems(self) -> list[str]:
         problems = self._scalars_and_problems[1] + self._evals_and_problems[1]
+        _ = self.events  # reads them, noting lines it had to skip
+        skipped = self.__dict__.get("_events_skipped", [])
+        if skipped:
+            problems.append(f"{EVENTS_JSONL}: {len(skipped)} line(s) skipped, not a complete "
+                            f"JSON object (first: line {skipped[0]})")
         if self.status == "killed":
             problems.insert(0, "the run was killed or crashed while training (its status says "
                                "running but no process holds it); data up to the last flush "
@@ -156,6 +169,7 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r})"
+
 
 def load_run(path: str | Path) -> Run:
     """Open a run directory for reading: ``load_run(p).scalars`` is the per-step DataFrame."""

@@ -31,10 +31,12 @@ def _column_type(name: str) -> pa.DataType:
         return pa.float64()
     return pa.float32()
 
+
 def _segments(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if _SEGMENT_RE.match(p.name))
+
 
 def _read_segment(path: Path, fields: list[str] | None = None) -> tuple[pa.Table | None, bool]:
     """All complete record batches of one segment (only ``fields`` of them, when given: the
@@ -66,6 +68,7 @@ def _read_segment(path: Path, fields: list[str] | None = None) -> tuple[pa.Table
 #: decompress one tiny buffer at a time. A killed run leaves at most one segment uncompacted.
 COMPACT_ROWS = 10_000
 
+
 def compact_segment(path: Path) -> None:
     """Rewrite a segment's complete record batches as one batch, atomically."""
     table, _ = _read_segment(path)
@@ -75,6 +78,7 @@ def compact_segment(path: Path) -> None:
     with ipc.new_stream(sink, table.schema, options=_IPC_OPTIONS) as writer:
         writer.write_table(table.combine_chunks())
     atomic_write(path, sink.getvalue().to_pybytes())
+
 
 class TableWriter:
     """Append-only writer of one table (per-step or per-eval rows) as Arrow IPC segments.
@@ -158,6 +162,7 @@ class TableWriter:
         self.flush()
         self._close_segment()
 
+
 def read_table(directory: Path) -> tuple[pd.DataFrame, list[str]]:
     """Read every segment of a table into one DataFrame sorted by step; and problems found.
 
@@ -212,12 +217,14 @@ def read_table(directory: Path) -> tuple[pd.DataFrame, list[str]]:
         frame = frame.sort_values("step", kind="stable", ignore_index=True)
     return frame, problems
 
+
 def _schema_of(path: Path) -> pa.Schema | None:
     try:
         with pa.memory_map(str(path)) as source:
             return ipc.open_stream(source).schema
     except (pa.ArrowInvalid, OSError, EOFError):
         return None
+
 
 def truncate_table(directory: Path, keep: Any) -> int:
     """Drop rows for which ``keep(step_array)`` is False; returns how many were dropped.

@@ -3,10 +3,12 @@ checkpoints, rewinding to a checkpoint, and closing with a status."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from vaediag.rundir.layout import (
     check_run_dir,
     list_checkpoints,
     list_grids,
+    remove_temporaries,
     step_file,
 )
 from vaediag.rundir.lock import RunLock, is_locked
@@ -43,6 +46,7 @@ def _json_default(value: Any) -> Any:
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
+
 def _jsonable(value: Any) -> Any:
     """JSON has no NaN/Inf: write them as strings so every line stays valid JSON."""
     if isinstance(value, float) and not np.isfinite(value):
@@ -52,6 +56,20 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str) -> Iterator[None]:
+    """Turn a failed write (a full disk, a quota, a file-size limit, a read-only mount) into
+    one :class:`RunDirError` line: what could not be written, and that what was written before
+    stays readable."""
+    try:
+        yield
+    except OSError as exc:
+        raise RunDirError(f"cannot write {what} in {path}: {exc.strerror or exc}; what was "
+                          f"written before is intact and readable: free some space and "
+                          f"continue with --resume") from None
+
 
 def check_can_create(path: Path, overwrite: bool) -> None:
     """Raise :class:`RunDirError` unless a new run may be created at ``path``. Changes nothing.
@@ -77,11 +95,13 @@ def check_can_create(path: Path, overwrite: bool) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirError(f"cannot create run directory {path}: {existing} is not writable")
 
+
 def check_can_resume(path: Path) -> None:
     """Raise :class:`RunDirError` unless ``path`` is a run directory nobody is writing."""
     check_run_dir(path)
     if is_locked(path):
         raise RunDirError(f"{path} is in use by another vaediag process")
+
 
 def prepare_new(path: Path, overwrite: bool) -> None:
     """Make ``path`` an empty directory for a new run (see :func:`check_can_create`)."""
@@ -92,6 +112,7 @@ def prepare_new(path: Path, overwrite: bool) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunDirError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
+
 
 class RunWriter:
     """Writes one run directory. One writer per run at a time (enforced with a lock).
@@ -140,6 +161,7 @@ class RunWriter:
         path = Path(path)
         check_run_dir(path)
         lock = RunLock(path)
+        remove_temporaries(path)  # what a killed writer was writing when it died
         return cls(path, lock, flush_steps, flush_seconds)
 
     # -- rows ---------------------------------------------------------------------------------
@@ -160,14 +182,16 @@ class RunWriter:
     def log_eval(self, row: dict[str, Any]) -> None:
         """One per-evaluation row, written at once (evaluations are rare and precious)."""
         self._evals.append(row)
-        self._evals.flush()
+        with writing(self.path, f"the evaluation at step {row.get('step')}"):
+            self._evals.flush()
 
     def event(self, kind: str, step: int, **fields: Any) -> None:
         """Append one event line and flush it at once."""
         record = {"seq": self.events_written, "step": int(step), "kind": kind,
                   "wall": _now(), **_jsonable(fields)}
-        self._events.write(json.dumps(record, default=_json_default) + "\n")
-        self._events.flush()
+        with writing(self.path, f"the {kind} event"):
+            self._events.write(json.dumps(record, default=_json_default) + "\n")
+            self._events.flush()
         self.events_written += 1
 
     def save_fixed(self, **arrays: np.ndarray) -> None:
@@ -176,15 +200,18 @@ class RunWriter:
 
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        atomic_write(self.path / FIXED_NPZ, buf.getvalue())
+        with writing(self.path, FIXED_NPZ):
+            atomic_write(self.path / FIXED_NPZ, buf.getvalue())
 
     def save_config(self, config_toml: str) -> None:
         """Replace the saved config (a resumed run records the config it continues with)."""
-        atomic_write(self.path / CONFIG_TOML, config_toml.encode())
+        with writing(self.path, CONFIG_TOML):
+            atomic_write(self.path / CONFIG_TOML, config_toml.encode())
 
     def save_grid(self, step: int, png: bytes) -> Path:
         path = self.path / GRIDS_DIR / step_file(step, "png")
-        atomic_write(path, png)
+        with writing(self.path, f"{GRIDS_DIR}/{path.name}"):
+            atomic_write(path, png)
         return path
 
     def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -197,31 +224,38 @@ class RunWriter:
         buf = io.BytesIO()
         torch.save(state, buf)
         path = self.path / CHECKPOINTS_DIR / step_file(step, "pt")
-        atomic_write(path, buf.getvalue())
+        with writing(self.path, f"{CHECKPOINTS_DIR}/{path.name}"):
+            atomic_write(path, buf.getvalue())
         if keep:
             for old in list_checkpoints(self.path)[:-keep]:
                 old[1].unlink(missing_ok=True)
         return path
 
     def flush(self) -> None:
-        self._scalars.flush()
-        self._evals.flush()
+        with writing(self.path, "per-step rows"):
+            self._scalars.flush()
+            self._evals.flush()
         self._last_flush = time.monotonic()
 
     def set_status(self, status: str, step: int, message: str = "") -> None:
         self._run_info.update(status=status, step=int(step), updated=_now(), message=message)
-        atomic_write(self.path / RUN_JSON, json.dumps(self._run_info, indent=2).encode())
+        with writing(self.path, RUN_JSON):
+            atomic_write(self.path / RUN_JSON, json.dumps(self._run_info, indent=2).encode())
 
     @property
     def closed(self) -> bool:
         return self._events.closed
 
     def close(self, status: str, step: int, message: str = "") -> None:
-        self._scalars.close()
-        self._evals.close()
-        self.set_status(status, step, message)
-        self._events.close()
-        self._lock.release()
+        """Write what is buffered and the status; the lock is released even when that fails."""
+        try:
+            with writing(self.path, "the last rows"):
+                self._scalars.close()
+                self._evals.close()
+            self.set_status(status, step, message)
+        finally:
+            self._events.close()
+            self._lock.release()
 
     # -- resume -------------------------------------------------------------------------------
 
