@@ -264,3 +264,28 @@ def test_stale_temporary_files_are_removed_when_a_run_is_reopened(tmp_path, caps
     assert run_cli(capsys, "train", "--out", run_dir, "--resume", "--steps", "40")[0] == 0
     assert not any(p.exists() for p in stale)
     assert Path(run_dir / "checkpoints" / "step-00000040.pt").exists()
+
+
+def test_a_crash_keeps_every_row_up_to_it(tmp_path, monkeypatch):
+    """An exception in the forward pass of step 10 (the Monitor still holds step 9's row):
+    the run closes as failed with rows 0-9, the last one included."""
+    import vaediag.trainer as trainer_module
+    from vaediag.config import build_config
+
+    real = trainer_module.loss_terms
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "loss_terms", failing)
+    config = build_config(overrides=[a for a in TINY if "=" in a] + ["train.steps=30"])
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer_module.train(config, tmp_path / "run", progress=False)
+    run = load_run(tmp_path / "run")
+    assert run.status == "failed" and "RuntimeError: out of memory" in run.info["message"]
+    assert list(run.scalars["step"]) == list(range(10))
+    assert run.info["step"] == 10

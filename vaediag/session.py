@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -79,6 +80,9 @@ class RunSession:
         #: the checkpoint a resumed session continues from (None for a new run)
         self.checkpoint = checkpoint
         self.writer: RunWriter | None = None
+        #: called, best effort, before an exception closes the run: whoever holds rows not yet
+        #: handed to the writer (the Monitor's last step) hands them over
+        self.before_abort: list[Callable[[], None]] = []
 
     # -- the two moves ------------------------------------------------------------------------
 
@@ -156,6 +160,9 @@ class RunSession:
                  tb: TracebackType | None) -> None:
         if exc is None or self.closed:
             return
+        for hand_over in self.before_abort:
+            with contextlib.suppress(Exception):  # the run's own error is the one to see
+                hand_over()
         if isinstance(exc, TrainingStopped):
             status, step, message = "stopped", exc.step, str(exc)
         elif isinstance(exc, KeyboardInterrupt):

@@ -169,6 +169,7 @@ class Monitor:
             self.session.open(config_toml=tomli_w.dumps({**settings, **(config or {})}),
                               environment=environment.collect(self.device, seed))
         self.writer = self.session.writer
+        self.session.before_abort.append(self.flush)  # the last step's row, should training fail
         resumed = self.session.resumed
         # One forward pass in eval mode tells the order in which layers run; the latent size
         # comes from another.
