@@ -176,12 +176,17 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
     result = run_training(config, run_dir, resume=resume, overwrite=overwrite,
                           progress=progress)
     took = time.monotonic() - started
+    _exit_if_interrupted(result, run_dir)
+    click.echo(f"trained to step {result.step:,} in {took:.0f} s; grids in {run_dir / 'grids'}")
+    click.echo(f"run directory: {run_dir}")
+
+
+def _exit_if_interrupted(result, run_dir) -> None:
+    """A run stopped by a signal: say how to continue it, exit 130."""
     if result.status == "interrupted":
         click.echo(f"interrupted at step {result.step:,} of {result.total_steps:,} (checkpoint "
                    f"saved); continue with: vaediag train --out {run_dir} --resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    click.echo(f"trained to step {result.step:,} in {took:.0f} s; grids in {run_dir / 'grids'}")
-    click.echo(f"run directory: {run_dir}")
 
 
 @cli.command()
@@ -303,10 +308,7 @@ def replay(run_dir: str, from_step: int, overrides: tuple[str, ...], out: str,
     result = run_replay(run_dir, from_step, out, overrides=overrides, steps=steps,
                         progress=progress)
     took = time.monotonic() - started
-    if result.status == "interrupted":
-        click.echo(f"interrupted at step {result.step:,} of {result.total_steps:,} (checkpoint "
-                   f"saved); continue with: vaediag train --out {out} --resume", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    _exit_if_interrupted(result, out)
     click.echo(f"replayed to step {result.step:,} in {took:.0f} s into {out}; compare with: "
                f"vaediag compare {run_dir} {out}")
 
