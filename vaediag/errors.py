@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 120) -> str:
+    """``"TypeName: the first line of its message"`` (cut to ``limit``), for one-line reports of
+    errors from libraries whose messages run over several lines."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:limit]}" if text else type(exc).__name__
+
+
 class UserError(Exception):
     """Something the user gave us is wrong: a path, a config value, a data file, a run dir.
 

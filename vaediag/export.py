@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vaediag.analysis import FINDINGS_JSON
 from vaediag.errors import UserError
 from vaediag.rundir import CONFIG_TOML, Run, load_run
 
 #: columns that are the axis, not a series
 AXIS_COLUMNS = ("step", "time", "epoch")
-FINDINGS_JSON = "findings.json"
 
 
 class _EventWriter:

@@ -48,6 +48,7 @@ class Branch:
     parent: Path
     path: Path
     step: int  # the checkpoint's step: the branch's rows from here on are its own
+    checkpoint: Path
     config: Config
     changes: dict[str, list[Any]]
 
@@ -76,7 +77,7 @@ def plan(run_dir: str | Path, from_step: int, out: str | Path, *,
     if "train" not in run.config:
         raise RunDirError(f"{parent} was not made by 'vaediag train' (no [train] settings in its "
                           f"config): only such runs can be replayed")
-    step, _ = checkpoint_at_or_before(parent, from_step)
+    step, checkpoint = checkpoint_at_or_before(parent, from_step)
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise RunDirError(f"{out} exists; choose another --out for the branch")
@@ -86,7 +87,7 @@ def plan(run_dir: str | Path, from_step: int, out: str | Path, *,
         settings.update({"train.steps": step + steps})
     config = build_config(base=run.config, overrides=overrides, values=settings)
     changes = resume_changes(from_dict(run.config), config, what="a replay")
-    return Branch(parent, out, step, config, changes)
+    return Branch(parent, out, step, checkpoint, config, changes)
 
 
 def create(branch: Branch) -> None:
@@ -105,8 +106,7 @@ def create(branch: Branch) -> None:
         if grid_step <= step:
             shutil.copy2(path, out / GRIDS_DIR / path.name)
     (out / CHECKPOINTS_DIR).mkdir(exist_ok=True)
-    _, checkpoint = checkpoint_at_or_before(parent, step)
-    shutil.copy2(checkpoint, out / CHECKPOINTS_DIR / checkpoint.name)
+    shutil.copy2(branch.checkpoint, out / CHECKPOINTS_DIR / branch.checkpoint.name)
     info = json.loads((parent / RUN_JSON).read_text(encoding="utf-8"))
     info.update(status="interrupted", step=step, message=f"replay of {parent.name} from step "
                 f"{step}", parent={"run": str(parent), "step": step,

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from vaediag.errors import RunDirError, TrainingStopped
+from vaediag.errors import RunDirError, TrainingStopped, first_line
 from vaediag.rundir import (
     RunWriter,
     check_can_create,
@@ -53,7 +53,7 @@ def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
                 and state.get("step") == step
             reason = "" if ok else "not a vaediag checkpoint of this step"
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint: try an older one
-            ok, reason = False, _first_line(exc)
+            ok, reason = False, first_line(exc)
         if ok:
             if unreadable:
                 print(f"vaediag: warning: {len(unreadable)} newer checkpoint(s) unreadable "
@@ -64,10 +64,6 @@ def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
                       + (f"; and {len(unreadable) - 1} more" if len(unreadable) > 1 else "")
                       + ")")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
 
 
 class RunSession:

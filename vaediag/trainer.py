@@ -22,11 +22,12 @@ from vaediag import environment
 from vaediag import probes as probe_library
 from vaediag.config import Config, from_dict, resume_changes
 from vaediag.data import Dataset, load_dataset
-from vaediag.errors import RunDirError, TrainingStopped, UserError
+from vaediag.errors import RunDirError, TrainingStopped, UserError, first_line
 from vaediag.inject import Injector, parse_all
 from vaediag.losses import kl_per_dim, loss_terms, recon_per_sample
 from vaediag.model import ConvVAE
 from vaediag.monitor import Monitor
+from vaediag.rundir import CHECKPOINTS_DIR, step_file
 from vaediag.schedules import beta_at, lr_at
 from vaediag.session import RunSession
 
@@ -127,7 +128,7 @@ def _restore_weights(session: RunSession, model: torch.nn.Module,
     """Load the checkpoint's model and optimizer state, or say in one line why it does not fit
     this run (another model, missing keys); nothing in the run directory has changed then."""
     state = session.checkpoint
-    name = f"checkpoints/step-{session.start_step:08d}.pt"
+    name = f"{CHECKPOINTS_DIR}/{step_file(session.start_step, 'pt')}"
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise RunDirError(f"{session.path}: {name} lacks {', '.join(missing)}: not a checkpoint "
@@ -137,9 +138,8 @@ def _restore_weights(session: RunSession, model: torch.nn.Module,
         if not new_optimizer:
             restore_optimizer(optimizer, state["optimizer"], config)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise RunDirError(f"{session.path}: {name} does not fit this run's model or optimizer "
-                          f"({type(exc).__name__}: {first}); nothing was changed") from None
+                          f"({first_line(exc, 160)}); nothing was changed") from None
 
 
 def build_extra_probes(specs: tuple[str, ...]) -> list:

@@ -146,9 +146,13 @@ def header_rows(run: Run, analysis: Analysis) -> list[tuple[str, str]]:
     return rows
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """A figure drawn once as the PNG both reports show; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
+    plt.close(fig)
     return buf.getvalue()
 
 
@@ -200,7 +204,6 @@ def grid_steps(finding: Finding, eval_steps: list[int]) -> list[tuple[str, int]]
 
 def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
     """The report's content, and its figures (in order, as rendered images) for the PDF."""
-    import matplotlib.pyplot as plt
     from PIL import Image as PILImage
 
     from vaediag.report import figures
@@ -219,8 +222,7 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
         cost as much as everything else in the reports together."""
         if fig is None:
             return
-        image = Image(_png(fig), title)
-        plt.close(fig)
+        image = Image(figure_png(fig), title)
         report.figures.setdefault(section, []).append((title, image))
         pdf_figures.append((section, image))
 

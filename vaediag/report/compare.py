@@ -16,7 +16,7 @@ from typing import Any
 from vaediag import __version__
 from vaediag.analysis import analyze, verdict
 from vaediag.analysis.findings import Finding
-from vaediag.report import DPI, GridImage, Image, grid_caption, load_grid
+from vaediag.report import GridImage, Image, figure_png, grid_caption, load_grid
 from vaediag.rundir import Run, atomic_write, load_run
 
 #: evaluations whose grids are set side by side
@@ -94,7 +94,6 @@ def compared_steps(eval_steps: list[list[int]], branch_steps: list[int]) -> list
 
 def build(paths: list[str | Path]) -> Comparison:
     """Read and analyse the runs, draw the figures, pick the grids."""
-    import matplotlib.pyplot as plt
 
     from vaediag.report import figures
 
@@ -120,12 +119,8 @@ def build(paths: list[str | Path]) -> Comparison:
     comparison = Comparison("vaediag comparison: " + " vs ".join(names), compared)
 
     def add(title: str, fig) -> None:
-        if fig is None:
-            return
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=DPI)
-        plt.close(fig)
-        comparison.figures.append((title, Image(buf.getvalue(), title)))
+        if fig is not None:
+            comparison.figures.append((title, Image(figure_png(fig), title)))
 
     with_rows = [(n, r.scalars) for n, r in zip(names, runs, strict=True) if len(r.scalars)]
     if with_rows:

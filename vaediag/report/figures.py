@@ -383,11 +383,9 @@ def compare_quality(runs: list[tuple[str, pd.DataFrame]],
                     branches: list[tuple[str, int]]) -> Figure | None:
     """The evaluation loss and each quality metric at every evaluation, one panel per column,
     one colour per run."""
-    shown = [("eval_recon", "eval recon (the 8 grid images)")]
-    for metric, facts in columns.QUALITY_METRICS.items():
-        if facts.shown and any(metric in e.columns and e[metric].notna().sum() >= 2
-                               for _, e in runs):
-            shown.append((metric, facts.label))
+    drawn = {m for _, e in runs for m, _ in quality_metrics(e)}
+    shown = [("eval_recon", "eval recon (the 8 grid images)")] + \
+        [(m, facts.label) for m, facts in columns.QUALITY_METRICS.items() if m in drawn]
     shown = [(c, label) for c, label in shown if any(c in e.columns for _, e in runs)]
     if not shown:
         return None
