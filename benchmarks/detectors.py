@@ -166,6 +166,26 @@ def pose_lost_at(run: vaediag.Run) -> int | None:
     return None
 
 
+def memorised_at(run: vaediag.Run) -> int | None:
+    """Label of the overfitting preset: where the held-out pictures got worse while the
+    training images' kept improving.
+
+    Measured on the pictures, not by a detector: ``ssim`` compares the grid's 8 held-out
+    reconstructions with the true images, ``train_ssim`` the 8 fixed training images'. The
+    onset is the first evaluation after the first 500 steps at which the held-out SSIM is at
+    least 5% below its best so far and stays so at the next two evaluations, while the training
+    images' SSIM is above its value at the evaluation of that best (they kept improving).
+    """
+    ev = run.evals
+    steps, ssim, train = (ev[c].to_numpy() for c in ("step", "ssim", "train_ssim"))
+    for i in range(len(ssim) - 2):
+        best = int(np.nanargmax(ssim[:i + 1]))
+        low = 0.95 * ssim[best]
+        if steps[i] >= 500 and (ssim[i:i + 3] <= low).all() and train[i] > train[best]:
+            return int(steps[i])
+    return None
+
+
 def encodes_nothing(run: vaediag.Run) -> int | None:
     """Label of a run that never learned to encode: the first evaluation after the first 100
     steps, if the grid's images have a KL below 0.1 nats at every evaluation from there on."""
