@@ -156,7 +156,7 @@ def train(style: str, out: Path, *, seed: int = 0, lr: float = 1e-3, steps: int 
     cls, beta0 = STYLES[style]
     model = cls(resolution)
     lo, hi = model.value_range
-    train_u8, _ = toyfaces.generate(2048, resolution, seed=seed)
+    train_u8, train_factors = toyfaces.generate(2048, resolution, seed=seed)
     val_u8, val_factors = toyfaces.generate(64, resolution, seed=seed, stream=1)
     scale = lambda a: torch.from_numpy(a).float() / 255 * (hi - lo) + lo  # noqa: E731
     images, val = scale(train_u8), scale(val_u8)
@@ -172,7 +172,8 @@ def train(style: str, out: Path, *, seed: int = 0, lr: float = 1e-3, steps: int 
     mon = vaediag.Monitor(out, model, optimizer, eval_images=val[:8], metric_images=val,
                           eval_loss=eval_loss, eval_every=eval_every, value_range=(lo, hi),
                           seed=seed, overwrite=True,
-                          eval_factors=val_factors.table(),
+                          eval_factors=val_factors.table(), train_images=images[:8],
+                          train_factors=train_factors.subset(slice(0, 8)).table(),
                           config={"loop": {"style": style, "seed": seed, "lr": lr,
                                            "beta": beta0, "fault": fault or ""}})
     g = torch.Generator().manual_seed(seed + 1)

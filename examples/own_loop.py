@@ -69,8 +69,11 @@ def main() -> None:
 
     # 1. Create the Monitor: where to write, what to watch, the images to show on the grid.
     #    (A tanh decoder on images in [-1, 1] adds value_range=(-1, 1).)
+    #    train_images: 8 fixed training images scored like the grid's, so that memorising the
+    #    training set shows (held-out images getting worse while these keep improving).
     mon = vaediag.Monitor(args.out, model, optimizer, eval_images=val[:8], eval_loss=eval_loss,
-                          metric_images=val, eval_every=100, overwrite=args.overwrite,
+                          train_images=train[:8], metric_images=val, eval_every=100,
+                          overwrite=args.overwrite,
                           config={"example": {"beta": beta, "lr": 1e-3}})
     for step in range(args.steps):
         x = train[torch.randint(0, len(train), (64,))]

@@ -298,7 +298,8 @@ def test_every_kind_a_detector_writes_is_declared_by_it():
     assert all(k.section in SECTIONS for k in KINDS.values())
     ranks = [KINDS[n].instability for n in INSTABILITIES]
     assert ranks == sorted(set(ranks)), "instability ranks must be distinct"
-    assert set(DECOUPLING) == {"loss_quality_decoupling", "loss_understates_quality"}
+    assert set(DECOUPLING) == {"overfitting", "loss_quality_decoupling",
+                               "loss_understates_quality"}
 
 
 def test_analysis_never_imports_torch(tmp_path):

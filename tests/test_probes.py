@@ -31,7 +31,7 @@ from vaediag.probes import (
     log_spaced,
 )
 from vaediag.probes import adam as adam_module
-from vaediag.probes.base import EntrySample, sample_slice, to_floats
+from vaediag.probes.base import EntrySample, ImageSet, sample_slice, to_floats
 from vaediag.probes.latents import latent_stats
 
 
@@ -448,12 +448,32 @@ def test_the_quality_probes_record_exactly_the_registered_metrics(faces):
     x, factors = faces
     recon = (x * 0.9).clamp(0, 1)
     fake_lpips = lambda a, b: (a - b).abs().flatten(1).mean(1)  # noqa: E731 - a stand-in
+    train = ImageSet(x, (x * 0.8).clamp(0, 1), torch.zeros(8, 2), torch.zeros(8, 2),
+                     factors.table())
     ctx = EvalContext(0, x, recon, x[:1], x, torch.zeros(8, 2), torch.zeros(8, 2),
-                      factors.table(), fake_lpips, None)
+                      factors.table(), fake_lpips, None, train=train)
     recorded = set()
     for probe in (ImageQuality(), FactorFidelity()):
         recorded |= {k for k in probe.compute(ctx) if isinstance(k, str)}
-    assert recorded == set(QUALITY_METRICS)
+    held = {k for k in recorded if not k.startswith("train_")}
+    assert held == set(QUALITY_METRICS)
+    # the training images: the same metrics, each under the prefix train_
+    assert recorded - held == {f"train_{m}" for m in QUALITY_METRICS}
+
+
+def test_training_images_are_scored_exactly_like_the_held_out_ones(faces):
+    """The train_ columns equal what the held-out ones are for the same images: one code path."""
+    x, factors = faces
+    recon = (x * 0.85).clamp(0, 1)
+    both = EvalContext(0, x, recon, x[:1], x, torch.zeros(8, 2), torch.zeros(8, 2),
+                       factors.table(), None, None,
+                       train=ImageSet(x, recon, torch.zeros(8, 2), torch.zeros(8, 2),
+                                      factors.table()))
+    for probe in (ImageQuality(), FactorFidelity()):
+        out = _floats(probe.compute(both))
+        for key, value in out.items():
+            if key.startswith("train_"):
+                assert value == pytest.approx(out[key[len("train_"):]], rel=1e-6), key
 
 
 # -- probes loaded by path ----------------------------------------------------------------------

@@ -121,6 +121,10 @@ class TrainConfig:
                                 "replay (vaediag replay, analyze --verify) can start near any "
                                 "finding")
     keep_checkpoints: int = opt(0, "how many recent checkpoints to keep; 0 = all")
+    augment: Literal["none", "flip", "flip_shift"] = opt(
+        "none", "augment each training batch: 'flip' left-right at random, 'flip_shift' also "
+        "shifted by up to 1/16 of the image size (a replay may change it: a remedy for "
+        "memorisation)")
     inject: tuple[str, ...] = opt((), "faults to plant, as KIND@STEP[:key=value,...] (see "
                                   "docs/detectors.md): " + ", ".join(FAULT_KINDS))
 
@@ -217,6 +221,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# Memorisation: a model with room to spare trained for hundreds of epochs on 128 faces. Its
+# training loss keeps falling while the held-out grid loses colour and pose.
+_OVERFIT: dict[str, dict[str, Any]] = {
+    "data": {"resolution": 32, "toyfaces_size": 128, "val_size": 128},
+    "model": {"channels": [32, 64, 128], "latent_dim": 64},
+    "loss": {"kl": "mc"},
+    "train": {"steps": 6000, "batch_size": 32},
+    "eval": {"every_steps": 200},
+}
+PRESETS["seed-overfit"] = _OVERFIT
+# The same with the remedy vaediag names first that a replay can apply: augmented batches.
+PRESETS["seed-overfit-stable"] = {**_OVERFIT, "train": {**_OVERFIT["train"],
+                                                        "augment": "flip_shift"}}
+
 #: One line per preset, for ``--help`` and the docs.
 PRESET_HELP: dict[str, str] = {
     "default": "64 px toyfaces, summed BCE, analytic KL, Adam at 1e-3, 10 epochs",
@@ -225,6 +243,9 @@ PRESET_HELP: dict[str, str] = {
                        "(KL warm-up to beta 16; docs/case-study.md)",
     "seed-decoupling-stable": "case study: seed-decoupling with free bits, the remedy vaediag "
                               "names",
+    "seed-overfit": "case study: 128 training faces for 1,500 epochs; the model memorises them "
+                    "and the held-out grid loses colour and pose (docs/case-study.md)",
+    "seed-overfit-stable": "case study: seed-overfit with augmented batches (flips and shifts)",
 }
 
 _SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))

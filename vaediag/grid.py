@@ -20,7 +20,7 @@ ROW_NAMES = ("validation", "reconstruction", "decode(z=0)", "decode(fixed z)")
 
 _GAP = 2
 _LABEL_WIDTH = 118
-_HEADER_LINES = 3
+_HEADER_LINES = 4
 _LINE = 16
 _CAPTION_LINES = 3
 _CAPTION_LINE = 12
@@ -84,7 +84,7 @@ def render(
 ) -> Image.Image:
     """Draw the grid.
 
-    tiles: uint8 (4, 8, 3, R, R) images. header: up to 3 lines of text above the tiles.
+    tiles: uint8 (4, 8, 3, R, R) images. header: up to 4 lines of text above the tiles.
     row_labels: one label per row (may contain a newline). captions: per column of row 2, up to
     three short lines each (e.g. per-image losses or metrics).
     """

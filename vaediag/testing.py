@@ -89,9 +89,11 @@ def standard_scalars(n: int, *, seed: int = 0, layers: Iterable[str] = LAYERS,
     return cols
 
 
-def standard_evals(steps: np.ndarray, *, seed: int = 0,
-                   latent_dim: int = 16) -> dict[str, np.ndarray]:
-    """Per-evaluation columns at ``steps``: losses, image-quality metrics, drift, latents."""
+def standard_evals(steps: np.ndarray, *, seed: int = 0, latent_dim: int = 16,
+                   train_images: bool = False) -> dict[str, np.ndarray]:
+    """Per-evaluation columns at ``steps``: losses, image-quality metrics, drift, latents; with
+    ``train_images``, the same losses and metrics of fixed training images (``train_*``), at
+    the same levels with noise of their own."""
     rng = np.random.default_rng(seed + 1)
     steps = np.asarray(steps, dtype=np.int64)
     n = len(steps)
@@ -109,6 +111,11 @@ def standard_evals(steps: np.ndarray, *, seed: int = 0,
     }
     for metric, (level, noise) in QUALITY.items():
         cols[metric] = noisy(level, noise)
+    if train_images:
+        cols["train_eval_recon"] = noisy(1850.0, 2.0)
+        cols["train_eval_kl"] = noisy(18.0, 0.3)
+        for metric, (level, noise) in QUALITY.items():
+            cols[f"train_{metric}"] = noisy(level, noise)
     return cols
 
 

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from vaediag import environment
 from vaediag import probes as probe_library
 from vaediag.config import Config, from_dict, resume_changes
-from vaediag.data import Dataset, load_dataset
+from vaediag.data import Dataset, load_dataset, train_sample
+from vaediag.data.augment import augment, step_generator
 from vaediag.errors import RunDirError, TrainingStopped, UserError, first_line
 from vaediag.inject import Injector, parse_all
 from vaediag.losses import kl_per_dim, loss_terms, recon_per_sample
@@ -225,12 +226,14 @@ def train(
                          skipped_files=len(skipped.corrupt) + len(skipped.not_images)
                          if skipped else 0)
         pc = config.probes
+        train_images, train_factors = train_sample(data, config.data.seed)
         monitor = Monitor(session, model, optimizer, eval_images=data.val[:8],
                           eval_loss=_eval_loss_fn(model, config), eval_every=eval_every,
                           probes=probe_library.build(pc.preset, pc.split_every, pc.layer_every,
                                                      pc.optimizer_every),
                           extra_probes=extra_probes,
                           metric_images=data.val[:pc.metric_images] if pc.metric_images else None,
+                          train_images=train_images, train_factors=train_factors,
                           lpips_weights=pc.lpips_weights or None,
                           lpips_download=pc.lpips_download,
                           recon_mode=config.eval.recon_mode, seed=tc.seed,
@@ -279,6 +282,7 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
     with _StopFlag().installed() as stop, bar:
         while step < total_steps:
             x = images[order.batch(step)].to(device, non_blocking=True).float().div_(255.0)
+            x = augment(x, tc.augment, step_generator(tc.seed, step))
             lr = lr_at(step, config.optim, total_steps)
             if injector:
                 for fault in injector.starting(step):

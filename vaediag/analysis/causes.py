@@ -17,6 +17,7 @@ import numpy as np
 from vaediag.analysis.data import RunData
 from vaediag.analysis.stats import badness, noise_scale
 from vaediag.columns import QUALITY_METRICS
+from vaediag.rundir import CHECKPOINTS_DIR, step_file
 
 #: a recorded setting changed when it moved by at least this factor from one step to the next
 CHANGE_FACTOR = 1.5
@@ -124,4 +125,123 @@ def quality_lost(data: RunData, before: int, after: int,
             ref = i + int(np.nanargmin(b[i:j + 1]))
         if unit > 0 and b[j] - b[ref] >= Z_HARM * unit:
             out[col] = (float(raw[ref]), float(raw[j]))
+    return out
+
+
+#: held-out and training images parted: the held-out-minus-training gap of their losses widened
+#: by at least this many of its noise units (eval-to-eval changes)
+Z_GAP = 2.0
+#: columns of the fixed training images' losses, beside the grid's held-out ``eval_recon``
+TRAIN_LOSS = "train_eval_recon"
+
+
+@dataclass
+class Memorisation:
+    """Held-out and training images parted between two evaluations: the model memorises."""
+
+    before: int
+    after: int
+    heldout: tuple[float, float]  # the held-out images' loss at the two evaluations
+    train: tuple[float, float]  # the training images' loss
+    #: quality metrics the held-out images lost and the training images kept:
+    #: {metric: (held-out before, after, training before, after)}
+    kept_on_train: dict[str, tuple[float, float, float, float]]
+    train_images: int | None  # the training set's size, when the run recorded it
+    epochs: float | None  # epochs seen at ``after``
+
+    def describe(self) -> str:
+        """'the 8 training images' loss fell 1,850 -> 1,830 while the held-out images' rose
+        1,876 -> 1,888 ...'"""
+        (h0, h1), (t0, t1) = self.heldout, self.train
+        text = (f"the 8 training images' loss {'fell' if t1 < t0 else 'held'} "
+                f"({t0:,.5g} -> {t1:,.5g}) while the held-out images' "
+                f"{'rose' if h1 > h0 else 'fell less'} ({h0:,.5g} -> {h1:,.5g})")
+        if self.kept_on_train:
+            text += "; the training images kept what the held-out ones lost (" + "; ".join(
+                f"{m} {a:.3g} -> {b:.3g} held-out, {c:.3g} -> {d:.3g} training"
+                for m, (a, b, c, d) in list(self.kept_on_train.items())[:2]) + ")"
+        size = f"its {self.train_images:,} training images" if self.train_images else \
+            "its training images"
+        seen = f" (seen {self.epochs:,.0f} times each)" if self.epochs else ""
+        return f"{text}: the model memorises {size}{seen}"
+
+
+def training_set(data: RunData) -> tuple[int | None, int | None]:
+    """(training images, steps per epoch) as the run's ``start`` event recorded them."""
+    start = data.events_of("start")
+    if start.empty:
+        return None, None
+    row = start.iloc[0]
+
+    def whole(key: str) -> int | None:
+        value = row.get(key)
+        return int(value) if value is not None and np.isfinite(value) else None
+    return whole("train_images"), whole("steps_per_epoch")
+
+
+def memorisation(data: RunData, before: int, after: int,
+                 metrics: tuple[str, ...] | list[str] = (),
+                 parted: bool = False) -> Memorisation | None:
+    """Whether held-out and training images parted between evaluations ``before`` and
+    ``after``: the gap between the held-out images' loss and the fixed training images' loss
+    widened by ``Z_GAP`` of its noise units (``parted``: the caller has judged that already),
+    the training images' loss did not rise, and, of ``metrics`` (quality metrics the held-out
+    images lost), the training images did not lose every one. None when they did not part, or
+    the run scored no training images."""
+    if not (data.has(TRAIN_LOSS, "evals") and data.has("eval_recon", "evals")):
+        return None
+    steps = data.evals["step"].to_numpy()
+    if before not in steps or after not in steps or after <= before:
+        return None
+    i, j = np.flatnonzero(steps == before)[0], np.flatnonzero(steps == after)[0]
+    held, train = data.series("eval_recon", "evals"), data.series(TRAIN_LOSS, "evals")
+    gap = held - train
+    seen = (steps <= after) & (steps >= data.burn_in_step) & np.isfinite(gap)
+    unit = noise_scale(gap[seen]) if seen.sum() >= 4 else math.nan
+    widened = parted or (unit > 0 and gap[j] - gap[i] >= Z_GAP * unit)
+    if not widened or train[j] > train[i]:
+        return None
+    kept: dict[str, tuple[float, float, float, float]] = {}
+    lost_on_train = 0
+    for metric in metrics:
+        column = f"train_{metric}"
+        if metric not in QUALITY_METRICS or not data.has(column, "evals") \
+                or not data.has(metric, "evals"):
+            continue
+        raw_h, raw_t = data.series(metric, "evals"), data.series(column, "evals")
+        b_t = badness(metric, raw_t)
+        scale = noise_scale(b_t[seen]) if seen.sum() >= 4 else math.nan
+        if scale > 0 and b_t[j] - b_t[i] >= Z_HARM * scale:
+            lost_on_train += 1
+        else:
+            kept[metric] = (float(raw_h[i]), float(raw_h[j]), float(raw_t[i]), float(raw_t[j]))
+    if metrics and lost_on_train and not kept:
+        return None  # the training images lost the same qualities: not memorisation
+    images, per_epoch = training_set(data)
+    return Memorisation(before, after, (float(held[i]), float(held[j])),
+                        (float(train[i]), float(train[j])), kept, images,
+                        after / per_epoch if per_epoch else None)
+
+
+def memorisation_remedies(data: RunData, best_step: int) -> list[str]:
+    """What to do about memorisation, as actions; none the run already applies."""
+    out = []
+    checkpoint = data.run.path / CHECKPOINTS_DIR / step_file(best_step, "pt")
+    if checkpoint.exists():
+        out.append(f"keep the model of step {best_step:,}, the best on held-out images "
+                   f"(early stopping): {CHECKPOINTS_DIR}/{checkpoint.name} holds it; vaediag "
+                   f"replay --from {best_step} continues from there with a remedy")
+    else:
+        out.append(f"stop at step {best_step:,}, the best on held-out images (early stopping), "
+                   f"and keep that model")
+    if data.setting("train", "augment", "none") in ("none", None):
+        out.append("augment the training images: random left-right flips and small shifts"
+                   + knob(data, "train.augment", "flip_shift"))
+    out.append("more training images: the model has seen each of them many times")
+    weight_decay = data.setting("optim", "weight_decay", 0.0) or 0.0
+    if not weight_decay:
+        out.append("decoupled weight decay" + (" (--set optim.name=adamw --set "
+                                               "optim.weight_decay=0.05)"
+                                               if is_trainer_run(data) else ", e.g. AdamW"))
+    out.append("a smaller model or latent space" + knob(data, "model.latent_dim"))
     return out

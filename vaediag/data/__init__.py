@@ -24,10 +24,28 @@ class Dataset:
     val: np.ndarray  # uint8 (M, 3, R, R)
     val_factors: dict[str, np.ndarray] | None  # toyfaces only: known factors of each val image
     skipped: images.Skipped | None = None  # files a folder held that could not be used
+    train_factors: dict[str, np.ndarray] | None = None  # toyfaces only: of each training image
 
     @property
     def resolution(self) -> int:
         return int(self.train.shape[-1])
+
+
+#: how many training images each evaluation scores like the grid's held-out ones
+TRAIN_EVAL_IMAGES = 8
+
+
+def train_sample(data: Dataset, seed: int, count: int = TRAIN_EVAL_IMAGES) -> tuple[np.ndarray,
+                                                                         dict | None]:
+    """A fixed set of ``count`` training images (and their factors), drawn once by a seeded
+    shuffle of ``data.seed``: the same images for every training seed, so runs that differ
+    only in how they train are scored on the same faces."""
+    pick = np.sort(np.random.default_rng([seed, 13]).choice(len(data.train),
+                                                            min(count, len(data.train)),
+                                                            replace=False))
+    factors = None if data.train_factors is None else \
+        {k: v[pick] for k, v in data.train_factors.items()}
+    return data.train[pick], factors
 
 
 def _split(all_images: np.ndarray, val_size: int, seed: int, name: str) -> tuple[np.ndarray,
@@ -44,9 +62,11 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Load (or generate) the configured data source and split it."""
     source = cfg.source
     if source == "toyfaces":
-        train, _ = toyfaces.generate(cfg.toyfaces_size, cfg.resolution, cfg.seed, stream=0)
+        train, train_factors = toyfaces.generate(cfg.toyfaces_size, cfg.resolution, cfg.seed,
+                                                 stream=0)
         val, factors = toyfaces.generate(cfg.val_size, cfg.resolution, cfg.seed, stream=1)
-        return Dataset("toyfaces", train, val, factors.table())
+        return Dataset("toyfaces", train, val, factors.table(),
+                       train_factors=train_factors.table())
     path = Path(source)
     rng = np.random.default_rng([cfg.seed, 11])
     if path.suffix.lower() in (".npz", ".npy"):
@@ -63,4 +83,4 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return Dataset(source, train, val, None, skipped or None)
 
 
-__all__ = ["Dataset", "load_dataset"]
+__all__ = ["TRAIN_EVAL_IMAGES", "Dataset", "train_sample", "load_dataset"]

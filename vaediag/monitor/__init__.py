@@ -103,6 +103,15 @@ class Monitor:
     metric_images
         Optional larger fixed set of validation images scored at each evaluation (active units,
         set-level quality).
+    train_images
+        A fixed set of *training* images (the first 8 are used), scored at every evaluation
+        exactly like ``eval_images``: their losses, quality metrics and (with
+        ``train_factors``) factor errors. Held-out images getting worse while these keep
+        improving is memorisation; without them the Monitor says once that overfitting cannot
+        be checked. Draw them once, e.g. ``train_set[:8]``.
+    eval_factors, train_factors
+        toyfaces' known factors of ``eval_images`` and ``train_images`` (columns as
+        :meth:`vaediag.data.toyfaces.FaceFactors.table` gives them), for the factor errors.
     lpips_weights, lpips_download
         Where LPIPS' AlexNet weights are, and whether torchvision may download them (LPIPS is
         loaded only when a probe asks for it).
@@ -125,6 +134,8 @@ class Monitor:
         probes: str | Sequence[Probe] = "standard",
         extra_probes: Sequence[Probe] = (),
         metric_images: torch.Tensor | np.ndarray | None = None,
+        train_images: torch.Tensor | np.ndarray | None = None,
+        train_factors: dict[str, np.ndarray] | None = None,
         lpips_weights: str | None = None,
         lpips_download: bool = False,
         recon_mode: str = "mean",
@@ -146,7 +157,8 @@ class Monitor:
         self.evaluator = Evaluator(model, encode, decode, eval_images=eval_images,
                                    eval_loss=eval_loss, value_range=value_range,
                                    recon_mode=recon_mode, metric_images=metric_images,
-                                   factors=eval_factors, warn=self._warn)
+                                   factors=eval_factors, warn=self._warn,
+                                   train_images=train_images, train_factors=train_factors)
         self.eval_every = eval_every
         self.steps_per_epoch = steps_per_epoch
         self.device = self.evaluator.device
@@ -202,6 +214,10 @@ class Monitor:
         if eval_loss is None and not resumed:
             self._warn("no_eval_loss", 0, "no eval_loss given: the grid shows no losses of its "
                        "own images and the loss-quality analysis cannot run (pass eval_loss=)")
+        if train_images is None and not resumed:
+            self._warn("no_train_images", 0, "no train_images given: held-out images cannot be "
+                       "compared with training images, so overfitting cannot be checked (pass "
+                       "train_images=, e.g. 8 images of the training set)")
 
     @property
     def probes(self) -> list[Probe]:
@@ -368,6 +384,10 @@ class Monitor:
             values["eval_kl"] = kl_each.mean()
             values.update(probe_library.per_index("img", "recon", recon_each))
             values.update(probe_library.per_index("img", "kl", kl_each))
+        if evaluation.train_per_image is not None:
+            recon_each, kl_each = (t.float().cpu() for t in evaluation.train_per_image)
+            values["train_eval_recon"] = recon_each.mean()
+            values["train_eval_kl"] = kl_each.mean()
         recon_sum, kl_sum, count = self._sums
         if count:
             row["train_recon_avg"] = recon_sum / count

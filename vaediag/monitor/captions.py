@@ -29,10 +29,13 @@ def header(row: dict[str, Any]) -> list[str]:
         where = f"epoch {row['epoch']:.2f}  ·  " + where
     lines = [where]
     if "eval_recon" in row:
-        lines.append(f"these 8 images, model as shown: recon {fmt(row['eval_recon'])}  ·  "
+        lines.append(f"these 8 held-out images, model as shown: recon {fmt(row['eval_recon'])}  ·  "
                      f"KL {fmt(row['eval_kl'])}")
     else:
         lines.append("these 8 images: no eval loss function given")
+    if "train_eval_recon" in row:
+        lines.append(f"8 training images, model as shown: recon {fmt(row['train_eval_recon'])}"
+                     f"  ·  KL {fmt(row['train_eval_kl'])}")
     if "train_recon_avg" in row:
         lines.append(f"training average of the last {row['train_avg_steps']:,} steps: "
                      f"recon {fmt(row['train_recon_avg'])}  ·  KL {fmt(row['train_kl_avg'])}")

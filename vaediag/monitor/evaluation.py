@@ -1,5 +1,7 @@
 """Evaluating the model on the grid's fixed inputs: the 8 validation images, decode(0), decode of
-8 fixed z, and a larger fixed set for the set-level metrics.
+8 fixed z, a larger fixed set for the set-level metrics, and 8 fixed *training* images scored
+exactly like the grid's (held-out against training images: memorisation shows as the two
+parting).
 
 :class:`Evaluator` owns those inputs (made at the start of a run and saved in ``fixed.npz``, or
 read back from it when the run is resumed), maps images between the model's ``value_range`` and
@@ -19,7 +21,7 @@ import torch
 from vaediag import grid
 from vaediag.errors import UserError
 from vaediag.monitor import captions
-from vaediag.probes.base import EvalContext
+from vaediag.probes.base import EvalContext, ImageSet
 
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -66,6 +68,8 @@ class Evaluation:
     context: EvalContext
     tiles: np.ndarray  # (4, 8, 3, H, W) uint8
     per_image: tuple[torch.Tensor, torch.Tensor] | None
+    #: the same for the fixed training images (None without them or without an eval loss)
+    train_per_image: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Evaluator:
@@ -75,7 +79,9 @@ class Evaluator:
                  eval_images: torch.Tensor | np.ndarray,
                  eval_loss: EvalLossFn | None, value_range: tuple[float, float],
                  recon_mode: str, metric_images: torch.Tensor | np.ndarray | None,
-                 factors: dict[str, np.ndarray] | None, warn: WarnFn):
+                 factors: dict[str, np.ndarray] | None, warn: WarnFn,
+                 train_images: torch.Tensor | np.ndarray | None = None,
+                 train_factors: dict[str, np.ndarray] | None = None):
         if recon_mode not in ("mean", "sample"):
             raise UserError(f"recon_mode must be 'mean' or 'sample', got {recon_mode!r}")
         self.model = model
@@ -90,6 +96,15 @@ class Evaluator:
         self.set_x = None if metric_images is None else \
             as_images(metric_images, "metric_images", 2, self.value_range)
         self.factors = {k: np.asarray(v)[:GRID_IMAGES] for k, v in (factors or {}).items()}
+        self.train_x = None if train_images is None else \
+            as_images(train_images, "train_images", 2,
+                      self.value_range)[:GRID_IMAGES].to(self.device)
+        self.train_factors = {k: np.asarray(v)[:GRID_IMAGES]
+                              for k, v in (train_factors or {}).items()}
+        if self.train_x is not None and self.train_factors and \
+                any(len(v) != len(self.train_x) for v in self.train_factors.values()):
+            raise UserError(f"train_factors must describe each of the {len(self.train_x)} "
+                            f"train_images")
         self._warn = warn
         self.fixed_z: torch.Tensor | None = None
         self.recon_noise: torch.Tensor | None = None
@@ -106,11 +121,17 @@ class Evaluator:
         g = torch.Generator().manual_seed(seed + 20_231)
         self.fixed_z = torch.randn(GRID_IMAGES, latent, generator=g).to(self.device)
         self.recon_noise = torch.randn(GRID_IMAGES, latent, generator=g).to(self.device)
-        return {"eval_images": (self.to_unit(self.x).cpu().numpy() * 255).round()
-                .astype(np.uint8),
-                "fixed_z": self.fixed_z.cpu().numpy(),
-                "recon_noise": self.recon_noise.cpu().numpy(),
-                **{f"factor_{k}": v for k, v in self.factors.items()}}
+        fixed = {"eval_images": self._uint8(self.x),
+                 "fixed_z": self.fixed_z.cpu().numpy(),
+                 "recon_noise": self.recon_noise.cpu().numpy(),
+                 **{f"factor_{k}": v for k, v in self.factors.items()}}
+        if self.train_x is not None:
+            fixed["train_images"] = self._uint8(self.train_x)
+            fixed.update({f"train_factor_{k}": v for k, v in self.train_factors.items()})
+        return fixed
+
+    def _uint8(self, x: torch.Tensor) -> np.ndarray:
+        return (self.to_unit(x).cpu().numpy() * 255).round().astype(np.uint8)
 
     def load_fixed(self, fixed: dict[str, np.ndarray]) -> None:
         """The fixed z and noise a resumed run was started with."""
@@ -149,24 +170,30 @@ class Evaluator:
     def run(self, step: int, lpips: Any) -> Evaluation:
         """The model as it is now (after ``step`` updates) on the fixed inputs, in eval mode."""
         with self.eval_mode():
-            x = self.x
-            mu, logvar = self.encode(x)
-            z = mu if self.recon_mode == "mean" else \
-                mu + self.recon_noise * torch.exp(0.5 * logvar)
-            recon_img = self.decode(z)
-            zero_img = self.decode(torch.zeros_like(self.fixed_z[:1]))
-            fixed_img = self.decode(self.fixed_z)
-            per_image = self.eval_loss(x, z, mu, logvar) if self.eval_loss else None
-            recon_img, zero_img, fixed_img = (self._decoded(t, step)
-                                              for t in (recon_img, zero_img, fixed_img))
-            x = self.to_unit(x)
-            context = EvalContext(step, x, recon_img, zero_img, fixed_img, mu, logvar,
-                                  self.factors or None, lpips,
-                                  self.encode_set if self.set_x is not None else None)
-        tiles = torch.stack([x, recon_img, zero_img.expand(GRID_IMAGES, -1, -1, -1),
+            heldout, per_image = self._score(self.x, self.factors, step)
+            zero_img = self._decoded(self.decode(torch.zeros_like(self.fixed_z[:1])), step)
+            fixed_img = self._decoded(self.decode(self.fixed_z), step)
+            train, train_per_image = (None, None) if self.train_x is None else \
+                self._score(self.train_x, self.train_factors, step)
+            context = EvalContext(step, heldout.x, heldout.recon, zero_img, fixed_img,
+                                  heldout.mu, heldout.logvar, heldout.factors, lpips,
+                                  self.encode_set if self.set_x is not None else None,
+                                  train=train, eval_loss=self.eval_loss, inputs=self.x)
+        tiles = torch.stack([heldout.x, heldout.recon, zero_img.expand(GRID_IMAGES, -1, -1, -1),
                              fixed_img]).clamp(0, 1)
         tiles = (tiles * 255).round().to(torch.uint8).cpu().numpy()
-        return Evaluation(context, tiles, per_image)
+        return Evaluation(context, tiles, per_image, train_per_image)
+
+    def _score(self, x: torch.Tensor, factors: dict[str, np.ndarray], step: int
+               ) -> tuple[ImageSet, tuple[torch.Tensor, torch.Tensor] | None]:
+        """One fixed set under the model as it is: its reconstructions (posterior mean, or the
+        fixed noise's sample) and per-image losses."""
+        mu, logvar = self.encode(x)
+        z = mu if self.recon_mode == "mean" else \
+            mu + self.recon_noise[:len(x)] * torch.exp(0.5 * logvar)
+        recon = self._decoded(self.decode(z), step)
+        per_image = self.eval_loss(x, z, mu, logvar) if self.eval_loss else None
+        return ImageSet(self.to_unit(x), recon, mu, logvar, factors or None, x), per_image
 
     def grid_png(self, tiles: np.ndarray, row: dict[str, Any]) -> bytes:
         """The annotated 4x8 grid of an evaluation, as PNG bytes."""

@@ -11,7 +11,8 @@ preset     probes
 =========  =======================================================================================
 off        none: the Monitor still records losses, lr and the global gradient norm every step
 cheap      latent stats every step; per-layer gradient norms every 10 steps; at each evaluation:
-           image quality, latent health, factors (toyfaces), generation drift
+           image quality, latent health, factors (toyfaces), generation drift, the
+           amortisation gap (held-out and training images)
 standard   latent stats and per-layer gradient norms every step; Adam state and update ratios
            (on a fixed sample of 2,048 entries of each larger layer) every
            ``probes.optimizer_every`` steps and at every unusual step (the gradient norm
@@ -35,7 +36,9 @@ from vaediag.errors import UserError
 
 if TYPE_CHECKING:
     from vaediag.probes.adam import AdamState as AdamState
+    from vaediag.probes.amortisation import AmortisationGap as AmortisationGap
     from vaediag.probes.base import EvalContext as EvalContext
+    from vaediag.probes.base import ImageSet as ImageSet
     from vaediag.probes.base import LayerIndex as LayerIndex
     from vaediag.probes.base import Probe as Probe
     from vaediag.probes.base import ProbeSetup as ProbeSetup
@@ -70,12 +73,14 @@ FULL_SPLIT_EVERY = 10
 
 
 def _eval_probes() -> list[Probe]:
+    from vaediag.probes.amortisation import AmortisationGap
     from vaediag.probes.drift import GenerationDrift
     from vaediag.probes.factors import FactorFidelity
     from vaediag.probes.image_quality import ImageQuality
     from vaediag.probes.latent_health import LatentHealth
 
-    return [ImageQuality(), LatentHealth(), FactorFidelity(), GenerationDrift()]
+    return [ImageQuality(), LatentHealth(), FactorFidelity(), GenerationDrift(),
+            AmortisationGap()]
 
 
 def build(preset: str, split_every: int = 100, layer_every: int = 1,
@@ -133,9 +138,10 @@ def load_from_path(spec: str) -> type[Probe]:
 
 #: the probe API and the built-in probes, imported on first use
 _LAZY = {
-    **dict.fromkeys(["EvalContext", "LayerIndex", "Probe", "ProbeSetup", "Schedule",
+    **dict.fromkeys(["EvalContext", "ImageSet", "LayerIndex", "Probe", "ProbeSetup", "Schedule",
                      "StepContext", "every", "log_spaced", "per_index"], "vaediag.probes.base"),
-    "AdamState": "vaediag.probes.adam", "GenerationDrift": "vaediag.probes.drift",
+    "AdamState": "vaediag.probes.adam", "AmortisationGap": "vaediag.probes.amortisation",
+    "GenerationDrift": "vaediag.probes.drift",
     "FactorFidelity": "vaediag.probes.factors", "GradSplit": "vaediag.probes.grad_split",
     "GradientNorms": "vaediag.probes.gradients", "ImageQuality": "vaediag.probes.image_quality",
     "LatentHealth": "vaediag.probes.latent_health", "LatentStats": "vaediag.probes.latents",

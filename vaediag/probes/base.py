@@ -358,8 +358,23 @@ class StepContext:
 
 
 @dataclass
+class ImageSet:
+    """A fixed set of images scored at an evaluation, and what the model made of them."""
+
+    x: torch.Tensor  # (N, 3, H, W) the images in [0, 1]
+    recon: torch.Tensor  # (N, 3, H, W) their reconstructions in [0, 1]
+    mu: torch.Tensor  # (N, D)
+    logvar: torch.Tensor  # (N, D)
+    factors: dict[str, np.ndarray] | None  # toyfaces' true factors of the images
+    #: the images as the model takes them (its ``value_range``), for ``EvalContext.eval_loss``
+    inputs: torch.Tensor | None = None
+
+
+@dataclass
 class EvalContext:
-    """Inputs of one evaluation: the grid's images as the model is now, and a larger set."""
+    """Inputs of one evaluation: the grid's images as the model is now, a larger set, and a
+    fixed set of *training* images scored the same way (``train``: held-out against training
+    images tells memorisation from a loss that trades quality away)."""
 
     step: int
     x: torch.Tensor  # (8, 3, H, W) the grid's validation images in [0, 1]
@@ -371,7 +386,23 @@ class EvalContext:
     factors: dict[str, np.ndarray] | None  # toyfaces' true factors of the 8 images
     lpips: LPIPSMetric | None
     encode_set: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None
+    #: the fixed training images, scored like the grid's (None: the Monitor was given none)
+    train: ImageSet | None = None
+    #: ``(inputs, z, mu, logvar) -> (recon per image, kl per image)``, differentiable in z, mu
+    #: and logvar (None without the Monitor's ``eval_loss``)
+    eval_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: the grid's images as the model takes them (its ``value_range``)
+    inputs: torch.Tensor | None = None
     _set: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+
+    def heldout(self) -> ImageSet:
+        """The grid's held-out images as an :class:`ImageSet`, like ``train``."""
+        return ImageSet(self.x, self.recon, self.mu, self.logvar, self.factors, self.inputs)
+
+    def image_sets(self) -> dict[str, ImageSet]:
+        """``{"": held-out, "train_": training}``: column prefix -> images, for probes that
+        score both sets alike."""
+        return {"": self.heldout(), **({"train_": self.train} if self.train is not None else {})}
 
     def eval_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(x, recon, mu, logvar) of the larger fixed evaluation set, encoded once on demand."""

@@ -5,7 +5,8 @@ numbers do. Per image (``img.<metric>/<i>``, printed under the grid) and average
 SSIM, PSNR, GMSD, HaarPSI (32 px and up), LPIPS (when its weights are available), CIEDE2000
 colour error, saturation ratio, foreground orientation and centroid errors. See
 :mod:`vaediag.metrics.image` for the exact definitions. With a larger evaluation set
-(``probes.metric_images``), set-level means are recorded as ``set_<metric>``.
+(``probes.metric_images``), set-level means are recorded as ``set_<metric>``; for the fixed
+training images (``Monitor(train_images=...)``), means as ``train_<metric>``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class ImageQuality(Probe):
         for metric, values in quality(ctx.x, ctx.recon, ctx.lpips).items():
             out[metric] = values.mean()
             out.update(per_index("img", metric, values))
+        if ctx.train is not None:  # the fixed training images, as means only
+            for metric, values in quality(ctx.train.x, ctx.train.recon, ctx.lpips).items():
+                out[f"train_{metric}"] = values.mean()
         extra = ctx.eval_set()
         if extra is not None:
             for metric, values in quality(extra[0], extra[1], ctx.lpips).items():

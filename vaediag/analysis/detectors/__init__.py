@@ -7,6 +7,7 @@ from vaediag.analysis.detectors import (
     decoupling,
     drift,
     epoch_average,
+    generalisation,
     gradients,
     kl_explosion,
     latents,
@@ -16,8 +17,8 @@ from vaediag.analysis.detectors import (
 from vaediag.analysis.kinds import Kind
 
 #: In the order they run and are listed.
-DETECTORS = (nonfinite, loss_spikes, kl_explosion, gradients, adam, latents, decoupling,
-             epoch_average, drift)
+DETECTORS = (nonfinite, loss_spikes, kl_explosion, gradients, adam, latents, generalisation,
+             decoupling, epoch_average, drift)
 
 
 

@@ -36,13 +36,18 @@ agrees (one small region's colour, e.g. the eyes at 32 px, moves a lot on its ow
 orientation estimate from blurry early reconstructions swings while their structure improves).
 Anything less is info.
 The pair shown is the first evaluation at which a warning (else any flag) is visible.
+
+Before the loss is blamed, the held-out images are set against the fixed training images
+(:func:`~vaediag.analysis.causes.memorisation`): when the training images' loss fell, the gap
+between the two widened and the training images kept the qualities the held-out ones lost,
+the cause named is memorisation (see the ``generalisation`` detector), with its remedies.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from vaediag.analysis.causes import knob
+from vaediag.analysis.causes import knob, memorisation, memorisation_remedies
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
@@ -95,12 +100,14 @@ def _between(data: RunData, before: int, after: int) -> dict[str, float]:
     return out
 
 
-def _trade(data: RunData, ctx: dict[str, float]) -> tuple[str, list[str]]:
-    """Cause text and remedies when the KL weight rose or the KL fell between the evaluations."""
+def _trade(data: RunData, ctx: dict[str, float], memorised: bool = False
+           ) -> tuple[str, list[str]]:
+    """Cause text and remedies when the KL weight rose or the KL fell between the evaluations
+    (a KL that fell while the model memorised is part of the memorising: not named apart)."""
     b0, b1 = ctx.get("beta_before"), ctx.get("beta_after")
     k0, k1 = ctx.get("kl_before"), ctx.get("kl_after")
     beta_rose = b0 is not None and b1 is not None and b1 > 0 and b1 >= BETA_RISE * max(b0, 1e-12)
-    kl_fell = k0 is not None and k1 is not None and k0 > 0 and k1 < KL_FALL * k0
+    kl_fell = not memorised and k0 is not None and k1 is not None and k0 > 0 and k1 < KL_FALL * k0
     if not (beta_rose or kl_fell):
         return "", []
     parts, remedies = [], []
@@ -275,7 +282,15 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
             summary = (f"between the evaluations at steps {int(s[i]):,} and {int(s[j]):,} "
                        f"{loss_text} while the pictures changed much more ({detail})")
             cause = ("a few percent of the loss hid a large change in the pictures")
-        if floor is not None:
+        # Memorisation first: held-out images losing what the training images keep is not
+        # the loss's blindness, and no change of the loss would fix it.
+        mem = memorisation(data, int(s[i]), int(s[j]), metrics=list(entry["metrics"]))
+        if mem is not None:
+            cause = f"memorisation, not the loss: {mem.describe()}"
+            evidence["memorisation"] = {"heldout_loss": list(mem.heldout),
+                                        "train_loss": list(mem.train),
+                                        "kept_on_train": mem.kept_on_train}
+        elif floor is not None:
             share = floor / loss[i]
             rel_excess = (loss[j] - floor) / (loss[i] - floor) - 1 if loss[i] > floor else 0
             cause += (f". With a summed BCE, {share:.0%} of this loss is the images' entropy "
@@ -283,18 +298,24 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                       f"changed {rel_excess:+.0%}")
         ctx = _between(data, int(s[i]), int(s[j]))
         evidence["between"] = ctx
-        trade, trade_remedies = _trade(data, ctx)
+        trade, trade_remedies = _trade(data, ctx, memorised=mem is not None)
         cause += trade
+        remedies = [*trade_remedies,
+                    "judge runs by the quality metrics, not by the loss alone: compare "
+                    "the two grids named here side by side",
+                    "for colour and structure, a perceptual or colour-aware loss term "
+                    "(e.g. an LPIPS or Lab-space term), or a Gaussian likelihood in place of "
+                    "BCE on non-binary targets",
+                    "report the loss above its floor (the BCE minus the targets' entropy)"]
+        if mem is not None:
+            # the model to keep: the best held-out loss up to the later evaluation
+            best = int(s[int(np.argmin(loss[:j + 1]))])
+            remedies = [*memorisation_remedies(data, best), *trade_remedies,
+                        "judge runs by held-out images, never by the training loss: compare "
+                        "the two grids named here side by side"]
         findings.append(Finding(
             kind=kind, severity=severity, first_step=int(s[i]), last_step=int(s[j]),
-            summary=summary, evidence=evidence, cause=cause,
-            remedies=[*trade_remedies,
-                      "judge runs by the quality metrics, not by the loss alone: compare "
-                      "the two grids named here side by side",
-                      "for colour and structure, a perceptual or colour-aware loss term "
-                      "(e.g. an LPIPS or Lab-space term), or a Gaussian likelihood in place of "
-                      "BCE on non-binary targets",
-                      "report the loss above its floor (the BCE minus the targets' entropy)"],
+            summary=summary, evidence=evidence, cause=cause, remedies=remedies,
             detector=NAME, compare_steps=[int(s[i]), int(s[j])]))
     signals = [Signal(f.last_step, "quality", next(iter(f.evidence["metrics"])), 0.0, 0.0,
                       f.summary) for f in findings]

@@ -7,13 +7,16 @@ last, on 8 fixed images with the posterior mean. The two can move in opposite di
 Statistic: for consecutive evaluations after the burn-in, the change of ``train_recon_avg`` and
 of ``eval_recon``, each in its own noise unit. Opposite signs with both at least ``Z_CHANGE``
 units is a disagreement (``info``): comparing epochs by the printed average would have said the
-opposite of what the snapshots show.
+opposite of what the snapshots show. When the fixed training images were scored too and their
+snapshot moved with the average while the held-out images parted from them, the cause named is
+memorisation, not the averaging.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from vaediag.analysis.causes import TRAIN_LOSS, memorisation, memorisation_remedies
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
@@ -47,6 +50,23 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     k = int(np.argmax(np.where(clash, np.abs(da) / ua + np.abs(ds) / us, -np.inf)))
     word = lambda d: "improved" if d < 0 else "got worse"  # noqa: E731
     gap = float(np.median(avg - snap))
+    cause = ("the printed epoch loss averages many weight states, sampled latents and every "
+             "batch; the grid shows the last model on 8 fixed images with the posterior mean")
+    remedies = ["compare epochs by the loss of a fixed evaluation set under the model as it "
+                "is (eval_recon), never by the running training average"]
+    evidence = {"disagreements": int(clash.sum()), "of_intervals": len(da),
+                "median_gap_average_minus_snapshot": gap, "z_change": Z_CHANGE}
+    # The snapshot of the fixed training images tells averaging from memorisation: if it moved
+    # with the average, the average was right about the training images, and the held-out
+    # images parted from them.
+    mem = memorisation(data, int(s[k]), int(s[k + 1]))
+    if mem is not None and data.has(TRAIN_LOSS, "evals"):
+        train = data.series(TRAIN_LOSS, "evals")[keep]
+        evidence["train_snapshot"] = [float(train[k]), float(train[k + 1])]
+        if np.sign(train[k + 1] - train[k]) == np.sign(da[k]):
+            cause = ("not the averaging: the loss of the 8 training images under the model "
+                     "shown moved with the average; " + mem.describe())
+            remedies = [*memorisation_remedies(data, int(s[k])), *remedies]
     finding = Finding(
         kind="epoch_average_trap", severity="info", first_step=int(s[k]),
         last_step=int(s[k + 1]),
@@ -54,11 +74,6 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                  f"{word(da[k])} ({avg[k]:.5g} -> {avg[k + 1]:.5g}) while the loss of the model "
                  f"shown {word(ds[k])} ({snap[k]:.5g} -> {snap[k + 1]:.5g}); "
                  f"{int(clash.sum())} such disagreement(s)"),
-        evidence={"disagreements": int(clash.sum()), "of_intervals": len(da),
-                  "median_gap_average_minus_snapshot": gap, "z_change": Z_CHANGE},
-        cause="the printed epoch loss averages many weight states, sampled latents and every "
-              "batch; the grid shows the last model on 8 fixed images with the posterior mean",
-        remedies=["compare epochs by the loss of a fixed evaluation set under the model as it "
-                  "is (eval_recon), never by the running training average"],
+        evidence=evidence, cause=cause, remedies=remedies,
         detector=NAME, compare_steps=[int(s[k]), int(s[k + 1])])
     return [finding], []

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vaediag.analysis.causes import first_change, knob, quality_lost
+from vaediag.analysis.causes import first_change, knob, memorisation, quality_lost
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
@@ -67,6 +67,34 @@ def _collapse_cause(data: RunData, peak_step: int, at: int) -> tuple[str, list[s
              "free bits" + knob(data, "loss.free_bits", 0.1), "a lower KL weight"])
 
 
+def _unused_or_memorised(data: RunData, peak_step: int, last: int,
+                         final: float) -> tuple[str, str, list[str]]:
+    """For a collapse that did not harm the pictures when it happened: (summary tail, cause,
+    remedies), saying whether the held-out reconstructions got worse later and, if they did
+    while the training images' did not, that the model memorises (never 'the
+    reconstructions held' when the held-out ones got worse)."""
+    remedies = ["fewer latent dimensions, or free bits if all should be used"
+                + knob(data, "loss.free_bits", 0.1)]
+    later = {k: v for k, v in quality_lost(data, peak_step, last, from_best=True).items()
+             if k != "eval_recon"}
+    if not later:
+        return (f"; the held-out reconstructions did not get worse: the model uses {final:.0f} "
+                f"dimensions and left the rest unused",
+                "dimensions the model did not need went unused (common with many latents or "
+                "a small KL weight); harmless while the reconstructions hold", remedies)
+    worse = "; ".join(f"{k} {a:.3g} -> {b:.3g}" for k, (a, b) in list(later.items())[:2])
+    mem = memorisation(data, peak_step, last, metrics=list(later))
+    if mem is not None:
+        return (f"; the held-out reconstructions got worse ({worse}) while the training "
+                f"images' did not: memorisation (see the overfitting finding), not the unused "
+                f"dimensions",
+                f"the model memorises its training images: {mem.describe()}; with a decoder "
+                f"that recalls them it needs fewer latent dimensions", remedies)
+    return (f"; the held-out reconstructions got worse later ({worse})",
+            "the encoder stopped using latent dimensions; the held-out reconstructions got "
+            "worse too, by the run's end", remedies)
+
+
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     has_any = (data.has("active_units", "evals") or not data.matrix("dim", "kl").empty
                or data.has("logvar_min") or data.has("decoder_scale"))
@@ -91,21 +119,21 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                 cause, remedies = _collapse_cause(data, peak_step, at)
                 summary = (f"posterior collapse: active units fell from {peak:.0f} (step "
                            f"{peak_step:,}) to {final:.0f}")
+                # pictures that got worse while the training images' did not were lost to
+                # memorisation, not to the collapse
+                memorised = lost and memorisation(
+                    data, peak_step, at, metrics=[k for k in lost if k != "eval_recon"])
                 if final == 0:
                     severity = "high"
-                elif lost:
+                elif lost and not memorised:
                     severity = "warning"
                     summary += "; the pictures lost quality they had: " + "; ".join(
                         f"{k} {a:.3g} -> {b:.3g}" for k, (a, b) in list(lost.items())[:3])
                 else:
                     severity = "info"
-                    summary += (f"; the reconstructions did not get worse: the model uses "
-                                f"{final:.0f} dimensions and left the rest unused")
-                    cause = ("dimensions the model did not need went unused (common with "
-                             "many latents or a small KL weight); harmless while the "
-                             "reconstructions hold")
-                    remedies = ["fewer latent dimensions, or free bits if all should be used"
-                                + knob(data, "loss.free_bits", 0.1)]
+                    tail, cause, remedies = _unused_or_memorised(data, peak_step,
+                                                                 int(ev_steps[ok][-1]), final)
+                    summary += tail
                 findings.append(Finding(
                     kind="posterior_collapse", severity=severity,
                     first_step=at, last_step=int(ev_steps[ok][-1]), summary=summary,
