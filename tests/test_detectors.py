@@ -39,7 +39,9 @@ def kinds(findings) -> list[str]:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_calm_runs_stay_clean(tmp_path, seed):
-    data = run_data(tmp_path, seed=seed)
+    ev = standard_evals(standard_scalars(N, seed=seed)["step"][::EVAL_EVERY], seed=seed,
+                        train_images=True)
+    data = run_data(tmp_path, evals=ev, seed=seed)
     for detector in DETECTORS:
         if detector is epoch_average:  # its info findings are expected on calm noise
             continue
@@ -48,7 +50,9 @@ def test_calm_runs_stay_clean(tmp_path, seed):
 
 
 def test_calm_run_has_no_finding_above_info(tmp_path):
-    result = vaediag.analyze(run_data(tmp_path, seed=7).run)
+    ev = standard_evals(standard_scalars(N, seed=7)["step"][::EVAL_EVERY], seed=7,
+                        train_images=True)
+    result = vaediag.analyze(run_data(tmp_path, evals=ev, seed=7).run)
     assert all(f.severity == "info" for f in result.findings), result.findings
     assert all(c.status == "ok" for c in result.checks if c.detector != "lpips")
 

@@ -319,7 +319,9 @@ def test_user_input_problems_are_said_once_and_recorded(tmp_path, capsys):
     assert "value_range=(-1, 1)" in err
     run = vaediag.load_run(tmp_path / "run")
     warned = run.events[run.events["kind"] == "monitor_warning"]
-    assert sorted(warned["what"]) == ["decoder_range", "negative_kl", "no_eval_loss"]
+    assert sorted(warned["what"]) == ["decoder_range", "negative_kl", "no_eval_loss",
+                                      "no_train_images"]
+    assert err.count("no train_images given: ") == 1 and "overfitting cannot be checked" in err
     assert run.scalars["eps"].eq(1e-8).all()  # Adam's eps, recorded every step
 
 

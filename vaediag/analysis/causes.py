@@ -153,7 +153,8 @@ class Memorisation:
         """'the 8 training images' loss fell 1,850 -> 1,830 while the held-out images' rose
         1,876 -> 1,888 ...'"""
         (h0, h1), (t0, t1) = self.heldout, self.train
-        text = (f"the 8 training images' loss {'fell' if t1 < t0 else 'held'} "
+        text = (f"from step {self.before:,} to {self.after:,} the 8 training images' loss "
+                f"{'fell' if t1 < t0 else 'held'} "
                 f"({t0:,.5g} -> {t1:,.5g}) while the held-out images' "
                 f"{'rose' if h1 > h0 else 'fell less'} ({h0:,.5g} -> {h1:,.5g})")
         if self.kept_on_train:
@@ -240,8 +241,8 @@ def memorisation_remedies(data: RunData, best_step: int) -> list[str]:
     out.append("more training images: the model has seen each of them many times")
     weight_decay = data.setting("optim", "weight_decay", 0.0) or 0.0
     if not weight_decay:
-        out.append("decoupled weight decay" + (" (--set optim.name=adamw --set "
-                                               "optim.weight_decay=0.05)"
-                                               if is_trainer_run(data) else ", e.g. AdamW"))
+        out.append("weight decay" + knob(data, "optim.weight_decay", "0.05")
+                   + ", decoupled from the gradient with AdamW"
+                   + knob(data, "optim.name", "adamw"))
     out.append("a smaller model or latent space" + knob(data, "model.latent_dim"))
     return out

@@ -93,8 +93,12 @@ def timelines(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis) ->
         eval_col = f"eval_{term}"
         if eval_col in evals.columns and evals[eval_col].notna().any():
             _evals_line(ax, evals["step"], evals[eval_col], "o", color="k", ms=3, lw=0.8,
-                        label=f"{term} (the 8 grid images, per evaluation)")
+                        label=f"{term} (the 8 held-out grid images, per evaluation)")
             drawn = True
+        train_col = f"train_{eval_col}"  # the 8 fixed training images, scored alike
+        if train_col in evals.columns and evals[train_col].notna().any():
+            _evals_line(ax, evals["step"], evals[train_col], "x", color="0.45", ms=3, lw=0.8,
+                        ls="--", label=f"{term} (8 fixed training images, per evaluation)")
         if drawn:
             positive = scalars[term] if term in scalars.columns else pd.Series([1.0])
             if (positive.dropna() > 0).all():
@@ -141,13 +145,18 @@ def loss_vs_quality(evals: pd.DataFrame, analysis: Analysis) -> Figure | None:
         ax.set_ylabel("eval recon", fontsize=7)
         twin = ax.twinx()
         _evals_line(twin, steps, evals[metric], "s", color="C3", ms=2, lw=0.8)
+        train = f"train_{metric}"  # the same metric of the 8 fixed training images
+        if train in evals.columns and evals[train].notna().sum() >= 2:
+            _evals_line(twin, steps, evals[train], "x", color="C1", ms=2, lw=0.7, ls="--")
         twin.set_ylabel(metric, color="C3", fontsize=7)
         twin.grid(False)
         ax.set_title(label, fontsize=8)
         _shade(ax, analysis.findings, kinds)
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
-    fig.suptitle("Loss (black) and image quality (red) at each evaluation", fontsize=10)
+    training = any(f"train_{m}" in evals.columns for m, _ in metrics)
+    fig.suptitle("Loss (black) and image quality (red) at each evaluation"
+                 + ("; the training images' quality dashed" if training else ""), fontsize=10)
     fig.tight_layout()
     return fig
 

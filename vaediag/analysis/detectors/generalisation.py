@@ -188,7 +188,8 @@ def amortisation(data: RunData, before: int, after: int) -> tuple[str, dict]:
     share = gap_growth / elbo_rise
     values["recovered_by_refining"] = share
     if share >= ENCODER_SHARE:
-        part = (f"refining q(z|x) for the held-out images recovers {share:.0%} of their rise "
+        recovered = "all" if share >= 1 else f"{share:.0%}"
+        part = (f"refining q(z|x) for the held-out images recovers {recovered} of their rise "
                 f"(gap {values['gap_before']:.3g} -> {values['gap_after']:.3g} nats, training "
                 f"images {values['train_gap_before']:.3g} -> {values['train_gap_after']:.3g}): "
                 f"the encoder has overfitted; the decoder can still draw them")
@@ -207,7 +208,7 @@ def explain(data: RunData, s: np.ndarray, held: np.ndarray, train: np.ndarray,
     b, j = int(s[found.best]), int(s[found.at])
     # harm so far: by the last evaluation the analysis sees (what the user would keep is b)
     lost = harm(data, b, int(s[-1]))
-    mem = memorisation(data, b, j, metrics=list(lost), parted=True)
+    mem = memorisation(data, b, int(s[-1]), metrics=list(lost), parted=True)
     images, per_epoch = training_set(data)
     evidence: dict = {
         "best_step": b, "judged_at": j,
