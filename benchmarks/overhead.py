@@ -11,7 +11,9 @@ before its time is taken, so no preset pays for the previous one's cleanup.
 
 Reported per preset: the mean wall time of a whole step (what a run's length is made of) and
 its ratio to probes off, the same for the median step, the Monitor's own time per step, the
-cost of one evaluation, and the process's resident memory over the run (probes must hold no
+cost of one evaluation (the grid's 8 held-out images and 8 fixed training images, as the
+trainer evaluates them), the amortisation-gap probe's share of it, and the process's resident
+memory over the run (probes must hold no
 per-step state). On a GPU (used when CUDA is available, or with --device), the number of
 device synchronisations per step (torch.cuda.set_sync_debug_mode) is counted too.
 
@@ -33,13 +35,14 @@ from pathlib import Path
 import torch
 
 from vaediag.config import build_config
-from vaediag.data import load_dataset
+from vaediag.data import load_dataset, train_sample
 from vaediag.losses import loss_terms
 from vaediag.model import ConvVAE
 from vaediag.monitor import Monitor
 from vaediag.probes import PRESETS as PROBE_PRESETS
 from vaediag.probes import build
-from vaediag.trainer import EpochOrder, build_optimizer
+from vaediag.probes.amortisation import AmortisationGap
+from vaediag.trainer import EpochOrder, _eval_loss_fn, build_optimizer
 
 PRESETS = tuple(PROBE_PRESETS)
 TARGETS = {"cheap": 1.01, "standard": 1.03, "full": 1.2}
@@ -71,11 +74,13 @@ def measure(resolution: int, steps: int, evals: int, device: torch.device) -> No
     sampler = torch.Generator(device=device).manual_seed(1)
     cuda = device.type == "cuda"
     syncs = {p: 0 for p in PRESETS}
+    train_images, train_factors = train_sample(data, config.data.seed)
     with tempfile.TemporaryDirectory() as tmp:
         monitors = {
             p: Monitor(Path(tmp) / p, model, optimizer, eval_images=data.val[:8],
                        metric_images=data.val[:64], eval_every=10**9, probes=build(p),
-                       eval_factors=data.val_factors)
+                       eval_factors=data.val_factors, eval_loss=_eval_loss_fn(model, config),
+                       train_images=train_images, train_factors=train_factors)
             for p in PRESETS
         }
         times: dict[str, list[float]] = {p: [] for p in PRESETS}
@@ -125,6 +130,15 @@ def measure(resolution: int, steps: int, evals: int, device: torch.device) -> No
             t0 = time.perf_counter()
             monitors[preset].evaluate(steps + i)
             eval_times[preset].append(time.perf_counter() - t0)
+        # the amortisation-gap probe alone: refining q(z|x) for the held-out and training 8
+        evaluator = monitors["standard"].evaluator
+        with evaluator.eval_mode(), torch.no_grad():
+            context = evaluator.run(steps, None).context
+        amortisation = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            AmortisationGap().compute(context)
+            amortisation.append(time.perf_counter() - t0)
         for mon in monitors.values():
             mon.close()
 
@@ -146,6 +160,11 @@ def measure(resolution: int, steps: int, evals: int, device: torch.device) -> No
               f"{median[p] * 1e3:>18.2f}{median[p] / median['off']:>8.3f}{own * 1e3:>19.2f}"
               f"{statistics.median(eval_times[p]) * 1e3:>17.0f}"
               + (f"{syncs[p] / len(times[p]):>12.2f}" if cuda else ""))
+    amortised = statistics.median(amortisation)
+    print(f"amortisation-gap probe (in every preset's evaluations but off): "
+          f"{amortised * 1e3:.0f} ms per evaluation, {amortised / mean['standard']:.1f} "
+          f"training steps' time; at one evaluation per epoch of 8,192 images at batch 64 "
+          f"(128 steps) {amortised / mean['standard'] / 128:.1%} of training time")
     marks = [len(memory) // 4, len(memory) // 2, 3 * len(memory) // 4, len(memory) - 1]
     print("resident memory: " + ", ".join(f"{memory[i]:.1f} MB at step {i}" for i in marks)
           + f" ({memory[-1] - memory[marks[0]]:+.1f} MB over the last three quarters)")

@@ -320,3 +320,13 @@ def test_the_grid_header_shows_the_training_images():
     assert len(lines) == 4
     assert lines[1].startswith("these 8 held-out images") and "1,880.0" in lines[1]
     assert lines[2] == "8 training images, model as shown: recon 1,830.5  ·  KL 21.000"
+
+
+def test_the_verdict_names_memorisation_when_it_is_why_the_loss_stopped_tracking(tmp_path):
+    ev = memorising(learning=0.0, train_fall=120.0)
+    ev["colour_de"][18:] += 6.0  # the held-out images lose colour too, the training ones not
+    ev["sat_ratio"][18:] -= 0.3
+    result = vaediag.analyze(run_data(tmp_path, ev).run)
+    decoupled = [f for f in result.findings if f.kind == "loss_quality_decoupling"]
+    assert decoupled and "memorisation" in decoupled[0].evidence
+    assert vaediag.analysis.verdict(result).startswith("overfitting: ")

@@ -101,6 +101,9 @@ def verdict(analysis: Analysis) -> str:
 
     parts = []
     unstable, decoupled = first(INSTABILITIES), first(DECOUPLING)
+    if decoupled is not None and "memorisation" in decoupled.evidence:
+        # the loss stopped tracking quality because the model memorises: name that finding
+        decoupled = first(("overfitting",)) or decoupled
     if unstable is not None:
         text = unstable.summary
         if unstable.preceded_by:
