@@ -224,6 +224,17 @@ def memorisation(data: RunData, before: int, after: int,
                         after / per_epoch if per_epoch else None)
 
 
+def best_heldout_step(data: RunData, start: int, end: int) -> int:
+    """The evaluation in [start, end] with the lowest held-out loss (``eval_recon``): where to
+    compare from when asking whether the model memorised since (``start`` if none)."""
+    if not data.has("eval_recon", "evals"):
+        return start
+    steps = data.evals["step"].to_numpy()
+    held = data.series("eval_recon", "evals")
+    span = (steps >= max(start, data.burn_in_step)) & (steps <= end) & np.isfinite(held)
+    return int(steps[span][np.argmin(held[span])]) if span.any() else start
+
+
 def memorisation_remedies(data: RunData, best_step: int) -> list[str]:
     """What to do about memorisation, as actions; none the run already applies."""
     out = []

@@ -20,7 +20,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from vaediag.analysis.causes import first_change, knob, memorisation, quality_lost
+from vaediag.analysis.causes import (
+    best_heldout_step,
+    first_change,
+    knob,
+    memorisation,
+    quality_lost,
+)
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
@@ -83,7 +89,8 @@ def _unused_or_memorised(data: RunData, peak_step: int, last: int,
                 "dimensions the model did not need went unused (common with many latents or "
                 "a small KL weight); harmless while the reconstructions hold", remedies)
     worse = "; ".join(f"{k} {a:.3g} -> {b:.3g}" for k, (a, b) in list(later.items())[:2])
-    mem = memorisation(data, peak_step, last, metrics=list(later))
+    mem = memorisation(data, best_heldout_step(data, peak_step, last), last,
+                       metrics=list(later))
     if mem is not None:
         return (f"; the held-out reconstructions got worse ({worse}) while the training "
                 f"images' did not: memorisation (see the overfitting finding), not the unused "
@@ -122,7 +129,8 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                 # pictures that got worse while the training images' did not were lost to
                 # memorisation, not to the collapse
                 memorised = lost and memorisation(
-                    data, peak_step, at, metrics=[k for k in lost if k != "eval_recon"])
+                    data, best_heldout_step(data, peak_step, at), at,
+                    metrics=[k for k in lost if k != "eval_recon"])
                 if final == 0:
                     severity = "high"
                 elif lost and not memorised:
