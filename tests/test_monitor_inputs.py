@@ -83,6 +83,18 @@ def test_images_the_model_cannot_take_are_named_and_nothing_is_left_behind(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_a_failure_after_the_run_directory_was_made_removes_it(tmp_path, monkeypatch):
+    from vaediag.monitor import evaluation
+
+    def broken(self, seed):
+        raise RuntimeError("cannot draw the fixed z")
+
+    monkeypatch.setattr(evaluation.Evaluator, "make_fixed", broken)
+    with pytest.raises(RuntimeError, match="fixed z"):
+        _monitor(tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_python_api_speaks_python(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")

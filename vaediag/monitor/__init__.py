@@ -27,6 +27,7 @@ the gradients say (:mod:`.gradients`), the evaluations (:mod:`.evaluation`) and 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -202,16 +203,21 @@ class Monitor:
         self.writer = self.session.writer
         self.session.before_abort.append(self.flush)  # the last step's row, should training fail
         resumed = self.session.resumed
-        if resumed:
-            self.evaluator.load_fixed(load_run(self.session.path).fixed)
-        else:
-            self.writer.save_fixed(**self.evaluator.make_fixed(seed))
-
-        self.runner = ProbeRunner(chosen, self.writer)
-        self._lpips = LPIPSLoader(self.writer, lpips_weights, lpips_download, self.device)
-        self.runner.setup(ProbeSetup(model, optimizer, self.layers,
-                                     int(self.evaluator.fixed_z.shape[1]),
-                                     bool(self.evaluator.factors), self._lpips), resumed)
+        try:
+            if resumed:
+                self.evaluator.load_fixed(load_run(self.session.path).fixed)
+            else:
+                self.writer.save_fixed(**self.evaluator.make_fixed(seed))
+            self.runner = ProbeRunner(chosen, self.writer)
+            self._lpips = LPIPSLoader(self.writer, lpips_weights, lpips_download, self.device)
+            self.runner.setup(ProbeSetup(model, optimizer, self.layers,
+                                         int(self.evaluator.fixed_z.shape[1]),
+                                         bool(self.evaluator.factors), self._lpips), resumed)
+        except BaseException:
+            if not isinstance(run_dir, RunSession):  # a run directory of its own: leave none
+                self.session.close("failed", 0, "the Monitor could not be set up")
+                shutil.rmtree(self.session.path, ignore_errors=True)
+            raise
 
         self._pending: tuple[StepContext, dict[str, Any], dict[str, Any]] | None = None
         #: the last step's row and its probe values still on the device (see after_step)
