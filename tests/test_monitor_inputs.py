@@ -78,7 +78,7 @@ def test_images_the_model_cannot_take_are_named_and_nothing_is_left_behind(tmp_p
                                         r"eval_images \(8, 3, 16, 16\)"):
         _monitor(tmp_path / "run", train_images=_images(res=32))
     assert not (tmp_path / "run").exists()
-    with pytest.raises(UserError, match="probes= must be a list of vaediag.probes.Probe"):
+    with pytest.raises(UserError, match=r"probes= must be a list of vaediag\.probes\.Probe"):
         vaediag.Monitor(tmp_path / "run", TinyVAE(RES), eval_images=_images(), probes=[1])
     assert not (tmp_path / "run").exists()
 
@@ -132,13 +132,13 @@ def test_every_argument_is_an_error_naming_it_or_recorded_right(tmp_path):
             [torch.ones(8), torch.ones(8, 4, 1), np.ones((8, 8)), "z", 3.0, torch.ones(7, 8),
              -1, 2.5, "3", None if name == "step" else torch.ones(8, 8, dtype=torch.int64)]
         value = pool[rng.integers(len(pool))]
+        at = step
         if name == "step":
-            call = lambda v=value: mon.after_backward(v, **args)  # noqa: E731
+            at = value
         else:
             args[name] = value
-            call = lambda: mon.after_backward(step, **args)  # noqa: E731
         try:
-            call()
+            mon.after_backward(at, **args)
         except UserError as exc:
             assert name in str(exc), (name, value, str(exc))
             continue
