@@ -26,6 +26,7 @@ from typing import Any
 
 from vaediag.errors import RunDirError, TrainingStopped, first_line
 from vaediag.rundir import (
+    CLI_HINT,
     RunWriter,
     check_can_create,
     check_can_resume,
@@ -83,10 +84,11 @@ class RunSession:
     # -- the two moves ------------------------------------------------------------------------
 
     @classmethod
-    def new(cls, path: str | Path, *, overwrite: bool = False) -> RunSession:
+    def new(cls, path: str | Path, *, overwrite: bool = False,
+            hint: str = CLI_HINT) -> RunSession:
         """A session that will create a new run at ``path``; refuses a path it may not use (a
         non-empty folder without ``overwrite``, a run in use, ...). Changes nothing."""
-        check_can_create(Path(path), overwrite)
+        check_can_create(Path(path), overwrite, hint)
         return cls(path, overwrite=overwrite)
 
     @classmethod

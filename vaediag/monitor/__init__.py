@@ -27,6 +27,7 @@ the gradients say (:mod:`.gradients`), the evaluations (:mod:`.evaluation`) and 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -39,7 +40,8 @@ import torch
 from torch import nn
 
 from vaediag import probes as probe_library
-from vaediag.errors import UserError
+from vaediag.errors import UserError, first_line
+from vaediag.monitor import checks
 from vaediag.monitor.evaluation import (
     DecodeFn,
     EncodeFn,
@@ -145,8 +147,8 @@ class Monitor:
         config: dict[str, Any] | None = None,
         overwrite: bool = False,
     ):
-        if eval_every < 1:
-            raise UserError(f"eval_every must be >= 1, got {eval_every}")
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+            raise UserError(f"eval_every must be an int >= 1, got {eval_every!r}")
         self.model = model
         self.optimizer = optimizer
         encode = encode or getattr(model, "encode", None)
@@ -165,6 +167,15 @@ class Monitor:
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.layers = LayerIndex.from_params(self._params)
         self._warned: set[str] = set()
+        checks.same_images("train_images", self.evaluator.train_x, self.evaluator.x)
+        checks.same_images("metric_images", self.evaluator.set_x, self.evaluator.x)
+        # Try the model on the grid's images before anything is written: one forward pass in
+        # eval mode tells the latent size and the order in which layers run.
+        with self.evaluator.eval_mode(), torch.no_grad():
+            x = self.evaluator.x[:2]
+            self.latent_dim = checks.try_model(encode, decode, x)
+            self._rank = forward_order(model, lambda: decode(encode(x)[0]))
+        chosen = [*self._choose(probes), *self._extra(extra_probes)]
 
         if isinstance(run_dir, RunSession):
             if run_dir.writer is None:
@@ -177,27 +188,36 @@ class Monitor:
             settings = {"monitor": {"eval_every": eval_every, "recon_mode": recon_mode,
                                     "value_range": list(self.evaluator.value_range),
                                     "probes": probes if isinstance(probes, str) else "custom"}}
-            self.session = RunSession.new(run_dir, overwrite=overwrite)
-            self.session.open(config_toml=tomli_w.dumps({**settings, **(config or {})}),
+            if not isinstance(config, (dict, type(None))):
+                raise UserError(f"config= must be a dict of your settings, got "
+                                f"{type(config).__name__}")
+            try:
+                config_toml = tomli_w.dumps({**settings, **(config or {})})
+            except (TypeError, ValueError) as exc:
+                raise UserError(f"config= must hold TOML values (numbers, strings, lists, "
+                                f"dicts): {first_line(exc, 120)}") from None
+            self.session = RunSession.new(run_dir, overwrite=overwrite,
+                                          hint="pass overwrite=True to replace it")
+            self.session.open(config_toml=config_toml,
                               environment=environment.collect(self.device, seed))
         self.writer = self.session.writer
         self.session.before_abort.append(self.flush)  # the last step's row, should training fail
         resumed = self.session.resumed
-        # One forward pass in eval mode tells the order in which layers run; the latent size
-        # comes from another.
-        with self.evaluator.eval_mode(), torch.no_grad():
-            x = self.evaluator.x[:2]
-            self._rank = forward_order(model, lambda: decode(encode(x)[0]))
-        if resumed:
-            self.evaluator.load_fixed(load_run(self.session.path).fixed)
-        else:
-            self.writer.save_fixed(**self.evaluator.make_fixed(seed))
-
-        self.runner = ProbeRunner([*self._choose(probes), *extra_probes], self.writer)
-        self._lpips = LPIPSLoader(self.writer, lpips_weights, lpips_download, self.device)
-        self.runner.setup(ProbeSetup(model, optimizer, self.layers,
-                                     int(self.evaluator.fixed_z.shape[1]),
-                                     bool(self.evaluator.factors), self._lpips), resumed)
+        try:
+            if resumed:
+                self.evaluator.load_fixed(load_run(self.session.path).fixed)
+            else:
+                self.writer.save_fixed(**self.evaluator.make_fixed(seed))
+            self.runner = ProbeRunner(chosen, self.writer)
+            self._lpips = LPIPSLoader(self.writer, lpips_weights, lpips_download, self.device)
+            self.runner.setup(ProbeSetup(model, optimizer, self.layers,
+                                         int(self.evaluator.fixed_z.shape[1]),
+                                         bool(self.evaluator.factors), self._lpips), resumed)
+        except BaseException:
+            if not isinstance(run_dir, RunSession):  # a run directory of its own: leave none
+                self.session.close("failed", 0, "the Monitor could not be set up")
+                shutil.rmtree(self.session.path, ignore_errors=True)
+            raise
 
         self._pending: tuple[StepContext, dict[str, Any], dict[str, Any]] | None = None
         #: the last step's row and its probe values still on the device (see after_step)
@@ -226,7 +246,9 @@ class Monitor:
 
     def event(self, kind: str, step: int, **fields: Any) -> None:
         """Record an event of your own in the run (``events.jsonl``), e.g. a planted fault."""
-        self.writer.event(kind, step, **fields)
+        if not isinstance(kind, str) or not kind:
+            raise UserError(f"event kind must be a non-empty str, got {kind!r}")
+        self.writer.event(kind, checks.step(step), **fields)
 
     def _warn(self, what: str, step: int, message: str, **fields: Any) -> None:
         """Say something about the user's input once per run, and record it as an event."""
@@ -238,7 +260,16 @@ class Monitor:
 
     @staticmethod
     def _choose(spec: str | Sequence[Probe]) -> list[Probe]:
-        return probe_library.build(spec) if isinstance(spec, str) else list(spec)
+        if isinstance(spec, str):
+            return probe_library.build(spec)
+        return Monitor._extra(spec, "probes")
+
+    @staticmethod
+    def _extra(probes: Sequence[Probe], name: str = "extra_probes") -> list[Probe]:
+        if isinstance(probes, (str, bytes)) or not all(isinstance(p, Probe) for p in probes):
+            raise UserError(f"{name}= must be a list of vaediag.probes.Probe instances"
+                            + (" or a preset name" if name == "probes" else ""))
+        return list(probes)
 
     def _due(self, step: int, *, after_step: bool) -> list[Probe]:
         return self.runner.due(step, after_step=after_step, unusual=self.unusual)
@@ -273,7 +304,18 @@ class Monitor:
 
         This is the step's one read from the device: the losses, the gradient norm and the
         previous step's probe values come back together (see :meth:`_read`).
+
+        Every value is checked first: a loss term must be one number (a per-image vector is an
+        error that says to reduce it), mu and logvar tensors of one shape; a wrong one is a
+        :class:`~vaediag.errors.UserError` naming it, and nothing is recorded.
         """
+        step = checks.step(step)
+        recon, kl = checks.scalar("recon", recon), checks.scalar("kl", kl)
+        total, kl_term = checks.optional_scalar("total", total), \
+            checks.optional_scalar("kl_term", kl_term)
+        beta, epoch = checks.number("beta", beta), checks.number("epoch", epoch)
+        mu, logvar = checks.latents(mu, logvar, self.latent_dim)
+        extra = checks.extra(extra)
         if step == 0 and not self._evaluated:
             self.evaluate(0)
         norms = grad_norms(self._params)
@@ -349,6 +391,8 @@ class Monitor:
         The step's probe values stay on the device until the next step's read (or the next
         evaluation, checkpoint or :meth:`close`), so they cost no synchronisation of their own.
         """
+        step = checks.step(step)
+        skipped, evaluate = checks.flag("skipped", skipped), checks.flag("evaluate", evaluate)
         if self._pending is None or self._pending[1]["step"] != step:
             raise UserError(f"after_step({step}) without after_backward({step}) before it")
         ctx, row, values = self._pending
@@ -371,6 +415,7 @@ class Monitor:
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """Evaluate the model as it is now (after ``step`` updates): grid PNG and eval row."""
+        step = checks.step(step)
         self.flush()
         with self.evaluator.eval_mode(), torch.no_grad():  # probes may encode the larger set
             evaluation = self.evaluator.run(step, self._lpips.metric)

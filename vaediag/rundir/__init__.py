@@ -58,6 +58,7 @@ from vaediag.rundir.segments import (
     truncate_table,
 )
 from vaediag.rundir.writer import (
+    CLI_HINT,
     RunWriter,
     check_can_create,
     check_can_resume,
@@ -65,7 +66,8 @@ from vaediag.rundir.writer import (
 )
 
 __all__ = [
-    "CHECKPOINTS_DIR", "COMPACT_ROWS", "CONFIG_TOML", "DOUBLE_COLUMNS", "ENVIRONMENT_JSON",
+    "CLI_HINT", "CHECKPOINTS_DIR", "COMPACT_ROWS", "CONFIG_TOML", "DOUBLE_COLUMNS",
+    "ENVIRONMENT_JSON",
     "EVALS_DIR", "EVENTS_JSONL", "FIXED_NPZ", "FORMAT_VERSION", "GRIDS_DIR", "INT_COLUMNS",
     "LOCK_FILE", "RUN_JSON", "SCALARS_DIR", "Run", "RunLock", "RunWriter", "TableWriter",
     "atomic_write", "check_can_create", "check_can_resume", "check_run_dir", "compact_segment",

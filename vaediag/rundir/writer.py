@@ -71,7 +71,12 @@ def writing(path: Path, what: str) -> Iterator[None]:
                           f"continue with --resume") from None
 
 
-def check_can_create(path: Path, overwrite: bool) -> None:
+#: what a non-empty run directory needs, in the command line's words (the Monitor says it in
+#: Python's)
+CLI_HINT = "pass --resume to continue that run or --overwrite to replace it"
+
+
+def check_can_create(path: Path, overwrite: bool, hint: str = CLI_HINT) -> None:
     """Raise :class:`RunDirError` unless a new run may be created at ``path``. Changes nothing.
 
     ``overwrite`` allows replacing an existing *run directory* (one holding run.json), never an
@@ -82,8 +87,7 @@ def check_can_create(path: Path, overwrite: bool) -> None:
         raise RunDirError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
-            raise RunDirError(f"{path} is not empty; pass --resume to continue that run or "
-                              f"--overwrite to replace it")
+            raise RunDirError(f"{path} is not empty; {hint}")
         if not (path / RUN_JSON).exists():
             raise RunDirError(f"{path} is not empty and is not a vaediag run directory (no "
                               f"{RUN_JSON}); refusing to overwrite it")
