@@ -428,3 +428,30 @@ def test_end_to_end_corrupted_weight_is_named(tmp_path, capsys):
     assert code == 3 and "weight:decoder.fc.weight" in err
     (f,) = [f for f in vaediag.analyze(out).findings if f.kind == "nonfinite"]
     assert f.first_step == 40 and "the weight of decoder.fc" in f.summary
+
+
+def test_a_verdict_says_what_was_not_checked(tiny_run, tmp_path):
+    """A 30-step run cannot be checked for spikes or decoupling: the verdict says so on the
+    terminal, in findings.json and on the PDF's first page, never a bare "all clear"."""
+    import json
+    import shutil
+    import subprocess
+
+    from vaediag.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["analyze", str(run)]) == 0
+    data = json.loads((run / "findings.json").read_text())
+    assert data["verdict"].startswith("no instability or loss-quality decoupling found in what "
+                                      "could be checked; not checked: ")
+    skipped = {c["detector"] for c in data["checks"] if c["status"] != "ok"} - {"lpips"}
+    assert {d["detector"] for d in data["not_checked"]} == skipped
+    assert {"decoupling", "generalisation"} <= skipped
+    assert all(name in data["verdict"] for name in skipped)
+    html = (run / "report.html").read_text()
+    assert "in what could be checked; not checked: " in html
+    if shutil.which("pdftotext"):
+        text = subprocess.run(["pdftotext", "-l", "1", str(run / "report.pdf"), "-"],
+                              capture_output=True, text=True, check=True).stdout
+        assert "not checked:" in " ".join(text.split())

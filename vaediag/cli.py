@@ -227,7 +227,7 @@ def analyze(run_dir: str, as_json: bool, fail_on: str | None, html_path: str | N
     """
     import json as json_module
 
-    from vaediag.analysis import FINDINGS_JSON, verdict, write_findings
+    from vaediag.analysis import FINDINGS_JSON, findings_json, verdict, write_findings
     from vaediag.analysis import analyze as run_analysis
     from vaediag.analysis.findings import severity_rank
     from vaediag.analysis.summary import render
@@ -262,9 +262,7 @@ def analyze(run_dir: str, as_json: bool, fail_on: str | None, html_path: str | N
             click.echo(f"vaediag: warning: cannot write the report: {exc.strerror or exc}",
                        err=True)
     if as_json:
-        payload = result.to_json()
-        payload["verdict"] = verdict(result)
-        click.echo(json_module.dumps(payload, indent=2))
+        click.echo(json_module.dumps(findings_json(result), indent=2))
     else:
         click.echo(render(result, verdict(result), written))
     if fail_on and result.worst and severity_rank(result.worst) >= severity_rank(fail_on):

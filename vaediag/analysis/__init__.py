@@ -76,7 +76,15 @@ def analyze(path: str | Path | Run) -> Analysis:
 
 
 def write_findings(analysis: Analysis, path: Path) -> None:
-    atomic_write(path, json.dumps(analysis.to_json(), indent=2).encode())
+    """``findings.json``: the analysis, its verdict and what was not checked."""
+    atomic_write(path, json.dumps(findings_json(analysis), indent=2).encode())
+
+
+def findings_json(analysis: Analysis) -> dict:
+    """The JSON of ``findings.json`` (and of ``analyze --json``)."""
+    return {**analysis.to_json(), "verdict": verdict(analysis),
+            "not_checked": [{"detector": name, "reason": reason}
+                            for name, reason in unchecked_detectors(analysis)]}
 
 
 #: instabilities, most important first (as their detectors rank them); then the loss-quality
@@ -111,10 +119,21 @@ def verdict(analysis: Analysis) -> str:
         parts.append(text)
     if decoupled is not None:
         parts.append(decoupled.summary)
+    unchecked = unchecked_detectors(analysis)
     if not parts:
-        return "no instability or loss-quality decoupling found"
+        parts.append("no instability or loss-quality decoupling found"
+                     + (" in what could be checked" if unchecked else ""))
+    if unchecked:  # the reasons are listed under "not checked"
+        parts.append("not checked: " + ", ".join(name for name, _ in unchecked))
     return "; ".join(parts)
 
 
-__all__ = ["FINDINGS_JSON", "Analysis", "Check", "Finding", "Signal", "analyze", "verdict",
-           "write_findings"]
+def unchecked_detectors(analysis: Analysis) -> list[tuple[str, str]]:
+    """(detector, reason) of every detector that was skipped or failed: a verdict never reads
+    as "all clear" about what was not looked at."""
+    names = {d.NAME for d in DETECTORS}
+    return [(c.detector, c.reason) for c in analysis.not_checked() if c.detector in names]
+
+
+__all__ = ["FINDINGS_JSON", "Analysis", "Check", "Finding", "Signal", "analyze", "findings_json",
+           "unchecked_detectors", "verdict", "write_findings"]

@@ -68,7 +68,9 @@ def _summary_blocks(report: Report) -> list[tuple[str, str]]:
     blocks.append(("h1", "Findings"))
     if not report.findings:
         blocks.append(("body", "No findings: no instability and no loss-quality decoupling "
-                               "was detected."))
+                               "was detected" + (" in what could be checked (not checked: "
+                                                 + ", ".join(n for n, _ in report.unchecked)
+                                                 + ")" if report.unchecked else "") + "."))
     for f in report.findings:
         span = (f"step {f.first_step:,}" if f.first_step == f.last_step
                 else f"steps {f.first_step:,}-{f.last_step:,}")
