@@ -372,3 +372,16 @@ def test_lpips_unavailable_is_said_once_and_recorded(tiny_run):
     status = load_run(tiny_run).events.query("kind == 'metric_status'").iloc[0]
     assert not status["available"] and "backbone weights not found" in status["reason"]
     assert "lpips" not in load_run(tiny_run).evals
+
+
+def test_an_input_error_comes_before_any_run_directory_line(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", "--data", str(tmp_path / "missing"), "--out",
+                             str(tmp_path / "run"), *TINY)
+    assert code == 2 and "data source not found" in err
+    assert "run directory" not in out and not (tmp_path / "run").exists()
+
+
+def test_spike_costs_are_written_as_people_write_counts():
+    from vaediag.analysis.detectors.loss_spikes import _steps
+
+    assert [_steps(c) for c in (0.3247, 41.2, 1.67e5)] == ["0.32", "41", "167,000"]

@@ -144,3 +144,12 @@ def test_every_preset_builds_and_is_described():
     assert (a.loss.beta, a.loss.beta_schedule, a.loss.free_bits) == (16.0, "warmup", 0.0)
     assert b.loss.free_bits == 1.0 and a.train.steps == b.train.steps == 4000
     assert a.model == b.model and a.data == b.data and a.optim == b.optim
+
+
+@pytest.mark.parametrize(("given", "meant"), [("optim.learning_rate", "optim.lr"),
+                                              ("train.lr", "optim.lr"),
+                                              ("model.z_dim", "model.latent_dim"),
+                                              ("loss.kl_weight", "loss.beta")])
+def test_other_tools_names_suggest_the_key_meant(given, meant):
+    with pytest.raises(ConfigError, match=rf"unknown key '{given}' \(did you mean '{meant}'\?\)"):
+        build_config(overrides=[f"{given}=1"])

@@ -171,10 +171,10 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
         config = build_config(preset=preset, file=config_file, overrides=overrides, values=flags)
         run_dir = Path(out) if out else default_run_dir()
 
-    click.echo(f"run directory: {run_dir}")
     started = time.monotonic()
     result = run_training(config, run_dir, resume=resume, overwrite=overwrite,
-                          progress=progress)
+                          progress=progress,
+                          on_start=lambda path: click.echo(f"run directory: {path}"))
     took = time.monotonic() - started
     _exit_if_interrupted(result, run_dir)
     click.echo(f"trained to step {result.step:,} in {took:.0f} s; grids in {run_dir / 'grids'}")

@@ -310,8 +310,25 @@ def _coerce(key: str, value: Any, kind: Any, source: str) -> Any:
     raise TypeError(f"unsupported config type {kind!r} for {key}")  # a bug in this module
 
 
+#: what other tools call a key: ``optim.learning_rate`` suggests ``optim.lr``, not the key
+#: spelled most alike (``optim.min_lr_ratio``)
+ALIASES = {"learning_rate": "lr", "learningrate": "lr", "epsilon": "eps", "kl_weight": "beta",
+           "beta_kl": "beta", "z_dim": "latent_dim", "latent_size": "latent_dim",
+           "latent": "latent_dim", "bs": "batch_size", "batch": "batch_size",
+           "num_steps": "steps", "max_steps": "steps", "num_epochs": "epochs",
+           "max_epochs": "epochs", "clip": "grad_clip", "gradient_clip": "grad_clip",
+           "clip_grad_norm": "grad_clip", "wd": "weight_decay"}
+
+
 def _unknown(key: str, known: typing.Iterable[str], source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(known), n=1)
+    known = list(known)
+    section, _, last = key.rpartition(".")
+    name = ALIASES.get(last, last)
+    alias = None
+    if section:  # the same name in its own section, or in another (train.lr: optim.lr)
+        alias = f"{section}.{name}" if f"{section}.{name}" in known else \
+            next((k for k in known if k.endswith(f".{name}")), None)
+    close = [alias] if alias else difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"{source}: unknown key '{key}'{hint}; 'vaediag config' lists them all")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,13 +169,16 @@ def train(
     overwrite: bool = False,
     progress: bool | None = None,
     quiet: bool = False,
+    on_start: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train a VAE as configured, recording everything into ``run_dir``.
 
     ``resume``: continue ``run_dir`` from its newest checkpoint; ``config`` is the run's saved
     config with the changes a resume may make (:func:`vaediag.config.resume_changes`), which
-    are recorded in the ``resume`` event. ``progress``: a tqdm bar (True), periodic log lines
-    (False), or pick by whether stderr is a terminal (None); ``quiet``: neither. Raises
+    are recorded in the ``resume`` event. ``on_start(run_dir)`` is called once the inputs
+    (run directory, data, checkpoint) have been checked, before training. ``progress``: a
+    tqdm bar (True), periodic log lines with steps/s (False), or pick by whether stderr is a
+    terminal (None); ``quiet``: neither. Raises
     :class:`~vaediag.errors.TrainingStopped` when the non-finite policy is 'stop' and a loss or
     gradient went non-finite.
     """
@@ -208,6 +211,8 @@ def train(
 
     if resume:  # before anything in the run directory changes: the checkpoint must fit
         _restore_weights(session, model, optimizer, config, new_optimizer)
+    if on_start is not None:  # every input checked: say where the run goes
+        on_start(session.path)
 
     with session:  # an exception from here on closes the run with the status it calls for
         # A resumed run first forgets what came after its checkpoint and records how this
@@ -263,6 +268,7 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
     bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not use_bar, file=sys.stderr, desc="training")
     log_every = max(1, total_steps // 20)
+    started_at = monitor.elapsed()  # steps/s of this session (a resumed run's clock goes on)
 
     writer = session.writer
 
@@ -343,9 +349,10 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                 bar.update(1)
             elif not quiet and (step % log_every == 0 or step == total_steps):
                 elapsed = monitor.elapsed()
+                rate = (step - start) / max(elapsed - started_at, 1e-9)
                 print(f"step {step:,}/{total_steps:,}  epoch {step / spe:.2f}  recon "
-                      f"{row['recon']:.4g}  KL {row['kl']:.4g}  ({elapsed:.0f} s)",
-                      file=sys.stderr, flush=True)
+                      f"{row['recon']:.4g}  KL {row['kl']:.4g}  ({elapsed:.0f} s, "
+                      f"{rate:.1f} steps/s)", file=sys.stderr, flush=True)
             if stop.signal:
                 monitor.close("interrupted", step, f"stopped by signal {stop.signal}")
                 return TrainResult(session.path, "interrupted", step, total_steps)

@@ -176,6 +176,11 @@ def _cause(data: RunData, onset: int, clip: float | None) -> tuple[str, list[str
                        *clip_text], {})
 
 
+def _steps(count: float) -> str:
+    """'0.32', '41', '167,000': a count of steps as people write it (never 1.67e+05)."""
+    return f"{count:.2g}" if count < 10 else f"{float(f'{count:.3g}'):,.0f}"
+
+
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     terms = [t for t in TERMS if data.has(t)]
     if not terms:
@@ -223,7 +228,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
             recovery = f"recovered in {main['recovery_steps']:,} steps"
         summary = (f"{names} spike at step {onset:,}: {main['term']} rose {_rise(main)} "
                    f"({main['baseline']:.4g} -> {main['peak_value']:.4g}) and {recovery}; it cost "
-                   f"{cost:.3g} steps' worth of loss")
+                   f"{_steps(cost)} steps' worth of loss")
         clip = clip_suggestion(data, onset)
         cause, remedies, context = _cause(data, onset, clip)
         if cost < HARM_WARNING:
