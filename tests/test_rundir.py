@@ -265,3 +265,23 @@ def test_until_shows_the_run_as_it_was_at_a_step(tmp_path):
     assert cut.info["step"] <= 450
     assert len(run.scalars) == 1000 and run.evals["step"].max() == 900  # the original is intact
     np.testing.assert_array_equal(cut.scalars["recon"], run.scalars["recon"][:451])
+
+
+def test_a_table_cut_in_half_keeps_the_rows_before_the_cut(tmp_path):
+    """A compacted segment is written in bounded record batches: cutting the file in the middle
+    loses the batch it was cut in and what follows, never the rows before."""
+    from vaediag.rundir.segments import BATCH_ROWS
+    from vaediag.testing import standard_scalars, write_run
+
+    cols = standard_scalars(3 * BATCH_ROWS + 500)
+    path = write_run(tmp_path / "run", cols)
+    (segment,) = sorted((path / "scalars").iterdir())
+    data = segment.read_bytes()
+    segment.write_bytes(data[:len(data) // 2])
+    run = load_run(path)
+    kept = run.scalars
+    assert BATCH_ROWS <= len(kept) < len(cols["step"])
+    assert len(kept) % BATCH_ROWS == 0  # whole batches, up to the one that was cut
+    assert (kept["step"].to_numpy() == cols["step"][:len(kept)]).all()
+    assert np.allclose(kept["recon"].to_numpy(), cols["recon"][:len(kept)])
+    assert any("scalars" in p for p in run.problems)

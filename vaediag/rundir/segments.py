@@ -62,21 +62,25 @@ def _read_segment(path: Path, fields: list[str] | None = None) -> tuple[pa.Table
         return None, complete
     return pa.Table.from_batches(batches, schema=schema), complete
 
-#: A segment that has reached this many rows is closed and rewritten as a single record batch
-#: (compacted), as is every segment when it is closed: rows are flushed in small batches for
+#: A segment that has reached this many rows is closed and rewritten in a few large record
+#: batches (compacted), as is every segment when it is closed: rows are flushed in small batches for
 #: durability, but a million steps in batches of 50 would take a reader tens of seconds to
 #: decompress one tiny buffer at a time. A killed run leaves at most one segment uncompacted.
 COMPACT_ROWS = 10_000
+#: ... in record batches of at most this many rows: a file cut short (a torn disk write, a
+#: truncated copy) loses the batch it was cut in and what follows, never the rows before it,
+#: as with TensorBoard's event files; a million steps are a thousand batches to read.
+BATCH_ROWS = 1_000
 
 
 def compact_segment(path: Path) -> None:
-    """Rewrite a segment's complete record batches as one batch, atomically."""
+    """Rewrite a segment's complete record batches as batches of ``BATCH_ROWS``, atomically."""
     table, _ = _read_segment(path)
     if table is None or table.num_rows == 0:
         return
     sink = pa.BufferOutputStream()
     with ipc.new_stream(sink, table.schema, options=_IPC_OPTIONS) as writer:
-        writer.write_table(table.combine_chunks())
+        writer.write_table(table.combine_chunks(), max_chunksize=BATCH_ROWS)
     atomic_write(path, sink.getvalue().to_pybytes())
 
 
@@ -86,7 +90,7 @@ class TableWriter:
     A segment's columns are all the columns seen so far in this session; a row that lacks one
     stores a null. When a row brings a new column, the writer starts a new segment, so wide or
     late-appearing statistics never force a rewrite of what is on disk. A segment is compacted
-    into one record batch when it is closed, and closed every ``COMPACT_ROWS`` rows.
+    into batches of ``BATCH_ROWS`` when it is closed, and closed every ``COMPACT_ROWS`` rows.
     """
 
     def __init__(self, directory: Path):
@@ -247,6 +251,6 @@ def truncate_table(directory: Path, keep: Any) -> int:
             continue
         sink = pa.BufferOutputStream()
         with ipc.new_stream(sink, kept.schema, options=_IPC_OPTIONS) as writer:
-            writer.write_table(kept.combine_chunks())  # compacted, as closed segments are
+            writer.write_table(kept.combine_chunks(), max_chunksize=BATCH_ROWS)  # as compacted
         atomic_write(path, sink.getvalue().to_pybytes())
     return dropped
