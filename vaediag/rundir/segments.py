@@ -69,8 +69,9 @@ def _read_segment(path: Path, fields: list[str] | None = None) -> tuple[pa.Table
 COMPACT_ROWS = 10_000
 #: ... in record batches of at most this many rows: a file cut short (a torn disk write, a
 #: truncated copy) loses the batch it was cut in and what follows, never the rows before it,
-#: as with TensorBoard's event files; a million steps are a thousand batches to read.
-BATCH_ROWS = 1_000
+#: as with TensorBoard's event files. Smaller batches read slower (measured on 200,000 rows x
+#: 105 columns: 0.14 s in one batch per segment, 0.17 s at 5,000 rows, 0.42 s at 1,000).
+BATCH_ROWS = 5_000
 
 
 def compact_segment(path: Path) -> None:
