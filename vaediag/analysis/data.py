@@ -100,6 +100,14 @@ class RunData:
                 self._matrices.popitem(last=False)
         return self._matrices[key]
 
+    def judged_metrics(self) -> list[str]:
+        """The recorded quality metrics that analysis judges the pictures by: not pixel metrics
+        (the loss is one), and not an estimate superseded by an exact metric recorded beside
+        it (:data:`vaediag.columns.QUALITY_METRICS`)."""
+        facts = columns.QUALITY_METRICS
+        metrics = [m for m, f in facts.items() if not f.pixel and self.has(m, "evals")]
+        return [m for m in metrics if facts[m].superseded_by not in metrics]
+
     def require(self, *names: str, table: str = "scalars") -> None:
         missing = [n for n in names if not self.has(n, table)]
         if missing:

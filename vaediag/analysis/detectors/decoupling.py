@@ -135,9 +135,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     if keep.sum() < MIN_EVALS:
         raise Skip(f"needs {MIN_EVALS} evaluations after the burn-in (step "
                    f"{data.burn_in_step:,}), has {int(keep.sum())}")
-    metrics = [m for m, facts in QUALITY_METRICS.items()
-               if not facts.pixel and data.has(m, "evals")]
-    metrics = [m for m in metrics if QUALITY_METRICS[m].superseded_by not in metrics]
+    metrics = data.judged_metrics()
     if not metrics:
         raise Skip("no image-quality metrics recorded (evaluation probes off)")
     s = steps[keep]

@@ -45,7 +45,6 @@ from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import badness, expanding_noise_scale, noise_scale
-from vaediag.columns import QUALITY_METRICS
 
 NAME = "generalisation"
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
@@ -144,7 +143,7 @@ def harm(data: RunData, best: int, last: int) -> dict[str, tuple[float, float]]:
     if span.sum() < 4:
         return {}
     out = {}
-    for metric in _judged(data):
+    for metric in data.judged_metrics():
         raw = data.series(metric, "evals")
         bad = badness(metric, raw)
         unit = noise_scale(bad[span])
@@ -152,14 +151,6 @@ def harm(data: RunData, best: int, last: int) -> dict[str, tuple[float, float]]:
         if unit > 0 and bad[j] - bad[i] >= Z_HARM * unit:
             out[metric] = (float(raw[i]), float(raw[j]))
     return out
-
-
-def _judged(data: RunData) -> list[str]:
-    """The quality metrics judged: not pixel metrics (the loss is one), and not an estimate
-    superseded by an exact metric recorded beside it."""
-    metrics = [m for m, facts in QUALITY_METRICS.items()
-               if not facts.pixel and data.has(m, "evals")]
-    return [m for m in metrics if QUALITY_METRICS[m].superseded_by not in metrics]
 
 
 def _at(data: RunData, column: str, step: int) -> float | None:
