@@ -126,6 +126,14 @@ class TFCVAE(nn.Module):
 
 
 STYLES = {"foreign": (ForeignVAE, 2.5e-4), "tfcvae": (TFCVAE, 1.0)}
+#: each style as its authors publish it (``--published``): the widely copied VAE's CelebA
+#: configuration (64 px, five conv blocks 32-512, batch 64, Adam at 5e-3); the TensorFlow
+#: tutorial's (a 2-dimensional latent, batch 32, Adam at 1e-4) on 32 px toyfaces
+PUBLISHED = {
+    "foreign": {"resolution": 64, "batch": 64, "lr": 5e-3,
+                "model": {"hidden": (32, 64, 128, 256, 512)}},
+    "tfcvae": {"resolution": 32, "batch": 32, "lr": 1e-4, "model": {"latent": 2}},
+}
 
 
 def desaturate(layer: nn.Module, amount: float) -> None:
@@ -150,11 +158,11 @@ def parse_fault(spec: str | None) -> tuple[str, int, dict] | None:
 
 def train(style: str, out: Path, *, seed: int = 0, lr: float = 1e-3, steps: int = 1200,
           eval_every: int = 50, resolution: int = 32, batch: int = 32, fault: str | None = None,
-          layer: str | None = None) -> Path:
+          layer: str | None = None, model_args: dict | None = None) -> Path:
     """Train one run with the Monitor attached; plant ``fault`` (``KIND@STEP[:k=v]``)."""
     torch.manual_seed(seed)
     cls, beta0 = STYLES[style]
-    model = cls(resolution)
+    model = cls(resolution, **(model_args or {}))
     lo, hi = model.value_range
     train_u8, train_factors = toyfaces.generate(2048, resolution, seed=seed)
     val_u8, val_factors = toyfaces.generate(64, resolution, seed=seed, stream=1)
@@ -238,9 +246,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--fault")
+    parser.add_argument("--published", action="store_true",
+                        help="the style's published resolution, model size, batch and learning "
+                             "rate (--lr is ignored)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    train(args.style, args.out, seed=args.seed, lr=args.lr, steps=args.steps, fault=args.fault)
+    settings = {"lr": args.lr}
+    if args.published:
+        published = PUBLISHED[args.style]
+        settings = {"lr": published["lr"], "resolution": published["resolution"],
+                    "batch": published["batch"], "model_args": published["model"]}
+    train(args.style, args.out, seed=args.seed, steps=args.steps, fault=args.fault, **settings)
     run = vaediag.load_run(args.out)
     print(f"{len(run.scalars)} steps, {len(run.evals)} evaluations in {args.out}; "
           f"{np.isfinite(run.scalars['recon']).mean():.0%} finite")

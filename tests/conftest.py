@@ -14,12 +14,14 @@ from vaediag.cli import main
 # LPIPS code path is tested with locally built backbone files, identically on every machine.
 os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="vaediag-tests-torch-home-")
 
-#: A 16 px model small enough that 40 steps take about a second on a laptop CPU.
-TINY = [
+#: A 16 px model small enough that 40 steps take about a second on a laptop CPU ...
+TINY_ONLINE = [
     "--set", "data.resolution=16", "--set", "data.toyfaces_size=256", "--set", "data.val_size=16",
     "--set", "model.channels=[8,16]", "--set", "model.latent_dim=4",
     "--set", "train.batch_size=16", "--no-progress",
 ]
+#: ... without the online analysis's child process (tests/test_online.py tests it)
+TINY = [*TINY_ONLINE, "--set", "train.online=false"]
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -248,14 +248,19 @@ def test_eps_dominance_from_the_start_is_info(tmp_path):
     assert f.severity == "info" and "throughout" in f.summary
 
 
-def test_conditions_become_warnings_when_a_spike_follows(tmp_path):
+@pytest.mark.parametrize("onset, linked", [(970, True), (940, False), (800, False)])
+def test_conditions_become_warnings_when_a_spike_follows_closely(tmp_path, onset, linked):
+    """A condition is linked to harm that starts within 50 steps of its onset (an effect of
+    Adam's state shows within a few of its memory lengths), never across hundreds of steps."""
     cols = standard_scalars(N)
-    cols["layer.adam_rms_t/decoder.out"][800:] = 2.5
+    cols["layer.adam_rms_t/decoder.out"][onset:] = 2.5
     cols["recon"][1000:1010] *= 4
     cols["total"] = cols["recon"] + cols["kl"]
     result = vaediag.analyze(run_data(tmp_path, cols).run)
     (f,) = [f for f in result.findings if f.kind == "adam_rms_t_high"]
-    assert f.severity == "warning" and "followed by a loss spike at step 1,000" in f.summary
+    assert f.first_step == onset
+    assert (f.severity == "warning") is linked
+    assert ("followed by a loss spike at step 1,000" in f.summary) is linked
 
 
 def test_low_learning_rate_explains_agreeing_gradients(tmp_path):

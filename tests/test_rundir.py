@@ -259,12 +259,13 @@ def test_until_shows_the_run_as_it_was_at_a_step(tmp_path):
                                                          {"kind": "note", "step": 800}])
     run = load_run(path)
     cut = run.until(450)
-    assert cut.scalars["step"].max() == 450 and len(cut.scalars) == 451
+    # the rows of the 450 steps before it: step 450's row comes after its evaluation
+    assert cut.scalars["step"].max() == 449 and len(cut.scalars) == 450
     assert cut.evals["step"].tolist() == [0, 100, 200, 300, 400]
     assert cut.events["step"].max() == 300
     assert cut.info["step"] <= 450
     assert len(run.scalars) == 1000 and run.evals["step"].max() == 900  # the original is intact
-    np.testing.assert_array_equal(cut.scalars["recon"], run.scalars["recon"][:451])
+    np.testing.assert_array_equal(cut.scalars["recon"], run.scalars["recon"][:450])
 
 
 def test_a_table_cut_in_half_keeps_the_rows_before_the_cut(tmp_path):

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from vaediag.analysis import analyze as analyze
     from vaediag.config import Config as Config
     from vaediag.config import build_config as build_config
+    from vaediag.errors import TrainingStopped as TrainingStopped
+    from vaediag.errors import UserError as UserError
     from vaediag.monitor import Monitor as Monitor
     from vaediag.rundir import Run as Run
     from vaediag.rundir import load_run as load_run
@@ -28,6 +30,8 @@ _LAZY = {
     "Monitor": "vaediag.monitor",
     "train": "vaediag.trainer",
     "analyze": "vaediag.analysis",
+    "TrainingStopped": "vaediag.errors",
+    "UserError": "vaediag.errors",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -214,9 +214,13 @@ def _exit_if_interrupted(result, run_dir) -> None:
                    "numbers. Trains: minutes, not seconds.")
 @click.option("--verify-steps", type=click.IntRange(min=1), default=1000, show_default=True,
               metavar="N", help="Replay at most N steps per finding.")
+@click.option("--follow", is_flag=True,
+              help="Follow a run in progress: analyse each new evaluation as it is written and "
+                   "print each new warning or high finding as one line; when the run ends, "
+                   "analyse it whole as without --follow.")
 def analyze(run_dir: str, as_json: bool, fail_on: str | None, html_path: str | None,
             pdf_path: str | None, no_html: bool, no_pdf: bool, no_write: bool, verify: bool,
-            verify_steps: int) -> int:
+            verify_steps: int, follow: bool) -> int:
     """Find where training went unstable and where the loss stopped tracking image quality.
 
     Reads only RUN_DIR (no model, no torch; a run that crashed or is still training works),
@@ -232,6 +236,14 @@ def analyze(run_dir: str, as_json: bool, fail_on: str | None, html_path: str | N
     from vaediag.analysis.findings import severity_rank
     from vaediag.analysis.summary import render
 
+    if follow:
+        from vaediag.analysis.follow import follow as follow_run
+        from vaediag.rundir import load_run
+
+        load_run(run_dir)  # a missing or corrupt run directory: one line, exit 2
+        click.echo(f"following {run_dir}: each new warning or high finding as it appears",
+                   err=True)
+        follow_run(run_dir, lambda text: click.echo(text, err=True))
     result = run_analysis(run_dir)
     if verify:
         from vaediag.verify import verify as run_verify

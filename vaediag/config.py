@@ -117,6 +117,12 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip", "continue"] = opt(
         "stop", "when a loss term or gradient is NaN/Inf: 'stop' (checkpoint and exit), 'skip' "
         "the update, or 'continue'; every occurrence is recorded as an event")
+    online: bool = opt(True, "run the detectors at each evaluation while training (in a child "
+                       "process: training does not wait) and print each new warning or high "
+                       "finding as it appears; each is recorded as a 'finding' event")
+    stop_on: Literal["never", "warning", "high"] = opt(
+        "never", "stop training (checkpoint and exit code 3) when the online analysis finds a "
+        "finding of this severity or worse; needs train.online")
     checkpoint_every: int = opt(0, "steps between checkpoints; 0 = at every evaluation, so a "
                                 "replay (vaediag replay, analyze --verify) can start near any "
                                 "finding")

@@ -242,7 +242,8 @@ def train(
                           lpips_weights=pc.lpips_weights or None,
                           lpips_download=pc.lpips_download,
                           recon_mode=config.eval.recon_mode, seed=tc.seed,
-                          steps_per_epoch=spe, eval_factors=data.val_factors)
+                          steps_per_epoch=spe, eval_factors=data.val_factors,
+                          online=tc.online, stop_on=tc.stop_on)
         step = session.start_step
         if resume:  # the random state last: setting up the Monitor may draw from it
             state = session.checkpoint
@@ -268,6 +269,10 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
     bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not use_bar, file=sys.stderr, desc="training")
     log_every = max(1, total_steps // 20)
+    # new findings of the online analysis: one line each, past the progress bar
+    monitor.echo = (lambda text: None) if quiet else \
+        (lambda text: tqdm.write(f"vaediag: {text}", file=sys.stderr)) if use_bar else \
+        (lambda text: print(f"vaediag: {text}", file=sys.stderr, flush=True))
     started_at = monitor.elapsed()  # steps/s of this session (a resumed run's clock goes on)
 
     writer = session.writer
@@ -337,6 +342,11 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                 injector.after_update(step + 1, model)
             monitor.after_step(step, skipped=skip)
             step += 1
+            if monitor.stop_reason is not None:  # train.stop_on: a finding this severe
+                checkpoint(step)
+                raise TrainingStopped(f"stopped at step {step} (train.stop_on = "
+                                      f"{tc.stop_on!r}) on the {monitor.stop_reason}; state "
+                                      f"saved: change the config and --resume", step)
 
             if step % checkpoint_every == 0 or step == total_steps or stop.signal:
                 if step == total_steps and step % monitor.eval_every:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vaediag.analysis import incidents, remedies
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.detectors import DETECTORS, KINDS
-from vaediag.analysis.findings import Analysis, Check, Finding, Signal, severity_rank
-from vaediag.analysis.timeline import fold_consequences, grade, link
+from vaediag.analysis.findings import Analysis, Check, Finding, Incident, Signal, severity_rank
+from vaediag.analysis.timeline import fold_consequences, link
 from vaediag.rundir import Run, atomic_write, load_run
 
 FINDINGS_JSON = "findings.json"
@@ -69,10 +70,14 @@ def analyze(path: str | Path | Run) -> Analysis:
         if not row.get("available", True):
             checks.append(Check(str(row.get("metric")), "skipped",
                                 f"{row.get('metric')} unavailable: {row.get('reason')}"))
+    remedies.check_all(findings, data)
     findings = fold_consequences(findings)
-    grade(findings)
+    eval_steps = [int(s) for s in data.evals["step"]] if len(data.evals) else []
+    grouped = incidents.group(findings, eval_steps)
+    incidents.grade(grouped, eval_steps)
     link(findings, signals)
-    return Analysis(run_summary(data), findings, checks, signals, run.problems, data.derived)
+    return Analysis(run_summary(data), findings, checks, signals, run.problems, data.derived,
+                    incidents=grouped)
 
 
 def write_findings(analysis: Analysis, path: Path) -> None:
@@ -87,45 +92,65 @@ def findings_json(analysis: Analysis) -> dict:
                             for name, reason in unchecked_detectors(analysis)]}
 
 
-#: instabilities, most important first (as their detectors rank them); then the loss-quality
-#: kinds
+#: instabilities, most important first (as their detectors rank them: at one step and stage,
+#: an incident's root is the one ranked first); then the loss-quality kinds
 INSTABILITIES = tuple(sorted((k.name for k in KINDS.values() if k.instability is not None),
                              key=lambda name: KINDS[name].instability))
 DECOUPLING = tuple(k.name for k in KINDS.values() if k.decoupling)
 
 
 def verdict(analysis: Analysis) -> str:
-    """One line: the most important instability (with what preceded it) and where the loss
-    stopped tracking quality; or that neither was found."""
-    def first(kinds: tuple[str, ...]) -> Finding | None:
-        """The earliest of the most severe findings of these kinds (ties: the kind listed
-        first), ignoring info."""
-        hits = [f for f in analysis.findings if f.kind in kinds
-                and severity_rank(f.severity) >= 1]
-        if not hits:
-            return None
-        return min(hits, key=lambda f: (-severity_rank(f.severity), f.first_step,
-                                        kinds.index(f.kind)))
-
+    """One line: the earliest root cause of warning or high severity, what it set off, and
+    where the loss stopped tracking quality if that is another incident; or that nothing was
+    found. Always says what was not checked."""
+    serious = [i for i in analysis.sorted_incidents() if severity_rank(i.severity) >= 1]
     parts = []
-    unstable, decoupled = first(INSTABILITIES), first(DECOUPLING)
-    if decoupled is not None and "memorisation" in decoupled.evidence:
-        # the loss stopped tracking quality because the model memorises: name that finding
-        decoupled = first(("overfitting",)) or decoupled
-    if unstable is not None:
-        text = unstable.summary
-        if unstable.preceded_by:
-            text += f" (after {unstable.precursors_text(1)})"
-        parts.append(text)
-    if decoupled is not None:
-        parts.append(decoupled.summary)
+    if serious:
+        shown = [serious[0]]  # the earliest root cause
+        worst = min(serious, key=lambda i: (-severity_rank(i.severity), i.first_step))
+        if severity_rank(worst.severity) > severity_rank(shown[0].severity):
+            shown.append(worst)  # and the most severe, when it came later
+        decoupled = next((i for i in serious if _decoupling(i)), None)
+        if decoupled is not None and not any(_decoupling(i) for i in shown):
+            shown.append(decoupled)  # and where the loss stopped tracking quality
+        shown.sort(key=lambda i: i.first_step)
+        parts.append(_incident_text(shown[0], analysis))
+        parts += ["later, " + _incident_text(i, analysis) for i in shown[1:]]
+        others = len(serious) - len(shown)
+        if others:
+            parts.append(f"{others} more incident{'s' if others > 1 else ''} below")
     unchecked = unchecked_detectors(analysis)
     if not parts:
         parts.append("no instability or loss-quality decoupling found"
                      + (" in what could be checked" if unchecked else ""))
+        if analysis.findings:  # never above them as if they were not there
+            n = len(analysis.findings)
+            parts.append(f"{n} info finding{'s' if n > 1 else ''} below: worth knowing, no "
+                         f"harm measured")
     if unchecked:  # the reasons are listed under "not checked"
         parts.append("not checked: " + ", ".join(name for name, _ in unchecked))
     return "; ".join(parts)
+
+
+def _decoupling(incident: Incident) -> bool:
+    return any(KINDS[f.kind].decoupling and severity_rank(f.severity) >= 1
+               for f in incident.members)
+
+
+def _incident_text(incident: Incident, analysis: Analysis) -> str:
+    """The root's summary (what preceded it), then what it set off."""
+    root = incident.root
+    if "memorisation" in root.evidence:
+        # the loss stopped tracking quality because the model memorises: name that finding
+        root = next((f for f in analysis.findings if f.kind == "overfitting"
+                     and severity_rank(f.severity) >= 1), root)
+    text = root.summary
+    if root.preceded_by:
+        text += f" (after {root.precursors_text(1)})"
+    chain = incident.chain_text(3)
+    if chain:
+        text += f"; then {chain}"
+    return text
 
 
 def unchecked_detectors(analysis: Analysis) -> list[tuple[str, str]]:
@@ -135,5 +160,5 @@ def unchecked_detectors(analysis: Analysis) -> list[tuple[str, str]]:
     return [(c.detector, c.reason) for c in analysis.not_checked() if c.detector in names]
 
 
-__all__ = ["FINDINGS_JSON", "Analysis", "Check", "Finding", "Signal", "analyze", "findings_json",
-           "unchecked_detectors", "verdict", "write_findings"]
+__all__ = ["FINDINGS_JSON", "Analysis", "Check", "Finding", "Incident", "Signal", "analyze",
+           "findings_json", "unchecked_detectors", "verdict", "write_findings"]

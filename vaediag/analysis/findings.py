@@ -78,6 +78,68 @@ class Finding:
 
 
 @dataclass
+class Incident:
+    """Findings that share a root cause: the root (the earliest of the chain) and its
+    consequences in time order (:mod:`vaediag.analysis.incidents`)."""
+
+    root: Finding
+    consequences: list[Finding] = field(default_factory=list)
+    #: ``id(finding)`` -> the step each consequence could first be seen (for one seen by
+    #: comparing evaluations, the evaluation after its first step)
+    seen_at: dict[int, int] = field(default_factory=dict)
+
+    def after_steps(self, f: Finding) -> int:
+        """How many steps after the root a consequence was seen."""
+        return max(0, self.seen_at.get(id(f), f.first_step) - self.root.first_step)
+
+    @property
+    def members(self) -> list[Finding]:
+        return [self.root, *self.consequences]
+
+    @property
+    def severity(self) -> str:
+        return max((f.severity for f in self.members), key=severity_rank)
+
+    @property
+    def first_step(self) -> int:
+        return self.root.first_step
+
+    @property
+    def last_step(self) -> int:
+        return max(f.last_step for f in self.members)
+
+    @property
+    def remedies(self) -> list[str]:
+        return self.root.remedies
+
+    def chain_text(self, limit: int = 4) -> str:
+        """The consequences of warning or above for people, in the order they were seen:
+        "loss spike at step 701 (+1), ...", each kind once; "" when there are none."""
+        seen: dict[str, Finding] = {}
+        for f in sorted(self.consequences, key=self.after_steps):
+            if severity_rank(f.severity) >= 1:
+                seen.setdefault(f.kind, f)
+        parts = [f"{f.kind.replace('_', ' ')} at step "
+                 f"{self.seen_at.get(id(f), f.first_step):,} (+{self.after_steps(f):,})"
+                 for f in seen.values()]
+        more = len(parts) - limit
+        return ", ".join(parts[:limit]) + (f" and {more} more" if more > 0 else "")
+
+    def to_json(self, index: dict[int, int]) -> dict[str, Any]:
+        """``index``: ``id(finding)`` -> its position in findings.json's ``findings``."""
+        return _clean({
+            "severity": self.severity, "first_step": self.first_step,
+            "last_step": self.last_step, "root": index[id(self.root)],
+            "root_kind": self.root.kind, "summary": self.root.summary,
+            "cause": self.root.cause,
+            "consequences": [{"finding": index[id(f)], "kind": f.kind,
+                              "seen_at_step": self.seen_at.get(id(f), f.first_step),
+                              "after_steps": self.after_steps(f)}
+                             for f in self.consequences],
+            "remedies": list(self.remedies)})
+
+
+@dataclass
 class Check:
     """Whether a detector could run, and if not, why."""
 
@@ -99,10 +161,17 @@ class Analysis:
     #: what replaying each warning or high finding's remedy showed (``analyze --verify``;
     #: JSON of :class:`vaediag.verify.Verification`), empty otherwise
     verification: list[dict[str, Any]] = field(default_factory=list)
+    #: the findings grouped by root cause, in time order of their roots
+    incidents: list[Incident] = field(default_factory=list)
 
     def sorted_findings(self) -> list[Finding]:
         """Most severe first, then in time order."""
         return sorted(self.findings, key=lambda f: (-severity_rank(f.severity), f.first_step))
+
+    def sorted_incidents(self) -> list[Incident]:
+        """Warning and high incidents in time order (the earliest root cause first), then the
+        info ones in time order."""
+        return sorted(self.incidents, key=lambda i: (i.severity == "info", i.first_step))
 
     @property
     def worst(self) -> str | None:
@@ -112,10 +181,13 @@ class Analysis:
         return [c for c in self.checks if c.status != "ok"]
 
     def to_json(self) -> dict[str, Any]:
+        findings = self.sorted_findings()
+        index = {id(f): i for i, f in enumerate(findings)}
         return {
             "format": FORMAT_VERSION,
             "run": _clean(self.run),
-            "findings": [f.to_json() for f in self.sorted_findings()],
+            "findings": [f.to_json() for f in findings],
+            "incidents": [i.to_json(index) for i in self.sorted_incidents()],
             "checks": [asdict(c) for c in self.checks],
             "problems": list(self.problems),
             "timeline": [_clean(asdict(s)) for s in sorted(self.signals, key=lambda s: s.step)],

@@ -15,6 +15,13 @@ SECTIONS = {"timelines": "Losses over time", "quality": "Loss against image qual
             "grids": "Grids"}
 
 
+#: where in a training step a kind is seen, in the step's order: the weights and loss of the
+#: forward pass, the latents, the backward pass's gradients, the optimizer's state, the update
+#: it makes; ``evaluation``: seen only by comparing evaluations (it happened somewhere between
+#: two of them). At one step the earlier stage is the cause (``incidents``).
+STAGES = ("forward", "latents", "backward", "optimizer", "update", "evaluation")
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
@@ -29,13 +36,21 @@ class Kind:
     #: the channels of its own signals; set, its precursors (signals of *other* channels
     #: shortly before it) are linked by the timeline
     own_channels: frozenset[str] | None = None
-    #: the loss or the values broke: a condition holding shortly before is raised to warning
+    #: where in a training step it is seen (one of :data:`STAGES`)
+    stage: str = "forward"
+    #: measured harm: the loss or the values broke, or the pictures got worse (at warning or
+    #: above); it makes a condition or risk shortly before it matter (``incidents.grade``)
     harm: bool = False
-    #: sustained and harmless alone: ``info`` unless harm follows (``timeline.grade``)
+    #: sustained and harmless alone: ``info`` unless harm follows (``incidents.grade``)
     condition: bool = False
+    #: a risk: kept at warning or high only when harm follows it, else ``info`` with the
+    #: evidence that none did (``incidents.grade``)
+    risk: bool = False
     #: once training has gone non-finite, a consequence counted in that finding, not listed
     aftermath: bool = False
 
     def __post_init__(self) -> None:
         if self.section not in SECTIONS:
             raise ValueError(f"kind {self.name!r}: unknown report section {self.section!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"kind {self.name!r}: unknown stage {self.stage!r}")

@@ -18,10 +18,6 @@ MAX_PRECURSORS = 8
 OWN_CHANNELS = {k.name: k.own_channels for k in KINDS.values() if k.own_channels is not None}
 #: ... kinds that, once training has gone non-finite, are consequences rather than new events
 AFTERMATH = {k.name for k in KINDS.values() if k.aftermath}
-#: ... sustained conditions, harmless on their own, that matter when harm follows them
-CONDITIONS = {k.name for k in KINDS.values() if k.condition}
-#: ... and harms: the loss or the values broke
-HARMS = {k.name for k in KINDS.values() if k.harm}
 
 
 def fold_consequences(findings: list[Finding]) -> list[Finding]:
@@ -58,24 +54,6 @@ def fold_consequences(findings: list[Finding]) -> list[Finding]:
                 f"{n} more {kind.replace('_', ' ')}{'s' if n > 1 else ''}"
                 for kind, n in sorted(b.evidence["aftermath"].items()))
     return keep
-
-
-def grade(findings: list[Finding]) -> None:
-    """Raise a sustained condition from ``info`` to ``warning`` when a harmful event (a loss
-    spike, KL explosion, gradient explosion or non-finite value of warning or above) starts
-    while it holds or within ``LOOKBACK`` steps after, and say so in its summary. In place."""
-    harms = sorted((f for f in findings if f.kind in HARMS and f.severity != "info"),
-                   key=lambda f: f.first_step)
-    for f in findings:
-        if f.kind not in CONDITIONS or f.severity != "info":
-            continue
-        after = next((h for h in harms
-                      if f.first_step <= h.first_step <= f.last_step + LOOKBACK), None)
-        if after is not None:
-            f.severity = "warning"
-            f.summary += (f"; followed by a {after.kind.replace('_', ' ')} at step "
-                          f"{after.first_step:,}")
-            f.evidence["followed_by"] = {"kind": after.kind, "step": after.first_step}
 
 
 def link(findings: list[Finding], signals: list[Signal]) -> None:

@@ -30,7 +30,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from vaediag import probes as probe_library
-from vaediag.errors import UserError, first_line
+from vaediag.errors import TrainingStopped, UserError, first_line
 from vaediag.monitor import checks
 from vaediag.monitor.evaluation import (
     DecodeFn,
@@ -49,6 +49,7 @@ from vaediag.monitor.evaluation import (
     Evaluator,
 )
 from vaediag.monitor.gradients import forward_order, grad_norms, nonfinite_origin
+from vaediag.monitor.online import STOP_ON, OnlineAnalysis
 from vaediag.monitor.probing import LPIPSLoader, ProbeRunner, UnusualSteps, held
 from vaediag.probes.base import (
     LayerIndex,
@@ -119,6 +120,16 @@ class Monitor:
         loaded only when a probe asks for it).
     overwrite
         Replace an existing run directory at ``run_dir`` (a path).
+    online
+        Run the detectors at each evaluation while training, in a child process (training
+        does not wait for it), and print each new warning or high finding as one line on
+        stderr as it appears; each is recorded as a ``finding`` event. The findings are those
+        ``vaediag analyze`` gives for the run cut at that evaluation.
+    stop_on
+        ``"warning"`` or ``"high"``: when the online analysis finds a finding this severe,
+        :meth:`after_step` saves a checkpoint (``checkpoints/step-N.pt``: the model's and the
+        optimizer's state dicts), closes the run as ``stopped`` and raises
+        :class:`vaediag.TrainingStopped`. ``"never"`` (the default) only reports.
     """
 
     def __init__(
@@ -146,9 +157,18 @@ class Monitor:
         eval_factors: dict[str, np.ndarray] | None = None,
         config: dict[str, Any] | None = None,
         overwrite: bool = False,
+        online: bool = True,
+        stop_on: str = "never",
     ):
         if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
             raise UserError(f"eval_every must be an int >= 1, got {eval_every!r}")
+        online = checks.flag("online", online)
+        if stop_on not in STOP_ON:
+            raise UserError(f"stop_on must be one of {', '.join(map(repr, STOP_ON))}, got "
+                            f"{stop_on!r}")
+        if stop_on != "never" and not online:
+            raise UserError(f"stop_on={stop_on!r} needs online=True (the online analysis "
+                            f"finds what to stop on)")
         self.model = model
         self.optimizer = optimizer
         encode = encode or getattr(model, "encode", None)
@@ -201,7 +221,17 @@ class Monitor:
             self.session.open(config_toml=config_toml,
                               environment=environment.collect(self.device, seed))
         self.writer = self.session.writer
+        #: whether this Monitor made its run directory (a user's loop) or was handed a
+        #: session (``vaediag train``, which stops itself)
+        self._own_session = not isinstance(run_dir, RunSession)
+        #: where new findings are printed (``vaediag train`` routes them past its progress bar)
+        self.echo: Callable[[str], None] = lambda text: print(f"vaediag: {text}",
+                                                              file=sys.stderr, flush=True)
+        self.online = OnlineAnalysis(self.session.path, self._found, stop_on) if online \
+            else None
         self.session.before_abort.append(self.flush)  # the last step's row, should training fail
+        if self.online is not None:  # a run that fails ends its analysis process too
+            self.session.before_abort.append(lambda: self.online.close(wait=False))
         resumed = self.session.resumed
         try:
             if resumed:
@@ -405,11 +435,41 @@ class Monitor:
         self._unread = (row, held(values))
         if evaluate and (step + 1) % self.eval_every == 0:
             self.evaluate(step + 1)
+        if self.online is not None:
+            self.online.poll()
+            self._stop_if_asked(step + 1)
 
     def flush(self) -> None:
         """Read the last step's held-back probe values and write its row (done by itself at
         every evaluation, checkpoint and at :meth:`close`)."""
         self._read({})
+
+    # -- findings while training --------------------------------------------------------------
+
+    def _found(self, text: str, finding: dict[str, Any], analysed_to: int) -> None:
+        self.echo(text)
+        self.writer.event("finding", analysed_to, finding_kind=finding["kind"],
+                          severity=finding["severity"], first_step=finding["first_step"],
+                          alike=finding["evidence"].get("alike", 0), summary=finding["summary"])
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Set when the online analysis found something at or above ``stop_on``."""
+        return self.online.stop_reason if self.online is not None else None
+
+    def _stop_if_asked(self, step: int) -> None:
+        """A user's loop asked to stop on a finding: checkpoint, close, raise."""
+        reason = self.stop_reason
+        if reason is None or not self._own_session:
+            return
+        self.flush()
+        state = {"model": self.model.state_dict(), "step": step}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        self.session.save_checkpoint(step, state, keep=0)
+        message = f"stopped at step {step} on {reason} (stop_on={self.online.stop_on!r})"
+        self.close("stopped", step, message)
+        raise TrainingStopped(message, step)
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -444,6 +504,9 @@ class Monitor:
         self.writer.log_eval(row)
         self.last_eval_row = row
         self._evaluated = True
+        if self.online is not None:  # the child reads the run from disk
+            self.writer.flush()
+            self.online.evaluated(step)
         return row
 
     # -- state --------------------------------------------------------------------------------
@@ -471,4 +534,6 @@ class Monitor:
         last = step if step is not None else int(self.last_step_row.get("step", -1)) + 1
         if status == "finished" and last > 0 and self.last_eval_row.get("step") != last:
             self.evaluate(last)
+        if self.online is not None:  # a finished run: its last evaluation analysed first
+            self.online.close(wait=status == "finished")
         self.session.close(status, last, message)

@@ -66,6 +66,17 @@ class GridSet:
 
 
 @dataclass
+class IncidentView:
+    """An incident as the reports show it: indices into the report's findings list."""
+
+    severity: str
+    first_step: int
+    root: int
+    #: (steps after the root it was seen, index) of each consequence, in the order seen
+    consequences: list[tuple[int, int]]
+
+
+@dataclass
 class Report:
     """What both outputs show, in order. Built once by :func:`build`."""
 
@@ -80,6 +91,8 @@ class Report:
     problems: list[str] = field(default_factory=list)
     #: what replaying the findings' remedies showed (analyze --verify), one line each
     verification: list[str] = field(default_factory=list)
+    #: the findings grouped by root cause: warning and high first, each in time order
+    incidents: list[IncidentView] = field(default_factory=list)
     sections: tuple[tuple[str, str], ...] = SECTIONS
     version: str = __version__
 
@@ -214,6 +227,10 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
                     header=header_rows(run, analysis), findings=findings,
                     problems=list(analysis.problems))
     report.unchecked = [(c.detector, c.reason) for c in analysis.not_checked()]
+    index = {id(f): i for i, f in enumerate(findings)}
+    report.incidents = [IncidentView(i.severity, i.first_step, index[id(i.root)],
+                                     [(i.after_steps(f), index[id(f)]) for f in i.consequences])
+                        for i in analysis.sorted_incidents()]
     report.verification = [v["text"] for v in analysis.verification]
     pdf_figures: list[tuple[str, Any]] = []
 

@@ -61,6 +61,11 @@ def text_pages(pdf: PdfPages, blocks: list[tuple[str, str]]) -> None:
     plt.close(fig)
 
 
+def _span(f) -> str:
+    return f"step {f.first_step:,}" if f.first_step == f.last_step else \
+        f"steps {f.first_step:,}-{f.last_step:,}"
+
+
 def _summary_blocks(report: Report) -> list[tuple[str, str]]:
     blocks = [("title", report.title), ("h2", "Verdict"), ("body", report.verdict),
               ("h2", "Run")]
@@ -71,16 +76,23 @@ def _summary_blocks(report: Report) -> list[tuple[str, str]]:
                                "was detected" + (" in what could be checked (not checked: "
                                                  + ", ".join(n for n, _ in report.unchecked)
                                                  + ")" if report.unchecked else "") + "."))
-    for f in report.findings:
-        span = (f"step {f.first_step:,}" if f.first_step == f.last_step
-                else f"steps {f.first_step:,}-{f.last_step:,}")
-        blocks.append(("h2", f"{f.severity.upper()}  {f.kind}  ({span})"))
-        blocks.append(("body", f.summary))
+    for n, incident in enumerate(report.incidents, 1):
+        size = len(incident.consequences)
+        blocks.append(("h2", f"Incident {n}: {incident.severity.upper()} from step "
+                             f"{incident.first_step:,}"
+                       + (f" (root cause and {size} consequence{'s' if size > 1 else ''})"
+                          if size else "")))
+        f = report.findings[incident.root]
+        blocks.append(("body", f"{f.severity.upper()}  {f.kind}  ({_span(f)}): {f.summary}"))
         if f.preceded_by:
             blocks.append(("body", "Preceded by: " + f.precursors_text(6)))
         if f.cause:
             blocks.append(("body", f"Likely cause: {f.cause}"))
         blocks += [("bullet", r) for r in f.remedies]
+        for after, i in incident.consequences:
+            c = report.findings[i]
+            blocks.append(("bullet", f"+{after:,} steps: {c.severity.upper()} {c.kind} "
+                                     f"({_span(c)}): {c.summary}"))
     if report.verification:
         blocks.append(("h1", "Verified by replay"))
         blocks += [("bullet", text) for text in report.verification]

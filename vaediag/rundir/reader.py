@@ -152,17 +152,20 @@ class Run:
         return problems
 
     def until(self, step: int) -> Run:
-        """The run as it was at ``step``: its per-step rows, evaluations and events up to and
-        including that step (what analysis would have seen then). Files are not touched."""
+        """The run as it was at its evaluation of ``step`` (after ``step`` updates): the
+        per-step rows before it, the evaluations and events up to and including it: what
+        analysis would have seen then (what the online analysis sees). Files are not
+        touched."""
         cut = copy.copy(self)  # shares what was read so far; the tables below are replaced
         cut.info = {**self.info, "step": min(int(self.info.get("step", step)), step)}
 
-        def upto(frame: pd.DataFrame) -> pd.DataFrame:
-            return frame[frame["step"] <= step].reset_index(drop=True)
+        def upto(frame: pd.DataFrame, before: bool = False) -> pd.DataFrame:
+            keep = frame["step"] < step if before else frame["step"] <= step
+            return frame[keep].reset_index(drop=True)
 
         scalars, s_problems = self._scalars_and_problems
         evals, e_problems = self._evals_and_problems
-        cut.__dict__["_scalars_and_problems"] = (upto(scalars), list(s_problems))
+        cut.__dict__["_scalars_and_problems"] = (upto(scalars, before=True), list(s_problems))
         cut.__dict__["_evals_and_problems"] = (upto(evals), list(e_problems))
         cut.__dict__["events"] = upto(self.events)
         return cut

@@ -54,11 +54,12 @@ from vaediag.analysis.stats import (
 NAME = "adam"
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
-    Kind("oversized_update", "optimizer", instability=6, condition=True, aftermath=True),
-    Kind("adam_step_size_jump", "optimizer", instability=7),
-    Kind("adam_eps_dominated", "optimizer", instability=8, condition=True),
-    Kind("adam_update_rms_high", "optimizer", condition=True),
-    Kind("adam_rms_t_high", "optimizer", condition=True),
+    Kind("oversized_update", "optimizer", instability=6, stage="update", condition=True,
+         aftermath=True),
+    Kind("adam_step_size_jump", "optimizer", instability=7, stage="optimizer", risk=True),
+    Kind("adam_eps_dominated", "optimizer", instability=8, stage="optimizer", condition=True),
+    Kind("adam_update_rms_high", "optimizer", stage="optimizer", condition=True),
+    Kind("adam_rms_t_high", "optimizer", stage="optimizer", condition=True),
 )
 WINDOW = 50
 WINDOW_STEPS = 50

@@ -62,8 +62,9 @@ from vaediag.columns import QUALITY_METRICS
 NAME = "decoupling"
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
-    Kind("loss_quality_decoupling", "quality", decoupling=True),
-    Kind("loss_understates_quality", "quality", decoupling=True),
+    Kind("loss_quality_decoupling", "quality", decoupling=True, stage="evaluation", harm=True),
+    Kind("loss_understates_quality", "quality", decoupling=True, stage="evaluation",
+         harm=True),
 )
 Z_QUALITY = 4.0
 MIN_RELATIVE = 0.15

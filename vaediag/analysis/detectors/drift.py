@@ -23,7 +23,7 @@ from vaediag.analysis.kinds import Kind
 NAME = "drift"
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
-    Kind("generation_drift", "grids", instability=11),
+    Kind("generation_drift", "grids", instability=11, stage="evaluation", harm=True),
 )
 WINDOW = 5
 FACTOR = 3.0

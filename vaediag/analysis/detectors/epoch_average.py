@@ -25,7 +25,7 @@ from vaediag.analysis.stats import noise_scale
 NAME = "epoch_average"
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
-    Kind("epoch_average_trap", "timelines"),
+    Kind("epoch_average_trap", "timelines", stage="evaluation"),
 )
 Z_CHANGE = 2.0
 

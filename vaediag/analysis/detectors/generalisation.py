@@ -49,7 +49,7 @@ from vaediag.analysis.stats import badness, expanding_noise_scale, noise_scale
 NAME = "generalisation"
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
-    Kind("overfitting", "quality", decoupling=True),
+    Kind("overfitting", "quality", decoupling=True, stage="evaluation", harm=True),
 )
 #: the held-out loss above its best by this many noise units (it stopped improving) ...
 Z_RISE = 1.0

@@ -29,8 +29,8 @@ NAME = "gradients"
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("grad_explosion", "optimizer", instability=4, own_channels=frozenset({"grad_norm"}),
-         harm=True, aftermath=True),
-    Kind("grad_vanishing", "optimizer"),
+         stage="backward", risk=True, aftermath=True),
+    Kind("grad_vanishing", "optimizer", stage="backward", risk=True),
 )
 Z_EXPLODE = 6.0
 MIN_RATIO = 5.0

@@ -34,10 +34,11 @@ from vaediag.analysis.kinds import Kind
 NAME = "latents"
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
-    Kind("posterior_collapse", "latents", instability=5),
-    Kind("unused_dimensions", "latents"),
-    Kind("logvar_saturation", "latents", instability=9),
-    Kind("decoder_scale_shrinking", "latents", instability=10),
+    Kind("posterior_collapse", "latents", instability=5, stage="latents", harm=True),
+    Kind("unused_dimensions", "latents", stage="latents"),
+    Kind("logvar_saturation", "latents", instability=9, stage="latents", risk=True),
+    Kind("decoder_scale_shrinking", "latents", instability=10, stage="latents",
+         risk=True),
 )
 COLLAPSED_KL = 0.01
 LOGVAR_LOW, LOGVAR_HIGH = -20.0, 10.0
@@ -154,11 +155,17 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         tail = dims.iloc[-max(1, len(dims) // 10):].mean()
         dead = [int(c) for c in tail.index[tail < COLLAPSED_KL]]
         if dead and not any(f.kind == "posterior_collapse" for f in findings):
+            since = int(steps[-max(1, len(dims) // 10)])
+            # encoding nothing is the harm itself, once training is past its first steps (a
+            # fresh model's KL starts near 0)
+            nothing = len(dead) == len(tail) and since >= data.burn_in_step
             findings.append(Finding(
-                kind="unused_dimensions", severity="high" if len(dead) == len(tail) else "info",
-                first_step=int(steps[-max(1, len(dims) // 10)]), last_step=last,
+                kind="unused_dimensions", severity="high" if nothing else "info",
+                first_step=since, last_step=last,
                 summary=f"{len(dead)} of {len(tail)} latent dimensions carry no information "
-                        f"(KL < {COLLAPSED_KL} nats)",
+                        f"(KL < {COLLAPSED_KL} nats)"
+                        + ("; too early to judge (the first steps of training)"
+                           if len(dead) == len(tail) and not nothing else ""),
                 evidence={"dimensions": dead, "threshold": COLLAPSED_KL},
                 cause="normal for a VAE with more dimensions than it needs; a problem when all "
                       "or most are unused",

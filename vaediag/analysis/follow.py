@@ -1,0 +1,119 @@
+"""Findings while training: the detectors run on a run in progress, at each evaluation, and each
+new warning or high finding is reported once.
+
+The analysis of a run in progress is the offline analysis of the run cut at the evaluation
+(:meth:`vaediag.rundir.Run.until`): the findings are those ``vaediag analyze`` gives for the
+same prefix, by construction. It runs outside the training process (``vaediag analyze --follow``
+in another terminal, or the child process :class:`vaediag.monitor.online.OnlineAnalysis`
+starts), so training never waits for it.
+
+    python -m vaediag.analysis.follow RUN_DIR    # reads evaluation steps on stdin, writes one
+                                                 # JSON line of new findings per step
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from vaediag.analysis import analyze
+from vaediag.analysis.findings import Finding, severity_rank
+from vaediag.rundir import load_run
+
+
+def keys(findings: list[Finding]) -> list[tuple[str, int, str, int]]:
+    """Who each finding is: its kind, first step and severity (a warning that becomes high is
+    news), and which of the findings alike it is (decode(0) and decode(fixed z) may drift at
+    the same evaluation)."""
+    seen: dict[tuple[str, int, str], int] = {}
+    out = []
+    for f in findings:
+        alike = (f.kind, f.first_step, f.severity)
+        seen[alike] = seen.get(alike, -1) + 1
+        out.append((*alike, seen[alike]))
+    return out
+
+
+def line(f: Finding, at: int) -> str:
+    """One line for a terminal or a log: what, where, and when it became visible."""
+    return (f"finding at step {at:,}: {f.severity.upper()} {f.kind} from step "
+            f"{f.first_step:,}: {f.summary}")
+
+
+class Follower:
+    """Analyses a run in progress at given steps; returns each warning or high finding once."""
+
+    def __init__(self, path: str | Path, known_from_events: bool = False):
+        self.path = Path(path)
+        #: what was reported already; with ``known_from_events``, the run's ``finding``
+        #: events (a resumed run's reports are not news to the process training it)
+        self.reported: set[tuple[str, int, str, int]] = set()
+        events = load_run(self.path).events if known_from_events else []
+        if len(events) and "kind" in events:
+            for _, e in events[events["kind"] == "finding"].iterrows():
+                self.reported.add((e["finding_kind"], int(e["first_step"]), e["severity"],
+                                   int(e.get("alike", 0))))
+
+    def new_findings(self, step: int | None = None) -> tuple[int, list[Finding]]:
+        """(the step analysed to, the new findings): the run as written, cut at ``step`` (the
+        newest evaluation when None)."""
+        run = load_run(self.path)
+        if step is None:
+            step = int(run.evals["step"].iloc[-1]) if len(run.evals) else 0
+        analysis = analyze(run.until(step))
+        serious = [f for f in sorted(analysis.findings, key=lambda f: f.first_step)
+                   if severity_rank(f.severity) >= 1]
+        new = [(f, k) for f, k in zip(serious, keys(serious), strict=True)
+               if k not in self.reported]
+        self.reported.update(k for _, k in new)
+        for f, k in new:
+            f.evidence["alike"] = k[3]
+        return step, [f for f, _ in new]
+
+
+def follow(path: str | Path, echo: Callable[[str], None], interval: float = 2.0,
+           timeout: float | None = None) -> int:
+    """``vaediag analyze --follow``: analyse each new evaluation of a run as it is written and
+    echo each new warning or high finding; return when the run is no longer running (its last
+    evaluation analysed), or after ``timeout`` seconds. Returns the number of findings echoed."""
+    follower = Follower(path)
+    done_to, echoed = -1, 0
+    started = time.monotonic()
+    while True:
+        run = load_run(path)
+        status = run.status
+        steps = run.evals["step"].to_numpy() if len(run.evals) else []
+        for step in (int(s) for s in steps if s > done_to):
+            at, new = follower.new_findings(step)
+            for f in new:
+                echo(line(f, at))
+            echoed += len(new)
+            done_to = step
+        if status != "running":  # finished, stopped, failed, interrupted or killed
+            return echoed
+        if timeout is not None and time.monotonic() - started >= timeout:
+            return echoed
+        time.sleep(interval)
+
+
+def serve(path: str, stdin=sys.stdin, stdout=sys.stdout) -> None:
+    """The child process of :class:`~vaediag.monitor.online.OnlineAnalysis`: one evaluation
+    step per input line, one JSON line out per step: ``{"step": N, "findings": [...]}`` (the
+    new ones, as in findings.json), or ``{"step": N, "error": "..."}``."""
+    follower = Follower(path, known_from_events=True)
+    for text in stdin:
+        step = int(text)
+        try:
+            at, new = follower.new_findings(step)
+            reply = {"step": at, "findings": [f.to_json() for f in new]}
+        except Exception as exc:  # noqa: BLE001 - reported to the training process, not fatal
+            reply = {"step": step, "error": f"{type(exc).__name__}: {exc}"}
+        stdout.write(json.dumps(reply) + "\n")
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
