@@ -29,11 +29,11 @@ $(STAMP): pyproject.toml
 # while the faces lose their pose (a KL weight warmed up to 16); its diagnosis; the remedy
 # vaediag names (free bits) trained beside it; both in one comparison report.
 demo: $(STAMP)
-	@echo "== 1/4 training the case study's run: a KL weight warmed up to 16 (about 3 minutes)"
+	@echo "== 1/4 training the case study's run: a KL weight warmed up to 16 (about a minute)"
 	$(BIN)/vaediag train --preset seed-decoupling --out $(DEMO) --overwrite
 	@echo "== 2/4 its diagnosis"
 	$(BIN)/vaediag analyze $(DEMO)
-	@echo "== 3/4 the remedy it names, free bits, trained beside it (about 3 minutes)"
+	@echo "== 3/4 the remedy it names, free bits, trained beside it (about a minute)"
 	$(BIN)/vaediag train --preset seed-decoupling-stable --out $(FIXED) --overwrite
 	$(BIN)/vaediag analyze $(FIXED)
 	@echo "== 4/4 both runs side by side"

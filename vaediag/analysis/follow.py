@@ -24,17 +24,17 @@ from vaediag.analysis.findings import Finding, severity_rank
 from vaediag.rundir import load_run
 
 
-def keys(findings: list[Finding]) -> list[tuple[str, int, str, int]]:
-    """Who each finding is: its kind, first step and severity (a warning that becomes high is
-    news), and which of the findings alike it is (decode(0) and decode(fixed z) may drift at
-    the same evaluation)."""
-    seen: dict[tuple[str, int, str], int] = {}
-    out = []
-    for f in findings:
-        alike = (f.kind, f.first_step, f.severity)
-        seen[alike] = seen.get(alike, -1) + 1
-        out.append((*alike, seen[alike]))
-    return out
+def key(f: Finding) -> tuple[str, str, int, int]:
+    """What a finding is about: its kind and severity (a warning that becomes high is news)
+    and the steps it covers."""
+    return f.kind, f.severity, f.first_step, f.last_step
+
+
+def same(a: tuple[str, str, int, int], b: tuple[str, str, int, int]) -> bool:
+    """One thing seen twice: the same kind and severity over overlapping steps (a decoupling
+    whose best pair of evaluations moved, a level shift located a step earlier with more data,
+    decode(0) and decode(fixed z) drifting together)."""
+    return a[:2] == b[:2] and a[2] <= b[3] and b[2] <= a[3]
 
 
 def line(f: Finding, at: int) -> str:
@@ -48,14 +48,14 @@ class Follower:
 
     def __init__(self, path: str | Path, known_from_events: bool = False):
         self.path = Path(path)
-        #: what was reported already; with ``known_from_events``, the run's ``finding``
-        #: events (a resumed run's reports are not news to the process training it)
-        self.reported: set[tuple[str, int, str, int]] = set()
+        #: what was reported already (:func:`key`); with ``known_from_events``, the run's
+        #: ``finding`` events (a resumed run's reports are not news to the process training it)
+        self.reported: list[tuple[str, str, int, int]] = []
         events = load_run(self.path).events if known_from_events else []
         if len(events) and "kind" in events:
             for _, e in events[events["kind"] == "finding"].iterrows():
-                self.reported.add((e["finding_kind"], int(e["first_step"]), e["severity"],
-                                   int(e.get("alike", 0))))
+                self.reported.append((e["finding_kind"], e["severity"], int(e["first_step"]),
+                                      int(e["last_step"])))
 
     def new_findings(self, step: int | None = None) -> tuple[int, list[Finding]]:
         """(the step analysed to, the new findings): the run as written, cut at ``step`` (the
@@ -64,14 +64,13 @@ class Follower:
         if step is None:
             step = int(run.evals["step"].iloc[-1]) if len(run.evals) else 0
         analysis = analyze(run.until(step))
-        serious = [f for f in sorted(analysis.findings, key=lambda f: f.first_step)
-                   if severity_rank(f.severity) >= 1]
-        new = [(f, k) for f, k in zip(serious, keys(serious), strict=True)
-               if k not in self.reported]
-        self.reported.update(k for _, k in new)
-        for f, k in new:
-            f.evidence["alike"] = k[3]
-        return step, [f for f, _ in new]
+        new = []
+        for f in sorted(analysis.findings, key=lambda f: f.first_step):
+            if severity_rank(f.severity) >= 1 and not any(same(key(f), k)
+                                                          for k in self.reported):
+                self.reported.append(key(f))
+                new.append(f)
+        return step, new
 
 
 def follow(path: str | Path, echo: Callable[[str], None], interval: float = 2.0,

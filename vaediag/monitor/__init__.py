@@ -450,7 +450,7 @@ class Monitor:
         self.echo(text)
         self.writer.event("finding", analysed_to, finding_kind=finding["kind"],
                           severity=finding["severity"], first_step=finding["first_step"],
-                          alike=finding["evidence"].get("alike", 0), summary=finding["summary"])
+                          last_step=finding["last_step"], summary=finding["summary"])
 
     @property
     def stop_reason(self) -> str | None:

@@ -85,12 +85,8 @@ class OnlineAnalysis:
 
     def poll(self) -> None:
         """Handle the replies that came back (never waits)."""
-        while self._busy:
-            try:
-                reply = self._replies.get_nowait()
-            except queue.Empty:
-                return
-            self._handle(reply)
+        while self._busy and not self._replies.empty():  # no exception on the common path
+            self._handle(self._replies.get_nowait())
 
     def _handle(self, reply: dict[str, Any] | None) -> None:
         self._busy = False
