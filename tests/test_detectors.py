@@ -210,15 +210,17 @@ def test_vanishing_gradients(tmp_path):
 def test_adam_sustained_conditions(tmp_path):
     cols = standard_scalars(N)
     cols["layer.adam_eps_frac/encoder.fc"][800:] = 0.9
+    cols["layer.update_ratio/encoder.fc"][800:] /= 20  # the harm: that layer stopped learning
     cols["layer.adam_update_rms/decoder.fc"][800:] = 0.9
     cols["layer.adam_rms_t/decoder.out"][800:] = 2.5
     findings = adam.detect(run_data(tmp_path, cols, settings=["optim.eps=1e-8"]))[0]
     by_kind = {f.kind: f for f in findings}
     assert set(by_kind) == {"adam_eps_dominated", "adam_update_rms_high", "adam_rms_t_high"}
     assert list(by_kind["adam_eps_dominated"].evidence["layers"]) == ["encoder.fc"]
-    # eps-dominance that began during training is a warning; agreeing gradients and a lagging
-    # v^ are info until harm follows them (timeline.grade)
+    # eps-dominance that began during training and stopped a layer learning is a warning;
+    # agreeing gradients and a lagging v^ are info until harm follows them (incidents.grade)
     assert by_kind["adam_eps_dominated"].severity == "warning"
+    assert 15 < by_kind["adam_eps_dominated"].evidence["updates_shrank"] < 25
     assert "dead units" in " ".join(by_kind["adam_eps_dominated"].remedies)
     assert by_kind["adam_update_rms_high"].severity == "info"
     assert by_kind["adam_rms_t_high"].severity == "info"
@@ -234,10 +236,20 @@ def test_eps_dominance_from_a_recorded_eps_change_names_it(tmp_path):
     frac[::10] = 0.01
     frac[700::10] = 0.997
     cols["layer.adam_eps_frac/encoder.fc"] = frac
+    cols["layer.update_ratio/encoder.fc"][700:] /= 1e4
     (f,) = [f for f in adam.detect(run_data(tmp_path, cols))[0]
             if f.kind == "adam_eps_dominated"]
     assert f.severity == "warning" and 700 <= f.first_step <= 710
     assert "Adam's eps rose" in f.cause and "set eps back to 1e-08" in f.remedies[0]
+
+
+def test_eps_dominance_whose_updates_did_not_shrink_is_a_risk_only(tmp_path):
+    cols = standard_scalars(N)
+    cols["layer.adam_eps_frac/encoder.fc"][800:] = 0.9
+    (f,) = [f for f in adam.detect(run_data(tmp_path, cols))[0]
+            if f.kind == "adam_eps_dominated"]
+    assert f.severity == "info" and "a risk only: their updates did not shrink" in f.summary
+    assert f.evidence["updates_shrank"] < adam.EPS_SHRINK
 
 
 def test_eps_dominance_from_the_start_is_info(tmp_path):

@@ -37,6 +37,8 @@ detectors by :mod:`vaediag.analysis.timeline`.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from vaediag.analysis.causes import first_change, knob, setting_changes, undo_remedy
@@ -55,7 +57,7 @@ NAME = "adam"
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("oversized_update", "optimizer", instability=6, stage="update", condition=True,
-         aftermath=True),
+         risk=True, aftermath=True),
     Kind("adam_step_size_jump", "optimizer", instability=7, stage="optimizer", risk=True),
     Kind("adam_eps_dominated", "optimizer", instability=8, stage="optimizer", condition=True),
     Kind("adam_update_rms_high", "optimizer", stage="optimizer", condition=True),
@@ -63,6 +65,8 @@ KINDS = (
 )
 WINDOW = 50
 WINDOW_STEPS = 50
+#: eps-dominance that began during training did harm when the layers' updates shrank this much
+EPS_SHRINK = 3.0
 EFF_LR_SPAN = 20  # steps before an eff_lr jump searched for its cause (it is recorded every 10)
 LOW_LR = 3e-4  # at or below this learning rate, agreeing gradients are expected
 RMS_T_SPIKE = 4.0
@@ -172,6 +176,26 @@ def _before_after(data: RunData, stat: str, layer: str, step: int) -> dict | Non
     return {"before": float(before[-1]), "after": float(after[0])}
 
 
+def _updates_shrank(data: RunData, layers: list[str], step: int) -> float | None:
+    """How many times smaller the median update ratio of ``layers`` is over ``WINDOW_STEPS``
+    steps from ``step`` than over as many steps before it (None when not recorded)."""
+    frame = data.matrix("layer", "update_ratio")
+    cols = [c for c in layers if c in frame.columns]
+    if not cols:
+        return None
+    values = frame[cols].to_numpy()
+    recorded = np.isfinite(values).any(axis=1)  # recorded every few steps
+    x = np.full(len(values), np.nan)
+    x[recorded] = np.nanmedian(values[recorded], axis=1)
+    steps = data.steps
+    before = x[(steps >= step - WINDOW_STEPS) & (steps < step) & np.isfinite(x)]
+    after = x[(steps >= step) & (steps < step + WINDOW_STEPS) & np.isfinite(x)]
+    if before.size < 3 or after.size < 3:
+        return None
+    b, a = float(np.median(before)), float(np.median(after))
+    return b / a if a > 0 else math.inf
+
+
 def _lr_note(data: RunData) -> tuple[str, bool]:
     """How the learning rate bears on agreeing gradients: (text, whether it is low)."""
     lr = data.setting("optim", "lr")
@@ -242,13 +266,20 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
             remedies = ["nothing needs doing unless spikes follow; a smaller eps (e.g. 1e-12) "
                         "restores Adam's normalisation there" + knob(data, "optim.eps")]
         shown = began or dominated
+        # the harm: the updates of those layers shrank (they stopped learning)
+        shrank = _updates_shrank(data, sorted(began), first) if began else None
+        harmed = shrank is not None and shrank >= EPS_SHRINK
         add("adam_eps_dominated", shown,
             f"Adam is epsilon-dominated in {len(shown)} layer(s) (" + ", ".join(shown)
             + f"): over {EPS_FRACTION:.0%} of entries have sqrt(v^) < eps"
-            + (f" from step {first:,}" if began else " throughout"),
-            cause, remedies, severity="warning" if began else "info",
+            + (f" from step {first:,}" if began else " throughout")
+            + (f"; their updates shrank {shrank:.3g}x: they all but stopped learning"
+               if harmed else "; a risk only: their updates did not shrink"
+               if began else ""),
+            cause, remedies, severity="warning" if harmed else "info",
             evidence={"eps": eps, "threshold": EPS_FRACTION, "began_during_training":
-                      sorted(began), "eps_change": change.__dict__ if change else None})
+                      sorted(began), "eps_change": change.__dict__ if change else None,
+                      "updates_shrank": shrank, "shrink_threshold": EPS_SHRINK})
     lr_text, low_lr = _lr_note(data)
     near_one = _sustained(data, "adam_update_rms", UPDATE_RMS_HIGH)
     if near_one:
