@@ -26,6 +26,7 @@ the gradients say (:mod:`.gradients`), the evaluations (:mod:`.evaluation`) and 
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import sys
@@ -51,6 +52,7 @@ from vaediag.monitor.evaluation import (
 from vaediag.monitor.gradients import forward_order, grad_norms, nonfinite_origin
 from vaediag.monitor.online import STOP_ON, OnlineAnalysis
 from vaediag.monitor.probing import LPIPSLoader, ProbeRunner, UnusualSteps, held
+from vaediag.monitor.ranks import STOP, Ranks, nonfinite_ranks, unwrap
 from vaediag.probes.base import (
     LayerIndex,
     Probe,
@@ -160,6 +162,41 @@ class Monitor:
         online: bool = True,
         stop_on: str = "never",
     ):
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.ranks = Ranks()
+        if not self.ranks.active:
+            self._init(**arguments)
+            return
+        try:  # every rank learns whether all set up, so none waits for one that failed
+            self._init(**arguments)
+        except BaseException:
+            self.ranks.agree(False)
+            raise
+        try:
+            self.ranks.agree(True)
+        except UserError:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """A construction that failed after the run directory was made: leave none."""
+        if getattr(self, "_own_session", False):
+            if self.online is not None:
+                self.online.close(wait=False)
+            self.session.close("failed", 0, "the Monitor could not be set up")
+            shutil.rmtree(self.session.path, ignore_errors=True)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Monitor:
+        """Under torch.distributed, ranks other than 0 get a :class:`Follower`."""
+        if cls is Monitor and not Ranks().records:
+            return super().__new__(Follower)
+        return super().__new__(cls)
+
+    def _init(self, run_dir, model, optimizer, *, eval_images, encode, decode, eval_loss,
+              eval_every, value_range, probes, extra_probes, metric_images, train_images,
+              train_factors, lpips_weights, lpips_download, recon_mode, seed, steps_per_epoch,
+              eval_factors, config, overwrite, online, stop_on) -> None:
+        model = unwrap(model)  # DDP's forward would wait for the other ranks
         if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
             raise UserError(f"eval_every must be an int >= 1, got {eval_every!r}")
         online = checks.flag("online", online)
@@ -249,6 +286,10 @@ class Monitor:
                 shutil.rmtree(self.session.path, ignore_errors=True)
             raise
 
+        #: distributed: rank 0 asks the ranks to stop (sent at the next step's gather), and
+        #: every rank learned from a gather that they stop now
+        self._stop_asked = False
+        self._stop_now = False
         self._pending: tuple[StepContext, dict[str, Any], dict[str, Any]] | None = None
         #: the last step's row and its probe values still on the device (see after_step)
         self._unread: tuple[dict[str, Any], dict[Any, Any]] | None = None
@@ -349,12 +390,23 @@ class Monitor:
         if step == 0 and not self._evaluated:
             self.evaluate(0)
         norms = grad_norms(self._params)
-        core: dict[str, Any] = {"recon": recon, "kl": kl}
+        local_kl = kl  # still attached to this rank's graph (the recon/KL split)
+        core: dict[str, Any] = {}
+        if self.ranks.active:  # the global batch: the mean over ranks (ranks.py)
+            gathered = self.ranks.gather(recon, kl, total, self._stop_asked,
+                                         self._gather_device(recon))
+            recon, kl = gathered[:, 0].mean(), gathered[:, 1].mean()
+            total = gathered[:, 2].mean() if total is not None else None
+            core["recon_rank_spread"] = gathered[:, 0].max() - gathered[:, 0].min()
+            core["kl_rank_spread"] = gathered[:, 1].max() - gathered[:, 1].min()
+            core[self._rank_names] = gathered.reshape(-1)
+        core.update({"recon": recon, "kl": kl})
         if total is not None:
             core["total"] = total
         if norms is not None:
             core["grad_norm"] = norms.double().square().sum().sqrt()
         row: dict[str, Any] = {"step": int(step), "time": self.elapsed(), **self._read(core)}
+        where = self._ranks_of(row) if self.ranks.active else {}
         if epoch is not None:
             row["epoch"] = epoch
         if beta is not None:
@@ -373,8 +425,9 @@ class Monitor:
         if check.nonfinite or not grads_finite:
             check.nonfinite += nonfinite_origin(self._params, norms, self._rank) or ["grad"]
         for term in check.nonfinite:
+            ranks = {"ranks": where[term]} if term in where else {}
             self.writer.event("nonfinite", step, term=term, recon=row["recon"], kl=row["kl"],
-                              grad_norm=check.grad_norm)
+                              grad_norm=check.grad_norm, **ranks)
         if math.isfinite(row["kl"]) and row["kl"] < -1e-3 * max(1.0, abs(row["recon"])):
             self._warn("negative_kl", step, f"the KL given at step {step} is negative "
                        f"({row['kl']:.4g}): an analytic KL never is (check its sign and "
@@ -383,8 +436,8 @@ class Monitor:
             self._sums += (row["recon"], row["kl"], 1)
         self.unusual = self._unusual.judge(row, check.grad_norm, bool(check.nonfinite))
 
-        if kl_term is None and isinstance(kl, torch.Tensor) and kl.requires_grad:
-            kl_term = kl * (1.0 if beta is None else beta)
+        if kl_term is None and isinstance(local_kl, torch.Tensor) and local_kl.requires_grad:
+            kl_term = local_kl * (1.0 if beta is None else beta)
         if norms is None:
             norms = torch.zeros(len(self._params), device=self.device)
         ctx = StepContext(step, self._params, self.layers, self.optimizer,
@@ -400,6 +453,25 @@ class Monitor:
         self.runner.before_step(self._due(step, after_step=True), ctx)
         self._pending = (ctx, row, values)
         return check
+
+    @functools.cached_property
+    def _rank_names(self) -> tuple[str, ...]:
+        """Names under which the gathered (rank, value) entries are read with the step's
+        other values, then taken out of the row (:meth:`_ranks_of`)."""
+        return tuple(f"_rank/{r}/{i}" for r in range(self.ranks.world)
+                     for i in range(STOP + 1))
+
+    def _ranks_of(self, row: dict[str, Any]) -> dict[str, list[int]]:
+        """Take the gathered values out of ``row``: learn whether rank 0 asked to stop, and
+        return on which ranks each loss term was non-finite."""
+        values = [[row.pop(f"_rank/{r}/{i}") for i in range(STOP + 1)]
+                  for r in range(self.ranks.world)]
+        self._stop_now = self._stop_now or values[0][STOP] > 0
+        return nonfinite_ranks(values)
+
+    def _gather_device(self, value: Any) -> torch.device:
+        """Where the step's collective runs: the loss's device (NCCL needs the GPU)."""
+        return value.device if isinstance(value, torch.Tensor) else self.device
 
     def _read(self, values: dict[str, Any]) -> dict[str, float]:
         """Read ``values`` from the device together with the probe values of the step before
@@ -437,7 +509,7 @@ class Monitor:
             self.evaluate(step + 1)
         if self.online is not None:
             self.online.poll()
-            self._stop_if_asked(step + 1)
+        self._stop_if_asked(step + 1)
 
     def flush(self) -> None:
         """Read the last step's held-back probe values and write its row (done by itself at
@@ -458,8 +530,14 @@ class Monitor:
         return self.online.stop_reason if self.online is not None else None
 
     def _stop_if_asked(self, step: int) -> None:
-        """A user's loop asked to stop on a finding: checkpoint, close, raise."""
+        """A user's loop asked to stop on a finding: checkpoint, close, raise. Under
+        torch.distributed the request goes to every rank with the next step's gather, and all
+        stop after that step."""
         reason = self.stop_reason
+        if self.ranks.active:
+            self._stop_asked = self._stop_asked or reason is not None
+            if not self._stop_now:
+                return
         if reason is None or not self._own_session:
             return
         self.flush()
@@ -537,3 +615,88 @@ class Monitor:
         if self.online is not None:  # a finished run: its last evaluation analysed first
             self.online.close(wait=status == "finished")
         self.session.close(status, last, message)
+
+
+class Follower(Monitor):
+    """The Monitor on the ranks other than 0 under torch.distributed (``vaediag.Monitor``
+    returns one there): it checks its inputs as rank 0 does, takes part in each step's one
+    collective, so rank 0 records the global batch and every rank learns the same things (a
+    non-finite value, a stop), and writes nothing (:mod:`vaediag.monitor.ranks`)."""
+
+    def _init(self, run_dir, model, optimizer, *, eval_every, online, stop_on,
+              **_unused: Any) -> None:
+        model = unwrap(model)
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+            raise UserError(f"eval_every must be an int >= 1, got {eval_every!r}")
+        checks.flag("online", online)
+        if stop_on not in STOP_ON:
+            raise UserError(f"stop_on must be one of {', '.join(map(repr, STOP_ON))}, got "
+                            f"{stop_on!r}")
+        self.model, self.optimizer, self.eval_every = model, optimizer, eval_every
+        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.device = self._params[0][1].device if self._params else torch.device("cpu")
+        self.online = None
+        self._own_session = False
+        self._stop_asked = self._stop_now = False
+        self._t0, self._elapsed_before = time.monotonic(), 0.0
+        self.last_step_row: dict[str, Any] = {}
+        self.last_eval_row: dict[str, Any] = {}
+
+    def wants_graph(self, step: int) -> bool:
+        return False
+
+    def after_backward(self, step: int, *, recon: torch.Tensor | float,
+                       kl: torch.Tensor | float, total: torch.Tensor | float | None = None,
+                       beta: float | None = None, epoch: int | None = None,
+                       mu: torch.Tensor | None = None, logvar: torch.Tensor | None = None,
+                       kl_term: torch.Tensor | None = None,
+                       extra: dict[str, Any] | None = None) -> StepCheck:
+        """The step's collective; the same decision about non-finite values as rank 0."""
+        step = checks.step(step)
+        recon, kl = checks.scalar("recon", recon), checks.scalar("kl", kl)
+        total = checks.optional_scalar("total", total)
+        checks.number("beta", beta), checks.number("epoch", epoch)
+        checks.latents(mu, logvar, None)
+        checks.extra(extra)
+        gathered = self.ranks.gather(recon, kl, total, False, self._gather_device(recon))
+        norms = grad_norms(self._params)
+        norm = (norms.double().square().sum().sqrt() if norms is not None
+                else torch.tensor(math.nan, dtype=torch.float64))
+        host = torch.cat([gathered.reshape(-1), norm.reshape(1).to(gathered)]).tolist()
+        width = STOP + 1
+        values = [host[r * width:(r + 1) * width] for r in range(self.ranks.world)]
+        self._stop_now = self._stop_now or values[0][STOP] > 0
+        check = StepCheck(grad_norm=host[-1])
+        for i, term in enumerate(("recon", "kl", "total")):
+            if term == "total" and total is None:
+                continue
+            if not math.isfinite(sum(v[i] for v in values)):
+                check.nonfinite.append(term)
+        if not math.isfinite(check.grad_norm) and norms is not None:
+            check.nonfinite.append("grad")
+        self.last_step_row = {"step": step}
+        return check
+
+    def after_step(self, step: int, *, skipped: bool = False, evaluate: bool = True) -> None:
+        step = checks.step(step)
+        checks.flag("skipped", skipped), checks.flag("evaluate", evaluate)
+        if self._stop_now:
+            raise TrainingStopped(f"stopped at step {step + 1}: rank 0 stopped the run", step + 1)
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        return {}
+
+    def event(self, kind: str, step: int, **fields: Any) -> None:
+        """Only rank 0 records events."""
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, status: str = "finished", step: int | None = None, message: str = "") -> None:
+        """Rank 0 closes the run."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

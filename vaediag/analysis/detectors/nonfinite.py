@@ -95,11 +95,16 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         if term in data.scalars.columns:
             for i in np.flatnonzero(~np.isfinite(data.series(term))):
                 bad.setdefault(int(steps[i]), set()).add(term)
+    ranks: dict[int, set[int]] = {}  # under torch.distributed: where a loss term broke
     for _, event in data.events_of("nonfinite").iterrows():
         bad.setdefault(int(event["step"]), set()).add(str(event["term"]))
+        on = event.get("ranks")
+        if isinstance(on, list):
+            ranks.setdefault(int(event["step"]), set()).update(int(r) for r in on)
     if not bad:
         return [], []
     first, last = min(bad), max(bad)
+    on_ranks = sorted(ranks.get(first, ()))
     terms = sorted(bad[first])
     weight_terms = [t for t in terms if t.startswith("weight:")]
     grad_terms = [t for t in terms if t.startswith("grad")]
@@ -109,7 +114,10 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     before = extremes_before(data, int(np.searchsorted(steps, first)))
     key = ("weight" if weight_terms else "kl" if "kl" in loss_terms
            else "recon" if "recon" in loss_terms else "grad")
-    parts = ([", ".join(loss_terms)] if loss_terms else [])
+    parts = ([", ".join(loss_terms)
+              + (f" on rank{'s' if len(on_ranks) > 1 else ''} "
+                 f"{', '.join(map(str, on_ranks))}" if on_ranks else "")]
+             if loss_terms else [])
     if weight_terms:
         parts.append(f"the weight of {layer} ({origin.split(':', 1)[1]} was already "
                      f"non-finite: a corrupted parameter)")
@@ -131,6 +139,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     finding = Finding(
         kind="nonfinite", severity="high", first_step=first, last_step=last, summary=summary,
         evidence={"terms": terms, "layer": layer, "steps_affected": len(bad),
+                  **({"ranks": on_ranks} if on_ranks else {}),
                   "skipped_updates": len(data.events_of("skipped_step")),
                   "extreme_before": before},
         cause=cause, detector=NAME,

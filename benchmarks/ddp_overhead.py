@@ -1,0 +1,120 @@
+"""The Monitor's overhead under DistributedDataParallel: 2 CPU processes, the gloo backend.
+
+One DDP training run of vaediag's default model (32 px, batch 32 per rank), in blocks of
+``--block`` steps alternating between the plain loop and the same loop with the Monitor
+(``standard`` probes, every rank creating it, rank 0 recording), so both see the same machine
+conditions. Evaluations are outside the timed steps (as in benchmarks/overhead.py: their cost
+is per evaluation, not per step). Reported: rank 0's mean and median step with and without the
+Monitor and their ratio, and the cost of the step's one extra collective alone.
+
+    python benchmarks/ddp_overhead.py [--steps 1200] [--block 20]
+
+Target: ``standard`` within 1.05x of the plain DDP loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, port: int, steps: int, block: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    from vaediag import Monitor
+    from vaediag.config import build_config
+    from vaediag.data import load_dataset
+    from vaediag.losses import loss_terms
+    from vaediag.model import ConvVAE
+    from vaediag.monitor.ranks import Ranks
+    from vaediag.probes import build
+
+    config = build_config(overrides=["data.resolution=32", "data.toyfaces_size=2048",
+                                     "data.val_size=64", "model.channels=[16, 32, 64]"])
+    data = load_dataset(config.data)
+    torch.manual_seed(0)
+    model = ConvVAE.from_config(config)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+    images = torch.from_numpy(data.train).float().div_(255.0)
+    g = torch.Generator().manual_seed(rank)
+    with tempfile.TemporaryDirectory() as tmp:
+        mon = Monitor(Path(tmp) / "run", ddp, optimizer, eval_images=data.val[:8],
+                      eval_every=10**9, probes=build("standard"), online=False)
+        times: dict[str, list[float]] = {"off": [], "standard": []}
+        monitored = 0
+        for step in range(steps):
+            preset = "standard" if (step // block) % 2 else "off"
+            x = images[torch.randint(0, len(images), (32,), generator=g)]
+            dist.barrier()  # every step starts together on both ranks
+            t0 = time.perf_counter()
+            result = ddp(x, generator=g)
+            terms = loss_terms(result.logits, x, result.mu, result.logvar, result.z,
+                               config.loss, 1.0)
+            optimizer.zero_grad(set_to_none=True)
+            use = preset == "standard"
+            terms.total.backward(retain_graph=use and mon.wants_graph(monitored))
+            if use:
+                mon.after_backward(monitored, recon=terms.recon, kl=terms.kl,
+                                   total=terms.total, beta=1.0, mu=result.mu,
+                                   logvar=result.logvar)
+            optimizer.step()
+            if use:
+                mon.after_step(monitored)
+                monitored += 1
+            del result, terms
+            times[preset].append(time.perf_counter() - t0)
+        mon.close()
+        ranks = Ranks()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            ranks.gather(torch.tensor(1.0), torch.tensor(2.0), None, False, torch.device("cpu"))
+        gather_ms = (time.perf_counter() - t0) / 200 * 1e3
+    if rank == 0:
+        skip = 2 * block  # warm-up
+        lines = []
+        mean = {p: statistics.fmean(t[skip // 2:]) * 1e3 for p, t in times.items()}
+        median = {p: statistics.median(t[skip // 2:]) * 1e3 for p, t in times.items()}
+        lines.append(f"{WORLD} processes, gloo, vaediag's model at 32 px, batch 32 per rank, "
+                     f"{steps} steps in blocks of {block}")
+        for p in times:
+            lines.append(f"  {p:<9} mean step {mean[p]:7.2f} ms ({mean[p] / mean['off']:.3f}x)"
+                         f"   median {median[p]:7.2f} ms ({median[p] / median['off']:.3f}x)")
+        lines.append(f"  the step's collective alone (all_gather of 4 numbers): "
+                     f"{gather_ms:.3f} ms")
+        Path(out).write_text("\n".join(lines) + "\n")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--block", type=int, default=20)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.txt")
+        mp.start_processes(_rank, args=(_free_port(), args.steps, args.block, out),
+                           nprocs=WORLD, start_method="spawn")
+        print(Path(out).read_text(), end="")
+
+
+if __name__ == "__main__":
+    main()

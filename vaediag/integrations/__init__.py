@@ -1,0 +1,1 @@
+"""vaediag inside other training frameworks (each an optional extra): :mod:`.lightning`."""

@@ -1,0 +1,89 @@
+"""The Monitor under ``torch.distributed`` (torchrun, DDP): one run directory, written by rank 0.
+
+Every rank creates its Monitor with the same arguments. Rank 0 records; the others
+(:class:`vaediag.monitor.Follower`) write nothing. At each step every rank takes part in one
+small collective, an all-gather of its loss terms (and rank 0's request to stop), so that:
+
+- rank 0 records the global batch: ``recon``, ``kl`` and ``total`` are the mean over ranks, and
+  ``recon_rank_spread`` / ``kl_rank_spread`` (largest minus smallest rank) say how unlike one
+  another the ranks' batches were;
+- a non-finite loss term on any rank is seen by every rank (each takes the same decision), and
+  rank 0's ``nonfinite`` event names the ranks it appeared on;
+- a stop asked for by rank 0 (``stop_on``) stops every rank at the same step.
+
+Gradient norms and Adam's statistics need no collective under DDP: the gradients are already
+reduced, and every rank's optimizer holds the same state. Evaluations run on rank 0 on the
+unwrapped module (a DDP forward would wait for the other ranks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vaediag.errors import UserError
+
+#: the per-step vector every rank contributes: its loss terms, then rank 0's stop request
+TERMS = ("recon", "kl", "total")
+STOP = len(TERMS)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (or DataParallel); the model itself otherwise."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel,
+                                              nn.DataParallel)) else model
+
+
+class Ranks:
+    """This process's place in a ``torch.distributed`` job (a job of one when there is none)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.active = dist.is_available() and dist.is_initialized() and \
+            dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+
+    @property
+    def records(self) -> bool:
+        """Whether this rank writes the run directory (rank 0)."""
+        return self.rank == 0
+
+    def gather(self, recon, kl, total, stop: bool, device: torch.device) -> torch.Tensor:
+        """The step's one collective: every rank's (recon, kl, total, stop) as a (world, 4)
+        float64 tensor on ``device`` (``total`` NaN where not given)."""
+        values = [recon, kl, math.nan if total is None else total]
+        parts = [v.detach().reshape(()).to(device, torch.float64) if isinstance(v, torch.Tensor)
+                 else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values]
+        mine = torch.stack([*parts, torch.tensor(float(stop), dtype=torch.float64,
+                                                 device=device)])
+        out = [torch.empty_like(mine) for _ in range(self.world)]
+        self._dist.all_gather(out, mine)
+        return torch.stack(out)
+
+    def agree(self, ok: bool) -> None:
+        """After setting up: every rank learns whether all could (so none waits at the first
+        step for a rank that failed). A rank that set up raises when another did not; one that
+        did not raises its own error."""
+        flag = torch.tensor([1.0 if ok else 0.0])
+        out = [torch.empty_like(flag) for _ in range(self.world)]
+        self._dist.all_gather(out, flag)
+        failed = [r for r, f in enumerate(out) if f.item() == 0.0]
+        if ok and failed:
+            raise UserError(f"rank {failed[0]} could not set up its Monitor (its error says "
+                            f"why); rank {self.rank} stops too")
+
+
+def nonfinite_ranks(values: list[list[float]]) -> dict[str, list[int]]:
+    """{term: the ranks whose value was not finite}, from the gathered values on the host."""
+    out: dict[str, list[int]] = {}
+    for rank, row in enumerate(values):
+        for i, term in enumerate(TERMS):
+            if not math.isfinite(row[i]) and not (term == "total" and math.isnan(row[i])
+                                                  and all(math.isnan(r[i]) for r in values)):
+                out.setdefault(term, []).append(rank)
+    return out
