@@ -1,13 +1,14 @@
 """The Monitor's overhead under DistributedDataParallel: 2 CPU processes, the gloo backend.
 
-One DDP training run of vaediag's default model (32 px, batch 32 per rank), in blocks of
+One DDP training run of vaediag's default model at 64 px (``--resolution 32``: a small model),
+batch 32 per rank, one thread per process, in blocks of
 ``--block`` steps alternating between the plain loop and the same loop with the Monitor
 (``standard`` probes, every rank creating it, rank 0 recording), so both see the same machine
 conditions. Evaluations are outside the timed steps (as in benchmarks/overhead.py: their cost
 is per evaluation, not per step). Reported: rank 0's mean and median step with and without the
 Monitor and their ratio, and the cost of the step's one extra collective alone.
 
-    python benchmarks/ddp_overhead.py [--steps 1200] [--block 20]
+    python benchmarks/ddp_overhead.py [--steps 1200] [--block 20] [--resolution 64]
 
 Target: ``standard`` within 1.05x of the plain DDP loop.
 """
@@ -35,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, port: int, steps: int, block: int, out: str) -> None:
+def _rank(rank: int, port: int, steps: int, block: int, out: str, resolution: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -47,8 +48,9 @@ def _rank(rank: int, port: int, steps: int, block: int, out: str) -> None:
     from vaediag.monitor.ranks import Ranks
     from vaediag.probes import build
 
-    config = build_config(overrides=["data.resolution=32", "data.toyfaces_size=2048",
-                                     "data.val_size=64", "model.channels=[16, 32, 64]"])
+    small = ["model.channels=[16, 32, 64]"] if resolution == 32 else []
+    config = build_config(overrides=[f"data.resolution={resolution}", "data.toyfaces_size=2048",
+                                     "data.val_size=64", *small])
     data = load_dataset(config.data)
     torch.manual_seed(0)
     model = ConvVAE.from_config(config)
@@ -93,7 +95,9 @@ def _rank(rank: int, port: int, steps: int, block: int, out: str) -> None:
         lines = []
         mean = {p: statistics.fmean(t[skip // 2:]) * 1e3 for p, t in times.items()}
         median = {p: statistics.median(t[skip // 2:]) * 1e3 for p, t in times.items()}
-        lines.append(f"{WORLD} processes, gloo, vaediag's model at 32 px, batch 32 per rank, "
+        model_name = "a small model (channels 16-64)" if resolution == 32 else "the default model"
+        lines.append(f"{WORLD} processes, gloo, 1 thread each, {model_name} at {resolution} px, "
+                     f"batch 32 per rank, "
                      f"{steps} steps in blocks of {block}")
         for p in times:
             lines.append(f"  {p:<9} mean step {mean[p]:7.2f} ms ({mean[p] / mean['off']:.3f}x)"
@@ -108,10 +112,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--block", type=int, default=20)
+    parser.add_argument("--resolution", type=int, default=64, choices=(32, 64),
+                        help="64: vaediag's default model; 32: a small one (channels 16-64)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.txt")
-        mp.start_processes(_rank, args=(_free_port(), args.steps, args.block, out),
+        mp.start_processes(_rank, args=(_free_port(), args.steps, args.block, out,
+                                        args.resolution),
                            nprocs=WORLD, start_method="spawn")
         print(Path(out).read_text(), end="")
 
