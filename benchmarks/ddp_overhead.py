@@ -105,6 +105,7 @@ def _rank(rank: int, port: int, steps: int, block: int, out: str, resolution: in
         lines.append(f"  the step's collective alone (all_gather of 4 numbers): "
                      f"{gather_ms:.3f} ms")
         Path(out).write_text("\n".join(lines) + "\n")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -27,15 +27,15 @@ NAN_AT = 30  # rank 1's loss is NaN at this step
 class SmallVAE(nn.Module):
     def __init__(self, latent: int = 4):
         super().__init__()
-        self.enc = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 64), nn.ReLU(),
+        self.enc = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 64), nn.ReLU(),
                                  nn.Linear(64, 2 * latent))
-        self.dec = nn.Sequential(nn.Linear(latent, 64), nn.ReLU(), nn.Linear(64, 3 * 8 * 8))
+        self.dec = nn.Sequential(nn.Linear(latent, 64), nn.ReLU(), nn.Linear(64, 3 * 16 * 16))
 
     def encode(self, x):
         return self.enc(x).chunk(2, dim=1)
 
     def decode_logits(self, z):
-        return self.dec(z).view(-1, 3, 8, 8)
+        return self.dec(z).view(-1, 3, 16, 16)
 
     def decode(self, z):
         return torch.sigmoid(self.decode_logits(z))
@@ -60,7 +60,7 @@ def _worker(rank: int, out: str, port: int, fail_rank0: bool) -> None:
         model = SmallVAE()
         ddp = nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-3)
-        images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
         run = Path(out) / "run"
         try:
             mon = vaediag.Monitor(run, ddp, optimizer, eval_images=images, eval_every=20,
@@ -69,7 +69,7 @@ def _worker(rank: int, out: str, port: int, fail_rank0: bool) -> None:
             (Path(out) / f"rank{rank}.error").write_text(str(exc))
             return
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own share of the batch
-        data = torch.rand(64, 3, 8, 8, generator=g)
+        data = torch.rand(64, 3, 16, 16, generator=g)
         seen = {"recon": [], "kl": [], "skipped": []}
         for step in range(STEPS):
             x = data[torch.randint(0, 64, (16,), generator=g)]
@@ -80,7 +80,7 @@ def _worker(rank: int, out: str, port: int, fail_rank0: bool) -> None:
                 recon = recon * float("nan")
             kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
             optimizer.zero_grad()
-            (recon + kl).backward()
+            (recon + kl).backward(retain_graph=mon.wants_graph(step))
             check = mon.after_backward(step, recon=recon, kl=kl, mu=mu, logvar=logvar)
             seen["recon"].append(recon.item())
             seen["kl"].append(kl.item())
@@ -94,6 +94,7 @@ def _worker(rank: int, out: str, port: int, fail_rank0: bool) -> None:
         mon.close()
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(seen))
     finally:
+        dist.barrier()  # both ranks alive until both are done: a clean teardown
         dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ dir is checkpointed and can be resumed).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -176,6 +177,8 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
                           progress=progress,
                           on_start=lambda path: click.echo(f"run directory: {path}"))
     took = time.monotonic() - started
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for the run
+        return
     _exit_if_interrupted(result, run_dir)
     click.echo(f"trained to step {result.step:,} in {took:.0f} s; grids in {run_dir / 'grids'}")
     click.echo(f"run directory: {run_dir}")

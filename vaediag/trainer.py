@@ -7,6 +7,8 @@ per-step rows of an interrupted-and-resumed run equal those of an uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -30,7 +32,7 @@ from vaediag.model import ConvVAE
 from vaediag.monitor import Monitor
 from vaediag.rundir import CHECKPOINTS_DIR, step_file
 from vaediag.schedules import beta_at, lr_at
-from vaediag.session import RunSession
+from vaediag.session import RunSession, load_latest_checkpoint
 
 
 @dataclass
@@ -82,6 +84,57 @@ class EpochOrder:
         return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
 
 
+@dataclass
+class Ranks:
+    """Where this process runs: under ``torchrun`` one of ``world`` ranks (``WORLD_SIZE`` in
+    the environment), else a job of one."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+    joined: bool = False  # this call started the process group (and ends it)
+
+    @classmethod
+    def join(cls, device: str) -> Ranks:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        joined = not dist.is_initialized()
+        if joined:
+            cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), local, joined)
+
+    def device(self, name: str) -> str:
+        """A CUDA device is the local rank's GPU."""
+        if self.world > 1 and (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
+            return f"cuda:{self.local}"
+        return name
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (a generator's state), on every rank."""
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def leave(self, clean: bool) -> None:
+        """End the process group this call started; after a clean finish, once every rank is
+        done (so none loses the group's store while it still needs it)."""
+        if self.joined:
+            import torch.distributed as dist
+
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
 class _StopFlag:
     """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one aborts."""
 
@@ -123,23 +176,22 @@ def _eval_loss_fn(model: ConvVAE, config: Config):
 CHECKPOINT_KEYS = ("model", "optimizer", "sampler_rng", "torch_rng", "monitor")
 
 
-def _restore_weights(session: RunSession, model: torch.nn.Module,
+def _restore_weights(run_dir: str | Path, state: dict[str, Any], model: torch.nn.Module,
                      optimizer: torch.optim.Optimizer, config: Config,
                      new_optimizer: bool) -> None:
     """Load the checkpoint's model and optimizer state, or say in one line why it does not fit
     this run (another model, missing keys); nothing in the run directory has changed then."""
-    state = session.checkpoint
-    name = f"{CHECKPOINTS_DIR}/{step_file(session.start_step, 'pt')}"
+    name = f"{CHECKPOINTS_DIR}/{step_file(int(state['step']), 'pt')}"
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
-        raise RunDirError(f"{session.path}: {name} lacks {', '.join(missing)}: not a checkpoint "
+        raise RunDirError(f"{run_dir}: {name} lacks {', '.join(missing)}: not a checkpoint "
                           f"of vaediag train; nothing was changed")
     try:
         model.load_state_dict(state["model"])
         if not new_optimizer:
             restore_optimizer(optimizer, state["optimizer"], config)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise RunDirError(f"{session.path}: {name} does not fit this run's model or optimizer "
+        raise RunDirError(f"{run_dir}: {name} does not fit this run's model or optimizer "
                           f"({first_line(exc, 160)}); nothing was changed") from None
 
 
@@ -183,22 +235,47 @@ def train(
     gradient went non-finite.
     """
     tc = config.train
-    device = environment.resolve_device(tc.device)
+    ranks = Ranks.join(tc.device)
+    try:
+        result = _train(config, run_dir, ranks, resume=resume, overwrite=overwrite,
+                        progress=progress, quiet=quiet or ranks.rank > 0, on_start=on_start)
+    except BaseException:
+        ranks.leave(clean=False)
+        raise
+    ranks.leave(clean=True)
+    return result
+
+
+def _train(config: Config, run_dir: str | Path, ranks: Ranks, *, resume: bool, overwrite: bool,
+           progress: bool | None, quiet: bool,
+           on_start: Callable[[Path], None] | None) -> TrainResult:
+    tc = config.train
+    device = environment.resolve_device(ranks.device(tc.device))
     # Refuse a run dir we may not use before spending time on data or touching its files.
+    # Under torchrun only rank 0 touches it; the others read the checkpoint to resume from.
+    session: RunSession | None = None
+    checkpoint: dict[str, Any] | None = None
     if resume:
-        session = RunSession.resume(run_dir)
-        changes = resume_changes(from_dict(session.saved_config()), config)
+        if ranks.rank == 0:
+            session = RunSession.resume(run_dir)
+            checkpoint = session.checkpoint
+            changes = resume_changes(from_dict(session.saved_config()), config)
+        else:
+            checkpoint = load_latest_checkpoint(Path(run_dir))
+            changes = {}
         # another optimizer starts with its own fresh state (a replay asking "is it Adam?")
         new_optimizer = "optim.name" in changes
-    else:
+    elif ranks.rank == 0:
         session = RunSession.new(run_dir, overwrite=overwrite)
     extra_probes = build_extra_probes(config.probes.extra)
     data = load_dataset(config.data)
     _report_skipped(data)
-    if tc.batch_size > len(data.train):
-        raise UserError(f"train.batch_size ({tc.batch_size}) is larger than the training set "
-                        f"({len(data.train)} images)")
-    order = EpochOrder(len(data.train), tc.batch_size, tc.seed)
+    batch = tc.batch_size * ranks.world  # the global batch: each rank takes its share
+    if batch > len(data.train):
+        raise UserError(f"train.batch_size ({tc.batch_size}"
+                        + (f" x {ranks.world} ranks" if ranks.world > 1 else "")
+                        + f") is larger than the training set ({len(data.train)} images)")
+    order = EpochOrder(len(data.train), batch, tc.seed)
     spe = order.steps_per_epoch
     total_steps = tc.steps or tc.epochs * spe
     eval_every = config.eval.every_steps or spe
@@ -207,32 +284,36 @@ def train(
     torch.manual_seed(tc.seed)
     model = ConvVAE.from_config(config).to(device)
     optimizer = build_optimizer(model, config)
-    sampler = torch.Generator(device=device).manual_seed(tc.seed + 1)
+    sampler = torch.Generator(device=device).manual_seed(tc.seed + 1 + 1000 * ranks.rank)
 
     if resume:  # before anything in the run directory changes: the checkpoint must fit
-        _restore_weights(session, model, optimizer, config, new_optimizer)
-    if on_start is not None:  # every input checked: say where the run goes
+        _restore_weights(run_dir, checkpoint, model, optimizer, config, new_optimizer)
+    if on_start is not None and ranks.rank == 0:  # every input checked: say where it goes
         on_start(session.path)
 
-    with session:  # an exception from here on closes the run with the status it calls for
+    # an exception from here on closes the run with the status it calls for (rank 0)
+    with session if session is not None else contextlib.nullcontext():
         # A resumed run first forgets what came after its checkpoint and records how this
         # session starts, before anything else writes events.
-        writer = session.open(config_toml=config.to_toml(),
-                              environment=environment.collect(device, tc.seed),
-                              flush_steps=config.log.flush_steps,
-                              flush_seconds=config.log.flush_seconds,
-                              **({"changes": changes, "total_steps": total_steps,
-                                  "optimizer_state": "new" if new_optimizer else "restored"}
-                                 if resume else {}))
-        if not resume:
-            skipped = data.skipped
-            writer.event("start", 0, total_steps=total_steps, steps_per_epoch=spe,
-                         train_images=len(data.train), val_images=len(data.val), data=data.name,
-                         skipped_files=len(skipped.corrupt) + len(skipped.not_images)
-                         if skipped else 0)
+        if session is not None:
+            writer = session.open(config_toml=config.to_toml(),
+                                  environment=environment.collect(device, tc.seed),
+                                  flush_steps=config.log.flush_steps,
+                                  flush_seconds=config.log.flush_seconds,
+                                  **({"changes": changes, "total_steps": total_steps,
+                                      "optimizer_state": "new" if new_optimizer
+                                      else "restored"} if resume else {}))
+            if not resume:
+                skipped = data.skipped
+                writer.event("start", 0, total_steps=total_steps, steps_per_epoch=spe,
+                             train_images=len(data.train), val_images=len(data.val),
+                             data=data.name, world_size=ranks.world,
+                             skipped_files=len(skipped.corrupt) + len(skipped.not_images)
+                             if skipped else 0)
         pc = config.probes
         train_images, train_factors = train_sample(data, config.data.seed)
-        monitor = Monitor(session, model, optimizer, eval_images=data.val[:8],
+        monitor = Monitor(session if session is not None else run_dir, model, optimizer,
+                          eval_images=data.val[:8],
                           eval_loss=_eval_loss_fn(model, config), eval_every=eval_every,
                           probes=probe_library.build(pc.preset, pc.split_every, pc.layer_every,
                                                      pc.optimizer_every),
@@ -244,24 +325,32 @@ def train(
                           recon_mode=config.eval.recon_mode, seed=tc.seed,
                           steps_per_epoch=spe, eval_factors=data.val_factors,
                           online=tc.online, stop_on=tc.stop_on)
-        step = session.start_step
+        monitor.stops_itself = False  # the loop below stops every rank, with a checkpoint
+        step = int(checkpoint["step"]) if checkpoint is not None else 0
         if resume:  # the random state last: setting up the Monitor may draw from it
-            state = session.checkpoint
-            sampler.set_state(state["sampler_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            monitor.load_state_dict(state["monitor"])
+            sampler.set_state(checkpoint.get("sampler_rng_ranks", [checkpoint["sampler_rng"]])
+                              [ranks.rank])
+            torch.set_rng_state(checkpoint.get("torch_rng_ranks", [checkpoint["torch_rng"]])
+                                [ranks.rank])
+            monitor.load_state_dict(checkpoint["monitor"])
         if step >= total_steps:
-            session.close("finished", step, "nothing to do: already at the last step")
-            return TrainResult(session.path, "finished", step, total_steps)
+            if session is not None:
+                session.close("finished", step, "nothing to do: already at the last step")
+            return TrainResult(Path(run_dir), "finished", step, total_steps)
         return _loop(config, data, order, model, optimizer, sampler, monitor, session, device,
-                     step, total_steps, checkpoint_every, progress, quiet)
+                     step, total_steps, checkpoint_every, progress, quiet, ranks, resume)
 
 
 def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, optimizer,
           sampler: torch.Generator, monitor: Monitor, session: RunSession, device: torch.device,
           start: int, total_steps: int, checkpoint_every: int,
-          progress: bool | None, quiet: bool) -> TrainResult:
+          progress: bool | None, quiet: bool, ranks: Ranks, resumed: bool) -> TrainResult:
     tc, spe = config.train, order.steps_per_epoch
+    share = slice(ranks.rank * tc.batch_size, (ranks.rank + 1) * tc.batch_size)
+    # under torchrun the forward goes through DDP (its backward reduces the gradients); the
+    # Monitor, the evaluations and the checkpoints use the module inside
+    net = model if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     images = torch.from_numpy(data.train)
     injector = Injector(parse_all(tc.inject))
     fault_noise = torch.Generator().manual_seed(tc.seed + 2)
@@ -275,15 +364,22 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
         (lambda text: print(f"vaediag: {text}", file=sys.stderr, flush=True))
     started_at = monitor.elapsed()  # steps/s of this session (a resumed run's clock goes on)
 
-    writer = session.writer
+    writer = session.writer if session is not None else None
 
     def checkpoint(step: int) -> None:
+        """Every rank's random state, saved by rank 0 (a collective under torchrun)."""
+        samplers, torch_rngs = ranks.gather(sampler.get_state()), \
+            ranks.gather(torch.get_rng_state())
+        if session is None:
+            return
         session.save_checkpoint(step, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "sampler_rng": sampler.get_state(), "torch_rng": torch.get_rng_state(),
+            "sampler_rng": samplers[0], "torch_rng": torch_rngs[0],
+            **({"sampler_rng_ranks": samplers, "torch_rng_ranks": torch_rngs}
+               if ranks.world > 1 else {}),
             "monitor": monitor.state_dict()}, keep=tc.keep_checkpoints)
 
-    if start == 0 and not session.resumed:  # a resume from step 0 has these already
+    if start == 0 and not resumed:  # a resume from step 0 has these already
         if injector:
             injector.after_update(0, model)
         monitor.evaluate(0)
@@ -292,13 +388,14 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
     step = start
     with _StopFlag().installed() as stop, bar:
         while step < total_steps:
-            x = images[order.batch(step)].to(device, non_blocking=True).float().div_(255.0)
+            x = images[order.batch(step)[share]].to(device, non_blocking=True).float().div_(255.0)
             x = augment(x, tc.augment, step_generator(tc.seed, step))
             lr = lr_at(step, config.optim, total_steps)
             if injector:
                 for fault in injector.starting(step):
-                    writer.event("inject", step, fault=fault.spec, fault_kind=fault.kind,
-                                 last_step=fault.last_step, **fault.params)
+                    if writer is not None:
+                        writer.event("inject", step, fault=fault.spec, fault_kind=fault.kind,
+                                     last_step=fault.last_step, **fault.params)
                 lr *= injector.lr_factor(step)
                 x = injector.batch(step, x, fault_noise)
             for group in optimizer.param_groups:
@@ -307,7 +404,7 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                     group["eps"] = injector.eps(step, config.optim.eps)
             beta = beta_at(step, config.loss) * (injector.beta_factor(step) if injector else 1.0)
 
-            out = model(x, generator=sampler)
+            out = net(x, generator=sampler)
             terms = loss_terms(out.logits, x, out.mu, out.logvar, out.z, config.loss, beta,
                                model.log_scale)
             optimizer.zero_grad(set_to_none=True)
@@ -342,13 +439,20 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                 injector.after_update(step + 1, model)
             monitor.after_step(step, skipped=skip)
             step += 1
-            if monitor.stop_reason is not None:  # train.stop_on: a finding this severe
+            if ranks.world > 1:  # every rank stops after the same step (monitor/ranks.py)
+                if stop.signal or monitor.stop_reason is not None:
+                    monitor.request_stop()
+                stopping = monitor.stop_agreed
+            else:
+                stopping = stop.signal is not None or monitor.stop_reason is not None
+            if stopping and not stop.signal:  # train.stop_on: a finding this severe
                 checkpoint(step)
                 raise TrainingStopped(f"stopped at step {step} (train.stop_on = "
-                                      f"{tc.stop_on!r}) on the {monitor.stop_reason}; state "
-                                      f"saved: change the config and --resume", step)
+                                      f"{tc.stop_on!r}) on the "
+                                      f"{monitor.stop_reason or 'finding rank 0 reported'}; "
+                                      f"state saved: change the config and --resume", step)
 
-            if step % checkpoint_every == 0 or step == total_steps or stop.signal:
+            if step % checkpoint_every == 0 or step == total_steps or stopping:
                 if step == total_steps and step % monitor.eval_every:
                     monitor.evaluate(step)  # always end on a grid of the final model
                 checkpoint(step)
@@ -363,11 +467,11 @@ def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, opti
                 print(f"step {step:,}/{total_steps:,}  epoch {step / spe:.2f}  recon "
                       f"{row['recon']:.4g}  KL {row['kl']:.4g}  ({elapsed:.0f} s, "
                       f"{rate:.1f} steps/s)", file=sys.stderr, flush=True)
-            if stop.signal:
+            if stopping:
                 monitor.close("interrupted", step, f"stopped by signal {stop.signal}")
-                return TrainResult(session.path, "interrupted", step, total_steps)
+                return TrainResult(Path(monitor.run_path), "interrupted", step, total_steps)
     monitor.close("finished", step)
-    return TrainResult(session.path, "finished", step, total_steps)
+    return TrainResult(Path(monitor.run_path), "finished", step, total_steps)
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:

@@ -258,6 +258,7 @@ class Monitor:
             self.session.open(config_toml=config_toml,
                               environment=environment.collect(self.device, seed))
         self.writer = self.session.writer
+        self.run_path = self.session.path
         #: whether this Monitor made its run directory (a user's loop) or was handed a
         #: session (``vaediag train``, which stops itself)
         self._own_session = not isinstance(run_dir, RunSession)
@@ -466,8 +467,18 @@ class Monitor:
         return on which ranks each loss term was non-finite."""
         values = [[row.pop(f"_rank/{r}/{i}") for i in range(STOP + 1)]
                   for r in range(self.ranks.world)]
-        self._stop_now = self._stop_now or values[0][STOP] > 0
+        self._stop_now = self._stop_now or any(v[STOP] > 0 for v in values)
         return nonfinite_ranks(values)
+
+    def request_stop(self) -> None:
+        """Under torch.distributed: ask every rank to stop; they learn it from the next step's
+        gather and :attr:`stop_agreed` turns true on all of them after that same step."""
+        self._stop_asked = True
+
+    @property
+    def stop_agreed(self) -> bool:
+        """Under torch.distributed: some rank asked to stop, and every rank knows it now."""
+        return self._stop_now
 
     def _gather_device(self, value: Any) -> torch.device:
         """Where the step's collective runs: the loss's device (NCCL needs the GPU)."""
@@ -633,11 +644,15 @@ class Follower(Monitor):
             raise UserError(f"stop_on must be one of {', '.join(map(repr, STOP_ON))}, got "
                             f"{stop_on!r}")
         self.model, self.optimizer, self.eval_every = model, optimizer, eval_every
+        self.run_path = run_dir.path if isinstance(run_dir, RunSession) else Path(run_dir)
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.device = self._params[0][1].device if self._params else torch.device("cpu")
         self.online = None
         self._own_session = False
         self._stop_asked = self._stop_now = False
+        #: a user's loop: raise TrainingStopped when the ranks agreed to stop (``vaediag
+        #: train`` sets this False and stops every rank itself, with a checkpoint)
+        self.stops_itself = True
         self._t0, self._elapsed_before = time.monotonic(), 0.0
         self.last_step_row: dict[str, Any] = {}
         self.last_eval_row: dict[str, Any] = {}
@@ -658,14 +673,15 @@ class Follower(Monitor):
         checks.number("beta", beta), checks.number("epoch", epoch)
         checks.latents(mu, logvar, None)
         checks.extra(extra)
-        gathered = self.ranks.gather(recon, kl, total, False, self._gather_device(recon))
+        gathered = self.ranks.gather(recon, kl, total, self._stop_asked,
+                                     self._gather_device(recon))
         norms = grad_norms(self._params)
         norm = (norms.double().square().sum().sqrt() if norms is not None
                 else torch.tensor(math.nan, dtype=torch.float64))
         host = torch.cat([gathered.reshape(-1), norm.reshape(1).to(gathered)]).tolist()
         width = STOP + 1
         values = [host[r * width:(r + 1) * width] for r in range(self.ranks.world)]
-        self._stop_now = self._stop_now or values[0][STOP] > 0
+        self._stop_now = self._stop_now or any(v[STOP] > 0 for v in values)
         check = StepCheck(grad_norm=host[-1])
         for i, term in enumerate(("recon", "kl", "total")):
             if term == "total" and total is None:
@@ -680,7 +696,7 @@ class Follower(Monitor):
     def after_step(self, step: int, *, skipped: bool = False, evaluate: bool = True) -> None:
         step = checks.step(step)
         checks.flag("skipped", skipped), checks.flag("evaluate", evaluate)
-        if self._stop_now:
+        if self._stop_now and self.stops_itself:
             raise TrainingStopped(f"stopped at step {step + 1}: rank 0 stopped the run", step + 1)
 
     def evaluate(self, step: int) -> dict[str, Any]:

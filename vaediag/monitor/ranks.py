@@ -9,7 +9,8 @@ small collective, an all-gather of its loss terms (and rank 0's request to stop)
   another the ranks' batches were;
 - a non-finite loss term on any rank is seen by every rank (each takes the same decision), and
   rank 0's ``nonfinite`` event names the ranks it appeared on;
-- a stop asked for by rank 0 (``stop_on``) stops every rank at the same step.
+- a stop asked for by any rank (rank 0's ``stop_on``, a signal ``vaediag train`` received)
+  stops every rank after the same step.
 
 Gradient norms and Adam's statistics need no collective under DDP: the gradients are already
 reduced, and every rank's optimizer holds the same state. Evaluations run on rank 0 on the
@@ -25,7 +26,7 @@ from torch import nn
 
 from vaediag.errors import UserError
 
-#: the per-step vector every rank contributes: its loss terms, then rank 0's stop request
+#: the per-step vector every rank contributes: its loss terms, then its request to stop
 TERMS = ("recon", "kl", "total")
 STOP = len(TERMS)
 
