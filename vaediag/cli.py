@@ -127,6 +127,7 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
       vaediag train --data ~/anime-faces --epochs 30 --out runs/anime
       vaediag train --preset tiny --out runs/smoke --set optim.lr=1e-3
       vaediag train --out runs/first --resume --epochs 20 # continue to 20 epochs
+      torchrun --nproc_per_node 4 -m vaediag train --out runs/big  # DDP, 4 ranks
     """
     from vaediag.config import build_config
     from vaediag.trainer import default_run_dir

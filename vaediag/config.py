@@ -111,7 +111,8 @@ class OptimConfig:
 class TrainConfig:
     steps: int = opt(0, "optimizer steps to train; 0 = use epochs")
     epochs: int = opt(10, "epochs to train when steps = 0")
-    batch_size: int = opt(64, "images per step (the last partial batch of an epoch is dropped)")
+    batch_size: int = opt(64, "images per step (per rank under torchrun: the global batch is "
+                          "batch_size x ranks); the last partial batch of an epoch is dropped")
     seed: int = opt(0, "seed of initialisation, data order, sampling and the grid's fixed z")
     device: str = opt("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     on_nonfinite: Literal["stop", "skip", "continue"] = opt(
