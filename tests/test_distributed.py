@@ -98,8 +98,29 @@ def _worker(rank: int, out: str, port: int, fail_rank0: bool) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(out: Path, fail_rank0: bool = False) -> None:
-    ctx = mp.start_processes(_worker, args=(str(out), _free_port(), fail_rank0),
+def _fsdp_worker(rank: int, out: str, port: int, _: bool) -> None:
+    """FSDP (fully_shard) on gloo: every rank is refused alike, none waits."""
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = SmallVAE()
+        fully_shard(model)
+        images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        try:
+            vaediag.Monitor(Path(out) / "run", model, eval_images=images, online=False,
+                            encode=model.encode, decode=model.decode)
+        except vaediag.UserError as exc:
+            (Path(out) / f"rank{rank}.error").write_text(str(exc))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _spawn(out: Path, fail_rank0: bool = False, worker=_worker) -> None:
+    ctx = mp.start_processes(worker, args=(str(out), _free_port(), fail_rank0),
                              nprocs=WORLD, join=False, start_method="spawn")
     for _ in range(120):  # a deadlock fails the test instead of hanging it
         if ctx.join(timeout=1):
@@ -157,3 +178,10 @@ def test_when_rank_0_cannot_set_up_every_rank_stops_and_none_hangs(tmp_path):
         "exists" in (tmp_path / "rank0.error").read_text()
     assert "rank 0 could not set up its Monitor" in (tmp_path / "rank1.error").read_text()
     assert (tmp_path / "run" / "mine.txt").read_text() == "a user's file"
+
+
+def test_fsdp_is_refused_on_every_rank_with_the_reason(tmp_path):
+    _spawn(tmp_path, worker=_fsdp_worker)
+    for rank in range(WORLD):
+        assert "sharded (FSDP)" in (tmp_path / f"rank{rank}.error").read_text()
+    assert not (tmp_path / "run").exists()

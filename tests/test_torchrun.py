@@ -54,3 +54,47 @@ def test_a_resumed_distributed_run_continues_exactly(runs):
     assert resumed["step"].tolist() == list(range(40))
     for column in ("recon", "kl", "grad_norm", "recon_rank_spread"):
         np.testing.assert_array_equal(resumed[column].to_numpy(), whole[column].to_numpy())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds rank 1's process in /proc")
+def test_a_rank_killed_with_sigkill_leaves_a_readable_run(tmp_path):
+    """kill -9 of rank 1 mid-run: torchrun ends rank 0 too; the run directory reads, every row
+    flushed before is there once, and analysis runs on it."""
+    import signal
+    import time
+
+    import vaediag
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", "-m", "vaediag", "train", "--out",
+                             str(out), "--steps", "100000", *ARGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until rows are on disk
+            if (out / "run.json").exists() and len(load_run(out).scalars) >= 100:
+                break
+            time.sleep(0.5)
+        rank1 = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _is_rank1(p, out))
+        os.kill(rank1, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    run = load_run(out)
+    steps = run.scalars["step"].tolist()
+    assert steps == list(range(len(steps))) and len(steps) >= 100  # each once, none missing
+    assert run.status in ("killed", "failed")
+    assert vaediag.analyze(run).run["steps"] == len(steps)
+
+
+def _is_rank1(pid: str, out) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"RANK=1" in environ and str(out).encode() in cmdline

@@ -52,7 +52,7 @@ from vaediag.monitor.evaluation import (
 from vaediag.monitor.gradients import forward_order, grad_norms, nonfinite_origin
 from vaediag.monitor.online import STOP_ON, OnlineAnalysis
 from vaediag.monitor.probing import LPIPSLoader, ProbeRunner, UnusualSteps, held
-from vaediag.monitor.ranks import STOP, Ranks, nonfinite_ranks, unwrap
+from vaediag.monitor.ranks import STOP, Ranks, nonfinite_ranks, refuse_sharded, unwrap
 from vaediag.probes.base import (
     LayerIndex,
     Probe,
@@ -196,6 +196,7 @@ class Monitor:
               eval_every, value_range, probes, extra_probes, metric_images, train_images,
               train_factors, lpips_weights, lpips_download, recon_mode, seed, steps_per_epoch,
               eval_factors, config, overwrite, online, stop_on) -> None:
+        refuse_sharded(model)
         model = unwrap(model)  # DDP's forward would wait for the other ranks
         if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
             raise UserError(f"eval_every must be an int >= 1, got {eval_every!r}")
@@ -636,6 +637,7 @@ class Follower(Monitor):
 
     def _init(self, run_dir, model, optimizer, *, eval_every, online, stop_on,
               **_unused: Any) -> None:
+        refuse_sharded(model)
         model = unwrap(model)
         if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
             raise UserError(f"eval_every must be an int >= 1, got {eval_every!r}")

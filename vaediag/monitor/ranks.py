@@ -37,6 +37,19 @@ def unwrap(model: nn.Module) -> nn.Module:
                                               nn.DataParallel)) else model
 
 
+def refuse_sharded(model: nn.Module) -> None:
+    """FSDP shards the parameters: gradient norms and Adam's statistics read on one rank would
+    be its shard, and reading them would start collectives the other ranks never join. Until
+    the shards are combined, say so instead of recording wrong numbers or waiting forever."""
+    sharded = type(model).__name__ == "FullyShardedDataParallel" or any(
+        type(p).__name__ == "DTensor" for p in model.parameters())
+    if sharded:
+        raise UserError("the model's parameters are sharded (FSDP): the Monitor does not "
+                        "combine shards yet (its gradient norms and Adam statistics would be "
+                        "one rank's shard); use DistributedDataParallel, or record without "
+                        "sharding")
+
+
 class Ranks:
     """This process's place in a ``torch.distributed`` job (a job of one when there is none)."""
 
