@@ -98,3 +98,25 @@ def _is_rank1(pid: str, out) -> bool:
     except OSError:
         return False
     return b"RANK=1" in environ and str(out).encode() in cmdline
+
+
+def test_a_distributed_run_replays_under_torchrun_exactly(runs, capsys):
+    """A replay with no changes, on as many ranks as the run, repeats it step for step; in one
+    process it is refused with the command to use."""
+    from tests.conftest import run_cli
+
+    root, _ = runs
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "vaediag", "replay", str(root / "whole"),
+                           "--from", "20", "--out", str(root / "branch"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole, branch = load_run(root / "whole").scalars, load_run(root / "branch").scalars
+    assert branch["step"].tolist() == list(range(40))
+    for column in ("recon", "kl", "grad_norm"):
+        np.testing.assert_array_equal(branch[column].to_numpy(), whole[column].to_numpy())
+    code, _, err = run_cli(capsys, "replay", str(root / "whole"), "--from", "20", "--out",
+                           str(root / "alone"))
+    assert code == 2 and "trained on 2 rank(s)" in err and "--nproc_per_node 2" in err
+    assert not (root / "alone").exists()

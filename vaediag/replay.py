@@ -66,17 +66,29 @@ def checkpoint_at_or_before(run_dir: Path, step: int) -> tuple[int, Path]:
 
 def plan(run_dir: str | Path, from_step: int, out: str | Path, *,
          overrides: typing.Sequence[str] = (), values: dict[str, Any] | None = None,
-         steps: int | None = None) -> Branch:
+         steps: int | None = None, world: int = 1) -> Branch:
     """Check everything a replay needs and resolve its config; change nothing.
 
     ``overrides`` are ``--set KEY=VALUE`` texts and ``values`` typed settings by dotted key;
-    ``steps``: train this many steps after the checkpoint (default: to the parent's end).
+    ``steps``: train this many steps after the checkpoint (default: to the parent's end);
+    ``world``: the number of ranks the replay runs on, which must be the parent's (the global
+    batch and every rank's random state are the parent's only then).
     """
     parent = Path(run_dir)
     run = load_run(parent)
     if "train" not in run.config:
         raise RunDirError(f"{parent} was not made by 'vaediag train' (no [train] settings in its "
                           f"config): only such runs can be replayed")
+    events = run.events
+    start = events[events["kind"] == "start"] if len(events) and "kind" in events else events
+    trained_on = int(start["world_size"].iloc[0]) if len(start) and "world_size" in start \
+        and start["world_size"].notna().iloc[0] else 1
+    if trained_on != world:
+        how = (f"torchrun --nproc_per_node {trained_on} -m vaediag replay ..."
+               if trained_on > 1 else "vaediag replay ... (one process)")
+        raise RunDirError(f"{parent} was trained on {trained_on} rank(s) and this replay runs on "
+                        f"{world}: replay it as it was trained ({how}), so its global batches "
+                        f"and random states are the run's")
     step, checkpoint = checkpoint_at_or_before(parent, from_step)
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
@@ -119,11 +131,23 @@ def replay(run_dir: str | Path, from_step: int, out: str | Path, *,
            steps: int | None = None, progress: bool | None = None, quiet: bool = False):
     """Continue ``run_dir`` from its checkpoint at or before ``from_step`` with the changed
     settings, into the new run directory ``out``; returns the trainer's result."""
-    from vaediag.trainer import train
+    from vaediag.trainer import Ranks, train
 
-    branch = plan(run_dir, from_step, out, overrides=overrides, values=values, steps=steps)
-    create(branch)
-    return train(branch.config, branch.path, resume=True, progress=progress, quiet=quiet)
+    ranks = Ranks.join(load_run(run_dir).config.get("train", {}).get("device", "auto"))
+    try:
+        branch = plan(run_dir, from_step, out, overrides=overrides, values=values,
+                      steps=steps, world=ranks.world)
+        ranks.barrier()  # every rank checked the branch before rank 0 makes it
+        if ranks.rank == 0:
+            create(branch)
+        ranks.barrier()
+        result = train(branch.config, branch.path, resume=True, progress=progress,
+                       quiet=quiet)
+    except BaseException:
+        ranks.leave(clean=False)
+        raise
+    ranks.leave(clean=True)
+    return result
 
 
 __all__ = ["Branch", "checkpoint_at_or_before", "create", "plan", "replay"]

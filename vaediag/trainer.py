@@ -124,6 +124,12 @@ class Ranks:
         dist.all_gather_object(out, value)
         return out
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def leave(self, clean: bool) -> None:
         """End the process group this call started; after a clean finish, once every rank is
         done (so none loses the group's store while it still needs it)."""
