@@ -62,16 +62,18 @@ def follows(effect: Finding, cause: Finding, eval_steps: list[int]) -> bool:
     """Whether ``effect`` is close enough after ``cause`` to be its consequence.
 
     Only events of weight cause others: a cause at warning or above, or a condition or risk
-    (graded by the harm it is followed by); an ``info`` event (a spike that cost nothing, an
-    unused dimension) is the cause of ``info`` findings only, and what the evaluations show
-    follows only a cause at warning or above.
+    followed by harm (which grading then weighs); an ``info`` event (a spike that cost
+    nothing, an unused dimension) is the cause of ``info`` findings only, and what the
+    evaluations show follows only a cause at warning or above.
     """
     if effect is cause:
         return False
-    weighty = (severity_rank(cause.severity) >= 1 or KINDS[cause.kind].condition
-               or KINDS[cause.kind].risk)
-    if not weighty and severity_rank(effect.severity) >= 1:
-        return False
+    if severity_rank(cause.severity) == 0 and severity_rank(effect.severity) >= 1:
+        # an info cause: a condition or risk may be followed by harm (what grading then
+        # weighs); it is not the root of another warning, which has a cause of its own
+        graded = KINDS[cause.kind].condition or KINDS[cause.kind].risk
+        if not (graded and KINDS[effect.kind].harm):
+            return False
     if _at_evaluations(effect):
         if _at_evaluations(cause):
             # one change of the pictures: seen from the same evaluation on, or twice by one
