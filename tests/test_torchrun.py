@@ -120,3 +120,31 @@ def test_a_distributed_run_replays_under_torchrun_exactly(runs, capsys):
                            str(root / "alone"))
     assert code == 2 and "trained on 2 rank(s)" in err and "--nproc_per_node 2" in err
     assert not (root / "alone").exists()
+
+
+def test_a_planted_fault_is_diagnosed_alike_on_two_ranks_and_in_one_process(tmp_path):
+    """A 30x learning-rate jump at step 150: the 2-rank run (batch 8 per rank) and one process
+    with the same global batch of 16 get the same incident, rooted at the same step and kind
+    (on this tiny run the one-process run's latents then collapsed within the window, which the
+    2-rank run's did not: the sampling noise differs)."""
+    import vaediag
+
+    fault = ["--steps", "200", "--set", "data.toyfaces_size=512", "--set",
+             "eval.every_steps=25", "--inject", "lr_spike@150:factor=30,steps=5"]
+    two = torchrun("--out", str(tmp_path / "two"), *ARGS, *fault)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "vaediag", "train", "--out",
+                          str(tmp_path / "one"), *ARGS, *fault, "--set",
+                          "train.batch_size=16"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    roots = {}
+    for name in ("two", "one"):
+        analysis = vaediag.analyze(tmp_path / name)
+        (incident,) = [i for i in analysis.incidents
+                       if i.severity != "info" and 145 <= i.first_step <= 155]
+        roots[name] = (incident.root.kind, incident.first_step,
+                       sorted({f.kind for f in incident.members if f.severity != "info"}))
+    assert roots["two"][:2] == roots["one"][:2] == ("oversized_update", 150), roots
+    for name in roots:  # the fault's own consequences alike; what came after may differ
+        assert {"oversized_update", "generation_drift"} <= set(roots[name][2]), roots
