@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from vaediag.config import LossConfig
+if TYPE_CHECKING:  # config imports nothing that imports it back
+    from vaediag.config import LossConfig
+
 
 _LOG_2PI = math.log(2.0 * math.pi)
 

@@ -7,8 +7,10 @@ same values as an uninterrupted one.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from vaediag.config import LossConfig, OptimConfig
+if TYPE_CHECKING:  # config imports nothing that imports it back
+    from vaediag.config import LossConfig, OptimConfig
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

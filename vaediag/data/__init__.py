@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vaediag.config import DataConfig
 from vaediag.data import images, toyfaces
 from vaediag.errors import DataError
+
+if TYPE_CHECKING:  # config imports nothing that imports it back
+    from vaediag.config import DataConfig
 
 
 @dataclass

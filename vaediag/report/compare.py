@@ -16,7 +16,7 @@ from typing import Any
 from vaediag import __version__
 from vaediag.analysis import analyze, verdict
 from vaediag.analysis.findings import Finding
-from vaediag.report import GridImage, Image, figure_png, grid_caption, load_grid
+from vaediag.report.content import GridImage, Image, figure_png, grid_caption, load_grid
 from vaediag.rundir import Run, atomic_write, load_run
 
 #: evaluations whose grids are set side by side

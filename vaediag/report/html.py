@@ -8,7 +8,7 @@ import json
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from vaediag.report import SECTION_OF, Report
+from vaediag.report.content import SECTION_OF, Report
 
 MAX_EVIDENCE_CHARS = 2000
 

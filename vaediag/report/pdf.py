@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_pdf import PdfPages
 from PIL import Image as PILImage
 
-from vaediag.report import Report
+from vaediag.report.content import Report
 from vaediag.report.figures import grid_panel
 
 A4 = (8.27, 11.69)
