@@ -9,6 +9,7 @@ import io
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -216,3 +217,17 @@ def test_compare_needs_two_readable_runs(tiny_run, tmp_path, capsys):
     assert code == 2 and "at least two run directories" in err
     code, _, err = run_cli(capsys, "compare", tiny_run, tmp_path / "missing")
     assert code == 2 and "no run directory at" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_figures_leave_matplotlib_as_they_found_it():
+    """No global style or backend at import (the reports' style is scoped to their figures),
+    and the latent figure shades the kinds the registry puts in the latents section."""
+    code = ("import matplotlib\n"
+            "rc = {k: repr(v) for k, v in matplotlib.rcParams.items()}\n"
+            "import vaediag.report.figures as figures, vaediag.report.pdf\n"
+            "assert {k: repr(v) for k, v in matplotlib.rcParams.items()} == rc\n"
+            "from vaediag.analysis.detectors import KINDS\n"
+            "assert 'unused_dimensions' in figures.LATENT_KINDS\n"
+            "assert figures.LATENT_KINDS == {n for n, k in KINDS.items() "
+            "if k.section == 'latents'}\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -9,12 +9,10 @@ million-step run plots about as fast as a short one.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
-
-import matplotlib
-
-matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -24,6 +22,7 @@ from matplotlib.figure import Figure
 
 from vaediag import columns
 from vaediag.analysis import DECOUPLING
+from vaediag.analysis.detectors import KINDS
 from vaediag.analysis.findings import Analysis, Finding
 
 PAGE_WIDTH = 8.3  # inches: A4 portrait
@@ -33,10 +32,29 @@ MAX_EVAL_POINTS = 600  # evaluations drawn per line; more are drawn as block med
 MAX_MARKED = 150  # evaluation lines get a marker per point up to this many points
 MAX_SCATTER = 400  # evaluations drawn in a scatter
 SEVERITY_COLOURS = {"high": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
+#: shaded on the latent-health figure: the kinds their detectors show in the latents section
+LATENT_KINDS = {name for name, kind in KINDS.items() if kind.section == "latents"}
 
-# seaborn's "paper" context and "whitegrid" style, as matplotlib ships them (importing seaborn
-# to set a theme would cost most of a second: it imports scipy.stats)
-plt.style.use(["seaborn-v0_8-whitegrid", "seaborn-v0_8-paper"])
+#: seaborn's "paper" context and "whitegrid" style, as matplotlib ships them (importing seaborn
+#: to set a theme would cost most of a second: it imports scipy.stats); applied to the reports'
+#: figures only, never to the process (no global style or backend is set at import)
+STYLE = ("seaborn-v0_8-whitegrid", "seaborn-v0_8-paper")
+
+
+def styled(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """Draw a figure in the reports' style, scoped to it."""
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with plt.style.context(STYLE):
+            return draw(*args, **kwargs)
+    return wrapper
+
+
+def subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any):
+    """(figure, axes) like ``plt.subplots``, but a figure of its own: not in pyplot's list (so
+    nothing to close), drawn by the Agg canvas whatever the process's backend."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _blocks(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINTS):
@@ -83,10 +101,11 @@ def _series(ax, scalars: pd.DataFrame, column: str, label: str, colour: str,
     return True
 
 
+@styled
 def timelines(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis) -> Figure:
     """Reconstruction and KL (log scale) per step with the evaluation values on the same axes,
     flagged spans shaded; the learning rate and beta below."""
-    fig, axes = plt.subplots(3, 1, figsize=(PAGE_WIDTH, 7.2), sharex=True,
+    fig, axes = subplots(3, 1, figsize=(PAGE_WIDTH, 7.2), sharex=True,
                              gridspec_kw={"height_ratios": [3, 3, 1.4]})
     for ax, term, colour in ((axes[0], "recon", "C0"), (axes[1], "kl", "C2")):
         drawn = _series(ax, scalars, term, f"{term} (training batch, per step)", colour)
@@ -128,6 +147,7 @@ def quality_metrics(evals: pd.DataFrame) -> list[tuple[str, str]]:
             if facts.shown and m in evals.columns and evals[m].notna().sum() >= 2]
 
 
+@styled
 def loss_vs_quality(evals: pd.DataFrame, analysis: Analysis) -> Figure | None:
     """The evaluation loss (black) against each quality metric (colour) over time, one panel per
     metric with twin axes; decoupling findings shaded."""
@@ -136,7 +156,7 @@ def loss_vs_quality(evals: pd.DataFrame, analysis: Analysis) -> Figure | None:
         return None
     cols = 2
     rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH, 1.9 * rows + 0.6), sharex=True,
+    fig, axes = subplots(rows, cols, figsize=(PAGE_WIDTH, 1.9 * rows + 0.6), sharex=True,
                              squeeze=False)
     steps = evals["step"].to_numpy()
     kinds = set(DECOUPLING)
@@ -161,13 +181,14 @@ def loss_vs_quality(evals: pd.DataFrame, analysis: Analysis) -> Figure | None:
     return fig
 
 
+@styled
 def correlation(analysis: Analysis) -> Figure | None:
     """The rolling Spearman correlation of the loss's and each metric's changes, as the
     decoupling detector derived it: positive while they move together."""
     derived = analysis.derived.get("loss_quality_correlation")
     if not derived or not derived.get("metrics"):
         return None
-    fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 2.8))
+    fig, ax = subplots(figsize=(PAGE_WIDTH, 2.8))
     steps = np.asarray(derived["steps"])
     for k, (metric, rho) in enumerate(derived["metrics"].items()):
         rho = np.asarray(rho, dtype=np.float64)
@@ -185,13 +206,14 @@ def correlation(analysis: Analysis) -> Figure | None:
     return fig
 
 
+@styled
 def loss_quality_scatter(evals: pd.DataFrame) -> Figure | None:
     """Loss against quality at every evaluation, coloured by step: where the cloud bends away,
     the loss stopped tracking the metric."""
     metrics = quality_metrics(evals)[:4]
     if "eval_recon" not in evals.columns or not metrics:
         return None
-    fig, axes = plt.subplots(1, len(metrics), figsize=(PAGE_WIDTH, 2.6), squeeze=False)
+    fig, axes = subplots(1, len(metrics), figsize=(PAGE_WIDTH, 2.6), squeeze=False)
     evals = evals.iloc[::math.ceil(len(evals) / MAX_SCATTER)]
     for ax, (metric, _) in zip(axes[0], metrics, strict=True):
         points = ax.scatter(evals["eval_recon"], evals[metric], c=evals["step"], cmap="viridis",
@@ -236,6 +258,7 @@ LAYER_MAPS = (("grad_norm", "gradient norm", "max", True),
               ("update_ratio", "update-to-weight ratio |dW|/|W|", "max", True))
 
 
+@styled
 def layer_heatmaps(scalars: pd.DataFrame, analysis: Analysis) -> Figure | None:
     """Per-layer gradient norm, Adam update RMS, eps-dominated fraction and update ratio over
     steps (block maximum when decimated, so spikes survive), with signals marked."""
@@ -246,7 +269,7 @@ def layer_heatmaps(scalars: pd.DataFrame, analysis: Analysis) -> Figure | None:
         return None
     n_layers = panels[0][4].shape[1]
     height = 0.25 * n_layers + 0.9
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False,  # at most one A4 page
+    fig, axes = subplots(len(panels), 1, squeeze=False,  # at most one A4 page
                              figsize=(PAGE_WIDTH, min(height * len(panels) + 0.5, 11.5)))
     steps = scalars["step"].to_numpy()
     channel_of = {"grad_norm": "grad_norm", "adam_update_rms": "adam_update_rms",
@@ -281,6 +304,7 @@ def layer_heatmaps(scalars: pd.DataFrame, analysis: Analysis) -> Figure | None:
     return fig
 
 
+@styled
 def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
                   ) -> Figure | None:
     """KL per latent dimension over steps, active units per evaluation, mu/logvar ranges."""
@@ -292,7 +316,7 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
     rows = [r for r, ok in (("dims", not dims.empty), ("au", has_au), ("ranges", has_ranges))
             if ok]
     ratios = {"dims": 3, "au": 1.3, "ranges": 1.6}
-    fig, axes = plt.subplots(len(rows), 1, figsize=(PAGE_WIDTH, 1.6 * sum(
+    fig, axes = subplots(len(rows), 1, figsize=(PAGE_WIDTH, 1.6 * sum(
         ratios[r] for r in rows) + 0.4), sharex=True, squeeze=False,
         gridspec_kw={"height_ratios": [ratios[r] for r in rows]})
     steps = scalars["step"].to_numpy()
@@ -323,8 +347,7 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
                     ax.plot(x, med, color=colour, lw=0.8, label=label)
             ax.legend(fontsize=6, loc="upper right")
             ax.set_ylabel("range", fontsize=7)
-        _shade(ax, analysis.findings, {"posterior_collapse", "logvar_saturation",
-                                       "kl_explosion", "decoder_scale_shrinking"})
+        _shade(ax, analysis.findings, LATENT_KINDS)
     axes[-1, 0].set_xlim(steps[0], steps[-1] + 1)
     axes[-1, 0].set_xlabel("step")
     fig.suptitle("Latent health", fontsize=10)
@@ -332,10 +355,11 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
     return fig
 
 
+@styled
 def grid_panel(images: list[tuple[str, Any]], title: str) -> Figure:
     """Grid PNGs (as arrays) one above the other with their captions: an A4 page for the PDF."""
     n = len(images)
-    fig, axes = plt.subplots(n, 1, figsize=(PAGE_WIDTH, 11.69), squeeze=False)
+    fig, axes = subplots(n, 1, figsize=(PAGE_WIDTH, 11.69), squeeze=False)
     for ax, (caption, array) in zip(axes[:, 0], images, strict=True):
         ax.imshow(array)
         ax.set_axis_off()
@@ -365,11 +389,12 @@ def _branch_marks(ax, branches: list[tuple[str, int]]) -> None:
                    label="replayed from here" if k == 0 else None)
 
 
+@styled
 def compare_losses(runs: list[tuple[str, pd.DataFrame]],
                    branches: list[tuple[str, int]]) -> Figure:
     """Reconstruction, KL (log scale where positive) and the learning rate per step, one colour
     per run, on the same step axis; dotted: where a replay branched off its parent."""
-    fig, axes = plt.subplots(3, 1, figsize=(PAGE_WIDTH, 7.2), sharex=True,
+    fig, axes = subplots(3, 1, figsize=(PAGE_WIDTH, 7.2), sharex=True,
                              gridspec_kw={"height_ratios": [3, 3, 1.4]})
     for ax, column, label in ((axes[0], "recon", "recon"), (axes[1], "kl", "KL"),
                               (axes[2], "lr", "lr")):
@@ -388,6 +413,7 @@ def compare_losses(runs: list[tuple[str, pd.DataFrame]],
     return fig
 
 
+@styled
 def compare_quality(runs: list[tuple[str, pd.DataFrame]],
                     branches: list[tuple[str, int]]) -> Figure | None:
     """The evaluation loss and each quality metric at every evaluation, one panel per column,
@@ -400,7 +426,7 @@ def compare_quality(runs: list[tuple[str, pd.DataFrame]],
         return None
     cols = 2
     rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH, 1.9 * rows + 0.6), sharex=True,
+    fig, axes = subplots(rows, cols, figsize=(PAGE_WIDTH, 1.9 * rows + 0.6), sharex=True,
                              squeeze=False)
     for ax in axes.flat[len(shown):]:
         ax.set_axis_off()

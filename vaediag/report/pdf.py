@@ -7,13 +7,9 @@ from __future__ import annotations
 import io
 import textwrap
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
 from PIL import Image as PILImage
 
 from vaediag.report.content import Report
@@ -36,8 +32,7 @@ def text_pages(pdf: PdfPages, blocks: list[tuple[str, str]]) -> None:
         nonlocal fig, y
         if fig is not None:
             pdf.savefig(fig)
-            plt.close(fig)
-        fig = plt.figure(figsize=A4)
+        fig = Figure(figsize=A4)
         y = 1 - MARGIN
 
     new_page()
@@ -58,7 +53,6 @@ def text_pages(pdf: PdfPages, blocks: list[tuple[str, str]]) -> None:
                      va="top", ha="left", family="DejaVu Sans")
             y -= step
     pdf.savefig(fig)
-    plt.close(fig)
 
 
 def _span(f) -> str:
@@ -120,7 +114,7 @@ def image_page(data: bytes):
     (``interpolation="none"``: no resampling)."""
     picture = image_array(data)
     height = min(1.0, A4[0] * picture.shape[0] / picture.shape[1] / A4[1])
-    fig = plt.figure(figsize=A4)
+    fig = Figure(figsize=A4)
     ax = fig.add_axes((0, 1 - height, 1, height))
     ax.imshow(picture, interpolation="none", aspect="auto")
     ax.set_axis_off()
@@ -134,18 +128,17 @@ def render_pdf(report: Report, figures: list) -> bytes:
         for image in figures:
             fig = image_page(image.data)
             pdf.savefig(fig)
-            plt.close(fig)
         for grid_set in report.grid_sets:
             fig = grid_panel([(f"{g.role}: " + " | ".join(c for c in g.caption if c),
                                image_array(g.image.data)) for g in grid_set.grids],
                              f"Grids for {grid_set.title}")
             pdf.savefig(fig)
-            plt.close(fig)
         strip = report.filmstrip
         per_page = 12
         for start in range(0, len(strip), per_page):
             chunk = strip[start:start + per_page]
-            fig, axes = plt.subplots(4, 3, figsize=A4)
+            fig = Figure(figsize=A4)
+            axes = fig.subplots(4, 3)
             for ax in axes.flat:
                 ax.set_axis_off()
             for ax, g in zip(axes.flat, chunk, strict=False):
@@ -154,6 +147,5 @@ def render_pdf(report: Report, figures: list) -> bytes:
             fig.suptitle("All evaluations", fontsize=10)
             fig.tight_layout()
             pdf.savefig(fig)
-            plt.close(fig)
         text_pages(pdf, _unchecked_blocks(report))
     return buf.getvalue()
