@@ -120,6 +120,16 @@ class Monitor:
     lpips_weights, lpips_download
         Where LPIPS' AlexNet weights are, and whether torchvision may download them (LPIPS is
         loaded only when a probe asks for it).
+    recon_mode
+        What the grid's second row decodes: ``"mean"`` (the posterior mean, the default) or
+        ``"sample"`` (one fixed-noise sample of q(z|x)).
+    seed
+        Seeds the grid's fixed latent vectors and noise (the same seed, the same grid inputs).
+    steps_per_epoch
+        When given, evaluation rows record the epoch (step / steps_per_epoch).
+    config
+        Your own settings (a dict of TOML values), saved in the run's ``config.toml`` beside
+        the Monitor's.
     overwrite
         Replace an existing run directory at ``run_dir`` (a path).
     online
@@ -132,6 +142,10 @@ class Monitor:
         :meth:`after_step` saves a checkpoint (``checkpoints/step-N.pt``: the model's and the
         optimizer's state dicts), closes the run as ``stopped`` and raises
         :class:`vaediag.TrainingStopped`. ``"never"`` (the default) only reports.
+
+    Under torch.distributed every rank creates its Monitor with the same arguments: rank 0
+    gets this class and records; the others get a :class:`Follower` that writes nothing
+    (:mod:`vaediag.monitor.ranks`).
     """
 
     def __init__(
