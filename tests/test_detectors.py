@@ -555,3 +555,18 @@ def test_kl_going_infinite_is_not_a_level_shift(tmp_path):
     cols = standard_scalars(N)
     cols["kl"][1200:] = np.inf
     assert kl_explosion.detect(run_data(tmp_path, cols))[0] == []
+
+
+def test_the_docs_hold_every_threshold_as_the_detectors_define_it():
+    """docs/detectors.md's threshold tables are generated from the detectors' constants; a
+    constant without a meaning fails (as docs/configuration.md holds every config key)."""
+    from pathlib import Path
+
+    from vaediag.analysis.thresholds import markdown, thresholds
+
+    rows = [(d.NAME, name, meaning) for d in DETECTORS for name, _, meaning in thresholds(d)]
+    assert len(rows) >= 60
+    assert [r for r in rows if not r[2]] == [], "document each threshold where it is defined"
+    assert ("gradients", "Z_EXPLODE") in {(d, n) for d, n, _ in rows}
+    doc = (Path(__file__).parents[1] / "docs" / "detectors.md").read_text()
+    assert markdown() in doc, "update the tables: python -m vaediag.analysis.thresholds"

@@ -63,20 +63,31 @@ KINDS = (
     Kind("adam_update_rms_high", "optimizer", stage="optimizer", condition=True),
     Kind("adam_rms_t_high", "optimizer", stage="optimizer", condition=True),
 )
+#: recorded values in the running median of a sustained condition
 WINDOW = 50
+#: steps a condition must hold; steps before and after compared for eps-dominance's harm
 WINDOW_STEPS = 50
 #: eps-dominance that began during training did harm when the layers' updates shrank this much
 EPS_SHRINK = 3.0
 EFF_LR_SPAN = 20  # steps before an eff_lr jump searched for its cause (it is recorded every 10)
 LOW_LR = 3e-4  # at or below this learning rate, agreeing gradients are expected
+#: RMS_t at which a single step is a signal
 RMS_T_SPIKE = 4.0
+#: update RMS at which a single step is a signal
 UPDATE_RMS_SPIKE = 1.0
+#: a layer changed by this fraction of its norm in one step: an oversized update (warning when
+#: harm follows)
 RATIO_SPIKE = 0.05
+#: ... or by this many times its own usual update
 RATIO_JUMP = 10.0
 RATIO_FLOOR = 1e-2  # ten times a healthy update: smaller "jumps" are from a layer at rest
+#: effective step size rising at least this factor at once ...
 EFF_LR_FACTOR = 1.5
+#: ... and this many robust standard deviations: a step-size jump
 EFF_LR_Z = 8.0
+#: share of entries with sqrt(v^) < eps that makes a layer eps-dominated
 EPS_FRACTION = 0.5
+#: running median of the update RMS above this: successive gradients agree (healthy: 0.2-0.3)
 UPDATE_RMS_HIGH = 0.6
 RMS_T_HIGH = 2.0  # v^ underestimating g^2 four times over, for WINDOW steps
 

@@ -66,14 +66,21 @@ KINDS = (
     Kind("loss_understates_quality", "quality", decoupling=True, stage="evaluation",
          harm=True),
 )
+#: noise units a quality metric must get worse by ...
 Z_QUALITY = 4.0
+#: ... and at least this fraction of its range
 MIN_RELATIVE = 0.15
+#: the loss rose by at most this fraction (relative to its part above the floor) for it to be no
+#: worse
 LOSS_TOLERANCE = 0.05
+#: evaluations in the rolling rank correlation of loss and quality
 CORRELATION_WINDOW = 6
+#: evaluations after the burn-in needed
 MIN_EVALS = 6
 MIN_METRICS = 2  # families of metrics (structure, colour, pose) that must agree for a warning
 STRONG = 2.0  # ... or one family, by this many times the relative threshold, none of the others
 # clearly better
+#: evaluations at most between the two of a compared pair
 MAX_GAP = 100
 BETA_RISE = 1.5  # the KL weight rose by at least this factor between the two evaluations
 KL_FALL = 0.75  # the evaluations' KL fell below this fraction of its earlier value

@@ -25,7 +25,9 @@ NAME = "drift"
 KINDS = (
     Kind("generation_drift", "grids", instability=11, stage="evaluation", harm=True),
 )
+#: evaluations whose changes give the usual change
 WINDOW = 5
+#: a decode of fixed inputs changing this many times its usual change is drift
 FACTOR = 3.0
 MIN_RMSE = 0.04  # about 10 grey levels of 255 over the whole image: visible
 

@@ -27,6 +27,7 @@ NAME = "epoch_average"
 KINDS = (
     Kind("epoch_average_trap", "timelines", stage="evaluation"),
 )
+#: noise units the per-step loss moved within an epoch while its epoch average hid it
 Z_CHANGE = 2.0
 
 

@@ -63,6 +63,7 @@ Z_FALL = 2.0
 #: a held-out quality metric worse than at the best by this many of its noise units (measured
 #: from the best on) is harm: the finding is a warning
 Z_HARM = 3.0
+#: evaluations with training-image losses needed
 MIN_EVALS = 6
 #: refining q(z|x) recovers at least this share of the held-out negative ELBO's rise: the
 #: encoder, not the decoder, is what overfitted

@@ -32,10 +32,15 @@ KINDS = (
          stage="backward", risk=True, aftermath=True),
     Kind("grad_vanishing", "optimizer", stage="backward", risk=True),
 )
+#: z of a layer's log gradient norm against its moving mean and variance
 Z_EXPLODE = 6.0
+#: ... and the norm at least this many times its moving mean
 MIN_RATIO = 5.0
+#: a gradient this many times its moving mean is high (when harm follows)
 HIGH_RATIO = 100.0
+#: a layer's gradient norm below 1/this of its early level has vanished
 VANISH_FACTOR = 1000.0
+#: recorded steps of the running median (and the least a vanishing must last)
 WINDOW = 50
 
 

@@ -36,10 +36,15 @@ KINDS = (
     Kind("kl_explosion", "timelines", instability=2,
          own_channels=frozenset({"kl_level", "kl", "total"}), harm=True),
 )
+#: rise of the KL's level (after / before) that is an explosion
 MIN_FACTOR = 2.0
+#: rise from which an explosion is high
 HIGH_FACTOR = 5.0
+#: steps the new level must last
 MIN_PERSIST = 100
+#: steps the level before must have lasted
 MIN_STABLE = 200
+#: steps before the shift searched for a fall of the KL weight or a learning-rate jump
 LOOKBACK = 100
 KL_FLOOR = 0.1  # nats: a collapsed KL moving between thousandths of a nat is not a shift
 RAMP = 50  # steps a shift may take to reach its new level (the model adapts over a few steps)

@@ -40,9 +40,11 @@ KINDS = (
     Kind("decoder_scale_shrinking", "latents", instability=10, stage="latents",
          risk=True),
 )
+#: nats: a latent dimension below this carries no information
 COLLAPSED_KL = 0.01
 LOGVAR_LOW, LOGVAR_HIGH = -20.0, 10.0
 LOGVAR_BREAK_LOW, LOGVAR_BREAK_HIGH = -30.0, 20.0
+#: the learned decoder scale falling by this factor (with the KL rising 1.5x) is shrinking
 SCALE_FACTOR = 2.0
 
 

@@ -42,14 +42,23 @@ KINDS = (
          own_channels=frozenset({"recon", "kl", "total"}), harm=True, aftermath=True),
 )
 TERMS = ("recon", "kl", "total")
+#: steps before each step whose median and MAD score its log loss
 WINDOW = 100
+#: robust z of a step's log loss at which it is a spike
 Z_SPIKE = 6.0
+#: steps' worth of loss a spike must cost to be a warning (below: info)
 HARM_WARNING = 1.0
+#: steps' worth of loss from which a spike is high
 HARM_HIGH = 10.0
+#: steps after the peak searched for the recovery
 RECOVERY_LIMIT = 500
+#: a KL back at 1/this of its level or lower collapsed rather than recovered
 COLLAPSE_FACTOR = 4.0
+#: steps before the onset searched for a cause (a setting change, a gradient jump)
 LOOKBACK = 50
+#: a gradient norm this many times its usual level before a spike is its cause
 GRAD_JUMP = 5.0
+#: spikes reported at most, the costliest first
 MAX_FINDINGS = 10
 
 

@@ -29,6 +29,7 @@ KINDS = (
     Kind("nonfinite", "timelines", instability=1, own_channels=frozenset({"nonfinite"}),
          harm=True),
 )
+#: steps before the first non-finite value searched for what was extreme
 LOOKBACK = 20
 
 #: remedies by where it started: (text, config key of ``vaediag train``, value)

@@ -1,0 +1,67 @@
+"""Every detector's thresholds, read from its module: the tables in docs/detectors.md are made
+here (``python -m vaediag.analysis.thresholds``) and a test checks the page holds them, as
+docs/configuration.md holds ``vaediag config --markdown``.
+
+A threshold is a module-level constant in upper case holding a number; what it means is the
+``#:`` comment above it or the ``#`` comment after it. A detector's constant without one fails
+the test: no threshold goes undocumented.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import io
+import tokenize
+from types import ModuleType
+
+from vaediag.analysis.detectors import DETECTORS
+
+
+def thresholds(module: ModuleType) -> list[tuple[str, float | int, str]]:
+    """(name, value, meaning) of each numeric module-level constant, in source order; the
+    meaning is "" when the source says nothing."""
+    source = inspect.getsource(module)
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string
+    lines = source.splitlines()
+    out = []
+    for node in ast.parse(source).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+            else node.target if isinstance(node, ast.AnnAssign) else None
+        if not isinstance(target, ast.Name) or not target.id.isupper():
+            continue
+        value = getattr(module, target.id, None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        meaning = []
+        above = node.lineno - 1
+        while above >= 1 and lines[above - 1].lstrip().startswith("#:"):
+            meaning.insert(0, lines[above - 1].lstrip()[2:].strip())
+            above -= 1
+        trailing = comments.get(node.end_lineno or node.lineno, "")
+        if not meaning and trailing.startswith("#"):
+            meaning.append(trailing.lstrip("#:").strip())
+        out.append((target.id, value, " ".join(meaning)))
+    return out
+
+
+def markdown() -> str:
+    """One table per detector: constant, value, meaning."""
+    parts = []
+    for module in DETECTORS:
+        rows = thresholds(module)
+        if not rows:
+            continue
+        parts.append(f"### `{module.NAME}` thresholds\n\n"
+                     "| constant | value | meaning |\n|---|---|---|")
+        parts += [f"| `{name}` | {value:g} | {meaning.replace('|', '/')} |"
+                  for name, value, meaning in rows]
+        parts.append("")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
