@@ -343,141 +343,189 @@ def _train(config: Config, run_dir: str | Path, ranks: Ranks, *, resume: bool, o
             if session is not None:
                 session.close("finished", step, "nothing to do: already at the last step")
             return TrainResult(Path(run_dir), "finished", step, total_steps)
-        return _loop(config, data, order, model, optimizer, sampler, monitor, session, device,
-                     step, total_steps, checkpoint_every, progress, quiet, ranks, resume)
+        loop = TrainingLoop(config, data, order, model, optimizer, sampler, monitor, session,
+                            device, ranks)
+        return loop.run(step, total_steps, checkpoint_every, progress, quiet, resume)
 
 
-def _loop(config: Config, data: Dataset, order: EpochOrder, model: ConvVAE, optimizer,
-          sampler: torch.Generator, monitor: Monitor, session: RunSession, device: torch.device,
-          start: int, total_steps: int, checkpoint_every: int,
-          progress: bool | None, quiet: bool, ranks: Ranks, resumed: bool) -> TrainResult:
-    tc, spe = config.train, order.steps_per_epoch
-    share = slice(ranks.rank * tc.batch_size, (ranks.rank + 1) * tc.batch_size)
-    # under torchrun the forward goes through DDP (its backward reduces the gradients); the
-    # Monitor, the evaluations and the checkpoints use the module inside
-    net = model if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-    images = torch.from_numpy(data.train)
-    injector = Injector(parse_all(tc.inject))
-    fault_noise = torch.Generator().manual_seed(tc.seed + 2)
-    use_bar = not quiet and (sys.stderr.isatty() if progress is None else progress)
-    bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=not use_bar, file=sys.stderr, desc="training")
-    log_every = max(1, total_steps // 20)
-    # new findings of the online analysis: one line each, past the progress bar
-    monitor.echo = (lambda text: None) if quiet else \
-        (lambda text: tqdm.write(f"vaediag: {text}", file=sys.stderr)) if use_bar else \
-        (lambda text: print(f"vaediag: {text}", file=sys.stderr, flush=True))
-    started_at = monitor.elapsed()  # steps/s of this session (a resumed run's clock goes on)
+class TrainingLoop:
+    """The training loop, one named step at a time: the batch, its settings, the step itself
+    (forward, backward, the Monitor, the update), the checkpoint, whether to stop, the
+    progress line. Faults planted with ``--inject`` enter through the injector, which does
+    nothing when there are none."""
 
-    writer = session.writer if session is not None else None
+    def __init__(self, config: Config, data: Dataset, order: EpochOrder, model: ConvVAE,
+                 optimizer, sampler: torch.Generator, monitor: Monitor,
+                 session: RunSession | None, device: torch.device, ranks: Ranks):
+        self.config, self.tc, self.order = config, config.train, order
+        self.model, self.optimizer, self.sampler = model, optimizer, sampler
+        self.monitor, self.session, self.device, self.ranks = monitor, session, device, ranks
+        self.images = torch.from_numpy(data.train)
+        self.share = slice(ranks.rank * self.tc.batch_size, (ranks.rank + 1) * self.tc.batch_size)
+        # under torchrun the forward goes through DDP (its backward reduces the gradients);
+        # the Monitor, the evaluations and the checkpoints use the module inside
+        self.net = model if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.injector = Injector(parse_all(self.tc.inject))
+        self.fault_noise = torch.Generator().manual_seed(self.tc.seed + 2)
+        self.writer = session.writer if session is not None else None
 
-    def checkpoint(step: int) -> None:
+    # -- the steps of one training step -------------------------------------------------------
+
+    def batch(self, step: int) -> torch.Tensor:
+        """This rank's share of the step's global batch, augmented (and faulted)."""
+        x = self.images[self.order.batch(step)[self.share]].to(self.device, non_blocking=True)
+        x = augment(x.float().div_(255.0), self.tc.augment, step_generator(self.tc.seed, step))
+        return self.injector.batch(step, x, self.fault_noise)
+
+    def settings(self, step: int, total_steps: int) -> float:
+        """Set the step's learning rate and eps; return its KL weight."""
+        if self.writer is not None:
+            for fault in self.injector.starting(step):
+                self.writer.event("inject", step, fault=fault.spec, fault_kind=fault.kind,
+                                  last_step=fault.last_step, **fault.params)
+        lr = lr_at(step, self.config.optim, total_steps) * self.injector.lr_factor(step)
+        eps = self.injector.eps(step, self.config.optim.eps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if self.injector:
+                group["eps"] = eps
+        return beta_at(step, self.config.loss) * self.injector.beta_factor(step)
+
+    def train_step(self, step: int, x: torch.Tensor, beta: float) -> None:
+        """Forward, backward, the Monitor, the non-finite policy and the update."""
+        model, monitor, tc = self.model, self.monitor, self.tc
+        out = self.net(x, generator=self.sampler)
+        terms = loss_terms(out.logits, x, out.mu, out.logvar, out.z, self.config.loss, beta,
+                           model.log_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward(retain_graph=monitor.wants_graph(step))
+        self.injector.after_backward(step, model)
+        extra = {"decoder_scale": model.log_scale.detach().exp()} \
+            if self.config.loss.learn_decoder_scale and model.log_scale is not None else None
+        check = monitor.after_backward(step, recon=terms.recon, kl=terms.kl, total=terms.total,
+                                       beta=beta, epoch=step // self.order.steps_per_epoch,
+                                       mu=out.mu, logvar=out.logvar,
+                                       kl_term=beta * terms.kl_penalty, extra=extra)
+        if check.nonfinite and tc.on_nonfinite == "stop":
+            monitor.after_step(step, skipped=True, evaluate=False)
+            self.checkpoint(step)
+            raise TrainingStopped(f"non-finite {', '.join(check.nonfinite)} at step {step}: "
+                                  f"stopped (state saved at step {step}; change the config and "
+                                  f"--resume, or set train.on_nonfinite)", step)
+        skip = bool(check.nonfinite) and tc.on_nonfinite == "skip"
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            clip = self.config.optim.grad_clip
+            if clip and check.grad_norm > clip:
+                scale = clip / (check.grad_norm + 1e-6)
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            self.optimizer.step()
+        self.injector.after_update(step + 1, model)
+        monitor.after_step(step, skipped=skip)
+
+    def checkpoint(self, step: int) -> None:
         """Every rank's random state, saved by rank 0 (a collective under torchrun)."""
-        samplers, torch_rngs = ranks.gather(sampler.get_state()), \
-            ranks.gather(torch.get_rng_state())
-        if session is None:
+        samplers = self.ranks.gather(self.sampler.get_state())
+        torch_rngs = self.ranks.gather(torch.get_rng_state())
+        if self.session is None:
             return
-        session.save_checkpoint(step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        self.session.save_checkpoint(step, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "sampler_rng": samplers[0], "torch_rng": torch_rngs[0],
             **({"sampler_rng_ranks": samplers, "torch_rng_ranks": torch_rngs}
-               if ranks.world > 1 else {}),
-            "monitor": monitor.state_dict()}, keep=tc.keep_checkpoints)
+               if self.ranks.world > 1 else {}),
+            "monitor": self.monitor.state_dict()}, keep=self.tc.keep_checkpoints)
 
-    if start == 0 and not resumed:  # a resume from step 0 has these already
-        if injector:
-            injector.after_update(0, model)
-        monitor.evaluate(0)
-        checkpoint(0)
-    model.train()
-    step = start
-    with _StopFlag().installed() as stop, bar:
-        while step < total_steps:
-            x = images[order.batch(step)[share]].to(device, non_blocking=True).float().div_(255.0)
-            x = augment(x, tc.augment, step_generator(tc.seed, step))
-            lr = lr_at(step, config.optim, total_steps)
-            if injector:
-                for fault in injector.starting(step):
-                    if writer is not None:
-                        writer.event("inject", step, fault=fault.spec, fault_kind=fault.kind,
-                                     last_step=fault.last_step, **fault.params)
-                lr *= injector.lr_factor(step)
-                x = injector.batch(step, x, fault_noise)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-                if injector:
-                    group["eps"] = injector.eps(step, config.optim.eps)
-            beta = beta_at(step, config.loss) * (injector.beta_factor(step) if injector else 1.0)
+    def stopping(self, step: int, signal_received: int | None) -> bool:
+        """Whether to stop after ``step`` updates: a signal, or ``train.stop_on`` (raises,
+        with a checkpoint). Under torchrun every rank stops after the same step."""
+        monitor = self.monitor
+        if self.ranks.world > 1:  # (monitor/ranks.py)
+            if signal_received or monitor.stop_reason is not None:
+                monitor.request_stop()
+            stopping = monitor.stop_agreed
+        else:
+            stopping = signal_received is not None or monitor.stop_reason is not None
+        if stopping and not signal_received:  # train.stop_on: a finding this severe
+            self.checkpoint(step)
+            raise TrainingStopped(f"stopped at step {step} (train.stop_on = "
+                                  f"{self.tc.stop_on!r}) on the "
+                                  f"{monitor.stop_reason or 'finding rank 0 reported'}; "
+                                  f"state saved: change the config and --resume", step)
+        return stopping
 
-            out = net(x, generator=sampler)
-            terms = loss_terms(out.logits, x, out.mu, out.logvar, out.z, config.loss, beta,
-                               model.log_scale)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward(retain_graph=monitor.wants_graph(step))
-            if injector:
-                injector.after_backward(step, model)
-            extra = {"decoder_scale": model.log_scale.detach().exp()} \
-                if config.loss.learn_decoder_scale and model.log_scale is not None else None
-            check = monitor.after_backward(step, recon=terms.recon, kl=terms.kl,
-                                           total=terms.total, beta=beta, epoch=step // spe,
-                                           mu=out.mu, logvar=out.logvar,
-                                           kl_term=beta * terms.kl_penalty, extra=extra)
-            skip = False
-            if check.nonfinite and tc.on_nonfinite == "stop":
-                monitor.after_step(step, skipped=True, evaluate=False)
-                checkpoint(step)
-                what = ", ".join(check.nonfinite)
-                raise TrainingStopped(f"non-finite {what} at step {step}: stopped (state saved "
-                                      f"at step {step}; change the config and --resume, or set "
-                                      f"train.on_nonfinite)", step)
-            if check.nonfinite and tc.on_nonfinite == "skip":
-                optimizer.zero_grad(set_to_none=True)
-                skip = True
-            if not skip:
-                if config.optim.grad_clip and check.grad_norm > config.optim.grad_clip:
-                    scale = config.optim.grad_clip / (check.grad_norm + 1e-6)
-                    for p in model.parameters():
-                        if p.grad is not None:
-                            p.grad.mul_(scale)
-                optimizer.step()
-            if injector:
-                injector.after_update(step + 1, model)
-            monitor.after_step(step, skipped=skip)
-            step += 1
-            if ranks.world > 1:  # every rank stops after the same step (monitor/ranks.py)
-                if stop.signal or monitor.stop_reason is not None:
-                    monitor.request_stop()
-                stopping = monitor.stop_agreed
-            else:
-                stopping = stop.signal is not None or monitor.stop_reason is not None
-            if stopping and not stop.signal:  # train.stop_on: a finding this severe
-                checkpoint(step)
-                raise TrainingStopped(f"stopped at step {step} (train.stop_on = "
-                                      f"{tc.stop_on!r}) on the "
-                                      f"{monitor.stop_reason or 'finding rank 0 reported'}; "
-                                      f"state saved: change the config and --resume", step)
+    # -- the loop -----------------------------------------------------------------------------
 
-            if step % checkpoint_every == 0 or step == total_steps or stopping:
-                if step == total_steps and step % monitor.eval_every:
-                    monitor.evaluate(step)  # always end on a grid of the final model
-                checkpoint(step)
-            row = monitor.last_step_row
-            if use_bar:
-                bar.set_postfix_str(f"recon {row['recon']:.4g}  KL {row['kl']:.4g}",
-                                    refresh=False)
-                bar.update(1)
-            elif not quiet and (step % log_every == 0 or step == total_steps):
-                elapsed = monitor.elapsed()
-                rate = (step - start) / max(elapsed - started_at, 1e-9)
-                print(f"step {step:,}/{total_steps:,}  epoch {step / spe:.2f}  recon "
-                      f"{row['recon']:.4g}  KL {row['kl']:.4g}  ({elapsed:.0f} s, "
-                      f"{rate:.1f} steps/s)", file=sys.stderr, flush=True)
-            if stopping:
-                monitor.close("interrupted", step, f"stopped by signal {stop.signal}")
-                return TrainResult(Path(monitor.run_path), "interrupted", step, total_steps)
-    monitor.close("finished", step)
-    return TrainResult(Path(monitor.run_path), "finished", step, total_steps)
+    def run(self, start: int, total_steps: int, checkpoint_every: int,
+            progress: bool | None, quiet: bool, resumed: bool) -> TrainResult:
+        monitor = self.monitor
+        progress_line = Progress(monitor, start, total_steps, self.order.steps_per_epoch,
+                                 progress, quiet)
+        if start == 0 and not resumed:  # a resume from step 0 has these already
+            self.injector.after_update(0, self.model)
+            monitor.evaluate(0)
+            self.checkpoint(0)
+        self.model.train()
+        step = start
+        with _StopFlag().installed() as stop, progress_line:
+            while step < total_steps:
+                beta = self.settings(step, total_steps)
+                self.train_step(step, self.batch(step), beta)
+                step += 1
+                stopping = self.stopping(step, stop.signal)
+                if step % checkpoint_every == 0 or step == total_steps or stopping:
+                    if step == total_steps and step % monitor.eval_every:
+                        monitor.evaluate(step)  # always end on a grid of the final model
+                    self.checkpoint(step)
+                progress_line.after(step)
+                if stopping:
+                    monitor.close("interrupted", step, f"stopped by signal {stop.signal}")
+                    return TrainResult(Path(monitor.run_path), "interrupted", step,
+                                       total_steps)
+        monitor.close("finished", step)
+        return TrainResult(Path(monitor.run_path), "finished", step, total_steps)
+
+
+class Progress:
+    """A tqdm bar, or a log line every 5% with steps/s, or nothing; new findings of the online
+    analysis printed past the bar."""
+
+    def __init__(self, monitor: Monitor, start: int, total_steps: int, steps_per_epoch: int,
+                 progress: bool | None, quiet: bool):
+        self.monitor, self.start, self.total = monitor, start, total_steps
+        self.steps_per_epoch, self.quiet = steps_per_epoch, quiet
+        self.use_bar = not quiet and (sys.stderr.isatty() if progress is None else progress)
+        self.bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
+                        disable=not self.use_bar, file=sys.stderr, desc="training")
+        self.log_every = max(1, total_steps // 20)
+        monitor.echo = (lambda text: None) if quiet else \
+            (lambda text: tqdm.write(f"vaediag: {text}", file=sys.stderr)) if self.use_bar \
+            else (lambda text: print(f"vaediag: {text}", file=sys.stderr, flush=True))
+        self.started_at = monitor.elapsed()  # steps/s of this session (a resume's clock goes on)
+
+    def __enter__(self) -> Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def after(self, step: int) -> None:
+        row = self.monitor.last_step_row
+        if self.use_bar:
+            self.bar.set_postfix_str(f"recon {row['recon']:.4g}  KL {row['kl']:.4g}",
+                                     refresh=False)
+            self.bar.update(1)
+        elif not self.quiet and (step % self.log_every == 0 or step == self.total):
+            elapsed = self.monitor.elapsed()
+            rate = (step - self.start) / max(elapsed - self.started_at, 1e-9)
+            print(f"step {step:,}/{self.total:,}  epoch {step / self.steps_per_epoch:.2f}  "
+                  f"recon {row['recon']:.4g}  KL {row['kl']:.4g}  ({elapsed:.0f} s, "
+                  f"{rate:.1f} steps/s)", file=sys.stderr, flush=True)
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:
