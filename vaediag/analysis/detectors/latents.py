@@ -106,114 +106,143 @@ def _unused_or_memorised(data: RunData, peak_step: int, last: int,
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
+    """The latents' health, one kind at a time."""
     has_any = (data.has("active_units", "evals") or not data.matrix("dim", "kl").empty
                or data.has("logvar_min") or data.has("decoder_scale"))
     if not has_any:
         raise Skip("no latent statistics recorded (probes.preset 'off')")
-    findings: list[Finding] = []
+    collapse = _posterior_collapse(data)
+    findings = [*collapse, *([] if collapse else _unused_dimensions(data)),
+                *_logvar_saturation(data), *_decoder_scale_shrinking(data)]
+    return findings, []
+
+
+def _posterior_collapse(data: RunData) -> list[Finding]:
+    """Active units (evaluations) fell to half their peak or less; severity from the pictures."""
+    if not data.has("active_units", "evals"):
+        return []
+    au = data.series("active_units", "evals")
+    ev_steps = data.evals["step"].to_numpy()
+    ok = np.isfinite(au)
+    if ok.sum() < 2:
+        return []
+    peak_i = int(np.nanargmax(au))
+    peak, final = au[peak_i], au[ok][-1]
+    if not (peak >= 2 and final <= peak / 2 and ev_steps[ok][-1] > ev_steps[peak_i]):
+        return []
+    fell = ev_steps[(np.arange(len(au)) > peak_i) & ok & (au <= peak / 2)]
+    at = int(fell[0]) if fell.size else int(ev_steps[ok][-1])
+    peak_step = int(ev_steps[peak_i])
+    lost = quality_lost(data, peak_step, at, from_best=True)
+    cause, remedies = _collapse_cause(data, peak_step, at)
+    summary = (f"posterior collapse: active units fell from {peak:.0f} (step "
+               f"{peak_step:,}) to {final:.0f}")
+    # pictures that got worse while the training images' did not were lost to
+    # memorisation, not to the collapse
+    memorised = lost and memorisation(
+        data, best_heldout_step(data, peak_step, at), at,
+        metrics=[k for k in lost if k != "eval_recon"])
+    if final == 0:
+        severity = "high"
+    elif lost and not memorised:
+        severity = "warning"
+        summary += "; the pictures lost quality they had: " + "; ".join(
+            f"{k} {a:.3g} -> {b:.3g}" for k, (a, b) in list(lost.items())[:3])
+    else:
+        severity = "info"
+        tail, cause, remedies = _unused_or_memorised(data, peak_step,
+                                                     int(ev_steps[ok][-1]), final)
+        summary += tail
+    return [Finding(
+        kind="posterior_collapse", severity=severity,
+        first_step=at, last_step=int(ev_steps[ok][-1]), summary=summary,
+        evidence={"peak_active_units": float(peak), "final_active_units":
+                  float(final), "peak_step": peak_step, "quality_lost": lost},
+        cause=cause, remedies=remedies,
+        detector=NAME, compare_steps=[peak_step, at])]
+
+
+def _unused_dimensions(data: RunData) -> list[Finding]:
+    """Latent dimensions whose KL stayed below ``COLLAPSED_KL`` over the last tenth."""
+    steps = data.steps
+    dims = data.matrix("dim", "kl")
+    if dims.empty or len(dims) < 10:
+        return []
+    tail = dims.iloc[-max(1, len(dims) // 10):].mean()
+    dead = [int(c) for c in tail.index[tail < COLLAPSED_KL]]
+    if not dead:
+        return []
+    since = int(steps[-max(1, len(dims) // 10)])
+    # encoding nothing is the harm itself, once training is past its first steps (a
+    # fresh model's KL starts near 0)
+    nothing = len(dead) == len(tail) and since >= data.burn_in_step
+    return [Finding(
+        kind="unused_dimensions", severity="high" if nothing else "info",
+        first_step=since, last_step=int(steps[-1]),
+        summary=f"{len(dead)} of {len(tail)} latent dimensions carry no information "
+                f"(KL < {COLLAPSED_KL} nats)"
+                + ("; too early to judge (the first steps of training)"
+                   if len(dead) == len(tail) and not nothing else ""),
+        evidence={"dimensions": dead, "threshold": COLLAPSED_KL},
+        cause="normal for a VAE with more dimensions than it needs; a problem when all "
+              "or most are unused",
+        remedies=["fewer latent dimensions, or free bits if they should be used"],
+        detector=NAME)]
+
+
+def _logvar_saturation(data: RunData) -> list[Finding]:
+    """The encoder's log-variance outside [LOGVAR_LOW, LOGVAR_HIGH] (a risk: harm grades it)."""
+    steps = data.steps
+    if not (data.has("logvar_min") and data.has("logvar_max")):
+        return []
+    lo, hi = data.series("logvar_min"), data.series("logvar_max")
+    bad = (lo <= LOGVAR_LOW) | (hi >= LOGVAR_HIGH)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        worst_lo, worst_hi = float(np.nanmin(lo)), float(np.nanmax(hi))
+        breaking = worst_lo <= LOGVAR_BREAK_LOW or worst_hi >= LOGVAR_BREAK_HIGH
+        return [Finding(
+            kind="logvar_saturation", severity="high" if breaking else "warning",
+            first_step=int(steps[i]), last_step=int(steps[np.flatnonzero(bad)[-1]]),
+            summary=f"log-variance reached [{worst_lo:.3g}, {worst_hi:.3g}] (from step "
+                    f"{int(steps[i]):,})",
+            evidence={"logvar_min": worst_lo, "logvar_max": worst_hi,
+                      "warn_range": [LOGVAR_LOW, LOGVAR_HIGH],
+                      "float32_limits": [LOGVAR_BREAK_LOW, LOGVAR_BREAK_HIGH]},
+            cause="the encoder pushes variances toward 0 or infinity; exp(logvar) then "
+                  "loses precision or overflows in float32",
+            remedies=["clamp the log-variance to [-30, 20]"
+                      + knob(data, "loss.logvar_clamp", "[-30.0,20.0]"),
+                      "lower the learning rate"], detector=NAME)]
+    return []
+
+
+def _decoder_scale_shrinking(data: RunData) -> list[Finding]:
+    """A learned decoder scale falling while the KL rises: the KL's effective weight fell."""
     steps = data.steps
     last = int(steps[-1]) if len(steps) else 0
-
-    if data.has("active_units", "evals"):
-        au = data.series("active_units", "evals")
-        ev_steps = data.evals["step"].to_numpy()
-        ok = np.isfinite(au)
-        if ok.sum() >= 2:
-            peak_i = int(np.nanargmax(au))
-            peak, final = au[peak_i], au[ok][-1]
-            if peak >= 2 and final <= peak / 2 and ev_steps[ok][-1] > ev_steps[peak_i]:
-                fell = ev_steps[(np.arange(len(au)) > peak_i) & ok & (au <= peak / 2)]
-                at = int(fell[0]) if fell.size else int(ev_steps[ok][-1])
-                peak_step = int(ev_steps[peak_i])
-                lost = quality_lost(data, peak_step, at, from_best=True)
-                cause, remedies = _collapse_cause(data, peak_step, at)
-                summary = (f"posterior collapse: active units fell from {peak:.0f} (step "
-                           f"{peak_step:,}) to {final:.0f}")
-                # pictures that got worse while the training images' did not were lost to
-                # memorisation, not to the collapse
-                memorised = lost and memorisation(
-                    data, best_heldout_step(data, peak_step, at), at,
-                    metrics=[k for k in lost if k != "eval_recon"])
-                if final == 0:
-                    severity = "high"
-                elif lost and not memorised:
-                    severity = "warning"
-                    summary += "; the pictures lost quality they had: " + "; ".join(
-                        f"{k} {a:.3g} -> {b:.3g}" for k, (a, b) in list(lost.items())[:3])
-                else:
-                    severity = "info"
-                    tail, cause, remedies = _unused_or_memorised(data, peak_step,
-                                                                 int(ev_steps[ok][-1]), final)
-                    summary += tail
-                findings.append(Finding(
-                    kind="posterior_collapse", severity=severity,
-                    first_step=at, last_step=int(ev_steps[ok][-1]), summary=summary,
-                    evidence={"peak_active_units": float(peak), "final_active_units":
-                              float(final), "peak_step": peak_step, "quality_lost": lost},
-                    cause=cause, remedies=remedies,
-                    detector=NAME, compare_steps=[peak_step, at]))
-    dims = data.matrix("dim", "kl")
-    if not dims.empty and len(dims) >= 10:
-        tail = dims.iloc[-max(1, len(dims) // 10):].mean()
-        dead = [int(c) for c in tail.index[tail < COLLAPSED_KL]]
-        if dead and not any(f.kind == "posterior_collapse" for f in findings):
-            since = int(steps[-max(1, len(dims) // 10)])
-            # encoding nothing is the harm itself, once training is past its first steps (a
-            # fresh model's KL starts near 0)
-            nothing = len(dead) == len(tail) and since >= data.burn_in_step
-            findings.append(Finding(
-                kind="unused_dimensions", severity="high" if nothing else "info",
-                first_step=since, last_step=last,
-                summary=f"{len(dead)} of {len(tail)} latent dimensions carry no information "
-                        f"(KL < {COLLAPSED_KL} nats)"
-                        + ("; too early to judge (the first steps of training)"
-                           if len(dead) == len(tail) and not nothing else ""),
-                evidence={"dimensions": dead, "threshold": COLLAPSED_KL},
-                cause="normal for a VAE with more dimensions than it needs; a problem when all "
-                      "or most are unused",
-                remedies=["fewer latent dimensions, or free bits if they should be used"],
-                detector=NAME))
-    if data.has("logvar_min") and data.has("logvar_max"):
-        lo, hi = data.series("logvar_min"), data.series("logvar_max")
-        bad = (lo <= LOGVAR_LOW) | (hi >= LOGVAR_HIGH)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            worst_lo, worst_hi = float(np.nanmin(lo)), float(np.nanmax(hi))
-            breaking = worst_lo <= LOGVAR_BREAK_LOW or worst_hi >= LOGVAR_BREAK_HIGH
-            findings.append(Finding(
-                kind="logvar_saturation", severity="high" if breaking else "warning",
-                first_step=int(steps[i]), last_step=int(steps[np.flatnonzero(bad)[-1]]),
-                summary=f"log-variance reached [{worst_lo:.3g}, {worst_hi:.3g}] (from step "
-                        f"{int(steps[i]):,})",
-                evidence={"logvar_min": worst_lo, "logvar_max": worst_hi,
-                          "warn_range": [LOGVAR_LOW, LOGVAR_HIGH],
-                          "float32_limits": [LOGVAR_BREAK_LOW, LOGVAR_BREAK_HIGH]},
-                cause="the encoder pushes variances toward 0 or infinity; exp(logvar) then "
-                      "loses precision or overflows in float32",
-                remedies=["clamp the log-variance to [-30, 20]"
-                          + knob(data, "loss.logvar_clamp", "[-30.0,20.0]"),
-                          "lower the learning rate"], detector=NAME))
-    if data.has("decoder_scale") and data.has("kl"):
-        sigma, kl = data.series("decoder_scale"), data.series("kl")
-        after = steps >= data.burn_in_step
-        if after.sum() >= 20:
-            n = max(5, after.sum() // 10)
-            s0, s1 = np.nanmedian(sigma[after][:n]), np.nanmedian(sigma[after][-n:])
-            k0, k1 = np.nanmedian(kl[after][:n]), np.nanmedian(kl[after][-n:])
-            if s0 > 0 and s1 > 0 and s0 / s1 >= SCALE_FACTOR and k0 > 0 and k1 / k0 >= 1.5:
-                weight = (s1 / s0) ** 2
-                findings.append(Finding(
-                    kind="decoder_scale_shrinking", severity="warning",
-                    first_step=data.burn_in_step, last_step=last,
-                    summary=(f"the learned decoder scale fell {s0 / s1:.3g}x ({s0:.3g} -> "
-                             f"{s1:.3g}) while the KL rose {k1 / k0:.3g}x: the KL's effective "
-                             f"weight fell to {weight:.3g} of its start"),
-                    evidence={"sigma_start": s0, "sigma_end": s1, "kl_start": k0,
-                              "kl_end": k1, "effective_kl_weight": weight},
-                    cause="with a Gaussian decoder the reconstruction term scales as 1/sigma^2, "
-                          "so as sigma shrinks the KL matters less and grows",
-                    remedies=["fix the decoder scale or bound it from below"
-                              + knob(data, "loss.learn_decoder_scale", "false"),
-                              "raise the KL weight to compensate" + knob(data, "loss.beta")],
-                    detector=NAME))
-    return findings, []
+    if not (data.has("decoder_scale") and data.has("kl")):
+        return []
+    sigma, kl = data.series("decoder_scale"), data.series("kl")
+    after = steps >= data.burn_in_step
+    if after.sum() >= 20:
+        n = max(5, after.sum() // 10)
+        s0, s1 = np.nanmedian(sigma[after][:n]), np.nanmedian(sigma[after][-n:])
+        k0, k1 = np.nanmedian(kl[after][:n]), np.nanmedian(kl[after][-n:])
+        if s0 > 0 and s1 > 0 and s0 / s1 >= SCALE_FACTOR and k0 > 0 and k1 / k0 >= 1.5:
+            weight = (s1 / s0) ** 2
+            return [Finding(
+                kind="decoder_scale_shrinking", severity="warning",
+                first_step=data.burn_in_step, last_step=last,
+                summary=(f"the learned decoder scale fell {s0 / s1:.3g}x ({s0:.3g} -> "
+                         f"{s1:.3g}) while the KL rose {k1 / k0:.3g}x: the KL's effective "
+                         f"weight fell to {weight:.3g} of its start"),
+                evidence={"sigma_start": s0, "sigma_end": s1, "kl_start": k0,
+                          "kl_end": k1, "effective_kl_weight": weight},
+                cause="with a Gaussian decoder the reconstruction term scales as 1/sigma^2, "
+                      "so as sigma shrinks the KL matters less and grows",
+                remedies=["fix the decoder scale or bound it from below"
+                          + knob(data, "loss.learn_decoder_scale", "false"),
+                          "raise the KL weight to compensate" + knob(data, "loss.beta")],
+                detector=NAME)]
+    return []
