@@ -131,9 +131,10 @@ def replay(run_dir: str | Path, from_step: int, out: str | Path, *,
            steps: int | None = None, progress: bool | None = None, quiet: bool = False):
     """Continue ``run_dir`` from its checkpoint at or before ``from_step`` with the changed
     settings, into the new run directory ``out``; returns the trainer's result."""
-    from vaediag.trainer import Ranks, train
+    from vaediag.monitor.ranks import ProcessGroup
+    from vaediag.trainer import train
 
-    ranks = Ranks.join(load_run(run_dir).config.get("train", {}).get("device", "auto"))
+    ranks = ProcessGroup.join(load_run(run_dir).config.get("train", {}).get("device", "auto"))
     try:
         branch = plan(run_dir, from_step, out, overrides=overrides, values=values,
                       steps=steps, world=ranks.world)

@@ -8,7 +8,6 @@ per-step rows of an interrupted-and-resumed run equal those of an uninterrupted 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from vaediag.inject import Injector, parse_all
 from vaediag.losses import kl_per_dim, loss_terms, recon_per_sample
 from vaediag.model import ConvVAE
 from vaediag.monitor import Monitor
+from vaediag.monitor.ranks import ProcessGroup
 from vaediag.rundir import CHECKPOINTS_DIR, step_file
 from vaediag.schedules import beta_at, lr_at
 from vaediag.session import RunSession, load_latest_checkpoint
@@ -82,63 +82,6 @@ class EpochOrder:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
-
-
-@dataclass
-class Ranks:
-    """Where this process runs: under ``torchrun`` one of ``world`` ranks (``WORLD_SIZE`` in
-    the environment), else a job of one."""
-
-    rank: int = 0
-    world: int = 1
-    local: int = 0
-    joined: bool = False  # this call started the process group (and ends it)
-
-    @classmethod
-    def join(cls, device: str) -> Ranks:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        joined = not dist.is_initialized()
-        if joined:
-            cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-            dist.init_process_group("nccl" if cuda else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), local, joined)
-
-    def device(self, name: str) -> str:
-        """A CUDA device is the local rank's GPU."""
-        if self.world > 1 and (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
-            return f"cuda:{self.local}"
-        return name
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value`` (a generator's state), on every rank."""
-        if self.world == 1:
-            return [value]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def leave(self, clean: bool) -> None:
-        """End the process group this call started; after a clean finish, once every rank is
-        done (so none loses the group's store while it still needs it)."""
-        if self.joined:
-            import torch.distributed as dist
-
-            if clean:
-                dist.barrier()
-            dist.destroy_process_group()
 
 
 class _StopFlag:
@@ -241,7 +184,7 @@ def train(
     gradient went non-finite.
     """
     tc = config.train
-    ranks = Ranks.join(tc.device)
+    ranks = ProcessGroup.join(tc.device)
     try:
         result = _train(config, run_dir, ranks, resume=resume, overwrite=overwrite,
                         progress=progress, quiet=quiet or ranks.rank > 0, on_start=on_start)
@@ -252,8 +195,8 @@ def train(
     return result
 
 
-def _train(config: Config, run_dir: str | Path, ranks: Ranks, *, resume: bool, overwrite: bool,
-           progress: bool | None, quiet: bool,
+def _train(config: Config, run_dir: str | Path, ranks: ProcessGroup, *, resume: bool,
+           overwrite: bool, progress: bool | None, quiet: bool,
            on_start: Callable[[Path], None] | None) -> TrainResult:
     tc = config.train
     device = environment.resolve_device(ranks.device(tc.device))
@@ -356,7 +299,7 @@ class TrainingLoop:
 
     def __init__(self, config: Config, data: Dataset, order: EpochOrder, model: ConvVAE,
                  optimizer, sampler: torch.Generator, monitor: Monitor,
-                 session: RunSession | None, device: torch.device, ranks: Ranks):
+                 session: RunSession | None, device: torch.device, ranks: ProcessGroup):
         self.config, self.tc, self.order = config, config.train, order
         self.model, self.optimizer, self.sampler = model, optimizer, sampler
         self.monitor, self.session, self.device, self.ranks = monitor, session, device, ranks

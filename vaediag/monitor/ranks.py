@@ -1,4 +1,7 @@
-"""The Monitor under ``torch.distributed`` (torchrun, DDP): one run directory, written by rank 0.
+"""vaediag under ``torch.distributed`` (torchrun, DDP): one run directory, written by rank 0.
+
+:class:`ProcessGroup` is the group ``vaediag train`` and ``vaediag replay`` join; :class:`Ranks`
+is the Monitor's view of it (any process group the user's own loop set up).
 
 Every rank creates its Monitor with the same arguments. Rank 0 records; the others
 (:class:`vaediag.monitor.Follower`) write nothing. At each step every rank takes part in one
@@ -20,6 +23,9 @@ unwrapped module (a DDP forward would wait for the other ranks).
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,3 +107,61 @@ def nonfinite_ranks(values: list[list[float]]) -> dict[str, list[int]]:
                                                   and all(math.isnan(r[i]) for r in values)):
                 out.setdefault(term, []).append(rank)
     return out
+
+
+@dataclass
+class ProcessGroup:
+    """The process group ``vaediag train`` and ``vaediag replay`` join under ``torchrun``
+    (``WORLD_SIZE`` in the environment; else a job of one): where this process runs, every
+    rank's random state for the checkpoint, and a clean end."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+    joined: bool = False  # this call started the process group (and ends it)
+
+    @classmethod
+    def join(cls, device: str) -> ProcessGroup:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        joined = not dist.is_initialized()
+        if joined:
+            cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), local, joined)
+
+    def device(self, name: str) -> str:
+        """A CUDA device is the local rank's GPU."""
+        if self.world > 1 and (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
+            return f"cuda:{self.local}"
+        return name
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (a generator's state), on every rank."""
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def leave(self, clean: bool) -> None:
+        """End the process group this call started; after a clean finish, once every rank is
+        done (so none loses the group's store while it still needs it)."""
+        if self.joined:
+            import torch.distributed as dist
+
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
