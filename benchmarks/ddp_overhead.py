@@ -1,4 +1,4 @@
-"""The Monitor's overhead under DistributedDataParallel: 2 CPU processes, the gloo backend.
+"""The Monitor's overhead under DistributedDataParallel (or FSDP2): 2 CPU processes, gloo.
 
 One DDP training run of vaediag's default model at 64 px (``--resolution 32``: a small model),
 batch 32 per rank, one thread per process, in blocks of
@@ -8,7 +8,11 @@ conditions. Evaluations are outside the timed steps (as in benchmarks/overhead.p
 is per evaluation, not per step). Reported: rank 0's mean and median step with and without the
 Monitor and their ratio, and the cost of the step's one extra collective alone.
 
-    python benchmarks/ddp_overhead.py [--steps 1200] [--block 20] [--resolution 64]
+    python benchmarks/ddp_overhead.py [--steps 1200] [--block 20] [--resolution 64] [--fsdp]
+
+``--fsdp``: the encoder and decoder sharded with ``fully_shard`` instead of DDP (every rank then
+runs the Monitor in step; Adam's statistics and update ratios add one all-reduce each on the
+steps they run).
 
 Target: ``standard`` within 1.05x of the plain DDP loop.
 """
@@ -36,7 +40,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, port: int, steps: int, block: int, out: str, resolution: int) -> None:
+def _rank(rank: int, port: int, steps: int, block: int, out: str, resolution: int,
+          fsdp: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -54,7 +59,14 @@ def _rank(rank: int, port: int, steps: int, block: int, out: str, resolution: in
     data = load_dataset(config.data)
     torch.manual_seed(0)
     model = ConvVAE.from_config(config)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model.encoder)
+        fully_shard(model.decoder)
+        ddp = model
+    else:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-3)
     images = torch.from_numpy(data.train).float().div_(255.0)
     g = torch.Generator().manual_seed(rank)
@@ -96,13 +108,14 @@ def _rank(rank: int, port: int, steps: int, block: int, out: str, resolution: in
         mean = {p: statistics.fmean(t[skip // 2:]) * 1e3 for p, t in times.items()}
         median = {p: statistics.median(t[skip // 2:]) * 1e3 for p, t in times.items()}
         model_name = "a small model (channels 16-64)" if resolution == 32 else "the default model"
-        lines.append(f"{WORLD} processes, gloo, 1 thread each, {model_name} at {resolution} px, "
+        lines.append(f"{WORLD} processes, gloo, {'FSDP2' if fsdp else 'DDP'}, 1 thread each, "
+                     f"{model_name} at {resolution} px, "
                      f"batch 32 per rank, "
                      f"{steps} steps in blocks of {block}")
         for p in times:
             lines.append(f"  {p:<9} mean step {mean[p]:7.2f} ms ({mean[p] / mean['off']:.3f}x)"
                          f"   median {median[p]:7.2f} ms ({median[p] / median['off']:.3f}x)")
-        lines.append(f"  the step's collective alone (all_gather of 4 numbers): "
+        lines.append(f"  the step's collective alone (all_gather of the loss terms): "
                      f"{gather_ms:.3f} ms")
         Path(out).write_text("\n".join(lines) + "\n")
     dist.barrier()
@@ -115,11 +128,13 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=20)
     parser.add_argument("--resolution", type=int, default=64, choices=(32, 64),
                         help="64: vaediag's default model; 32: a small one (channels 16-64)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard the encoder and decoder (FSDP2) instead of DDP")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.txt")
         mp.start_processes(_rank, args=(_free_port(), args.steps, args.block, out,
-                                        args.resolution),
+                                        args.resolution, args.fsdp),
                            nprocs=WORLD, start_method="spawn")
         print(Path(out).read_text(), end="")
 

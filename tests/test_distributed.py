@@ -1,5 +1,6 @@
 """The Monitor under torch.distributed, for real: two processes, the gloo backend, a model in
-DistributedDataParallel, every rank creating its Monitor with the same arguments."""
+DistributedDataParallel or sharded with FSDP (``fully_shard``), every rank creating its Monitor
+with the same arguments."""
 
 from __future__ import annotations
 
@@ -51,26 +52,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, out: str, port: int, fail_rank0: bool) -> None:
+def _wrap(model: SmallVAE, mode: str) -> nn.Module:
+    """The model as the ranks train it: in DDP, or its encoder and decoder sharded (FSDP2)."""
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model.enc)
+    fully_shard(model.dec)
+    return model
+
+
+def _eval_loss(model):
+    def loss(x, z, mu, logvar):
+        logits = model.decode_logits(z)
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum((1, 2, 3))
+        return recon, 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
+    return loss
+
+
+def _worker(rank: int, out: str, port: int, options: dict) -> None:
+    """A DDP or FSDP training loop on 2 ranks, identical data and seeds in either mode; rank 1's
+    loss is NaN at step ``NAN_AT``. ``options``: mode, probes, fail_rank0 (rank 0 is refused),
+    stop_at (rank 0 asks every rank to stop at that step)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    fail_rank0, stop_at = options.get("fail_rank0", False), options.get("stop_at")
     try:
         torch.manual_seed(0)
         model = SmallVAE()
-        ddp = nn.parallel.DistributedDataParallel(model)
+        ddp = _wrap(model, options.get("mode", "ddp"))
         optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-3)
         images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
         run = Path(out) / "run"
         try:
             mon = vaediag.Monitor(run, ddp, optimizer, eval_images=images, eval_every=20,
-                                  online=False, overwrite=not fail_rank0)
+                                  encode=model.encode, decode=model.decode,
+                                  eval_loss=_eval_loss(model), online=False,
+                                  probes=options.get("probes", "standard"),
+                                  overwrite=not fail_rank0)
         except vaediag.UserError as exc:
             (Path(out) / f"rank{rank}.error").write_text(str(exc))
             return
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own share of the batch
         data = torch.rand(64, 3, 16, 16, generator=g)
-        seen = {"recon": [], "kl": [], "skipped": []}
+        seen = {"recon": [], "kl": [], "skipped": [], "mu_min": [], "logvar_mean": []}
         for step in range(STEPS):
             x = data[torch.randint(0, 64, (16,), generator=g)]
             logits, mu, logvar = ddp(x, torch.randn(16, 4, generator=g))
@@ -82,6 +109,8 @@ def _worker(rank: int, out: str, port: int, fail_rank0: bool) -> None:
             optimizer.zero_grad()
             (recon + kl).backward(retain_graph=mon.wants_graph(step))
             check = mon.after_backward(step, recon=recon, kl=kl, mu=mu, logvar=logvar)
+            seen["mu_min"].append(mu.min().item())
+            seen["logvar_mean"].append(logvar.mean().item())
             seen["recon"].append(recon.item())
             seen["kl"].append(kl.item())
             seen["skipped"].append(bool(check.nonfinite))
@@ -90,7 +119,14 @@ def _worker(rank: int, out: str, port: int, fail_rank0: bool) -> None:
                 mon.after_step(step, skipped=True)
                 continue
             optimizer.step()
-            mon.after_step(step)
+            if step == stop_at and rank == 0:
+                mon.request_stop()
+            try:
+                mon.after_step(step)
+            except vaediag.TrainingStopped as stopped:
+                seen["stopped"] = stopped.step
+                seen["params"] = {n: p.full_tensor().tolist() for n, p in ddp.named_parameters()}
+                break
         mon.close()
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(seen))
     finally:
@@ -98,8 +134,8 @@ def _worker(rank: int, out: str, port: int, fail_rank0: bool) -> None:
         dist.destroy_process_group()
 
 
-def _fsdp_worker(rank: int, out: str, port: int, _: bool) -> None:
-    """FSDP (fully_shard) on gloo: every rank is refused alike, none waits."""
+def _unready_fsdp_worker(rank: int, out: str, port: int, _: dict) -> None:
+    """The whole model sharded and never run: every rank is refused alike, none waits."""
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -107,6 +143,7 @@ def _fsdp_worker(rank: int, out: str, port: int, _: bool) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         model = SmallVAE()
+        fully_shard(model.enc)
         fully_shard(model)
         images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
         try:
@@ -119,8 +156,8 @@ def _fsdp_worker(rank: int, out: str, port: int, _: bool) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(out: Path, fail_rank0: bool = False, worker=_worker) -> None:
-    ctx = mp.start_processes(worker, args=(str(out), _free_port(), fail_rank0),
+def _spawn(out: Path, worker=_worker, **options) -> None:
+    ctx = mp.start_processes(worker, args=(str(out), _free_port(), options),
                              nprocs=WORLD, join=False, start_method="spawn")
     for _ in range(120):  # a deadlock fails the test instead of hanging it
         if ctx.join(timeout=1):
@@ -133,7 +170,14 @@ def _spawn(out: Path, fail_rank0: bool = False, worker=_worker) -> None:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    _spawn(out)
+    _spawn(out, probes="full")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    _spawn(out, mode="fsdp", probes="full")
     return out
 
 
@@ -155,6 +199,12 @@ def test_losses_are_the_mean_over_ranks_with_their_spread(ddp_run):
                                    rtol=1e-5)
         np.testing.assert_allclose(rows[f"{term}_rank_spread"].to_numpy()[ok],
                                    np.ptp(per_rank, axis=0)[ok], rtol=1e-4, atol=1e-6)
+    # the latent statistics of the global batch: each rank's share combined
+    np.testing.assert_allclose(rows["mu_min"], np.min([r["mu_min"] for r in ranks], axis=0),
+                               rtol=1e-6)
+    np.testing.assert_allclose(rows["logvar_mean"],
+                               np.mean([r["logvar_mean"] for r in ranks], axis=0), rtol=1e-5,
+                               atol=1e-7)
     assert ranks[0]["recon"] != ranks[1]["recon"]  # the ranks did see different batches
 
 
@@ -170,18 +220,71 @@ def test_a_nonfinite_loss_on_one_rank_is_seen_by_every_rank_and_named(ddp_run):
     assert f.first_step == NAN_AT and "rank 1" in f.summary
 
 
-def test_when_rank_0_cannot_set_up_every_rank_stops_and_none_hangs(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_when_rank_0_cannot_set_up_every_rank_stops_and_none_hangs(tmp_path, mode):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "mine.txt").write_text("a user's file")  # not empty: refused
-    _spawn(tmp_path, fail_rank0=True)
+    _spawn(tmp_path, fail_rank0=True, mode=mode)
     assert "not empty" in (tmp_path / "rank0.error").read_text() or \
         "exists" in (tmp_path / "rank0.error").read_text()
     assert "rank 0 could not set up its Monitor" in (tmp_path / "rank1.error").read_text()
     assert (tmp_path / "run" / "mine.txt").read_text() == "a user's file"
 
 
-def test_fsdp_is_refused_on_every_rank_with_the_reason(tmp_path):
-    _spawn(tmp_path, worker=_fsdp_worker)
+def test_fsdp_records_what_ddp_records_from_the_combined_shards(ddp_run, fsdp_run):
+    """The same training on the same data, in DDP and sharded (FSDP2): every rank runs the
+    Monitor in step and rank 0 writes; gradient norms, Adam's statistics (every entry:
+    ``full``), update ratios and evaluations agree with DDP's, which sees whole tensors."""
+    assert sorted(p.name for p in fsdp_run.iterdir()) == ["rank0.json", "rank1.json", "run"]
+    ddp, fsdp = load_run(ddp_run / "run"), load_run(fsdp_run / "run")
+    assert fsdp.status == "finished"
+    assert fsdp.scalars["step"].tolist() == list(range(STEPS))
+    assert fsdp.evals["step"].tolist() == [0, 20, 40, 60]
+    measured = [c for c in ddp.scalars.columns if c in fsdp.scalars.columns
+                and c not in ("time",) and not c.startswith("split_")]
+    for column in ("grad_norm", "layer.grad_norm/enc.1", "part.grad_norm/dec",
+                   "adam_update_rms", "adam_rms_t", "adam_eps_frac", "adam_eff_lr",
+                   "layer.adam_sign_frac/dec.2", "update_ratio", "layer.update_ratio/enc.3",
+                   "grad_nonfinite", "recon_rank_spread", "mu_mean", "dim.kl/3"):
+        assert column in measured, column
+    ok = np.isfinite(ddp.scalars["recon"].to_numpy())
+    for column in measured:
+        a, b = ddp.scalars[column].to_numpy()[ok], fsdp.scalars[column].to_numpy()[ok]
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-7, equal_nan=True, err_msg=column)
+    for column in ("eval_recon", "eval_kl", "ssim", "img.recon/3", "amort_gap",
+                   "drift_fixed_rmse"):
+        assert column in fsdp.evals.columns, column
+        np.testing.assert_allclose(fsdp.evals[column], ddp.evals[column], rtol=2e-4,
+                                   err_msg=column)
+    assert len(list((fsdp_run / "run" / "grids").iterdir())) == 4
+    # the planted NaN on rank 1: skipped on both ranks and named
+    for r in range(WORLD):
+        skipped = json.loads((fsdp_run / f"rank{r}.json").read_text())["skipped"]
+        assert [s for s, bad in enumerate(skipped) if bad] == [NAN_AT]
+    events = fsdp.events
+    assert [list(e) for e in events[(events["kind"] == "nonfinite")
+                                    & (events["term"] == "recon")]["ranks"]] == [[1]]
+    # what a sharded run cannot record is said, not recorded wrong
+    declined = events[events["kind"] == "probe_not_applicable"]
+    assert dict(zip(declined["probe"], declined["reason"], strict=True))["grad_split"] == \
+        "the parameters are sharded (FSDP)"
+
+
+def test_under_fsdp_a_stop_saves_the_whole_model_and_every_rank_stops(tmp_path):
+    _spawn(tmp_path, mode="fsdp", stop_at=10)  # asked after step 10, agreed at step 11's gather
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["stopped"] for r in ranks] == [12, 12]
+    (path,) = (tmp_path / "run" / "checkpoints").iterdir()
+    saved = torch.load(path, weights_only=False)
+    assert saved["step"] == 12
+    for name, value in ranks[0]["params"].items():  # whole tensors, not rank 0's shard
+        np.testing.assert_array_equal(saved["model"][name].numpy(), np.array(value,
+                                                                            dtype=np.float32))
+    assert load_run(tmp_path / "run").status == "stopped"
+
+
+def test_a_whole_sharded_model_not_yet_run_is_refused_on_every_rank(tmp_path):
+    _spawn(tmp_path, worker=_unready_fsdp_worker)
     for rank in range(WORLD):
-        assert "sharded (FSDP)" in (tmp_path / f"rank{rank}.error").read_text()
+        assert "first forward pass" in (tmp_path / f"rank{rank}.error").read_text()
     assert not (tmp_path / "run").exists()

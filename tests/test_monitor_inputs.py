@@ -86,7 +86,7 @@ def test_images_the_model_cannot_take_are_named_and_nothing_is_left_behind(tmp_p
 def test_a_failure_after_the_run_directory_was_made_removes_it(tmp_path, monkeypatch):
     from vaediag.monitor import evaluation
 
-    def broken(self, seed):
+    def broken(self, seed, latent):
         raise RuntimeError("cannot draw the fixed z")
 
     monkeypatch.setattr(evaluation.Evaluator, "make_fixed", broken)

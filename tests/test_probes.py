@@ -32,7 +32,7 @@ from vaediag.probes import (
 )
 from vaediag.probes import adam as adam_module
 from vaediag.probes.base import EntrySample, ImageSet, sample_slice, to_floats
-from vaediag.probes.latents import latent_stats
+from vaediag.probes.latents import combined_stats, latent_stats, rank_summary
 
 
 def _floats(values: dict) -> dict:
@@ -122,6 +122,22 @@ def test_latent_stats_per_dim_kl_matches_closed_form_and_monte_carlo():
     assert out["mu_min"] == pytest.approx(mu.min().item(), rel=1e-6)
     assert out["logvar_max"] == pytest.approx(logvar.max().item(), rel=1e-6)
     assert out["logvar_mean"] == pytest.approx(logvar.mean().item(), abs=1e-6)
+
+
+def test_latent_stats_of_ranks_with_unequal_batches_combine_into_the_global_batch():
+    """Under torch.distributed each rank summarises its share; the combination is what one
+    process would compute on the whole batch."""
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(50, 6, generator=g) * 2
+    logvar = torch.randn(50, 6, generator=g)
+    shares = [(0, 10), (10, 35), (35, 50)]  # three ranks, batches of 10, 25 and 15
+    summaries = torch.stack([rank_summary(mu[a:b], logvar[a:b]) for a, b in shares])
+    whole, combined = _floats(latent_stats(mu, logvar)), _floats(combined_stats(summaries))
+    assert set(combined) == set(whole)
+    for name, value in whole.items():
+        assert combined[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    alone = _floats(latent_stats(mu[:10], logvar[:10]))  # one rank's share is not the batch
+    assert alone["mu_min"] != pytest.approx(whole["mu_min"])
 
 
 def test_collapsed_posterior_gives_zero_kl_and_no_active_units():

@@ -52,7 +52,14 @@ from vaediag.monitor.evaluation import (
 from vaediag.monitor.gradients import forward_order, grad_norms, nonfinite_origin
 from vaediag.monitor.online import STOP_ON, OnlineAnalysis
 from vaediag.monitor.probing import LPIPSLoader, ProbeRunner, UnusualSteps, held
-from vaediag.monitor.ranks import STOP, Ranks, nonfinite_ranks, refuse_sharded, unwrap
+from vaediag.monitor.ranks import (
+    STOP,
+    Ranks,
+    ShadowSession,
+    is_sharded,
+    nonfinite_ranks,
+    unwrap,
+)
 from vaediag.probes.base import (
     LayerIndex,
     Probe,
@@ -61,6 +68,7 @@ from vaediag.probes.base import (
     read_floats,
     to_floats,
 )
+from vaediag.probes.latents import rank_summary as latent_summary
 from vaediag.rundir import load_run
 from vaediag.session import RunSession
 
@@ -145,7 +153,9 @@ class Monitor:
 
     Under torch.distributed every rank creates its Monitor with the same arguments: rank 0
     gets this class and records; the others get a :class:`Follower` that writes nothing
-    (:mod:`vaediag.monitor.ranks`).
+    (:mod:`vaediag.monitor.ranks`). Under FSDP (``fully_shard``) a forward pass needs every
+    rank, so every rank runs this class in step, and the others write nothing; call
+    :meth:`evaluate` and :meth:`close` on every rank there.
     """
 
     def __init__(
@@ -178,31 +188,40 @@ class Monitor:
     ):
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.ranks = Ranks()
-        if not self.ranks.active:
+        if self.ranks.active:
+            try:  # every rank learns whether all set up, so none waits for one that failed
+                self._init(**arguments)
+            except BaseException:
+                self.ranks.agree(False)
+                raise
+            try:
+                self.ranks.agree(True)
+            except UserError:
+                self._abandon()
+                raise
+        else:
             self._init(**arguments)
-            return
-        try:  # every rank learns whether all set up, so none waits for one that failed
-            self._init(**arguments)
-        except BaseException:
-            self.ranks.agree(False)
-            raise
-        try:
-            self.ranks.agree(True)
-        except UserError:
-            self._abandon()
-            raise
+        if self.ranks.sharded and not self._evaluated:
+            # the first evaluation now (its forward passes are collectives, so after every rank
+            # agreed): under FSDP a forward pass between the backward pass and the optimizer
+            # step, where after_backward(0) would make it, loses the gradients
+            self.evaluate(0)
 
     def _abandon(self) -> None:
-        """A construction that failed after the run directory was made: leave none."""
-        if getattr(self, "_own_session", False):
+        """A construction that failed after the run directory was made: leave none (rank 0's
+        own; a rank in step with it under FSDP made none)."""
+        if getattr(self, "_own_session", False) and self.records:
             if self.online is not None:
                 self.online.close(wait=False)
             self.session.close("failed", 0, "the Monitor could not be set up")
             shutil.rmtree(self.session.path, ignore_errors=True)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Monitor:
-        """Under torch.distributed, ranks other than 0 get a :class:`Follower`."""
-        if cls is Monitor and not Ranks().records:
+        """Under torch.distributed, ranks other than 0 get a :class:`Follower` (unless the
+        model is sharded: see :mod:`vaediag.monitor.ranks`)."""
+        model = args[1] if len(args) > 1 else kwargs.get("model")
+        if cls is Monitor and not Ranks().records and not (
+                isinstance(model, nn.Module) and _sharded_quietly(model)):
             return super().__new__(Follower)
         return super().__new__(cls)
 
@@ -210,7 +229,9 @@ class Monitor:
               eval_every, value_range, probes, extra_probes, metric_images, train_images,
               train_factors, lpips_weights, lpips_download, recon_mode, seed, steps_per_epoch,
               eval_factors, config, overwrite, online, stop_on) -> None:
-        refuse_sharded(model)
+        self.ranks.sharded = is_sharded(model)
+        #: whether this rank writes the run (rank 0); under FSDP the others run in step with it
+        self.records = self.ranks.records
         model = unwrap(model)  # DDP's forward would wait for the other ranks
         if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
             raise UserError(f"eval_every must be an int >= 1, got {eval_every!r}")
@@ -249,7 +270,11 @@ class Monitor:
             self._rank = forward_order(model, lambda: decode(encode(x)[0]))
         chosen = [*self._choose(probes), *self._extra(extra_probes)]
 
-        if isinstance(run_dir, RunSession):
+        if not self.records:  # FSDP: in step with rank 0, writing nothing
+            self.session = ShadowSession(
+                run_dir.path if isinstance(run_dir, RunSession) else Path(run_dir),
+                resumed=run_dir.resumed if isinstance(run_dir, RunSession) else False)
+        elif isinstance(run_dir, RunSession):
             if run_dir.writer is None:
                 raise UserError("Monitor needs an opened RunSession: call its open() first")
             self.session = run_dir
@@ -280,24 +305,27 @@ class Monitor:
         #: where new findings are printed (``vaediag train`` routes them past its progress bar)
         self.echo: Callable[[str], None] = lambda text: print(f"vaediag: {text}",
                                                               file=sys.stderr, flush=True)
-        self.online = OnlineAnalysis(self.session.path, self._found, stop_on) if online \
-            else None
+        self.online = OnlineAnalysis(self.session.path, self._found, stop_on) \
+            if online and self.records else None
+        self._stop_on = stop_on
         self.session.before_abort.append(self.flush)  # the last step's row, should training fail
         if self.online is not None:  # a run that fails ends its analysis process too
             self.session.before_abort.append(lambda: self.online.close(wait=False))
         resumed = self.session.resumed
         try:
-            if resumed:
+            if resumed and self.records:
                 self.evaluator.load_fixed(load_run(self.session.path).fixed)
-            else:
-                self.writer.save_fixed(**self.evaluator.make_fixed(seed))
-            self.runner = ProbeRunner(chosen, self.writer)
-            self._lpips = LPIPSLoader(self.writer, lpips_weights, lpips_download, self.device)
+            else:  # a rank in step with rank 0 (FSDP) draws the same, and writes nothing
+                self.writer.save_fixed(**self.evaluator.make_fixed(seed, self.latent_dim))
+            self.runner = ProbeRunner(chosen, self.writer, speak=self.records)
+            self._lpips = LPIPSLoader(self.writer, lpips_weights, lpips_download, self.device,
+                                      speak=self.records)
             self.runner.setup(ProbeSetup(model, optimizer, self.layers,
                                          int(self.evaluator.fixed_z.shape[1]),
-                                         bool(self.evaluator.factors), self._lpips), resumed)
+                                         bool(self.evaluator.factors), self._lpips,
+                                         sharded=self.ranks.sharded), resumed)
         except BaseException:
-            if not isinstance(run_dir, RunSession):  # a run directory of its own: leave none
+            if not isinstance(run_dir, RunSession) and self.records:  # its own run: leave none
                 self.session.close("failed", 0, "the Monitor could not be set up")
                 shutil.rmtree(self.session.path, ignore_errors=True)
             raise
@@ -343,7 +371,8 @@ class Monitor:
             return
         self._warned.add(what)
         self.writer.event("monitor_warning", step, what=what, message=message, **fields)
-        print(f"vaediag: warning: {message}", file=sys.stderr)
+        if self.records:
+            print(f"vaediag: warning: {message}", file=sys.stderr)
 
     @staticmethod
     def _choose(spec: str | Sequence[Probe]) -> list[Probe]:
@@ -408,9 +437,9 @@ class Monitor:
         norms = grad_norms(self._params)
         local_kl = kl  # still attached to this rank's graph (the recon/KL split)
         core: dict[str, Any] = {}
+        latent_ranks = None
         if self.ranks.active:  # the global batch: the mean over ranks (ranks.py)
-            gathered = self.ranks.gather(recon, kl, total, self._stop_asked,
-                                         self._gather_device(recon))
+            gathered, norms, latent_ranks = self._gather(recon, kl, total, norms, mu, logvar)
             recon, kl = gathered[:, 0].mean(), gathered[:, 1].mean()
             total = gathered[:, 2].mean() if total is not None else None
             core["recon_rank_spread"] = gathered[:, 0].max() - gathered[:, 0].min()
@@ -460,15 +489,39 @@ class Monitor:
                           {"recon": row["recon"], "kl": row["kl"], "total": row.get("total"),
                            "beta": beta, "mu": None if mu is None else mu.detach(),
                            "logvar": None if logvar is None else logvar.detach(),
-                           "kl_term": kl_term,
+                           "kl_term": kl_term, "latent_ranks": latent_ranks,
                            "param_grad_norms": norms,
-                           "grads_finite": grads_finite})
+                           "grads_finite": grads_finite}, reduce=self.ranks.reduce)
         values: dict[str, Any] = dict(extra or {})
         values.update(self.runner.run(self._due(step, after_step=False), ctx, step))
         ctx.kl_term = None  # release the graph
         self.runner.before_step(self._due(step, after_step=True), ctx)
         self._pending = (ctx, row, values)
         return check
+
+    def _gather(self, recon, kl, total, norms, mu, logvar):
+        """The step's one collective (:mod:`.ranks`): every rank's loss terms and request to
+        stop, with its summary of mu and logvar (when given) and, under FSDP, the sums of
+        squares of its gradient shards. Returns the gathered (ranks, 4) loss terms, the
+        gradient norms of whole parameters, and every rank's latent summary (or None)."""
+        extra = []
+        if mu is not None:
+            extra.append(latent_summary(mu, logvar))
+        if self.ranks.sharded:
+            extra.append(norms.double().square() if norms is not None else
+                         torch.zeros(len(self._params), dtype=torch.float64,
+                                     device=self.device))
+        gathered = self.ranks.gather(recon, kl, total, self._stop_asked,
+                                     self._gather_device(recon),
+                                     torch.cat(extra) if extra else None)
+        start = STOP + 1
+        latent_ranks = None
+        if mu is not None:
+            latent_ranks = gathered[:, start:start + len(extra[0])]
+            start += len(extra[0])
+        if self.ranks.sharded:
+            norms = gathered[:, start:].sum(0).sqrt().float()
+        return gathered[:, :STOP + 1], norms, latent_ranks
 
     @functools.cached_property
     def _rank_names(self) -> tuple[str, ...]:
@@ -564,16 +617,36 @@ class Monitor:
             self._stop_asked = self._stop_asked or reason is not None
             if not self._stop_now:
                 return
+            if self.ranks.sharded:  # every rank runs this: all stop here, together
+                reason = reason or "rank 0's request"
         if reason is None or not self._own_session:
             return
         self.flush()
-        state = {"model": self.model.state_dict(), "step": step}
-        if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.state_dict()
-        self.session.save_checkpoint(step, state, keep=0)
-        message = f"stopped at step {step} on {reason} (stop_on={self.online.stop_on!r})"
+        self.session.save_checkpoint(step, self._checkpoint(step), keep=0)
+        message = f"stopped at step {step} on {reason} (stop_on={self._stop_on!r})"
         self.close("stopped", step, message)
         raise TrainingStopped(message, step)
+
+    def _checkpoint(self, step: int) -> dict[str, Any]:
+        """The model's and optimizer's state for a checkpoint; under FSDP the whole of it,
+        gathered to rank 0 (a collective every rank joins)."""
+        if not self.ranks.sharded:
+            state = {"model": self.model.state_dict(), "step": step}
+            if self.optimizer is not None:
+                state["optimizer"] = self.optimizer.state_dict()
+            return state
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = {"model": get_model_state_dict(self.model, options=whole), "step": step}
+        if self.optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer,
+                                                          options=whole)
+        return state
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -604,7 +677,8 @@ class Monitor:
             row["train_avg_steps"] = int(count)
         self._sums[:] = 0
         row.update(to_floats(values))
-        self.writer.save_grid(step, self.evaluator.grid_png(evaluation.tiles, row))
+        if self.records:
+            self.writer.save_grid(step, self.evaluator.grid_png(evaluation.tiles, row))
         self.writer.log_eval(row)
         self.last_eval_row = row
         self._evaluated = True
@@ -643,6 +717,15 @@ class Monitor:
         self.session.close(status, last, message)
 
 
+def _sharded_quietly(model: nn.Module) -> bool:
+    """Whether the model is sharded, for choosing the class; a model that cannot be recorded
+    (FSDP1) gets the rank-0 class, whose set-up says why on every rank."""
+    try:
+        return is_sharded(model)
+    except UserError:
+        return True
+
+
 class Follower(Monitor):
     """The Monitor on the ranks other than 0 under torch.distributed (``vaediag.Monitor``
     returns one there): it checks its inputs as rank 0 does, takes part in each step's one
@@ -651,7 +734,6 @@ class Follower(Monitor):
 
     def _init(self, run_dir, model, optimizer, *, eval_every, online, stop_on,
               **_unused: Any) -> None:
-        refuse_sharded(model)
         model = unwrap(model)
         if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
             raise UserError(f"eval_every must be an int >= 1, got {eval_every!r}")
@@ -660,6 +742,7 @@ class Follower(Monitor):
             raise UserError(f"stop_on must be one of {', '.join(map(repr, STOP_ON))}, got "
                             f"{stop_on!r}")
         self.model, self.optimizer, self.eval_every = model, optimizer, eval_every
+        self.records = False
         self.run_path = run_dir.path if isinstance(run_dir, RunSession) else Path(run_dir)
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.device = self._params[0][1].device if self._params else torch.device("cpu")
@@ -687,10 +770,12 @@ class Follower(Monitor):
         recon, kl = checks.scalar("recon", recon), checks.scalar("kl", kl)
         total = checks.optional_scalar("total", total)
         checks.number("beta", beta), checks.number("epoch", epoch)
-        checks.latents(mu, logvar, None)
+        mu, logvar = checks.latents(mu, logvar, None)
         checks.extra(extra)
         gathered = self.ranks.gather(recon, kl, total, self._stop_asked,
-                                     self._gather_device(recon))
+                                     self._gather_device(recon),
+                                     None if mu is None else latent_summary(mu, logvar))
+        gathered = gathered[:, :STOP + 1]
         norms = grad_norms(self._params)
         norm = (norms.double().square().sum().sqrt() if norms is not None
                 else torch.tensor(math.nan, dtype=torch.float64))

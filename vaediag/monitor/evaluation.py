@@ -114,10 +114,9 @@ class Evaluator:
         with self.eval_mode(), torch.no_grad():
             return int(self.encode(self.x[:2])[0].shape[1])
 
-    def make_fixed(self, seed: int) -> dict[str, np.ndarray]:
-        """Draw the fixed z and the reconstruction noise of a new run; returns every fixed
-        array, for ``fixed.npz``."""
-        latent = self.latent_size()
+    def make_fixed(self, seed: int, latent: int) -> dict[str, np.ndarray]:
+        """Draw the fixed z (of size ``latent``) and the reconstruction noise of a new run;
+        returns every fixed array, for ``fixed.npz``."""
         g = torch.Generator().manual_seed(seed + 20_231)
         self.fixed_z = torch.randn(GRID_IMAGES, latent, generator=g).to(self.device)
         self.recon_noise = torch.randn(GRID_IMAGES, latent, generator=g).to(self.device)

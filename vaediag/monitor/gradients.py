@@ -10,11 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from vaediag.probes.base import local
+
 
 def grad_norms(params: list[tuple[str, nn.Parameter]]) -> torch.Tensor | None:
     """(P,) L2 norm of each parameter's gradient (0 where it has none), on the device, in one
-    list-wide operation; None when no parameter has a gradient."""
-    grads = [p.grad for _, p in params]
+    list-wide operation; None when no parameter has a gradient. Under FSDP, of this rank's
+    shard of each gradient."""
+    grads = [p.grad if p.grad is None else local(p.grad) for _, p in params]
     present = [g.detach() for g in grads if g is not None]
     if not present:
         return None
@@ -60,7 +63,7 @@ def nonfinite_origin(params: list[tuple[str, nn.Parameter]], norms: torch.Tensor
     only on steps that went wrong."""
     out = []
     with torch.no_grad():
-        bad_weights = [n for n, p in params if not bool(torch.isfinite(p).all())]
+        bad_weights = [n for n, p in params if not bool(torch.isfinite(local(p)).all())]
     out += [f"weight:{n}" for n in bad_weights[:3]]
     if norms is not None:
         values = norms.tolist()

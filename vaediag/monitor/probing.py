@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vaediag.metrics import lpips as lpips_metric
-from vaediag.probes.base import Probe, ProbeSetup, StepContext
+from vaediag.probes.base import Probe, ProbeSetup, StepContext, local
 from vaediag.rundir import RunWriter
 
 #: A step is unusual when its gradient norm exceeds this many times the recent level (an
@@ -97,8 +97,9 @@ class LPIPSLoader:
     available and records that as a ``metric_status`` event; later asks get the same metric."""
 
     def __init__(self, writer: RunWriter, weights: str | None, download: bool,
-                 device: torch.device):
+                 device: torch.device, speak: bool = True):
         self.writer, self.weights, self.download, self.device = writer, weights, download, device
+        self.speak = speak  # whether this rank prints (rank 0 under torch.distributed)
         self.asked = False
         self.metric: lpips_metric.LPIPSMetric | None = None
 
@@ -110,7 +111,9 @@ class LPIPSLoader:
         self.writer.event("metric_status", 0, metric="lpips", available=status.available,
                           reason=status.reason, weights=status.weights, sha256=status.sha256,
                           verified=status.verified)
-        if not status.available:
+        if not self.speak:
+            pass
+        elif not status.available:
             print(f"vaediag: warning: {status.describe()}; the other metrics are recorded",
                   file=sys.stderr)
         elif not status.verified:
@@ -122,9 +125,10 @@ class ProbeRunner:
     """The run's probes: set up once, run when due, disabled (with one warning and an event)
     when one raises, so a broken probe never stops training."""
 
-    def __init__(self, probes: Sequence[Probe], writer: RunWriter):
+    def __init__(self, probes: Sequence[Probe], writer: RunWriter, speak: bool = True):
         self.probes = list(probes)
         self.writer = writer
+        self.speak = speak  # whether this rank prints (rank 0 under torch.distributed)
         self._before: list[torch.Tensor] | None = None
 
     def setup(self, info: ProbeSetup, resumed: bool) -> None:
@@ -136,8 +140,9 @@ class ProbeRunner:
             if reason:
                 if not resumed:
                     self.writer.event("probe_not_applicable", 0, probe=probe.name, reason=reason)
-                print(f"vaediag: note: probe '{probe.name}' is not applicable: {reason}",
-                      file=sys.stderr)
+                if self.speak:
+                    print(f"vaediag: note: probe '{probe.name}' is not applicable: {reason}",
+                          file=sys.stderr)
             else:
                 active.append(probe)
         self.probes = active
@@ -165,9 +170,9 @@ class ProbeRunner:
     def _snapshot(self, params: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:
         """Copy the parameters into buffers kept for the run (no allocation per step)."""
         if self._before is None:
-            self._before = [torch.empty(p.numel(), device=p.device, dtype=p.dtype)
+            self._before = [torch.empty(local(p).numel(), device=p.device, dtype=p.dtype)
                             for _, p in params]
-        torch._foreach_copy_(self._before, [p.detach().reshape(-1) for _, p in params])
+        torch._foreach_copy_(self._before, [local(p).detach().reshape(-1) for _, p in params])
         return self._before
 
     def run(self, probes: Sequence[Probe], ctx: Any, step: int) -> dict[str, Any]:
@@ -181,8 +186,9 @@ class ProbeRunner:
                 message = f"{type(exc).__name__}: {first}"
                 self.probes = [p for p in self.probes if p is not probe]
                 self.writer.event("probe_failed", step, probe=probe.name, error=message)
-                print(f"vaediag: warning: probe '{probe.name}' failed at step {step} and is "
-                      f"disabled: {message}", file=sys.stderr)
+                if self.speak:
+                    print(f"vaediag: warning: probe '{probe.name}' failed at step {step} and "
+                          f"is disabled: {message}", file=sys.stderr)
         return values
 
     def state_dict(self) -> dict[str, Any]:

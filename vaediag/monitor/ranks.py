@@ -1,15 +1,18 @@
-"""vaediag under ``torch.distributed`` (torchrun, DDP): one run directory, written by rank 0.
+"""vaediag under ``torch.distributed`` (torchrun, DDP, FSDP2): one run directory, written by
+rank 0.
 
 :class:`ProcessGroup` is the group ``vaediag train`` and ``vaediag replay`` join; :class:`Ranks`
 is the Monitor's view of it (any process group the user's own loop set up).
 
 Every rank creates its Monitor with the same arguments. Rank 0 records; the others
 (:class:`vaediag.monitor.Follower`) write nothing. At each step every rank takes part in one
-small collective, an all-gather of its loss terms (and rank 0's request to stop), so that:
+small collective, an all-gather of its loss terms (and rank 0's request to stop) and its
+summary of mu and logvar, so that:
 
-- rank 0 records the global batch: ``recon``, ``kl`` and ``total`` are the mean over ranks, and
-  ``recon_rank_spread`` / ``kl_rank_spread`` (largest minus smallest rank) say how unlike one
-  another the ranks' batches were;
+- rank 0 records the global batch: ``recon``, ``kl`` and ``total`` are the mean over ranks, the
+  latent statistics those of every rank's batch together, and ``recon_rank_spread`` /
+  ``kl_rank_spread`` (largest minus smallest rank) say how unlike one another the ranks'
+  batches were;
 - a non-finite loss term on any rank is seen by every rank (each takes the same decision), and
   rank 0's ``nonfinite`` event names the ranks it appeared on;
 - a stop asked for by any rank (rank 0's ``stop_on``, a signal ``vaediag train`` received)
@@ -18,19 +21,34 @@ small collective, an all-gather of its loss terms (and rank 0's request to stop)
 Gradient norms and Adam's statistics need no collective under DDP: the gradients are already
 reduced, and every rank's optimizer holds the same state. Evaluations run on rank 0 on the
 unwrapped module (a DDP forward would wait for the other ranks).
+
+Under FSDP (``fully_shard``: parameters, gradients and Adam's state are DTensor shards) each
+rank holds a part of every tensor, and a forward pass needs every rank. So every rank runs the
+whole Monitor in step (the same probes at the same steps, the same evaluations), on its own
+shards; only rank 0 writes (the others' session, :class:`ShadowSession`, discards what they
+would have written). What is measured over parameter entries is combined:
+
+- the gradient norms: each rank's sums of squares per parameter ride in the step's one
+  collective, and every rank adds them up;
+- Adam's statistics, the update ratios and the count of non-finite gradient entries: each
+  rank's sums over its sampled entries (and their counts) are all-reduced
+  (:attr:`Ranks.reduce`, ``ctx.reduce`` for a probe) on the steps those probes run: one more
+  small collective per probe that ran.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from vaediag.errors import UserError
+from vaediag.probes.base import is_dtensor
 
 #: the per-step vector every rank contributes: its loss terms, then its request to stop
 TERMS = ("recon", "kl", "total")
@@ -43,17 +61,26 @@ def unwrap(model: nn.Module) -> nn.Module:
                                               nn.DataParallel)) else model
 
 
-def refuse_sharded(model: nn.Module) -> None:
-    """FSDP shards the parameters: gradient norms and Adam's statistics read on one rank would
-    be its shard, and reading them would start collectives the other ranks never join. Until
-    the shards are combined, say so instead of recording wrong numbers or waiting forever."""
-    sharded = type(model).__name__ == "FullyShardedDataParallel" or any(
-        type(p).__name__ == "DTensor" for p in model.parameters())
-    if sharded:
-        raise UserError("the model's parameters are sharded (FSDP): the Monitor does not "
-                        "combine shards yet (its gradient norms and Adam statistics would be "
-                        "one rank's shard); use DistributedDataParallel, or record without "
-                        "sharding")
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model's parameters are FSDP shards (``fully_shard``: DTensor parameters).
+    The older wrapper (``FullyShardedDataParallel``, flat parameters) is refused: its
+    parameters are not the model's own."""
+    if type(model).__name__ == "FullyShardedDataParallel":
+        raise UserError("the model is wrapped in FullyShardedDataParallel (FSDP1), whose flat "
+                        "parameters are not the model's own: shard it with "
+                        "torch.distributed.fsdp.fully_shard (FSDP2), or use "
+                        "DistributedDataParallel")
+    sharded = any(is_dtensor(p) for p in model.parameters())
+    state = getattr(model, "_get_fsdp_state", None)
+    if sharded and state is not None and getattr(state(), "_is_root", False) is None:
+        # the Monitor's first forward pass would go through encode(), not the root's forward,
+        # and FSDP would then refuse the root's own first forward pass
+        raise UserError("the whole model is sharded (fully_shard(model)) and has not run a "
+                        "forward pass yet: create the Monitor after the model's first "
+                        "forward pass, or shard only the modules encode() and decode() use")
+    return sharded
+
+
 
 
 class Ranks:
@@ -67,23 +94,36 @@ class Ranks:
             dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.active else 0
         self.world = dist.get_world_size() if self.active else 1
+        #: whether the model is sharded (FSDP): every rank runs the whole Monitor in step
+        self.sharded = False
 
     @property
     def records(self) -> bool:
         """Whether this rank writes the run directory (rank 0)."""
         return self.rank == 0
 
-    def gather(self, recon, kl, total, stop: bool, device: torch.device) -> torch.Tensor:
+    def gather(self, recon, kl, total, stop: bool, device: torch.device,
+               extra: torch.Tensor | None = None) -> torch.Tensor:
         """The step's one collective: every rank's (recon, kl, total, stop) as a (world, 4)
-        float64 tensor on ``device`` (``total`` NaN where not given)."""
+        float64 tensor on ``device`` (``total`` NaN where not given); with ``extra`` (a vector
+        of this rank's, e.g. its sums of squares of its gradient shards), (world, 4 + E)."""
         values = [recon, kl, math.nan if total is None else total]
         parts = [v.detach().reshape(()).to(device, torch.float64) if isinstance(v, torch.Tensor)
                  else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values]
         mine = torch.stack([*parts, torch.tensor(float(stop), dtype=torch.float64,
                                                  device=device)])
+        if extra is not None:
+            mine = torch.cat([mine, extra.to(device, torch.float64).reshape(-1)])
         out = [torch.empty_like(mine) for _ in range(self.world)]
         self._dist.all_gather(out, mine)
         return torch.stack(out)
+
+    def reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        """Sums over this rank's shard -> sums over every rank's (in place; a collective that
+        every rank joins). Unchanged when the model is not sharded."""
+        if self.sharded:
+            self._dist.all_reduce(sums)
+        return sums
 
     def agree(self, ok: bool) -> None:
         """After setting up: every rank learns whether all could (so none waits at the first
@@ -96,6 +136,33 @@ class Ranks:
         if ok and failed:
             raise UserError(f"rank {failed[0]} could not set up its Monitor (its error says "
                             f"why); rank {self.rank} stops too")
+
+
+class DiscardWriter:
+    """The writer of a rank that does not record (under FSDP): takes every write, keeps none."""
+
+    def _discard(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    log_step = log_columns = log_eval = event = save_fixed = save_config = save_grid = \
+        save_checkpoint = flush = set_status = close = _discard
+
+
+@dataclass
+class ShadowSession:
+    """The session of a rank that runs the Monitor in step with rank 0 but writes nothing
+    (under FSDP): rank 0's run directory is never touched."""
+
+    path: Path
+    resumed: bool = False
+    writer: DiscardWriter = field(default_factory=DiscardWriter)
+    before_abort: list[Any] = field(default_factory=list)
+
+    def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> None:
+        pass
+
+    def close(self, status: str, step: int, message: str = "") -> None:
+        pass
 
 
 def nonfinite_ranks(values: list[list[float]]) -> dict[str, list[int]]:

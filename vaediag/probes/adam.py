@@ -32,12 +32,22 @@ Everything stays on the model's device until the Monitor's one read of the step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vaediag.probes.base import EntrySample, LayerIndex, Probe, ProbeSetup, StepContext, per_index
+from vaediag.probes.base import (
+    EntrySample,
+    LayerIndex,
+    Probe,
+    ProbeSetup,
+    StepContext,
+    local,
+    no_reduce,
+    per_index,
+)
 
 #: The statistics, in the order of the rows of :func:`moment_rows`: the first three every step
 #: the probe runs, the last two (v alone, ``V_STATS``) every ``V_EVERY`` steps, so that either
@@ -126,14 +136,15 @@ class _Plan:
 
 
 def _plan(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-          layers: LayerIndex, max_entries: int | None) -> _Plan:
+          layers: LayerIndex, max_entries: int | None,
+          reduce: Callable[[torch.Tensor], torch.Tensor]) -> _Plan:
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     members: dict[int, list[int]] = {}
     for i, p in enumerate(params):
         state = optimizer.state.get(p)
         if state and "exp_avg" in state and id(p) in group_of:
             members.setdefault(id(group_of[id(p)]), []).append(i)
-    numels = [p.numel() for p in params]
+    numels = [local(p).numel() for p in params]  # this rank's shard under FSDP
     device, dtype = params[0].device, params[0].dtype
     counts = torch.zeros(len(layers.layers), dtype=torch.float64)
     groups = []
@@ -153,6 +164,7 @@ def _plan(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                              torch.empty(4, sample.size, device=device, dtype=dtype),
                              torch.empty(6, sample.size, device=device, dtype=dtype),
                              sample.layer_ids.to(device)))
+    counts = reduce(counts.to(device)).cpu()  # every rank's entries
     has = (counts > 0).tolist()
     return _Plan(groups, counts.float().to(device),
                  torch.tensor([i for i, h in enumerate(has) if h], dtype=torch.long,
@@ -177,15 +189,18 @@ def _step_count(step: Any) -> float | torch.Tensor:
 def adam_stats(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                grads: list[torch.Tensor | None], layers: LayerIndex, v_stats: bool = True,
                max_entries: int | None = MAX_ENTRIES,
-               cache: dict[str, Any] | None = None) -> dict[str, Any]:
+               cache: dict[str, Any] | None = None,
+               reduce: Callable[[torch.Tensor], torch.Tensor] = no_reduce) -> dict[str, Any]:
     """Per-layer and global Adam statistics from the optimizer's state (after its step).
 
-    ``cache`` keeps the plan (groups, views, buffers) between calls of one probe.
+    ``cache`` keeps the plan (groups, views, buffers) between calls of one probe. ``reduce``
+    adds up sums over the ranks' shards (FSDP: ``StepContext.reduce``).
     """
     cache = {} if cache is None else cache
     signature = _signature(optimizer, params)
     if cache.get("signature") != signature:
-        cache.update(signature=signature, plan=_plan(optimizer, params, layers, max_entries))
+        cache.update(signature=signature,
+                     plan=_plan(optimizer, params, layers, max_entries, reduce))
     plan: _Plan = cache["plan"]
     if not plan.groups:
         return {}
@@ -208,6 +223,7 @@ def adam_stats(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter
                                dtype=part.dtype)
             bc1 = 1.0 - b1 ** t  # of the first group: every group sees the same step count
         sums.index_add_(1, g.layer_ids, part)
+    reduce(sums)
     per_layer = summarise(sums, plan.counts, bc1)[:, plan.measured]
     overall = summarise(sums.sum(1), plan.counts.sum(), bc1)
     out: dict[str, Any] = {}
@@ -241,4 +257,4 @@ class AdamState(Probe):
         params = [p for _, p in ctx.params]
         return adam_stats(ctx.optimizer, params, [p.grad for p in params], ctx.layers,
                           v_stats=ctx.step % V_EVERY == 0, max_entries=self.max_entries,
-                          cache=self._cache)
+                          cache=self._cache, reduce=ctx.reduce)

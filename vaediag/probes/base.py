@@ -190,9 +190,27 @@ class ProbeSetup:
     #: LPIPS for a probe that uses it: loaded on the first call (None when its weights are not
     #: to be had; the Monitor says so once), then shared by every evaluation's ``ctx.lpips``
     load_lpips: Callable[[], LPIPSMetric | None] = lambda: None
+    #: whether the parameters are FSDP shards (every rank runs the probe on its own; see
+    #: ``StepContext.reduce``)
+    sharded: bool = False
 
 
 _ALL = slice(None)
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP shard of a parameter, its gradient or its state)."""
+    return type(t).__name__ == "DTensor"
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a plain tensor sharing its storage); ``t`` otherwise.
+    Probes measure the shards; ``ctx.reduce`` adds up their sums over the ranks."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def no_reduce(sums: torch.Tensor) -> torch.Tensor:
+    return sums
 
 
 def _prime_at_least(n: int) -> int:
@@ -256,7 +274,7 @@ class EntrySample:
             ps = by_layer[la]
             for i, q in zip(ps, _quotas([numels[i] for i in ps], self.cap), strict=True):
                 self.order.append(i)
-                self.slices[i] = sample_slice(numels[i], q)
+                self.slices[i] = sample_slice(numels[i], q) if q else slice(0, 0)
                 counts[i] = len(range(numels[i])[self.slices[i]])
             pad = self.cap - sum(counts[i] for i in ps)
             if pad:
@@ -275,7 +293,7 @@ class EntrySample:
         #: per entry of the sampled block: how many entries of its tensor it stands for
         weights = []
         for position, i in enumerate(self.order[:sum(len(by_layer[la]) for la in sampled)]):
-            weights.append(torch.full((counts[i],), numels[i] / counts[i]))
+            weights.append(torch.full((counts[i],), numels[i] / max(counts[i], 1)))
             if position in self._pads:
                 weights.append(torch.zeros(len(self._pads[position])))
         self.weight = torch.cat(weights or [torch.zeros(0)]).to(device)
@@ -288,6 +306,7 @@ class EntrySample:
             t = tensors[i]
             if t is None:
                 t = torch.zeros(self.numels[i], device=self.weight.device)
+            t = local(t)
             flat = t.detach().view(-1) if t.is_contiguous() else t.detach().reshape(-1)
             out.append(flat if self.slices[i] == _ALL else flat[self.slices[i]])
             if position in self._pads:
@@ -322,8 +341,14 @@ class StepContext:
     """
 
     def __init__(self, step: int, params: list[tuple[str, nn.Parameter]], layers: LayerIndex,
-                 optimizer: torch.optim.Optimizer | None, values: dict[str, Any]):
+                 optimizer: torch.optim.Optimizer | None, values: dict[str, Any],
+                 reduce: Callable[[torch.Tensor], torch.Tensor] = no_reduce):
         self.step = step
+        #: sums over this rank's entries -> sums over every rank's, in place. The identity in
+        #: one process or under DDP; under FSDP (``params`` are shards: measure ``local(p)``)
+        #: an all-reduce that every rank joins, so call it on every rank, on every step the
+        #: probe runs, with a tensor of the same shape.
+        self.reduce = reduce
         self.params = params
         self.layers = layers
         self.optimizer = optimizer
@@ -334,6 +359,9 @@ class StepContext:
         self.mu: torch.Tensor | None = values.get("mu")
         self.logvar: torch.Tensor | None = values.get("logvar")
         self.kl_term: torch.Tensor | None = values.get("kl_term")
+        #: under torch.distributed: every rank's summary of its mu and logvar ((ranks, D + 7),
+        #: ``probes.latents.rank_summary``), for statistics of the global batch
+        self.latent_ranks: torch.Tensor | None = values.get("latent_ranks")
         self.param_grad_norms: torch.Tensor = values["param_grad_norms"]  # (P,), zeros if no grad
         #: whether every gradient entry is finite, known on the host (the Monitor has read the
         #: global gradient norm), so probes need not read the device to ask
@@ -347,14 +375,15 @@ class StepContext:
     @cached_property
     def grads(self) -> list[torch.Tensor]:
         """Each parameter's gradient, flattened (zeros where it has none), detached."""
-        return [p.grad.detach().reshape(-1) if p.grad is not None
-                else torch.zeros(p.numel(), device=p.device) for _, p in self.params]
+        return [local(p.grad).detach().reshape(-1) if p.grad is not None
+                else torch.zeros(local(p).numel(), device=p.device) for _, p in self.params]
 
     def nonfinite_grad_entries(self) -> torch.Tensor | float:
         """Count of NaN/Inf gradient entries (0 without looking, when every norm is finite)."""
         if self.grads_finite:
             return 0.0
-        return sum((~torch.isfinite(g)).sum().double() for g in self.grads)
+        count = torch.stack([(~torch.isfinite(g)).sum().double() for g in self.grads]).sum()
+        return self.reduce(count.reshape(1))[0]
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vaediag.probes.base import LayerIndex, Probe, StepContext, per_index, safe_div
+from vaediag.probes.base import LayerIndex, Probe, ProbeSetup, StepContext, per_index, safe_div
 
 
 def split_stats(total: list[torch.Tensor], kl: list[torch.Tensor],
@@ -48,6 +48,11 @@ def split_stats(total: list[torch.Tensor], kl: list[torch.Tensor],
 class GradSplit(Probe):
     name = "grad_split"
     needs = frozenset({"grads", "graph"})
+
+    def setup(self, info: ProbeSetup) -> str | None:
+        if info.sharded:  # a second backward pass through FSDP's hooks, on every rank
+            return "the parameters are sharded (FSDP)"
+        return None
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
         if ctx.kl_term is None or not ctx.kl_term.requires_grad:

@@ -1,5 +1,8 @@
 """Latent statistics of the training batch, per step: per-dimension KL, mu and logvar ranges.
 
+Under torch.distributed, of the global batch: each rank's :func:`rank_summary` rides in the
+step's one collective and :func:`combined_stats` combines them.
+
 ``logvar`` near -30 or +20 is where exp() under- or overflows usefully in float32: an encoder
 drifting there is about to produce zero or infinite variances.
 """
@@ -14,6 +17,31 @@ from vaediag.losses import kl_per_dim
 from vaediag.probes.base import Probe, StepContext, per_index
 
 RANGES = ("mu_min", "logvar_min", "mu_max", "logvar_max", "mu_mean", "logvar_mean")
+
+
+def rank_summary(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """What :func:`combined_stats` needs of one rank's share of the batch, as one float64
+    vector (it rides in the step's collective under torch.distributed): [B, the KL per
+    dimension summed over the batch (D), min mu, min logvar, max mu, max logvar, sum mu, sum
+    logvar]."""
+    mu, logvar = mu.detach().double(), logvar.detach().double()
+    both = torch.stack([mu, logvar]).flatten(1)
+    low, high = torch.aminmax(both, dim=1)
+    count = torch.tensor([float(len(mu))], dtype=torch.float64, device=mu.device)
+    return torch.cat([count, kl_per_dim(mu, logvar).sum(0), low, high, both.sum(1)])
+
+
+def combined_stats(summaries: torch.Tensor) -> dict[str, Any]:
+    """:func:`latent_stats` of the global batch from every rank's :func:`rank_summary`
+    ((ranks, D + 7)): the KL and means weighted by each rank's batch, the extremes of all."""
+    count = summaries[:, 0].sum()
+    dims = summaries.shape[1] - 7
+    out: dict[str, Any] = per_index("dim", "kl",
+                                    (summaries[:, 1:1 + dims].sum(0) / count).float())
+    rest = summaries[:, 1 + dims:]
+    out[RANGES] = torch.cat([rest[:, 0:2].amin(0), rest[:, 2:4].amax(0),
+                             rest[:, 4:6].sum(0) / (count * dims)]).float()
+    return out
 
 
 def latent_stats(mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, Any]:
@@ -31,6 +59,8 @@ class LatentStats(Probe):
     needs = frozenset({"latents"})
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
+        if ctx.latent_ranks is not None:  # under torch.distributed: the global batch
+            return combined_stats(ctx.latent_ranks)
         if ctx.mu is None or ctx.logvar is None:
             return {}
         return latent_stats(ctx.mu, ctx.logvar)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from vaediag.probes.adam import MAX_ENTRIES
-from vaediag.probes.base import EntrySample, Probe, StepContext, per_index, safe_div
+from vaediag.probes.base import EntrySample, Probe, StepContext, local, per_index, safe_div
 
 
 class UpdateRatio(Probe):
@@ -39,7 +39,7 @@ class UpdateRatio(Probe):
         if self._sample is None:
             params = [p for _, p in ctx.params]
             device = params[0].device
-            self._sample = EntrySample(list(range(len(params))), [p.numel() for p in params],
+            self._sample = EntrySample(list(range(len(params))), [local(p).numel() for p in params],
                                        ctx.layers, self.max_entries, device)
             ids = self._sample.layer_ids.tolist()  # sampled layers first: put back in model order
             self._order = torch.tensor(sorted(range(len(ids)), key=ids.__getitem__),
@@ -62,7 +62,7 @@ class UpdateRatio(Probe):
         sample.gather([p for _, p in ctx.params], after)
         after.sub_(before).square_()  # the update, squared
         before.square_()
-        sums = sample.layer_sums(self._flat)  # (2, L): |W|^2, |dW|^2
+        sums = ctx.reduce(sample.layer_sums(self._flat))  # (2, L): |W|^2, |dW|^2
         ratio = safe_div(sums[1].sqrt(), sums[0].sqrt())[self._order]
         total = sums.sum(1)
         out: dict[str, Any] = per_index("layer", "update_ratio", ratio, self._names)
