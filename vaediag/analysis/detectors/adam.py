@@ -41,7 +41,13 @@ import math
 
 import numpy as np
 
-from vaediag.analysis.causes import first_change, knob, setting_changes, undo_remedy
+from vaediag.analysis.causes import (
+    SettingChange,
+    first_change,
+    knob,
+    setting_changes,
+    undo_remedy,
+)
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
@@ -229,6 +235,178 @@ def _setting_cause(data: RunData, start: int, end: int) -> tuple[str, list[str]]
     return f"{change.describe()}: {what}", [undo_remedy(data, change)]
 
 
+def _held(kind: str, layers: dict[str, tuple[int, float, int]], summary: str, cause: str,
+          remedies: list[str], severity: str = "warning",
+          evidence: dict | None = None) -> Finding:
+    """A finding of a condition held in ``layers`` ({layer: (from step, median, until step)},
+    from :func:`_sustained`)."""
+    return Finding(kind=kind, severity=severity,
+                   first_step=min(v[0] for v in layers.values()),
+                   last_step=max(v[2] for v in layers.values()), summary=summary,
+                   evidence={"layers": {k: {"from_step": v[0], "median": v[1],
+                                            "until_step": v[2]}
+                                        for k, v in layers.items()}, **(evidence or {})},
+                   cause=cause, remedies=remedies, detector=NAME)
+
+
+def _eps_cause(data: RunData, change: SettingChange | None, began: bool) -> tuple[str, list[str]]:
+    """Why the layers are epsilon-dominated: eps was raised, their gradients became tiny
+    during training, or they were tiny from the start."""
+    if change is not None:
+        return (f"{change.describe()}: eps now exceeds sqrt(v^) for most entries, so steps "
+                f"are lr*m^/eps, far smaller than Adam's normalised lr*m^/sqrt(v^): those "
+                f"layers all but stopped learning",
+                [f"set eps back to {change.before:.3g}{knob(data, 'optim.eps', change.before)}"])
+    if began:
+        return ("the gradients of these layers became tiny against eps during training (dying "
+                "units, or a loss term that stopped reaching them): updates are lr*m^/eps "
+                "there, no longer normalised; a sudden gradient then makes an outsized step",
+                ["check for dead units (exactly zero gradients count here); lower eps if those "
+                 "entries should still learn" + knob(data, "optim.eps")])
+    return ("these layers' gradients are tiny against eps from the start (a mean-reduced "
+            "loss, or dead units): a property of the setup, harmless unless a sudden gradient "
+            "follows",
+            ["nothing needs doing unless spikes follow; a smaller eps (e.g. 1e-12) restores "
+             "Adam's normalisation there" + knob(data, "optim.eps")])
+
+
+def _eps_dominated(data: RunData) -> Finding | None:
+    """Layers where most entries have sqrt(v^) < eps; a warning only when their updates
+    shrank ``EPS_SHRINK`` times or more (the harm: they stopped learning)."""
+    dominated = _sustained(data, "adam_eps_frac", EPS_FRACTION)
+    if not dominated:
+        return None
+    began = {k: v for k, v in dominated.items()
+             if _began(data, "adam_eps_frac", k, v[0], EPS_FRACTION)}
+    first = min(v[0] for v in (began or dominated).values())
+    change = next((c for c in setting_changes(data, "eps", first - 4 * WINDOW_STEPS, first)
+                   if c.rose), None)
+    cause, remedies = _eps_cause(data, change, bool(began))
+    shown = began or dominated
+    shrank = _updates_shrank(data, sorted(began), first) if began else None
+    harmed = shrank is not None and shrank >= EPS_SHRINK
+    return _held(
+        "adam_eps_dominated", shown,
+        f"Adam is epsilon-dominated in {len(shown)} layer(s) (" + ", ".join(shown)
+        + f"): over {EPS_FRACTION:.0%} of entries have sqrt(v^) < eps"
+        + (f" from step {first:,}" if began else " throughout")
+        + (f"; their updates shrank {shrank:.3g}x: they all but stopped learning"
+           if harmed else "; a risk only: their updates did not shrink" if began else ""),
+        cause, remedies, severity="warning" if harmed else "info",
+        evidence={"eps": change.after if change else data.setting("optim", "eps"),
+                  "threshold": EPS_FRACTION, "began_during_training": sorted(began),
+                  "eps_change": change.__dict__ if change else None,
+                  "updates_shrank": shrank, "shrink_threshold": EPS_SHRINK})
+
+
+def _update_rms_high(data: RunData) -> Finding | None:
+    """Layers whose update RMS stayed near 1: successive gradients agree."""
+    near_one = _sustained(data, "adam_update_rms", UPDATE_RMS_HIGH)
+    if not near_one:
+        return None
+    lr_text, low_lr = _lr_note(data)
+    return _held(
+        "adam_update_rms_high", near_one,
+        f"Adam's update RMS stayed above {UPDATE_RMS_HIGH} in {len(near_one)} layer(s) ("
+        + ", ".join(near_one) + "): successive gradients agree (time-correlated)",
+        lr_text, ([] if low_lr else ["lower the learning rate" + knob(data, "optim.lr")])
+        + ["raise beta2 or eps slightly" + knob(data, "optim.betas")], severity="info",
+        evidence={"threshold": UPDATE_RMS_HIGH, "healthy": "about 0.2-0.3"})
+
+
+def _rms_t_high(data: RunData) -> Finding | None:
+    """Layers whose RMS_t stayed high: v^ lags the gradients."""
+    stale = _sustained(data, "adam_rms_t", RMS_T_HIGH)
+    if not stale:
+        return None
+    return _held(
+        "adam_rms_t_high", stale,
+        f"RMS_t stayed above {RMS_T_HIGH} in {len(stale)} layer(s) (" + ", ".join(stale)
+        + "): Adam's second moment lags the gradients", "v^ underestimates the current "
+        "gradient scale (gradients growing faster than v^ follows), so steps are larger than "
+        "intended: StableAdamW's warning sign; harmful only if spikes follow",
+        ["lower beta2 (e.g. 0.99) so v tracks faster" + knob(data, "optim.betas"),
+         "or clip updates (StableAdamW)"], severity="info",
+        evidence={"threshold": RMS_T_HIGH})
+
+
+def _oversized_update(data: RunData, signals: list[Signal]) -> Finding | None:
+    """Steps that changed a layer by far more than Adam's usual ~1e-3 of its weights; a jump
+    to a few times a healthy step is info (harmless unless harm follows: timeline.grade)."""
+    hits = [s for s in signals if s.channel == "update_ratio"]
+    if not hits:
+        return None
+    first, worst = min(hits, key=lambda s: s.step), max(hits, key=lambda s: s.value)
+    layers = sorted({s.where for s in hits})
+    setting = _setting_cause(data, first.step - 1, first.step)
+    cause = (setting[0] if setting else
+             "a step far larger than Adam's usual ~1e-3 of the weights, with no change of "
+             "learning rate or eps recorded: an outlier gradient, v^ collapsing, or an edit of "
+             "the weights")
+    return Finding(
+        kind="oversized_update", severity="warning" if worst.value >= RATIO_SPIKE else "info",
+        first_step=first.step, last_step=max(s.step for s in hits),
+        summary=(f"step {first.step:,}: an oversized update: {worst.where} changed by "
+                 f"{worst.value:.3g} of its norm in one step"
+                 + (f" ({len(hits)} times, {len(layers)} layer(s))" if len(hits) > 1 else "")),
+        evidence={"layers": layers, "occurrences": len(hits), "max": worst.value,
+                  "max_at": worst.step, "threshold": RATIO_SPIKE, "jump": RATIO_JUMP},
+        cause=cause,
+        remedies=(setting[1] if setting else [])
+        + ["clip gradients" + knob(data, "optim.grad_clip"),
+           "raise Adam's eps (e.g. 1e-6) so a small v^ cannot make huge steps"
+           + knob(data, "optim.eps", "1e-6")],
+        detector=NAME)
+
+
+def _step_size_cause(data: RunData, step: int, at_first: list[Signal]
+                     ) -> tuple[str, list[str], dict]:
+    """Why Adam's effective step size jumped at ``step``: a recorded change of lr or eps, the
+    eps-dominated fraction moving with it (eps changed unrecorded), else v^ collapsing.
+    Returns the reason, its remedies and the eps-dominated fraction before and after."""
+    eps_frac = {s.where: _before_after(data, "adam_eps_frac", s.where, s.step)
+                for s in at_first}
+    eps_moved = {k: v for k, v in eps_frac.items()
+                 if v and abs(v["after"] - v["before"]) >= 0.01}
+    # eff_lr is recorded every few steps: the change happened since the last recording
+    setting = _setting_cause(data, step - EFF_LR_SPAN, step)
+    if setting is not None:
+        return (*setting, eps_frac)
+    if eps_moved:
+        return ("the fraction of eps-dominated entries moved at the same step ("
+                + ", ".join(f"{k} {v['before']:.1%} -> {v['after']:.1%}"
+                            for k, v in eps_moved.items()) + "): eps probably changed",
+                ["if eps was lowered (e.g. to 1e-16), set it back: entries with tiny v^ now "
+                 "take steps of lr * m^/sqrt(v^), close to lr in size whatever their gradient"],
+                eps_frac)
+    return ("v^ collapsed (gradients became much smaller at once)",
+            ["lower the learning rate; clip gradients"], eps_frac)
+
+
+def _step_size_jump(data: RunData, signals: list[Signal]) -> Finding | None:
+    """Abrupt rises of lr / (sqrt(v^) + eps), which moves slowly in a healthy run."""
+    hits = [s for s in signals if s.channel == "adam_eff_lr"]
+    if not hits:
+        return None
+    first = min(hits, key=lambda s: s.step)
+    at_first = [s for s in hits if s.step == first.step]
+    worst = max(at_first, key=lambda s: s.value)
+    why, remedies, eps_frac = _step_size_cause(data, first.step, at_first)
+    return Finding(
+        kind="adam_step_size_jump", severity="warning", first_step=first.step,
+        last_step=max(s.step for s in hits),
+        summary=(f"step {first.step:,}: Adam's effective step size rose {worst.value:.3g}x at "
+                 f"once in {worst.where}"
+                 + (f" and {len(at_first) - 1} more layer(s)" if len(at_first) > 1 else "")
+                 + f"; {why}"),
+        evidence={"layers": sorted({s.where for s in hits}), "occurrences": len(hits),
+                  "factor": worst.value, "threshold_factor": EFF_LR_FACTOR,
+                  "threshold_z": EFF_LR_Z, "eps_dominated_fraction": eps_frac},
+        cause=("lr / (sqrt(v^) + eps) moves slowly in a healthy run (v^ averages over ~1000 "
+               "steps); " + why),
+        remedies=remedies, detector=NAME)
+
+
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     if data.matrix("layer", "adam_update_rms").empty and data.matrix("layer",
                                                                       "update_ratio").empty:
@@ -237,140 +415,6 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                + _spikes(data, "adam_update_rms", UPDATE_RMS_SPIKE)
                + _spikes(data, "update_ratio", RATIO_SPIKE, jump=RATIO_JUMP)
                + _rises(data, "adam_eff_lr", EFF_LR_FACTOR, EFF_LR_Z))
-    findings = []
-
-    def add(kind, layers, summary, cause, remedies, severity="warning", evidence=None):
-        findings.append(Finding(kind=kind, severity=severity,
-                                first_step=min(v[0] for v in layers.values()),
-                                last_step=max(v[2] for v in layers.values()), summary=summary,
-                                evidence={"layers": {k: {"from_step": v[0], "median": v[1],
-                                                         "until_step": v[2]}
-                                                     for k, v in layers.items()},
-                                          **(evidence or {})},
-                                cause=cause, remedies=remedies, detector=NAME))
-
-    dominated = _sustained(data, "adam_eps_frac", EPS_FRACTION)
-    if dominated:
-        began = {k: v for k, v in dominated.items()
-                 if _began(data, "adam_eps_frac", k, v[0], EPS_FRACTION)}
-        first = min(v[0] for v in (began or dominated).values())
-        change = next((c for c in setting_changes(data, "eps", first - 4 * WINDOW_STEPS, first)
-                       if c.rose), None)
-        eps = change.after if change else data.setting("optim", "eps")
-        if change is not None:
-            cause = (f"{change.describe()}: eps now exceeds sqrt(v^) for most entries, so steps "
-                     f"are lr*m^/eps, far smaller than Adam's normalised lr*m^/sqrt(v^): "
-                     f"those layers all but stopped learning")
-            remedies = [f"set eps back to {change.before:.3g}"
-                        f"{knob(data, 'optim.eps', change.before)}"]
-        elif began:
-            cause = ("the gradients of these layers became tiny against eps during training "
-                     "(dying units, or a loss term that stopped reaching them): updates are "
-                     "lr*m^/eps there, no longer normalised; a sudden gradient then makes an "
-                     "outsized step")
-            remedies = ["check for dead units (exactly zero gradients count here); lower eps "
-                        "if those entries should still learn" + knob(data, "optim.eps")]
-        else:
-            cause = ("these layers' gradients are tiny against eps from the start (a "
-                     "mean-reduced loss, or dead units): a property of the setup, harmless "
-                     "unless a sudden gradient follows")
-            remedies = ["nothing needs doing unless spikes follow; a smaller eps (e.g. 1e-12) "
-                        "restores Adam's normalisation there" + knob(data, "optim.eps")]
-        shown = began or dominated
-        # the harm: the updates of those layers shrank (they stopped learning)
-        shrank = _updates_shrank(data, sorted(began), first) if began else None
-        harmed = shrank is not None and shrank >= EPS_SHRINK
-        add("adam_eps_dominated", shown,
-            f"Adam is epsilon-dominated in {len(shown)} layer(s) (" + ", ".join(shown)
-            + f"): over {EPS_FRACTION:.0%} of entries have sqrt(v^) < eps"
-            + (f" from step {first:,}" if began else " throughout")
-            + (f"; their updates shrank {shrank:.3g}x: they all but stopped learning"
-               if harmed else "; a risk only: their updates did not shrink"
-               if began else ""),
-            cause, remedies, severity="warning" if harmed else "info",
-            evidence={"eps": eps, "threshold": EPS_FRACTION, "began_during_training":
-                      sorted(began), "eps_change": change.__dict__ if change else None,
-                      "updates_shrank": shrank, "shrink_threshold": EPS_SHRINK})
-    lr_text, low_lr = _lr_note(data)
-    near_one = _sustained(data, "adam_update_rms", UPDATE_RMS_HIGH)
-    if near_one:
-        add("adam_update_rms_high", near_one,
-            f"Adam's update RMS stayed above {UPDATE_RMS_HIGH} in {len(near_one)} layer(s) ("
-            + ", ".join(near_one) + "): successive gradients agree (time-correlated)",
-            lr_text, ([] if low_lr else ["lower the learning rate" + knob(data, "optim.lr")])
-            + ["raise beta2 or eps slightly" + knob(data, "optim.betas")], severity="info",
-            evidence={"threshold": UPDATE_RMS_HIGH, "healthy": "about 0.2-0.3"})
-    stale = _sustained(data, "adam_rms_t", RMS_T_HIGH)
-    if stale:
-        add("adam_rms_t_high", stale,
-            f"RMS_t stayed above {RMS_T_HIGH} in {len(stale)} layer(s) (" + ", ".join(stale)
-            + "): Adam's second moment lags the gradients", "v^ underestimates the current "
-            "gradient scale (gradients growing faster than v^ follows), so steps are larger "
-            "than intended: StableAdamW's warning sign; harmful only if spikes follow",
-            ["lower beta2 (e.g. 0.99) so v tracks faster" + knob(data, "optim.betas"),
-             "or clip updates (StableAdamW)"], severity="info",
-            evidence={"threshold": RMS_T_HIGH})
-    hits = [s for s in signals if s.channel == "update_ratio"]
-    if hits:
-        first, worst = min(hits, key=lambda s: s.step), max(hits, key=lambda s: s.value)
-        layers = sorted({s.where for s in hits})
-        setting = _setting_cause(data, first.step - 1, first.step)
-        cause = (setting[0] if setting else
-                 "a step far larger than Adam's usual ~1e-3 of the weights, with no change of "
-                 "learning rate or eps recorded: an outlier gradient, v^ collapsing, or an edit "
-                 "of the weights")
-        # a jump to a few times a healthy step is harmless unless harm follows (timeline.grade)
-        findings.append(Finding(
-            kind="oversized_update", severity="warning" if worst.value >= RATIO_SPIKE else "info",
-            first_step=first.step,
-            last_step=max(s.step for s in hits),
-            summary=(f"step {first.step:,}: an oversized update: {worst.where} changed by "
-                     f"{worst.value:.3g} of its norm in one step"
-                     + (f" ({len(hits)} times, {len(layers)} layer(s))" if len(hits) > 1
-                        else "")),
-            evidence={"layers": layers, "occurrences": len(hits), "max": worst.value,
-                      "max_at": worst.step, "threshold": RATIO_SPIKE, "jump": RATIO_JUMP},
-            cause=cause,
-            remedies=(setting[1] if setting else [])
-            + ["clip gradients" + knob(data, "optim.grad_clip"),
-               "raise Adam's eps (e.g. 1e-6) so a small v^ cannot make huge steps"
-               + knob(data, "optim.eps", "1e-6")],
-            detector=NAME))
-    hits = [s for s in signals if s.channel == "adam_eff_lr"]
-    if hits:
-        first = min(hits, key=lambda s: s.step)
-        at_first = [s for s in hits if s.step == first.step]
-        worst = max(at_first, key=lambda s: s.value)
-        layers = sorted({s.where for s in hits})
-        eps_frac = {s.where: _before_after(data, "adam_eps_frac", s.where, s.step)
-                    for s in at_first}
-        eps_moved = {k: v for k, v in eps_frac.items()
-                     if v and abs(v["after"] - v["before"]) >= 0.01}
-        # eff_lr is recorded every few steps: the change happened since the last recording
-        setting = _setting_cause(data, first.step - EFF_LR_SPAN, first.step)
-        if setting is not None:
-            why, remedies = setting
-        elif eps_moved:
-            why = ("the fraction of eps-dominated entries moved at the same step ("
-                   + ", ".join(f"{k} {v['before']:.1%} -> {v['after']:.1%}"
-                               for k, v in eps_moved.items()) + "): eps probably changed")
-            remedies = ["if eps was lowered (e.g. to 1e-16), set it back: entries with tiny "
-                        "v^ now take steps of lr * m^/sqrt(v^), close to lr in size whatever "
-                        "their gradient"]
-        else:
-            why = "v^ collapsed (gradients became much smaller at once)"
-            remedies = ["lower the learning rate; clip gradients"]
-        findings.append(Finding(
-            kind="adam_step_size_jump", severity="warning", first_step=first.step,
-            last_step=max(s.step for s in hits),
-            summary=(f"step {first.step:,}: Adam's effective step size rose {worst.value:.3g}x "
-                     f"at once in {worst.where}"
-                     + (f" and {len(at_first) - 1} more layer(s)" if len(at_first) > 1 else "")
-                     + f"; {why}"),
-            evidence={"layers": layers, "occurrences": len(hits), "factor": worst.value,
-                      "threshold_factor": EFF_LR_FACTOR, "threshold_z": EFF_LR_Z,
-                      "eps_dominated_fraction": eps_frac},
-            cause=("lr / (sqrt(v^) + eps) moves slowly in a healthy run (v^ averages over ~1000 "
-                   "steps); " + why),
-            remedies=remedies, detector=NAME))
-    return findings, signals
+    found = [_eps_dominated(data), _update_rms_high(data), _rms_t_high(data),
+             _oversized_update(data, signals), _step_size_jump(data, signals)]
+    return [f for f in found if f is not None], signals

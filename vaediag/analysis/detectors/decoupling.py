@@ -45,6 +45,8 @@ the cause named is memorisation (see the ``generalisation`` detector), with its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from vaediag.analysis.causes import knob, memorisation, memorisation_remedies
@@ -136,193 +138,255 @@ def _trade(data: RunData, ctx: dict[str, float], memorised: bool = False
     return text, remedies
 
 
+@dataclass
+class _Pairs:
+    """Every pair (i, j = i + k) of evaluations after the burn-in up to ``MAX_GAP`` apart, as
+    (k, i) index arrays: O(n * MAX_GAP)."""
+
+    i: np.ndarray  # (1, n)
+    j: np.ndarray  # (K, n), clipped to the last evaluation
+    valid: np.ndarray  # (K, n): j is a real evaluation
+    seen: np.ndarray  # (K, n): the last evaluation a pair is judged on (the one after j)
+    n: int
+
+    @classmethod
+    def of(cls, n: int) -> _Pairs:
+        horizon = min(n - 1, MAX_GAP)
+        i = np.arange(n)[None, :]
+        j = i + np.arange(1, horizon + 1)[:, None]
+        valid = j < n
+        j = np.minimum(j, n - 1)
+        # Noise units are causal: a pair is judged on the evaluations up to the one after it
+        # (the sustained check's), so what is said about it never changes with what comes later.
+        return cls(i, j, valid, np.minimum(j + 1, n - 1), n)
+
+
+@dataclass
+class _LossTest:
+    """What the loss did on every pair: no worse (within one noise unit), or clearly risen
+    but by less than ``LOSS_TOLERANCE`` of itself."""
+
+    values: np.ndarray
+    noise: np.ndarray
+    ok: np.ndarray
+    understated: np.ndarray
+
+    @classmethod
+    def of(cls, loss: np.ndarray, pairs: _Pairs) -> _LossTest:
+        noise = expanding_noise_scale(loss, MIN_EVALS)
+        i, j = pairs.i, pairs.j
+        with np.errstate(invalid="ignore"):
+            ok = loss[j] <= loss[i] + noise[pairs.seen]
+            rel_loss = (loss[j] - loss[i]) / np.abs(loss[i])
+            rose = loss[j] >= loss[i] + 2 * noise[pairs.seen]  # clearly, not by noise
+        return cls(loss, noise, ok, rose & (rel_loss < LOSS_TOLERANCE))
+
+
+@dataclass
+class _MetricTest:
+    """One quality metric on every pair: how much worse (in noise units and relative to its
+    value), whether that is a flag of either kind, and whether it got clearly better."""
+
+    raw: np.ndarray
+    units: np.ndarray
+    relative: np.ndarray
+    flags: dict[str, np.ndarray]  # kind -> (K, n) flagged pairs
+    better: np.ndarray  # (K, n): clearly better at j or at the evaluation after it
+    correlation: np.ndarray
+
+    @classmethod
+    def of(cls, metric: str, raw: np.ndarray, loss: _LossTest, pairs: _Pairs
+           ) -> _MetricTest | None:
+        b = badness(metric, raw)
+        if not np.isfinite(b).sum() >= MIN_EVALS:
+            return None
+        i, j, valid = pairs.i, pairs.j, pairs.valid
+        unit = expanding_noise_scale(b, MIN_EVALS)[pairs.seen]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            unit = np.where(unit > 0, unit, np.nan)
+            worse = b[j] - b[i]
+            scale = np.maximum(np.abs(b[i]), 1e-9)
+            bad = valid & (worse >= Z_QUALITY * unit) & (worse / scale >= MIN_RELATIVE)
+            nxt = np.append(b[1:], np.inf)  # sustained: the evaluation after j is worse too
+            sustained = (nxt[j] - b[i]) >= Z_QUALITY * unit
+        units, relative = worse / unit, worse / scale
+        # at the evaluation after j (the one the sustained check reads): better by as much?
+        gain = b[i] - np.append(b[1:], np.nan)[j]
+        better_next = valid & (gain >= Z_QUALITY * unit) & (gain / scale >= MIN_RELATIVE)
+        better = valid & (((-units >= Z_QUALITY) & (-relative >= MIN_RELATIVE)) | better_next)
+        flags = {"loss_quality_decoupling": bad & loss.ok & sustained,
+                 "loss_understates_quality": bad & loss.understated}
+        return cls(raw, units, relative, flags, better,
+                   rolling_spearman(np.diff(loss.values), np.diff(b), CORRELATION_WINDOW))
+
+
+@dataclass
+class _Pair:
+    """The pair of evaluations a finding shows, and why it has its severity."""
+
+    i: int
+    j: int
+    metrics: dict[str, dict[str, float]]  # flagged metric -> before, after, how much worse
+    families: list[str]
+    pairs_found: int
+    severity: str
+    why: str
+
+
+def _strong(kind: str, tests: dict[str, _MetricTest], shape: tuple[int, ...]) -> np.ndarray:
+    """Pairs where one metric alone is worse by ``STRONG`` times the relative threshold, no
+    metric of another family got clearly better (a trade of one quality for another), and, for
+    a metric of one region of the face, another of its family agrees."""
+    none = np.zeros(shape, dtype=bool)
+    strong = none.copy()
+    for m, t in tests.items():
+        against = np.any([o.better for name, o in tests.items() if FAMILY[name] != FAMILY[m]]
+                         or [none], 0)
+        # a regional metric alone (the eyes' colour) is weak evidence: it needs another metric
+        # of its family with it
+        kin = np.any([o.flags[kind] for name, o in tests.items()
+                      if name != m and FAMILY[name] == FAMILY[m]] or [none], 0)
+        alone_ok = kin if QUALITY_METRICS[m].regional else np.ones(shape, dtype=bool)
+        strong |= t.flags[kind] & (t.relative >= STRONG * MIN_RELATIVE) & ~against & alone_ok
+    return strong
+
+
+def _choose_pair(kind: str, tests: dict[str, _MetricTest], pairs: _Pairs) -> _Pair | None:
+    """The first evaluation j at which a warning (else any flag) of ``kind`` is visible;
+    there, the most families agreeing, then the largest worsening. Nothing later in the run
+    changes which pair that is."""
+    flags = {m: t.flags[kind] for m, t in tests.items()}
+    families = sorted({FAMILY[m] for m in flags})
+    agree = sum(np.any([flags[m] for m in flags if FAMILY[m] == fam], 0).astype(np.int32)
+                for fam in families)
+    if not agree.any():
+        return None
+    warn = (agree >= MIN_METRICS) | _strong(kind, tests, agree.shape)
+    level = warn if warn.any() else agree > 0
+    first_j = np.where(level, pairs.j, pairs.n).min()
+    best = level & (pairs.j == first_j)
+    best &= agree == np.where(best, agree, 0).max()
+    strength = np.max([np.where(flags[m], tests[m].units, -np.inf) for m in flags], 0)
+    k, i = np.unravel_index(np.argmax(np.where(best, strength, -np.inf)), best.shape)
+    j = int(pairs.j[k, i])
+    metrics = {m: {"before": float(t.raw[i]), "after": float(t.raw[j]),
+                   "worse_by_noise_units": float(t.units[k, i]),
+                   "relative_change": float((t.raw[j] - t.raw[i]) / max(abs(t.raw[i]), 1e-9))}
+               for m, t in tests.items() if flags[m][k, i]}
+    why = ("metrics of several families agree" if agree[k, i] >= MIN_METRICS else
+           "one family of metrics, by a wide margin, with none of the others better"
+           if warn[k, i] else "one family of metrics only")
+    return _Pair(int(i), j, metrics, sorted({FAMILY[m] for m in metrics}),
+                 int((agree > 0).sum()), "warning" if warn[k, i] else "info", why)
+
+
+def _evidence(pair: _Pair, s: np.ndarray, loss: _LossTest, tests: dict[str, _MetricTest],
+              floor: float | None) -> dict:
+    i, j, values = pair.i, pair.j, loss.values
+    ranked = sorted(pair.metrics.items(), key=lambda kv: -kv[1]["worse_by_noise_units"])
+    turns = {m: tests[m].correlation[CORRELATION_WINDOW - 1:] < 0 for m in pair.metrics}
+    evidence = {
+        "compare": {"before_step": int(s[i]), "after_step": int(s[j])},
+        "loss_before": float(values[i]), "loss_after": float(values[j]),
+        "loss_noise_unit": float(loss.noise[min(j + 1, len(s) - 1)]),
+        "metrics": dict(ranked), "pairs_found": pair.pairs_found, "families": pair.families,
+        "severity_because": pair.why, "loss_noise_unit_causal": True,
+        "thresholds": {"z_quality": Z_QUALITY, "min_relative": MIN_RELATIVE,
+                       "loss_tolerance": LOSS_TOLERANCE, "min_families": MIN_METRICS,
+                       "strong": STRONG},
+        "correlation_turns_negative_at": {m: int(s[np.flatnonzero(t)[0] + CORRELATION_WINDOW])
+                                          for m, t in turns.items() if t.any()},
+    }
+    if floor is not None:
+        evidence["bce_floor"] = floor
+        evidence["excess_before"] = float(values[i] - floor)
+        evidence["excess_after"] = float(values[j] - floor)
+    return evidence
+
+
+def _finding(data: RunData, kind: str, pair: _Pair, s: np.ndarray, loss: _LossTest,
+             tests: dict[str, _MetricTest], floor: float | None) -> Finding:
+    """The finding for the chosen pair: what the loss and the pictures did, and why: the
+    loss's blindness, or memorisation (named first: held-out images losing what the training
+    images keep is not the loss's fault, and no change of the loss would fix it)."""
+    i, j, values = pair.i, pair.j, loss.values
+    evidence = _evidence(pair, s, loss, tests, floor)
+    detail = "; ".join(_describe(m, v["before"], v["after"])
+                       for m, v in list(evidence["metrics"].items())[:3])
+    if kind == "loss_quality_decoupling":
+        summary = (f"the loss stopped tracking quality: evaluation at step {int(s[j]):,} has a "
+                   f"loss no worse than step {int(s[i]):,} but worse pictures ({detail})")
+        cause = ("the reconstruction loss does not weigh what these metrics measure: a pixel "
+                 "loss barely sees colour or orientation, and it kept improving on other "
+                 "pixels while these got worse")
+    else:
+        change = values[j] - values[i]
+        loss_text = (f"the loss {'fell' if change < 0 else 'rose'} "
+                     f"{abs(change) / values[i]:.1%} ({values[i]:.5g} -> {values[j]:.5g})")
+        summary = (f"between the evaluations at steps {int(s[i]):,} and {int(s[j]):,} "
+                   f"{loss_text} while the pictures changed much more ({detail})")
+        cause = "a few percent of the loss hid a large change in the pictures"
+    mem = memorisation(data, int(s[i]), int(s[j]), metrics=list(pair.metrics))
+    if mem is not None:
+        cause = f"memorisation, not the loss: {mem.describe()}"
+        evidence["memorisation"] = {"heldout_loss": list(mem.heldout),
+                                    "train_loss": list(mem.train),
+                                    "kept_on_train": mem.kept_on_train}
+    elif floor is not None:
+        share = floor / values[i]
+        rel_excess = (values[j] - floor) / (values[i] - floor) - 1 if values[i] > floor else 0
+        cause += (f". With a summed BCE, {share:.0%} of this loss is the images' entropy "
+                  f"({floor:,.1f}), a floor no reconstruction goes below: the part above it "
+                  f"changed {rel_excess:+.0%}")
+    between = _between(data, int(s[i]), int(s[j]))
+    evidence["between"] = between
+    trade, trade_remedies = _trade(data, between, memorised=mem is not None)
+    if mem is not None:  # the model to keep: the best held-out loss up to the later evaluation
+        best = int(s[int(np.argmin(values[:j + 1]))])
+        remedies = [*memorisation_remedies(data, best), *trade_remedies,
+                    "judge runs by held-out images, never by the training loss: compare the "
+                    "two grids named here side by side"]
+    else:
+        remedies = [*trade_remedies, *LOSS_REMEDIES]
+    return Finding(kind=kind, severity=pair.severity, first_step=int(s[i]),
+                   last_step=int(s[j]), summary=summary, evidence=evidence,
+                   cause=cause + trade, remedies=remedies, detector=NAME,
+                   compare_steps=[int(s[i]), int(s[j])])
+
+
+#: what to do when the loss does not weigh what the pictures lost
+LOSS_REMEDIES = (
+    "judge runs by the quality metrics, not by the loss alone: compare the two grids named "
+    "here side by side",
+    "for colour and structure, a perceptual or colour-aware loss term (e.g. an LPIPS or "
+    "Lab-space term), or a Gaussian likelihood in place of BCE on non-binary targets",
+    "report the loss above its floor (the BCE minus the targets' entropy)",
+)
+
+
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     data.require("eval_recon", table="evals")
-    steps = data.evals["step"].to_numpy()
-    keep = steps >= data.burn_in_step
+    keep = data.evals["step"].to_numpy() >= data.burn_in_step
     if keep.sum() < MIN_EVALS:
         raise Skip(f"needs {MIN_EVALS} evaluations after the burn-in (step "
                    f"{data.burn_in_step:,}), has {int(keep.sum())}")
     metrics = data.judged_metrics()
     if not metrics:
         raise Skip("no image-quality metrics recorded (evaluation probes off)")
-    s = steps[keep]
-    loss = data.series("eval_recon", "evals")[keep]
+    s = data.evals["step"].to_numpy()[keep]
     floor = None
     if data.setting("loss", "recon") == "bce" and "eval_images" in data.fixed:
         floor = bce_floor(data.fixed["eval_images"][:8])
-    n = len(s)
-    # Pairs (i, j = i + k) of evaluations up to MAX_GAP apart, as (k, i) arrays: O(n * MAX_GAP).
-    horizon = min(n - 1, MAX_GAP)
-    i_idx = np.arange(n)[None, :]
-    j_idx = i_idx + np.arange(1, horizon + 1)[:, None]
-    valid = j_idx < n
-    j_idx = np.minimum(j_idx, n - 1)
-    # Noise units are causal: a pair is judged on the evaluations up to the one after it (the
-    # sustained check's), so what is said about it never changes with what comes later.
-    seen = np.minimum(j_idx + 1, n - 1)
-    loss_noise = expanding_noise_scale(loss, MIN_EVALS)
-    with np.errstate(invalid="ignore"):
-        loss_ok = loss[j_idx] <= loss[i_idx] + loss_noise[seen]
-        rel_loss = (loss[j_idx] - loss[i_idx]) / np.abs(loss[i_idx])
-        rose = loss[j_idx] >= loss[i_idx] + 2 * loss_noise[seen]  # clearly, not by noise
-        understated = rose & (rel_loss < LOSS_TOLERANCE)
-    masks: dict[str, dict[str, np.ndarray]] = {"loss_quality_decoupling": {},
-                                               "loss_understates_quality": {}}
-    units: dict[str, np.ndarray] = {}
-    relative: dict[str, np.ndarray] = {}
-    better_next: dict[str, np.ndarray] = {}
-    raw_values: dict[str, np.ndarray] = {}
-    correlations = {}
-    for metric in metrics:
-        raw = data.series(metric, "evals")[keep]
-        b = badness(metric, raw)
-        if not np.isfinite(b).sum() >= MIN_EVALS:
-            continue
-        unit = expanding_noise_scale(b, MIN_EVALS)[seen]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            unit = np.where(unit > 0, unit, np.nan)
-            worse = b[j_idx] - b[i_idx]
-            scale = np.maximum(np.abs(b[i_idx]), 1e-9)
-            bad = valid & (worse >= Z_QUALITY * unit) & (worse / scale >= MIN_RELATIVE)
-            nxt = np.append(b[1:], np.inf)  # sustained: the evaluation after j is worse too
-            sustained = (nxt[j_idx] - b[i_idx]) >= Z_QUALITY * unit
-        masks["loss_quality_decoupling"][metric] = bad & loss_ok & sustained
-        masks["loss_understates_quality"][metric] = bad & understated
-        units[metric] = worse / unit
-        relative[metric] = worse / scale
-        # at the evaluation after j (the one the sustained check reads): better by as much?
-        gain = b[i_idx] - np.append(b[1:], np.nan)[j_idx]
-        better_next[metric] = valid & (gain >= Z_QUALITY * unit) & (gain / scale >= MIN_RELATIVE)
-        raw_values[metric] = raw
-        correlations[metric] = rolling_spearman(np.diff(loss), np.diff(b), CORRELATION_WINDOW)
+    pairs = _Pairs.of(len(s))
+    loss = _LossTest.of(data.series("eval_recon", "evals")[keep], pairs)
+    tests = {m: t for m in metrics
+             if (t := _MetricTest.of(m, data.series(m, "evals")[keep], loss, pairs))}
     data.derived["loss_quality_correlation"] = {
         "steps": s[1:].tolist(), "window": CORRELATION_WINDOW,
-        "metrics": {m: rho.tolist() for m, rho in correlations.items()}}
-    # Evidence against a pair: a metric of another family clearly *better* than at i, at j or
-    # at the evaluation after it: the pictures traded one quality for another.
-    better = {m: valid & (((-units[m] >= Z_QUALITY) & (-relative[m] >= MIN_RELATIVE))
-                          | better_next[m]) for m in units}
-    candidates: dict[str, tuple[tuple[int, int], dict, int, str]] = {}
-    for kind, by_metric in masks.items():
-        if not by_metric:
-            continue
-        families = sorted({FAMILY[m] for m in by_metric})
-        agree = sum(np.any([by_metric[m] for m in by_metric if FAMILY[m] == fam], 0)
-                    .astype(np.int32) for fam in families)
-        if not agree.any():
-            continue
-        strong = np.zeros_like(agree, dtype=bool)
-        for m in by_metric:
-            against = np.any([better[o] for o in better if FAMILY[o] !=
-                              FAMILY[m]] or [np.zeros_like(strong)], 0)
-            # a regional metric alone (the eyes' colour) is weak evidence: it needs another
-            # metric of its family with it
-            kin = np.any([by_metric[o] for o in by_metric if o != m
-                          and FAMILY[o] == FAMILY[m]]
-                         or [np.zeros_like(strong)], 0)
-            alone_ok = kin if QUALITY_METRICS[m].regional else np.ones_like(strong)
-            strong |= by_metric[m] & (relative[m] >= STRONG * MIN_RELATIVE) & ~against & alone_ok
-        warn = (agree >= MIN_METRICS) | strong
-        # The pair to show: the first evaluation j at which a warning (else any flag) is
-        # visible; there, the most families agreeing, then the largest worsening. Nothing later
-        # in the run changes which pair that is.
-        level = warn if warn.any() else agree > 0
-        first_j = np.where(level, j_idx, n).min()
-        best = level & (j_idx == first_j)
-        best &= agree == np.where(best, agree, 0).max()
-        strength = np.max([np.where(by_metric[m], units[m], -np.inf) for m in by_metric], 0)
-        k, i = np.unravel_index(np.argmax(np.where(best, strength, -np.inf)), best.shape)
-        j = int(j_idx[k, i])
-        entry = {"kind": kind, "metrics": {
-            m: {"before": float(raw_values[m][i]), "after": float(raw_values[m][j]),
-                "worse_by_noise_units": float(units[m][k, i]),
-                "relative_change": float((raw_values[m][j] - raw_values[m][i])
-                                         / max(abs(raw_values[m][i]), 1e-9))}
-            for m in by_metric if by_metric[m][k, i]}}
-        why = ("metrics of several families agree" if agree[k, i] >= MIN_METRICS else
-               "one family of metrics, by a wide margin, with none of the others better"
-               if warn[k, i] else "one family of metrics only")
-        entry["families"] = sorted({FAMILY[m] for m in entry["metrics"]})
-        candidates[kind] = ((int(i), j), entry, int((agree > 0).sum()),
-                            "warning" if warn[k, i] else "info", why)
-    findings = []
-    for kind in ("loss_quality_decoupling", "loss_understates_quality"):
-        if kind not in candidates:
-            continue
-        (i, j), entry, pairs_found, severity, why = candidates[kind]
-        ranked = sorted(entry["metrics"].items(), key=lambda kv: -kv[1]["worse_by_noise_units"])
-        change = loss[j] - loss[i]
-        loss_text = (f"the loss {'fell' if change < 0 else 'rose'} {abs(change) / loss[i]:.1%} "
-                     f"({loss[i]:.5g} -> {loss[j]:.5g})")
-        detail = "; ".join(_describe(m, v["before"], v["after"]) for m, v in ranked[:3])
-        first_bad = {m: int(s[np.flatnonzero(correlations[m][CORRELATION_WINDOW - 1:] < 0)[0]
-                              + CORRELATION_WINDOW])
-                     for m in entry["metrics"]
-                     if (correlations[m][CORRELATION_WINDOW - 1:] < 0).any()}
-        evidence = {
-            "compare": {"before_step": int(s[i]), "after_step": int(s[j])},
-            "loss_before": float(loss[i]), "loss_after": float(loss[j]),
-            "loss_noise_unit": float(loss_noise[min(j + 1, n - 1)]), "metrics": dict(ranked),
-            "pairs_found": pairs_found, "families": entry["families"], "severity_because": why,
-            "loss_noise_unit_causal": True, "thresholds": {"z_quality": Z_QUALITY,
-                                                      "min_relative": MIN_RELATIVE,
-                                                      "loss_tolerance": LOSS_TOLERANCE,
-                                                      "min_families": MIN_METRICS,
-                                                      "strong": STRONG},
-            "correlation_turns_negative_at": first_bad,
-        }
-        if floor is not None:
-            excess_i, excess_j = loss[i] - floor, loss[j] - floor
-            evidence["bce_floor"] = floor
-            evidence["excess_before"] = float(excess_i)
-            evidence["excess_after"] = float(excess_j)
-        if kind == "loss_quality_decoupling":
-            summary = (f"the loss stopped tracking quality: evaluation at step {int(s[j]):,} "
-                       f"has a loss no worse than step {int(s[i]):,} but worse pictures "
-                       f"({detail})")
-            cause = ("the reconstruction loss does not weigh what these metrics measure: a "
-                     "pixel loss barely sees colour or orientation, and it kept improving on "
-                     "other pixels while these got worse")
-        else:
-            summary = (f"between the evaluations at steps {int(s[i]):,} and {int(s[j]):,} "
-                       f"{loss_text} while the pictures changed much more ({detail})")
-            cause = ("a few percent of the loss hid a large change in the pictures")
-        # Memorisation first: held-out images losing what the training images keep is not
-        # the loss's blindness, and no change of the loss would fix it.
-        mem = memorisation(data, int(s[i]), int(s[j]), metrics=list(entry["metrics"]))
-        if mem is not None:
-            cause = f"memorisation, not the loss: {mem.describe()}"
-            evidence["memorisation"] = {"heldout_loss": list(mem.heldout),
-                                        "train_loss": list(mem.train),
-                                        "kept_on_train": mem.kept_on_train}
-        elif floor is not None:
-            share = floor / loss[i]
-            rel_excess = (loss[j] - floor) / (loss[i] - floor) - 1 if loss[i] > floor else 0
-            cause += (f". With a summed BCE, {share:.0%} of this loss is the images' entropy "
-                      f"({floor:,.1f}), a floor no reconstruction goes below: the part above it "
-                      f"changed {rel_excess:+.0%}")
-        ctx = _between(data, int(s[i]), int(s[j]))
-        evidence["between"] = ctx
-        trade, trade_remedies = _trade(data, ctx, memorised=mem is not None)
-        cause += trade
-        remedies = [*trade_remedies,
-                    "judge runs by the quality metrics, not by the loss alone: compare "
-                    "the two grids named here side by side",
-                    "for colour and structure, a perceptual or colour-aware loss term "
-                    "(e.g. an LPIPS or Lab-space term), or a Gaussian likelihood in place of "
-                    "BCE on non-binary targets",
-                    "report the loss above its floor (the BCE minus the targets' entropy)"]
-        if mem is not None:
-            # the model to keep: the best held-out loss up to the later evaluation
-            best = int(s[int(np.argmin(loss[:j + 1]))])
-            remedies = [*memorisation_remedies(data, best), *trade_remedies,
-                        "judge runs by held-out images, never by the training loss: compare "
-                        "the two grids named here side by side"]
-        findings.append(Finding(
-            kind=kind, severity=severity, first_step=int(s[i]), last_step=int(s[j]),
-            summary=summary, evidence=evidence, cause=cause, remedies=remedies,
-            detector=NAME, compare_steps=[int(s[i]), int(s[j])]))
+        "metrics": {m: t.correlation.tolist() for m, t in tests.items()}}
+    findings = [_finding(data, kind, pair, s, loss, tests, floor)
+                for kind in ("loss_quality_decoupling", "loss_understates_quality")
+                if tests and (pair := _choose_pair(kind, tests, pairs)) is not None]
     signals = [Signal(f.last_step, "quality", next(iter(f.evidence["metrics"])), 0.0, 0.0,
                       f.summary) for f in findings]
     return findings, signals

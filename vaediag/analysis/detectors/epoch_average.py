@@ -31,6 +31,26 @@ KINDS = (
 Z_CHANGE = 2.0
 
 
+def _cause(data: RunData, s: np.ndarray, keep: np.ndarray, k: int, da: np.ndarray,
+           evidence: dict) -> tuple[str, list[str]]:
+    """The averaging, unless the snapshot of the fixed training images moved with the
+    average: then the average was right about the training images, and the held-out images
+    parted from them (memorisation). Adds that snapshot to ``evidence``."""
+    cause = ("the printed epoch loss averages many weight states, sampled latents and every "
+             "batch; the grid shows the last model on 8 fixed images with the posterior mean")
+    remedies = ["compare epochs by the loss of a fixed evaluation set under the model as it "
+                "is (eval_recon), never by the running training average"]
+    mem = memorisation(data, int(s[k]), int(s[k + 1]))
+    if mem is not None and data.has(TRAIN_LOSS, "evals"):
+        train = data.series(TRAIN_LOSS, "evals")[keep]
+        evidence["train_snapshot"] = [float(train[k]), float(train[k + 1])]
+        if np.sign(train[k + 1] - train[k]) == np.sign(da[k]):
+            cause = ("not the averaging: the loss of the 8 training images under the model "
+                     "shown moved with the average; " + mem.describe())
+            remedies = [*memorisation_remedies(data, int(s[k])), *remedies]
+    return cause, remedies
+
+
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     data.require("eval_recon", "train_recon_avg", table="evals")
     steps = data.evals["step"].to_numpy()
@@ -51,23 +71,9 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     k = int(np.argmax(np.where(clash, np.abs(da) / ua + np.abs(ds) / us, -np.inf)))
     word = lambda d: "improved" if d < 0 else "got worse"  # noqa: E731
     gap = float(np.median(avg - snap))
-    cause = ("the printed epoch loss averages many weight states, sampled latents and every "
-             "batch; the grid shows the last model on 8 fixed images with the posterior mean")
-    remedies = ["compare epochs by the loss of a fixed evaluation set under the model as it "
-                "is (eval_recon), never by the running training average"]
     evidence = {"disagreements": int(clash.sum()), "of_intervals": len(da),
                 "median_gap_average_minus_snapshot": gap, "z_change": Z_CHANGE}
-    # The snapshot of the fixed training images tells averaging from memorisation: if it moved
-    # with the average, the average was right about the training images, and the held-out
-    # images parted from them.
-    mem = memorisation(data, int(s[k]), int(s[k + 1]))
-    if mem is not None and data.has(TRAIN_LOSS, "evals"):
-        train = data.series(TRAIN_LOSS, "evals")[keep]
-        evidence["train_snapshot"] = [float(train[k]), float(train[k + 1])]
-        if np.sign(train[k + 1] - train[k]) == np.sign(da[k]):
-            cause = ("not the averaging: the loss of the 8 training images under the model "
-                     "shown moved with the average; " + mem.describe())
-            remedies = [*memorisation_remedies(data, int(s[k])), *remedies]
+    cause, remedies = _cause(data, s, keep, k, da, evidence)
     finding = Finding(
         kind="epoch_average_trap", severity="info", first_step=int(s[k]),
         last_step=int(s[k + 1]),

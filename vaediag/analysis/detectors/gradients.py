@@ -54,12 +54,13 @@ def _log_norms(data: RunData) -> pd.DataFrame:
         return np.log(layers.where(layers > 0))
 
 
-def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
-    logs = _log_norms(data)
+def _jumps(data: RunData, logs: pd.DataFrame, after: np.ndarray
+           ) -> tuple[list[tuple[int, str, float, float]], list[Signal]]:
+    """Each layer's gradient norm far above its moving mean after the burn-in: the hits
+    (row index, layer, robust z, ratio to the mean) and their signals."""
     steps = data.steps
-    after = steps >= data.burn_in_step
     signals: list[Signal] = []
-    hits = []  # (step index, layer, z, ratio)
+    hits = []
     for layer in logs.columns:
         x = logs[layer].to_numpy()
         recorded = np.isfinite(x)
@@ -76,31 +77,43 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
             signals.append(Signal(int(steps[idx[k]]), "grad_norm", layer,
                                   float(math.exp(x[idx[k]])), float(math.exp(mean[k])),
                                   f"gradient norm {ratio[k]:.3g}x its moving mean"))
+    return hits, signals
+
+
+def _explosion(data: RunData, group: list[tuple[int, str, float, float]], start: int,
+               end: int) -> Finding:
+    """One episode of jumps (within 3 steps of one another), led by the largest."""
+    steps = data.steps
+    lead = max(group, key=lambda h: h[3])
+    layers = sorted({h[1] for h in group}, key=lambda n: -max(h[3] for h in group
+                                                               if h[1] == n))
+    first_step = int(steps[start])
+    return Finding(
+        kind="grad_explosion", severity="high" if lead[3] >= HIGH_RATIO else "warning",
+        first_step=first_step, last_step=int(steps[end]),
+        summary=(f"gradient explosion at step {first_step:,}: {lead[1]} {lead[3]:.3g}x its "
+                 f"moving mean" + (f", with {len(layers) - 1} more layer(s)"
+                                   if len(layers) > 1 else "")),
+        evidence={"layers": layers, "max_ratio": lead[3], "max_z": lead[2],
+                  "threshold_z": Z_EXPLODE, "min_ratio": MIN_RATIO},
+        cause="one or a few steps with far larger gradients than usual: an outlier batch, an "
+              "oversized previous update, or a loss term blowing up",
+        remedies=["clip gradients near the 99th percentile of the stable phase's norm, or use "
+                  "an adaptive clip (ZClip)" + knob(data, "optim.grad_clip"),
+                  "lower the learning rate" + knob(data, "optim.lr")],
+        detector=NAME)
+
+
+def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
+    logs = _log_norms(data)
+    after = data.steps >= data.burn_in_step
+    hits, signals = _jumps(data, logs, after)
     findings: list[Finding] = []
     if hits:
-        mask = np.zeros(len(steps), dtype=bool)
+        mask = np.zeros(len(data.steps), dtype=bool)
         mask[[h[0] for h in hits]] = True
-        for start, end in episodes(mask, merge_gap=3):
-            group = [h for h in hits if start <= h[0] <= end]
-            lead = max(group, key=lambda h: h[3])
-            layers = sorted({h[1] for h in group}, key=lambda n: -max(h[3] for h in group
-                                                                       if h[1] == n))
-            first_step = int(steps[start])
-            findings.append(Finding(
-                kind="grad_explosion",
-                severity="high" if lead[3] >= HIGH_RATIO else "warning",
-                first_step=first_step, last_step=int(steps[end]),
-                summary=(f"gradient explosion at step {first_step:,}: {lead[1]} {lead[3]:.3g}x "
-                         f"its moving mean" + (f", with {len(layers) - 1} more layer(s)"
-                                               if len(layers) > 1 else "")),
-                evidence={"layers": layers, "max_ratio": lead[3], "max_z": lead[2],
-                          "threshold_z": Z_EXPLODE, "min_ratio": MIN_RATIO},
-                cause="one or a few steps with far larger gradients than usual: an outlier "
-                      "batch, an oversized previous update, or a loss term blowing up",
-                remedies=["clip gradients near the 99th percentile of the stable phase's norm, "
-                          "or use an adaptive clip (ZClip)" + knob(data, "optim.grad_clip"),
-                          "lower the learning rate" + knob(data, "optim.lr")],
-                detector=NAME))
+        findings = [_explosion(data, [h for h in hits if start <= h[0] <= end], start, end)
+                    for start, end in episodes(mask, merge_gap=3)]
     findings += _vanishing(data, logs, after)
     return findings, signals
 

@@ -190,6 +190,83 @@ def _steps(count: float) -> str:
     return f"{count:.2g}" if count < 10 else f"{float(f'{count:.3g}'):,.0f}"
 
 
+def _events(spikes: list[dict]) -> list[list[dict]]:
+    """Spikes of different terms within 5 steps of one another are one event."""
+    groups: list[list[dict]] = []
+    for s in spikes:
+        if groups and s["onset"] - max(g["end"] for g in groups[-1]) <= 5:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def _graded(data: RunData, groups: list[list[dict]]) -> list[tuple[float, bool, list[dict]]]:
+    """Each event with what it cost (steps' worth of the objective) and whether the objective
+    stayed worse, the most costly first."""
+    total = objective(data)
+    last_step = int(data.steps[-1])
+    graded = []
+    for group in groups:
+        onset = min(s["onset"] for s in group)
+        ends = [s["recovered_at"] if s["recovered_at"] is not None
+                else min(last_step, s["onset"] + RECOVERY_LIMIT) for s in group]
+        cost, still_worse = harm(data, total, onset, max(ends))
+        graded.append((cost, still_worse, group))
+    graded.sort(key=lambda g: -g[0])
+    return graded
+
+
+def _summary(group: list[dict], main: dict, onset: int, cost: float) -> str:
+    names = "/".join(sorted({s["term"] for s in group}))
+    if main["collapsed_to"] is not None:
+        recovery = f"then collapsed to {main['collapsed_to']:.3g}"
+    elif main["recovered_at"] is None:
+        recovery = "did not recover"
+    else:
+        recovery = f"recovered in {main['recovery_steps']:,} steps"
+    return (f"{names} spike at step {onset:,}: {main['term']} rose {_rise(main)} "
+            f"({main['baseline']:.4g} -> {main['peak_value']:.4g}) and {recovery}; it cost "
+            f"{_steps(cost)} steps' worth of loss")
+
+
+def _finding(data: RunData, cost: float, still_worse: bool, group: list[dict]) -> Finding:
+    """One event: severity from what it cost, its cause and remedies."""
+    main = max((s for s in group if s["term"] != "total"), key=_size, default=group[0])
+    onset = min(s["onset"] for s in group)
+    recovered = main["recovered_at"] is not None and main["recovery_steps"] <= RECOVERY_LIMIT
+    if cost < HARM_WARNING:
+        severity = "info"
+    elif cost >= HARM_HIGH or (still_worse and not recovered):
+        severity = "high"
+    else:
+        severity = "warning"
+    clip = clip_suggestion(data, onset)
+    cause, remedies, context = _cause(data, onset, clip)
+    if cost < HARM_WARNING:
+        cause = ("the objective (the loss minimised) barely moved: a short blip, or a rise of "
+                 "one term paid for by the other (the KL leaving ~0 while the reconstruction "
+                 "improves): not an instability")
+        remedies = []
+    if main["term"] == "kl" and main["collapsed_to"] is not None:
+        remedies = ["free bits, so the KL cannot be pushed to 0 (e.g. 0.5 nats per "
+                    "dimension)" + knob(data, "loss.free_bits", 0.5), *remedies]
+    elif main["term"] == "kl" and cost >= HARM_WARNING:
+        remedies.append("clamp the log-variance" + knob(data, "loss.logvar_clamp",
+                                                        "[-30.0,20.0]"))
+    return Finding(
+        kind="loss_spike", severity=severity, first_step=onset,
+        last_step=max(s["end"] if s["recovered_at"] is None else s["recovered_at"]
+                      for s in group),
+        summary=_summary(group, main, onset, cost),
+        evidence={"spikes": group, "main_term": main["term"], "recovered": recovered,
+                  "harm_steps": cost, "objective_still_worse": still_worse,
+                  "threshold_z": Z_SPIKE, "window": WINDOW,
+                  "harm_thresholds": [HARM_WARNING, HARM_HIGH], "suggested_clip": clip,
+                  **context},
+        cause=cause, remedies=remedies, detector=NAME)
+
+
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     terms = [t for t in TERMS if data.has(t)]
     if not terms:
@@ -201,67 +278,8 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     signals = [Signal(s["onset"], s["term"], "", s["peak_value"], s["baseline"],
                       f"{s['term']} rose {_rise(s)} (robust z {s['z']:.0f})")
                for s in spikes]
-    groups: list[list[dict]] = []
-    for s in spikes:  # spikes of different terms within 5 steps are one event
-        if groups and s["onset"] - max(g["end"] for g in groups[-1]) <= 5:
-            groups[-1].append(s)
-        else:
-            groups.append([s])
-    total = objective(data)
-    last_step = int(data.steps[-1])
-    graded = []
-    for group in groups:
-        onset = min(s["onset"] for s in group)
-        ends = [s["recovered_at"] if s["recovered_at"] is not None
-                else min(last_step, s["onset"] + RECOVERY_LIMIT) for s in group]
-        cost, still_worse = harm(data, total, onset, max(ends))
-        graded.append((cost, still_worse, group))
-    graded.sort(key=lambda g: -g[0])
-    findings = []
-    for cost, still_worse, group in graded[:MAX_FINDINGS]:
-        main = max((s for s in group if s["term"] != "total"), key=_size, default=group[0])
-        onset = min(s["onset"] for s in group)
-        recovered = main["recovered_at"] is not None and main["recovery_steps"] <= RECOVERY_LIMIT
-        if cost < HARM_WARNING:
-            severity = "info"
-        elif cost >= HARM_HIGH or (still_worse and not recovered):
-            severity = "high"
-        else:
-            severity = "warning"
-        names = "/".join(sorted({s["term"] for s in group}))
-        if main["collapsed_to"] is not None:
-            recovery = f"then collapsed to {main['collapsed_to']:.3g}"
-        elif main["recovered_at"] is None:
-            recovery = "did not recover"
-        else:
-            recovery = f"recovered in {main['recovery_steps']:,} steps"
-        summary = (f"{names} spike at step {onset:,}: {main['term']} rose {_rise(main)} "
-                   f"({main['baseline']:.4g} -> {main['peak_value']:.4g}) and {recovery}; it cost "
-                   f"{_steps(cost)} steps' worth of loss")
-        clip = clip_suggestion(data, onset)
-        cause, remedies, context = _cause(data, onset, clip)
-        if cost < HARM_WARNING:
-            cause = ("the objective (the loss minimised) barely moved: a short blip, or a "
-                     "rise of one term paid for by the other (the KL leaving ~0 while the "
-                     "reconstruction improves): not an instability")
-            remedies = []
-        if main["term"] == "kl" and main["collapsed_to"] is not None:
-            remedies = ["free bits, so the KL cannot be pushed to 0 (e.g. 0.5 nats per "
-                        "dimension)" + knob(data, "loss.free_bits", 0.5), *remedies]
-        elif main["term"] == "kl" and cost >= HARM_WARNING:
-            remedies.append("clamp the log-variance" + knob(data, "loss.logvar_clamp",
-                                                            "[-30.0,20.0]"))
-        findings.append(Finding(
-            kind="loss_spike", severity=severity, first_step=onset,
-            last_step=max(s["end"] if s["recovered_at"] is None else s["recovered_at"]
-                          for s in group),
-            summary=summary, evidence={"spikes": group, "main_term": main["term"],
-                                       "recovered": recovered, "harm_steps": cost,
-                                       "objective_still_worse": still_worse,
-                                       "threshold_z": Z_SPIKE, "window": WINDOW,
-                                       "harm_thresholds": [HARM_WARNING, HARM_HIGH],
-                                       "suggested_clip": clip, **context},
-            cause=cause, remedies=remedies, detector=NAME))
+    groups = _events(spikes)
+    findings = [_finding(data, *graded) for graded in _graded(data, groups)[:MAX_FINDINGS]]
     if len(groups) > MAX_FINDINGS:
         findings[-1].evidence["more_spikes_not_listed"] = len(groups) - MAX_FINDINGS
     return findings, signals

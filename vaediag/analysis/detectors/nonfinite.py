@@ -14,6 +14,7 @@ the most extreme ones are reported as what preceded the failure.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -85,66 +86,97 @@ def extremes_before(data: RunData, index: int, top: int = 3) -> list[dict]:
             for z, c, v, m in scored[:top] if z >= 6]
 
 
-def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
-    """The Monitor's ``nonfinite`` events are authoritative (each names its term); rows add
-    NaN/Inf in ``recon`` and ``kl``, which every step records."""
-    if "recon" not in data.scalars.columns and data.events_of("nonfinite").empty:
-        raise Skip("no loss terms recorded")
-    steps = data.steps
+def _bad_steps(data: RunData) -> tuple[dict[int, set[str]], dict[int, set[int]]]:
+    """{step: the terms that went non-finite}, from the rows' ``recon`` and ``kl`` and the
+    Monitor's ``nonfinite`` events, and {step: the ranks they went non-finite on} (under
+    torch.distributed)."""
     bad: dict[int, set[str]] = {}
     for term in ("recon", "kl"):
         if term in data.scalars.columns:
             for i in np.flatnonzero(~np.isfinite(data.series(term))):
-                bad.setdefault(int(steps[i]), set()).add(term)
-    ranks: dict[int, set[int]] = {}  # under torch.distributed: where a loss term broke
+                bad.setdefault(int(data.steps[i]), set()).add(term)
+    ranks: dict[int, set[int]] = {}
     for _, event in data.events_of("nonfinite").iterrows():
         bad.setdefault(int(event["step"]), set()).add(str(event["term"]))
         on = event.get("ranks")
         if isinstance(on, list):
             ranks.setdefault(int(event["step"]), set()).update(int(r) for r in on)
+    return bad, ranks
+
+
+@dataclass
+class _Origin:
+    """Where the first non-finite step's values started."""
+
+    terms: list[str]  # every term named at that step
+    loss_terms: list[str]  # of them, the loss terms
+    weight: str  # ``weight:NAME`` when a weight was already non-finite, else ""
+    origin: str  # that weight, else the first ``grad:NAME``, else ""
+    layer: str
+    ranks: list[int]
+
+    @classmethod
+    def of(cls, terms: set[str], ranks: set[int]) -> _Origin:
+        ordered = sorted(terms)
+        weights = [t for t in ordered if t.startswith("weight:")]
+        grads = [t for t in ordered if t.startswith("grad")]
+        origin = weights[0] if weights else grads[0] if grads else ""
+        return cls(ordered, [t for t in ordered if t in ("recon", "kl", "total")],
+                   weights[0] if weights else "", origin, _layer(origin), sorted(ranks))
+
+    @property
+    def remedies_key(self) -> str:
+        return ("weight" if self.weight else "kl" if "kl" in self.loss_terms
+                else "recon" if "recon" in self.loss_terms else "grad")
+
+    def where(self) -> str:
+        """' in recon on rank 1 and the gradient of decoder.fc', or ''."""
+        on = self.ranks
+        parts = ([", ".join(self.loss_terms)
+                  + (f" on rank{'s' if len(on) > 1 else ''} {', '.join(map(str, on))}"
+                     if on else "")] if self.loss_terms else [])
+        if self.weight:
+            parts.append(f"the weight of {self.layer} ({self.origin.split(':', 1)[1]} was "
+                         f"already non-finite: a corrupted parameter)")
+        elif self.layer:
+            parts.append(f"the gradient of {self.layer}")
+        return f" in {' and '.join(parts)}" if parts else ""
+
+
+def _cause(origin: _Origin, first: int, before: list[dict]) -> str:
+    if origin.weight:
+        return (f"a weight of {origin.layer} was already Inf/NaN when step {first:,} began: it "
+                f"was written by the update before it, or by code that edits or loads "
+                f"weights; every value computed from it is non-finite")
+    if before:
+        return (f"a loss term or gradient overflowed; just before, {before[0]['column']} "
+                f"reached {before[0]['value']:.4g} (typically {before[0]['typical']:.4g})")
+    return ("a loss term or gradient overflowed with nothing recorded extreme just before it: "
+            "a sudden event (a bad batch, one huge step, a corrupted weight)")
+
+
+def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
+    """The Monitor's ``nonfinite`` events are authoritative (each names its term); rows add
+    NaN/Inf in ``recon`` and ``kl``, which every step records."""
+    if "recon" not in data.scalars.columns and data.events_of("nonfinite").empty:
+        raise Skip("no loss terms recorded")
+    bad, ranks = _bad_steps(data)
     if not bad:
         return [], []
     first, last = min(bad), max(bad)
-    on_ranks = sorted(ranks.get(first, ()))
-    terms = sorted(bad[first])
-    weight_terms = [t for t in terms if t.startswith("weight:")]
-    grad_terms = [t for t in terms if t.startswith("grad")]
-    origin = weight_terms[0] if weight_terms else grad_terms[0] if grad_terms else ""
-    layer = _layer(origin)
-    loss_terms = [t for t in terms if t in ("recon", "kl", "total")]
-    before = extremes_before(data, int(np.searchsorted(steps, first)))
-    key = ("weight" if weight_terms else "kl" if "kl" in loss_terms
-           else "recon" if "recon" in loss_terms else "grad")
-    parts = ([", ".join(loss_terms)
-              + (f" on rank{'s' if len(on_ranks) > 1 else ''} "
-                 f"{', '.join(map(str, on_ranks))}" if on_ranks else "")]
-             if loss_terms else [])
-    if weight_terms:
-        parts.append(f"the weight of {layer} ({origin.split(':', 1)[1]} was already "
-                     f"non-finite: a corrupted parameter)")
-    elif layer:
-        parts.append(f"the gradient of {layer}")
-    summary = (f"non-finite values first at step {first:,}"
-               + (f" in {' and '.join(parts)}" if parts else "")
-               + f"; {len(bad):,} step(s) affected")
-    if weight_terms:
-        cause = (f"a weight of {layer} was already Inf/NaN when step {first:,} began: it was "
-                 f"written by the update before it, or by code that edits or loads weights; "
-                 f"every value computed from it is non-finite")
-    elif before:
-        cause = (f"a loss term or gradient overflowed; just before, {before[0]['column']} "
-                 f"reached {before[0]['value']:.4g} (typically {before[0]['typical']:.4g})")
-    else:
-        cause = ("a loss term or gradient overflowed with nothing recorded extreme just before "
-                 "it: a sudden event (a bad batch, one huge step, a corrupted weight)")
+    origin = _Origin.of(bad[first], ranks.get(first, set()))
+    before = extremes_before(data, int(np.searchsorted(data.steps, first)))
     finding = Finding(
-        kind="nonfinite", severity="high", first_step=first, last_step=last, summary=summary,
-        evidence={"terms": terms, "layer": layer, "steps_affected": len(bad),
-                  **({"ranks": on_ranks} if on_ranks else {}),
+        kind="nonfinite", severity="high", first_step=first, last_step=last,
+        summary=(f"non-finite values first at step {first:,}{origin.where()}; {len(bad):,} "
+                 f"step(s) affected"),
+        evidence={"terms": origin.terms, "layer": origin.layer, "steps_affected": len(bad),
+                  **({"ranks": origin.ranks} if origin.ranks else {}),
                   "skipped_updates": len(data.events_of("skipped_step")),
                   "extreme_before": before},
-        cause=cause, detector=NAME,
-        remedies=[text + (knob(data, k, v) if k else "") for text, k, v in _REMEDIES[key]])
-    signals = [Signal(first, "nonfinite", layer or ",".join(loss_terms), math.nan, math.nan,
-                      f"NaN/Inf in {', '.join(terms)}")]
+        cause=_cause(origin, first, before), detector=NAME,
+        remedies=[text + (knob(data, k, v) if k else "")
+                  for text, k, v in _REMEDIES[origin.remedies_key]])
+    signals = [Signal(first, "nonfinite", origin.layer or ",".join(origin.loss_terms),
+                      math.nan, math.nan, f"NaN/Inf in {', '.join(origin.terms)}")]
     return [finding], signals
