@@ -26,7 +26,7 @@ def saturated_fraction(images: torch.Tensor) -> torch.Tensor:
     return ((images < LOW) | (images > HIGH)).float().mean()
 
 
-class DecoderSaturation(Probe):
+class DecoderSaturation(Probe[EvalContext]):
     name = "decoder_saturation"
     needs = frozenset({"eval"})
 

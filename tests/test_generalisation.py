@@ -15,7 +15,7 @@ from vaediag.analysis.detectors import DETECTORS, decoupling, epoch_average, gen
 from vaediag.data.augment import augment, step_generator
 from vaediag.monitor import captions
 from vaediag.probes.amortisation import AmortisationGap, negative_elbo, refine
-from vaediag.probes.base import EvalContext, ImageSet
+from vaediag.probes.context import EvalContext, ImageSet
 from vaediag.rundir import load_run
 from vaediag.testing import standard_evals, standard_scalars, write_run
 

@@ -13,6 +13,7 @@ from torch.distributions import Normal, kl_divergence
 from vaediag import columns
 from vaediag.data import toyfaces
 from vaediag.errors import UserError
+from vaediag.monitor.readback import to_floats
 from vaediag.probes import (
     AdamState,
     EvalContext,
@@ -31,8 +32,9 @@ from vaediag.probes import (
     log_spaced,
 )
 from vaediag.probes import adam as adam_module
-from vaediag.probes.base import EntrySample, ImageSet, sample_slice, to_floats
+from vaediag.probes.context import ImageSet
 from vaediag.probes.latents import combined_stats, latent_stats, rank_summary
+from vaediag.probes.sampling import EntrySample, sample_slice
 
 
 def _floats(values: dict) -> dict:
@@ -69,7 +71,7 @@ def _context(model, optimizer=None, **values) -> StepContext:
     norms = torch.stack([p.grad.norm() if p.grad is not None else torch.tensor(0.0)
                          for _, p in params])
     base = {"recon": 0.0, "kl": 0.0, "param_grad_norms": norms}
-    return StepContext(0, params, LayerIndex.from_params(params), optimizer, {**base, **values})
+    return StepContext(0, params, LayerIndex.from_params(params), optimizer, **{**base, **values})
 
 
 # -- layout and schedules -----------------------------------------------------------------------
@@ -323,8 +325,8 @@ def test_adam_sampling_for_large_tensors_estimates_the_full_statistics():
         (big(torch.randn(16, 400)) ** 2).mean().backward()
         opt.step()
     params = list(big.named_parameters())
-    ctx = StepContext(0, params, LayerIndex.from_params(params), opt,
-                      {"recon": 0.0, "kl": 0.0, "param_grad_norms": torch.zeros(2)})
+    ctx = StepContext(0, params, LayerIndex.from_params(params), opt, recon=0.0, kl=0.0,
+                      param_grad_norms=torch.zeros(2))
     full = _floats(AdamState(max_entries=None).compute(ctx))
     sampled = _floats(AdamState().compute(ctx))  # the weight has 120,000 entries
     assert adam_module.MAX_ENTRIES < 120_000
@@ -355,8 +357,8 @@ def test_sampled_update_ratio_estimates_the_full_one():
     for _ in range(3):
         opt.zero_grad()
         (big(torch.randn(16, 3)) ** 2).mean().backward()
-        ctx = StepContext(0, params, layers, opt,
-                          {"recon": 0.0, "kl": 0.0, "param_grad_norms": torch.zeros(4)})
+        ctx = StepContext(0, params, layers, opt, recon=0.0, kl=0.0,
+                          param_grad_norms=torch.zeros(4))
         probe = UpdateRatio()
         probe.before_step(ctx)
         before = [p.detach().reshape(-1).clone() for _, p in params]

@@ -60,15 +60,11 @@ from vaediag.monitor.ranks import (
     nonfinite_ranks,
     unwrap,
 )
-from vaediag.probes.base import (
-    LayerIndex,
-    Probe,
-    ProbeSetup,
-    StepContext,
-    read_floats,
-    to_floats,
-)
+from vaediag.monitor.readback import read_floats, to_floats
+from vaediag.probes.base import Probe, ProbeSetup
+from vaediag.probes.context import StepContext
 from vaediag.probes.latents import rank_summary as latent_summary
+from vaediag.probes.layers import LayerIndex
 from vaediag.rundir import load_run
 from vaediag.session import RunSession
 
@@ -485,13 +481,12 @@ class Monitor:
             kl_term = local_kl * (1.0 if beta is None else beta)
         if norms is None:
             norms = torch.zeros(len(self._params), device=self.device)
-        ctx = StepContext(step, self._params, self.layers, self.optimizer,
-                          {"recon": row["recon"], "kl": row["kl"], "total": row.get("total"),
-                           "beta": beta, "mu": None if mu is None else mu.detach(),
-                           "logvar": None if logvar is None else logvar.detach(),
-                           "kl_term": kl_term, "latent_ranks": latent_ranks,
-                           "param_grad_norms": norms,
-                           "grads_finite": grads_finite}, reduce=self.ranks.reduce)
+        ctx = StepContext(step, self._params, self.layers, self.optimizer, recon=row["recon"],
+                          kl=row["kl"], param_grad_norms=norms, total=row.get("total"),
+                          beta=beta, mu=None if mu is None else mu.detach(),
+                          logvar=None if logvar is None else logvar.detach(), kl_term=kl_term,
+                          latent_ranks=latent_ranks, grads_finite=grads_finite,
+                          reduce=self.ranks.reduce)
         values: dict[str, Any] = dict(extra or {})
         values.update(self.runner.run(self._due(step, after_step=False), ctx, step))
         ctx.kl_term = None  # release the graph

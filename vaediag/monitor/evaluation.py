@@ -21,7 +21,7 @@ import torch
 from vaediag import grid
 from vaediag.errors import UserError
 from vaediag.monitor import captions
-from vaediag.probes.base import EvalContext, ImageSet
+from vaediag.probes.context import EvalContext, ImageSet
 
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vaediag.probes.base import local
+from vaediag.probes.sampling import local
 
 
 def grad_norms(params: list[tuple[str, nn.Parameter]]) -> torch.Tensor | None:

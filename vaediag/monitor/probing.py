@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from vaediag.metrics import lpips as lpips_metric
-from vaediag.probes.base import Probe, ProbeSetup, StepContext, local
+from vaediag.probes.base import Probe, ProbeSetup
+from vaediag.probes.context import StepContext
+from vaediag.probes.sampling import local
 from vaediag.rundir import RunWriter
 
 #: A step is unusual when its gradient norm exceeds this many times the recent level (an

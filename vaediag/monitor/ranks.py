@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from vaediag.errors import UserError
-from vaediag.probes.base import is_dtensor
+from vaediag.probes.sampling import is_dtensor
 
 #: the per-step vector every rank contributes: its loss terms, then its request to stop
 TERMS = ("recon", "kl", "total")

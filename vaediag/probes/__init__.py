@@ -37,16 +37,15 @@ from vaediag.errors import UserError
 if TYPE_CHECKING:
     from vaediag.probes.adam import AdamState as AdamState
     from vaediag.probes.amortisation import AmortisationGap as AmortisationGap
-    from vaediag.probes.base import EvalContext as EvalContext
-    from vaediag.probes.base import ImageSet as ImageSet
-    from vaediag.probes.base import LayerIndex as LayerIndex
     from vaediag.probes.base import Probe as Probe
     from vaediag.probes.base import ProbeSetup as ProbeSetup
     from vaediag.probes.base import Schedule as Schedule
-    from vaediag.probes.base import StepContext as StepContext
     from vaediag.probes.base import every as every
     from vaediag.probes.base import log_spaced as log_spaced
     from vaediag.probes.base import per_index as per_index
+    from vaediag.probes.context import EvalContext as EvalContext
+    from vaediag.probes.context import ImageSet as ImageSet
+    from vaediag.probes.context import StepContext as StepContext
     from vaediag.probes.drift import GenerationDrift as GenerationDrift
     from vaediag.probes.factors import FactorFidelity as FactorFidelity
     from vaediag.probes.grad_split import GradSplit as GradSplit
@@ -54,6 +53,7 @@ if TYPE_CHECKING:
     from vaediag.probes.image_quality import ImageQuality as ImageQuality
     from vaediag.probes.latent_health import LatentHealth as LatentHealth
     from vaediag.probes.latents import LatentStats as LatentStats
+    from vaediag.probes.layers import LayerIndex as LayerIndex
     from vaediag.probes.updates import UpdateRatio as UpdateRatio
 
 #: The presets, each with what it records (the table above, short).
@@ -138,8 +138,10 @@ def load_from_path(spec: str) -> type[Probe]:
 
 #: the probe API and the built-in probes, imported on first use
 _LAZY = {
-    **dict.fromkeys(["EvalContext", "ImageSet", "LayerIndex", "Probe", "ProbeSetup", "Schedule",
-                     "StepContext", "every", "log_spaced", "per_index"], "vaediag.probes.base"),
+    **dict.fromkeys(["Probe", "ProbeSetup", "Schedule", "every", "log_spaced", "per_index"],
+                    "vaediag.probes.base"),
+    **dict.fromkeys(["EvalContext", "ImageSet", "StepContext"], "vaediag.probes.context"),
+    "LayerIndex": "vaediag.probes.layers",
     "AdamState": "vaediag.probes.adam", "AmortisationGap": "vaediag.probes.amortisation",
     "GenerationDrift": "vaediag.probes.drift",
     "FactorFidelity": "vaediag.probes.factors", "GradSplit": "vaediag.probes.grad_split",

@@ -38,16 +38,10 @@ from typing import Any
 
 import torch
 
-from vaediag.probes.base import (
-    EntrySample,
-    LayerIndex,
-    Probe,
-    ProbeSetup,
-    StepContext,
-    local,
-    no_reduce,
-    per_index,
-)
+from vaediag.probes.base import Probe, ProbeSetup, per_index
+from vaediag.probes.context import StepContext, no_reduce
+from vaediag.probes.layers import LayerIndex
+from vaediag.probes.sampling import EntrySample, local
 
 #: The statistics, in the order of the rows of :func:`moment_rows`: the first three every step
 #: the probe runs, the last two (v alone, ``V_STATS``) every ``V_EVERY`` steps, so that either
@@ -233,7 +227,7 @@ def adam_stats(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter
     return out
 
 
-class AdamState(Probe):
+class AdamState(Probe[StepContext]):
     name = "adam"
     needs = frozenset({"optimizer"})
 

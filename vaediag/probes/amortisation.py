@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from vaediag.probes.base import EvalContext, Probe
+from vaediag.probes.base import Probe
+from vaediag.probes.context import EvalContext
 
 #: refinement steps, Adam's step size in latent units, and the noise samples used to refine and
 #: to score (a few dozen small steps: about one training step's worth of decoder passes)
@@ -72,7 +73,7 @@ def refine(loss: LossFn, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
     return before, torch.minimum(before, after)
 
 
-class AmortisationGap(Probe):
+class AmortisationGap(Probe[EvalContext]):
     name = "amortisation"
     needs = frozenset({"eval"})
 

@@ -14,14 +14,15 @@ from typing import Any
 import torch
 
 from vaediag.metrics import image
-from vaediag.probes.base import EvalContext, Probe, ProbeSetup
+from vaediag.probes.base import Probe, ProbeSetup
+from vaediag.probes.context import EvalContext
 
 
 def _u8(x: torch.Tensor) -> torch.Tensor:
     return (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-class GenerationDrift(Probe):
+class GenerationDrift(Probe[EvalContext]):
     name = "drift"
     needs = frozenset({"eval"})
 

@@ -25,7 +25,8 @@ from skimage.color import deltaE_ciede2000, rgb2lab
 
 from vaediag.data import toyfaces
 from vaediag.data.toyfaces import PARTS, FaceFactors
-from vaediag.probes.base import EvalContext, Probe, ProbeSetup, per_index
+from vaediag.probes.base import Probe, ProbeSetup, per_index
+from vaediag.probes.context import EvalContext
 
 _COLOUR_PARTS = {"skin": "skin", "hair": "hair", "eye": "eye", "bg": "background"}
 _MASK_MIN = 0.95  # a pixel counts for a part when the part covers at least this much of it
@@ -103,7 +104,7 @@ def factor_errors(x: torch.Tensor, recon: torch.Tensor,
     return out
 
 
-class FactorFidelity(Probe):
+class FactorFidelity(Probe[EvalContext]):
     name = "factors"
     needs = frozenset({"eval"})
 

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from vaediag.probes.base import LayerIndex, Probe, ProbeSetup, StepContext, per_index, safe_div
+from vaediag.probes.base import Probe, ProbeSetup, per_index, safe_div
+from vaediag.probes.context import StepContext
+from vaediag.probes.layers import LayerIndex
 
 
 def split_stats(total: list[torch.Tensor], kl: list[torch.Tensor],
@@ -45,7 +47,7 @@ def split_stats(total: list[torch.Tensor], kl: list[torch.Tensor],
     return out
 
 
-class GradSplit(Probe):
+class GradSplit(Probe[StepContext]):
     name = "grad_split"
     needs = frozenset({"grads", "graph"})
 

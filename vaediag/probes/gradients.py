@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from vaediag.probes.base import Probe, StepContext, per_index
+from vaediag.probes.base import Probe, per_index
+from vaediag.probes.context import StepContext
 
 
-class GradientNorms(Probe):
+class GradientNorms(Probe[StepContext]):
     name = "gradients"
     needs = frozenset({"grads"})
 

@@ -17,7 +17,8 @@ import torch
 
 from vaediag.metrics import image
 from vaediag.metrics.lpips import LPIPSMetric
-from vaediag.probes.base import EvalContext, Probe, ProbeSetup, per_index
+from vaediag.probes.base import Probe, ProbeSetup, per_index
+from vaediag.probes.context import EvalContext
 
 
 def quality(x: torch.Tensor, y: torch.Tensor, lpips: LPIPSMetric | None) -> dict[str, torch.Tensor]:
@@ -34,7 +35,7 @@ def quality(x: torch.Tensor, y: torch.Tensor, lpips: LPIPSMetric | None) -> dict
     return out
 
 
-class ImageQuality(Probe):
+class ImageQuality(Probe[EvalContext]):
     name = "image_quality"
     needs = frozenset({"eval"})
 

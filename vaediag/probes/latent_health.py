@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from vaediag.losses import kl_per_dim
-from vaediag.probes.base import EvalContext, Probe, per_index
+from vaediag.probes.base import Probe, per_index
+from vaediag.probes.context import EvalContext
 
 ACTIVE_THRESHOLD = 0.01
 
 
-class LatentHealth(Probe):
+class LatentHealth(Probe[EvalContext]):
     name = "latent_health"
     needs = frozenset({"eval"})
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from vaediag.losses import kl_per_dim
-from vaediag.probes.base import Probe, StepContext, per_index
+from vaediag.probes.base import Probe, per_index
+from vaediag.probes.context import StepContext
 
 RANGES = ("mu_min", "logvar_min", "mu_max", "logvar_max", "mu_mean", "logvar_mean")
 
@@ -54,7 +55,7 @@ def latent_stats(mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, Any]:
     return out
 
 
-class LatentStats(Probe):
+class LatentStats(Probe[StepContext]):
     name = "latents"
     needs = frozenset({"latents"})
 

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 
 from vaediag.probes.adam import MAX_ENTRIES
-from vaediag.probes.base import EntrySample, Probe, StepContext, local, per_index, safe_div
+from vaediag.probes.base import Probe, per_index, safe_div
+from vaediag.probes.context import StepContext
+from vaediag.probes.sampling import EntrySample, local
 
 
-class UpdateRatio(Probe):
+class UpdateRatio(Probe[StepContext]):
     name = "updates"
     needs = frozenset({"optimizer"})
 
