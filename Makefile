@@ -15,7 +15,7 @@ help:
 	@echo "make demo   the case study on the built-in data: a run whose loss stops tracking the"
 	@echo "            pictures, its diagnosis, its remedy trained beside it, both compared"
 	@echo "make test   run the test suite"
-	@echo "make lint   run ruff"
+	@echo "make lint   run ruff (style, complexity <= 12) and mypy (types)"
 	@echo "make bench  run the benchmarks in benchmarks/"
 	@echo "make reports  regenerate the example reports in reports/ (case-study presets, reference run)"
 	@echo "make clean  remove .venv and runs/"
@@ -48,6 +48,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check vaediag tests benchmarks reports
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py

@@ -265,8 +265,9 @@ def test_an_undeclared_finding_kind_fails_its_detector(tmp_path, monkeypatch):
 
 
 def test_every_kind_a_detector_writes_is_declared_by_it():
-    """Each detector module names the kinds it emits (``Finding(kind="...")``, ``add("...")``,
-    or a loop over literal names) only from its own ``KINDS``; and every kind of the registry
+    """Each detector module names the kinds it emits (``Finding(kind="...")``, ``add("...")``
+    or ``_held("...")``, or a loop or comprehension over literal names) only from its own
+    ``KINDS``; and every kind of the registry
     has a report section and a place in the verdict's rules that exists."""
     import ast
     import inspect
@@ -285,10 +286,11 @@ def test_every_kind_a_detector_writes_is_declared_by_it():
                 for kw in node.keywords:
                     if kw.arg == "kind" and isinstance(kw.value, ast.Constant):
                         written.add(kw.value.value)
-                if (isinstance(node.func, ast.Name) and node.func.id == "add" and node.args
-                        and isinstance(node.args[0], ast.Constant)):
+                if (isinstance(node.func, ast.Name) and node.func.id in ("add", "_held")
+                        and node.args and isinstance(node.args[0], ast.Constant)):
                     written.add(node.args[0].value)
-            if isinstance(node, ast.For) and isinstance(node.target, ast.Name) \
+            if isinstance(node, (ast.For, ast.comprehension)) \
+                    and isinstance(node.target, ast.Name) \
                     and node.target.id == "kind" and isinstance(node.iter, ast.Tuple):
                 written |= {e.value for e in node.iter.elts if isinstance(e, ast.Constant)}
         assert written, f"{detector.NAME}: no finding kind found in its source"

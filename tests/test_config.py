@@ -153,3 +153,9 @@ def test_every_preset_builds_and_is_described():
 def test_other_tools_names_suggest_the_key_meant(given, meant):
     with pytest.raises(ConfigError, match=rf"unknown key '{given}' \(did you mean '{meant}'\?\)"):
         build_config(overrides=[f"{given}=1"])
+
+
+def test_the_probe_presets_written_out_for_the_type_checker_are_the_registry():
+    from vaediag import config, probes
+
+    assert tuple(probes.PRESETS) == config.PROBE_PRESETS

@@ -137,28 +137,9 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
         raise click.UsageError("--resume and --overwrite exclude each other")
     if steps is not None and epochs is not None:
         raise click.UsageError("give --steps or --epochs, not both")
-    flags: dict[str, Any] = {}
-    if data is not None:
-        flags["data.source"] = data
-    if steps is not None:
-        flags["train.steps"] = steps
-    if epochs is not None:
-        flags.update({"train.steps": 0, "train.epochs": epochs})
-    if device is not None:
-        flags["train.device"] = device
-    if seed is not None:
-        flags["train.seed"] = seed
-    if probe_preset is not None:
-        flags["probes.preset"] = probe_preset
-    if probe_specs:
-        flags["probes.extra"] = list(probe_specs)
-    if faults:
-        flags["train.inject"] = list(faults)
-    if lpips_weights is not None:
-        if not Path(lpips_weights).is_file():
-            raise UserError(f"--lpips-weights {lpips_weights}: no such file")
-        flags["probes.lpips_weights"] = lpips_weights
-
+    flags = _train_flags(data=data, steps=steps, epochs=epochs, device=device, seed=seed,
+                         probe_preset=probe_preset, probe_specs=probe_specs, faults=faults,
+                         lpips_weights=lpips_weights)
     if resume:
         if out is None:
             raise click.UsageError("--resume needs --out RUN_DIR")
@@ -183,6 +164,23 @@ def train(preset: str | None, config_file: str | None, overrides: tuple[str, ...
     _exit_if_interrupted(result, run_dir)
     click.echo(f"trained to step {result.step:,} in {took:.0f} s; grids in {run_dir / 'grids'}")
     click.echo(f"run directory: {run_dir}")
+
+
+def _train_flags(*, data: str | None, steps: int | None, epochs: int | None,
+                 device: str | None, seed: int | None, probe_preset: str | None,
+                 probe_specs: tuple[str, ...], faults: tuple[str, ...],
+                 lpips_weights: str | None) -> dict[str, Any]:
+    """The configuration keys ``vaediag train``'s own options set."""
+    if lpips_weights is not None and not Path(lpips_weights).is_file():
+        raise UserError(f"--lpips-weights {lpips_weights}: no such file")
+    given = {"data.source": data, "train.steps": steps, "train.device": device,
+             "train.seed": seed, "probes.preset": probe_preset,
+             "probes.extra": list(probe_specs) or None, "train.inject": list(faults) or None,
+             "probes.lpips_weights": lpips_weights}
+    flags = {key: value for key, value in given.items() if value is not None}
+    if epochs is not None:
+        flags.update({"train.steps": 0, "train.epochs": epochs})
+    return flags
 
 
 def _exit_if_interrupted(result, run_dir) -> None:

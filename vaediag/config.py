@@ -13,6 +13,7 @@ import difflib
 import functools
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,10 +22,11 @@ import tomli_w
 
 from vaediag.errors import ConfigError
 from vaediag.inject import KINDS as FAULT_KINDS
-from vaediag.probes import PRESETS as _PROBE_PRESETS
 
-#: the choices of ``probes.preset`` (:data:`vaediag.probes.PRESETS`)
-PROBE_PRESETS = tuple(_PROBE_PRESETS)
+#: the choices of ``probes.preset``: :data:`vaediag.probes.PRESETS`, written out for the type
+#: checker (a test keeps the two the same)
+ProbePreset = Literal["off", "cheap", "standard", "full"]
+PROBE_PRESETS: tuple[str, ...] = typing.get_args(ProbePreset)
 
 
 def _either(choices: typing.Iterable[str]) -> str:
@@ -145,7 +147,7 @@ class EvalConfig:
 
 @dataclass
 class ProbesConfig:
-    preset: Literal[PROBE_PRESETS] = opt(
+    preset: ProbePreset = opt(  # noqa: RUF009 - opt() makes the field; ProbePreset a Literal
         "standard", f"what to record beyond the losses: {_either(PROBE_PRESETS)} "
         "(docs/probes.md)")
     extra: tuple[str, ...] = opt((), "more probes to load, as FILE.py:ClassName")
@@ -283,26 +285,25 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+#: the plain types a key may have: (does a value fit, what it must be, its canonical form)
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false", lambda v: v),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", lambda v: v),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number",
+            float),
+    str: (lambda v: isinstance(v, str), "a string", lambda v: v),
+}
+
+
 def _coerce(key: str, value: Any, kind: Any, source: str) -> Any:
     """Check ``value`` against the annotated type ``kind``; return it in canonical form."""
     where = f"{source}: {key}"
     origin = typing.get_origin(kind)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {_describe(value)}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {_describe(value)}")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {_describe(value)}")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {_describe(value)}")
-        return value
+    if kind in _SCALARS:
+        fits, what, canonical = _SCALARS[kind]
+        if not fits(value):
+            raise ConfigError(f"{where} must be {what}, got {_describe(value)}")
+        return canonical(value)
     if origin is Literal:
         choices = typing.get_args(kind)
         if value not in choices:

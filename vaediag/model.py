@@ -9,6 +9,7 @@ Parameter names are stable and readable because per-layer statistics are keyed b
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -16,7 +17,8 @@ from torch import nn
 
 from vaediag.config import Config
 
-_ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU}
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU}
 
 
 def _norm(kind: str, width: int, groups: int) -> nn.Module:
@@ -128,7 +130,8 @@ class ConvVAE(nn.Module):
             groups=m.group_norm_groups, activation=m.activation,
             decoder_scale=loss.decoder_scale if loss.recon == "gaussian" else None,
             learn_decoder_scale=loss.learn_decoder_scale,
-            logvar_clamp=tuple(loss.logvar_clamp) or None,
+            logvar_clamp=(loss.logvar_clamp[0], loss.logvar_clamp[1]) if loss.logvar_clamp
+            else None,
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

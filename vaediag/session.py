@@ -46,7 +46,7 @@ def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
     if not checkpoints:
         raise RunDirError(f"{run_dir} has no checkpoint to resume from; start it again with "
                           f"--overwrite")
-    unreadable = []
+    unreadable: list[str] = []
     for step, path in reversed(checkpoints):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -116,17 +116,24 @@ class RunSession:
         """Create the run, or reopen it, record ``config_toml`` as the config it continues
         with, forget what came after the checkpoint and record a ``resume`` event (with
         ``resume_fields`` and what was dropped). Returns the writer."""
-        flush = {"flush_steps": flush_steps, "flush_seconds": flush_seconds}
         if self.checkpoint is None:
             self.writer = RunWriter.create(self.path, config_toml=config_toml,
                                            environment=environment, overwrite=self.overwrite,
-                                           **flush)
+                                           flush_steps=flush_steps, flush_seconds=flush_seconds)
             return self.writer
-        self.writer = RunWriter.reopen(self.path, **flush)
-        self.writer.save_config(config_toml)
+        writer = self.writer = RunWriter.reopen(self.path, flush_steps=flush_steps,
+                                                flush_seconds=flush_seconds)
+        writer.save_config(config_toml)
         step = self.start_step
-        dropped = self.writer.rewind(step, int(self.checkpoint["events_written"]))
-        self.writer.event("resume", step, dropped=dropped, **resume_fields)
+        dropped = writer.rewind(step, int(self.checkpoint["events_written"]))
+        writer.event("resume", step, dropped=dropped, **resume_fields)
+        return writer
+
+    @property
+    def _open(self) -> RunWriter:
+        """The writer of an opened session."""
+        if self.writer is None:
+            raise RuntimeError("the run session is not open: call open() first")
         return self.writer
 
     # -- during and after ---------------------------------------------------------------------
@@ -134,13 +141,13 @@ class RunSession:
     def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> None:
         """Record a ``checkpoint`` event and save ``state`` (tensors and plain types) with what a
         resume needs to rewind the run to this moment; keep the newest ``keep`` (0: all)."""
-        self.writer.event("checkpoint", step)
+        writer = self._open
+        writer.event("checkpoint", step)
         # Rows reach the disk before the checkpoint does: a run killed after this checkpoint
         # resumes from it with every earlier row on disk, none missing.
-        self.writer.flush()
-        self.writer.save_checkpoint(step, {"format": CHECKPOINT_FORMAT, "step": step, **state,
-                                           "events_written": self.writer.events_written},
-                                    keep=keep)
+        writer.flush()
+        writer.save_checkpoint(step, {"format": CHECKPOINT_FORMAT, "step": step, **state,
+                                      "events_written": writer.events_written}, keep=keep)
 
     @property
     def closed(self) -> bool:
@@ -149,7 +156,7 @@ class RunSession:
     def close(self, status: str, step: int, message: str = "") -> None:
         """Flush everything and mark the run's status; the run directory is complete."""
         if not self.closed:
-            self.writer.close(status, max(step, 0), message)
+            self._open.close(status, max(step, 0), message)
 
     def __enter__(self) -> RunSession:
         return self
@@ -164,10 +171,10 @@ class RunSession:
         if isinstance(exc, TrainingStopped):
             status, step, message = "stopped", exc.step, str(exc)
         elif isinstance(exc, KeyboardInterrupt):
-            status, step, message = ("interrupted", self.writer.last_step + 1,
+            status, step, message = ("interrupted", self._open.last_step + 1,
                                      "aborted by a second signal")
         else:
-            status, step, message = ("failed", self.writer.last_step + 1,
+            status, step, message = ("failed", self._open.last_step + 1,
                                      f"{type(exc).__name__}: {exc}")
         # the disk that failed the run may fail this too: the run's own error is the one to see
         with contextlib.suppress(RunDirError):

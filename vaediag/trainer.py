@@ -49,7 +49,7 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
         return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
                                weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+    return cls(model.parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps,
                weight_decay=o.weight_decay)
 
 
@@ -74,7 +74,7 @@ class EpochOrder:
     def __init__(self, n: int, batch_size: int, seed: int):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.steps_per_epoch = n // batch_size
-        self._epoch, self._perm = -1, None
+        self._epoch, self._perm = -1, torch.arange(n)
 
     def batch(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
@@ -235,9 +235,9 @@ def _train(config: Config, run_dir: str | Path, ranks: ProcessGroup, *, resume: 
     optimizer = build_optimizer(model, config)
     sampler = torch.Generator(device=device).manual_seed(tc.seed + 1 + 1000 * ranks.rank)
 
-    if resume:  # before anything in the run directory changes: the checkpoint must fit
+    if checkpoint is not None:  # before anything in the run directory changes: it must fit
         _restore_weights(run_dir, checkpoint, model, optimizer, config, new_optimizer)
-    if on_start is not None and ranks.rank == 0:  # every input checked: say where it goes
+    if on_start is not None and session is not None:  # every input checked: say where it goes
         on_start(session.path)
 
     # an exception from here on closes the run with the status it calls for (rank 0)
@@ -276,7 +276,7 @@ def _train(config: Config, run_dir: str | Path, ranks: ProcessGroup, *, resume: 
                           online=tc.online, stop_on=tc.stop_on)
         monitor.stops_itself = False  # the loop below stops every rank, with a checkpoint
         step = int(checkpoint["step"]) if checkpoint is not None else 0
-        if resume:  # the random state last: setting up the Monitor may draw from it
+        if checkpoint is not None:  # the random state last: the Monitor may draw from it
             sampler.set_state(checkpoint.get("sampler_rng_ranks", [checkpoint["sampler_rng"]])
                               [ranks.rank])
             torch.set_rng_state(checkpoint.get("torch_rng_ranks", [checkpoint["torch_rng"]])

@@ -188,7 +188,8 @@ def verify_finding(run: Run, finding: Finding, directory: Path,
         values = {name: [_value(r, column, before), _value(r, column, after)]
                   for name, r in (("run", run), ("replay", replayed))}
         if all(v is not None for pair in values.values() for v in pair):
-            out.values[column] = values
+            out.values[column] = {name: [float(v) for v in pair if v is not None]
+                                  for name, pair in values.items()}
     out.status = "verified"
     return out
 

@@ -95,7 +95,7 @@ def findings_json(analysis: Analysis) -> dict:
 #: instabilities, most important first (as their detectors rank them: at one step and stage,
 #: an incident's root is the one ranked first); then the loss-quality kinds
 INSTABILITIES = tuple(sorted((k.name for k in KINDS.values() if k.instability is not None),
-                             key=lambda name: KINDS[name].instability))
+                             key=lambda name: KINDS[name].instability or 0))
 DECOUPLING = tuple(k.name for k in KINDS.values() if k.decoupling)
 
 

@@ -51,8 +51,8 @@ class Follower:
         #: what was reported already (:func:`key`); with ``known_from_events``, the run's
         #: ``finding`` events (a resumed run's reports are not news to the process training it)
         self.reported: list[tuple[str, str, int, int]] = []
-        events = load_run(self.path).events if known_from_events else []
-        if len(events) and "kind" in events:
+        events = load_run(self.path).events if known_from_events else None
+        if events is not None and len(events) and "kind" in events:
             for _, e in events[events["kind"] == "finding"].iterrows():
                 self.reported.append((e["finding_kind"], e["severity"], int(e["first_step"]),
                                       int(e["last_step"])))

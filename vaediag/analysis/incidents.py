@@ -34,6 +34,7 @@ Severity from harm (:func:`grade`)
 from __future__ import annotations
 
 import bisect
+import functools
 
 from vaediag.analysis.detectors import KINDS
 from vaediag.analysis.findings import Finding, Incident, severity_rank
@@ -44,6 +45,11 @@ WINDOW = 50
 
 def _stage(f: Finding) -> int:
     return STAGES.index(KINDS[f.kind].stage)
+
+
+def _seen_after(incident: Incident, f: Finding) -> tuple[int, tuple[int, int, int, int]]:
+    """A consequence's place in its incident: its delay after the root, then :func:`_order`."""
+    return incident.after_steps(f), _order(f)
 
 
 def _order(f: Finding) -> tuple[int, int, int, int]:
@@ -127,7 +133,7 @@ def group(findings: list[Finding], eval_steps: list[int]) -> list[Incident]:
             incidents.append(incident)
         home[id(f)] = incident
     for incident in incidents:  # in the order they were seen
-        incident.consequences.sort(key=lambda f, i=incident: (i.after_steps(f), _order(f)))
+        incident.consequences.sort(key=functools.partial(_seen_after, incident))
     return sorted(incidents, key=lambda i: _order(i.root))
 
 

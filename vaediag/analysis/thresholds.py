@@ -36,7 +36,7 @@ def thresholds(module: ModuleType) -> list[tuple[str, float | int, str]]:
         value = getattr(module, target.id, None)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        meaning = []
+        meaning: list[str] = []
         above = node.lineno - 1
         while above >= 1 and lines[above - 1].lstrip().startswith("#:"):
             meaning.insert(0, lines[above - 1].lstrip()[2:].strip())

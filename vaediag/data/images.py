@@ -86,7 +86,8 @@ def list_folder(root: Path) -> tuple[list[Path], list[str]]:
 
     Symbolic links are followed, but each real directory is read once: a link back up the tree
     (a loop) or two links to one folder add nothing twice, and the walk always ends."""
-    images, others = [], []
+    images: list[Path] = []
+    others: list[Path] = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -162,7 +163,8 @@ def load_array(path: str | Path, resolution: int) -> np.ndarray:
     return _normalise_array(arr, resolution, str(path))
 
 
-def _normalise_array(arr: np.ndarray, resolution: int, where: str) -> np.ndarray:
+def _channels_first(arr: np.ndarray, where: str) -> np.ndarray:
+    """(N, C, H, W) with C of 1, 3 or 4, from (N, H, W), (N, H, W, C) or (N, C, H, W)."""
     if arr.ndim == 3:  # (N, H, W) grayscale
         arr = arr[:, None]
     if arr.ndim != 4:
@@ -174,17 +176,28 @@ def _normalise_array(arr: np.ndarray, resolution: int, where: str) -> np.ndarray
         raise DataError(f"{where}: cannot find a channel axis of size 1, 3 or 4 in {arr.shape}")
     if len(arr) == 0:
         raise DataError(f"{where}: the array holds no images")
+    return arr
+
+
+def _unit_floats(arr: np.ndarray, where: str) -> np.ndarray:
+    """uint8 or float images in [0, 1] as float32 in [0, 1]."""
     if arr.dtype == np.uint8:
-        floats = arr.astype(np.float32) / 255.0
-    elif np.issubdtype(arr.dtype, np.floating):
-        floats = arr.astype(np.float32)
-        if not np.isfinite(floats).all():
-            raise DataError(f"{where}: the array holds NaN or Inf values")
-        lo, hi = float(floats.min()), float(floats.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise DataError(f"{where}: float images must lie in [0, 1], found [{lo:.3g}, {hi:.3g}]")
-    else:
+        return arr.astype(np.float32) / 255.0
+    if not np.issubdtype(arr.dtype, np.floating):
         raise DataError(f"{where}: images must be uint8 or float, got {arr.dtype}")
+    floats = arr.astype(np.float32)
+    if not np.isfinite(floats).all():
+        raise DataError(f"{where}: the array holds NaN or Inf values")
+    lo, hi = float(floats.min()), float(floats.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise DataError(f"{where}: float images must lie in [0, 1], found [{lo:.3g}, {hi:.3g}]")
+    return floats
+
+
+def _normalise_array(arr: np.ndarray, resolution: int, where: str) -> np.ndarray:
+    """An array of images as (N, 3, resolution, resolution) uint8, or one line saying what is
+    wrong with it."""
+    floats = _unit_floats(_channels_first(arr, where), where)
     if floats.shape[1] == 1:
         floats = np.repeat(floats, 3, axis=1)
     elif floats.shape[1] == 4:

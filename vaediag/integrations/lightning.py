@@ -23,11 +23,14 @@ supported: the Monitor expects one backward pass per optimizer step.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 
 from vaediag.errors import UserError
+
+if TYPE_CHECKING:
+    from vaediag.monitor import Monitor
 
 
 class VaediagCallback(pl.Callback):
@@ -42,7 +45,7 @@ class VaediagCallback(pl.Callback):
         self.recon_key, self.kl_key, self.beta_key = recon_key, kl_key, beta_key
         self.latents_attr = latents_attr
         self.monitor_args = monitor_args
-        self.monitor = None
+        self.monitor: Monitor | None = None
         self._step: int | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -54,6 +54,7 @@ from vaediag.monitor.online import STOP_ON, OnlineAnalysis
 from vaediag.monitor.probing import LPIPSLoader, ProbeRunner, UnusualSteps, held
 from vaediag.monitor.ranks import (
     STOP,
+    DiscardWriter,
     Ranks,
     ShadowSession,
     is_sharded,
@@ -65,8 +66,34 @@ from vaediag.probes.base import Probe, ProbeSetup
 from vaediag.probes.context import StepContext
 from vaediag.probes.latents import rank_summary as latent_summary
 from vaediag.probes.layers import LayerIndex
-from vaediag.rundir import load_run
+from vaediag.rundir import RunWriter, load_run
 from vaediag.session import RunSession
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The Monitor's own settings, checked once."""
+
+    eval_every: int
+    online: bool
+    stop_on: str
+    seed: int
+    lpips_weights: str | None
+    lpips_download: bool
+
+    @classmethod
+    def checked(cls, eval_every: Any, online: Any, stop_on: Any, seed: int,
+                lpips_weights: str | None, lpips_download: bool) -> _Options:
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+            raise UserError(f"eval_every must be an int >= 1, got {eval_every!r}")
+        online = checks.flag("online", online)
+        if stop_on not in STOP_ON:
+            raise UserError(f"stop_on must be one of {', '.join(map(repr, STOP_ON))}, got "
+                            f"{stop_on!r}")
+        if stop_on != "never" and not online:
+            raise UserError(f"stop_on={stop_on!r} needs online=True (the online analysis "
+                            f"finds what to stop on)")
+        return cls(eval_every, online, stop_on, seed, lpips_weights, lpips_download)
 
 
 @dataclass
@@ -154,6 +181,11 @@ class Monitor:
     :meth:`evaluate` and :meth:`close` on every rank there.
     """
 
+    #: a user's loop under torch.distributed: the ranks other than 0 raise TrainingStopped
+    #: when the ranks agreed to stop (``vaediag train`` sets this False and stops every rank
+    #: itself, with a checkpoint)
+    stops_itself: bool = True
+
     def __init__(
         self,
         run_dir: str | Path | RunSession,
@@ -229,17 +261,12 @@ class Monitor:
         #: whether this rank writes the run (rank 0); under FSDP the others run in step with it
         self.records = self.ranks.records
         model = unwrap(model)  # DDP's forward would wait for the other ranks
-        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-            raise UserError(f"eval_every must be an int >= 1, got {eval_every!r}")
-        online = checks.flag("online", online)
-        if stop_on not in STOP_ON:
-            raise UserError(f"stop_on must be one of {', '.join(map(repr, STOP_ON))}, got "
-                            f"{stop_on!r}")
-        if stop_on != "never" and not online:
-            raise UserError(f"stop_on={stop_on!r} needs online=True (the online analysis "
-                            f"finds what to stop on)")
-        self.model = model
-        self.optimizer = optimizer
+        options = _Options.checked(eval_every, online, stop_on, seed, lpips_weights,
+                                   lpips_download)
+        self.model, self.optimizer = model, optimizer
+        self.eval_every, self.steps_per_epoch = options.eval_every, steps_per_epoch
+        self._stop_on = options.stop_on
+        self._warned: set[str] = set()
         encode = encode or getattr(model, "encode", None)
         decode = decode or getattr(model, "decode", None)
         if encode is None or decode is None:
@@ -250,82 +277,99 @@ class Monitor:
                                    recon_mode=recon_mode, metric_images=metric_images,
                                    factors=eval_factors, warn=self._warn,
                                    train_images=train_images, train_factors=train_factors)
-        self.eval_every = eval_every
-        self.steps_per_epoch = steps_per_epoch
-        self.device = self.evaluator.device
-        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.layers = LayerIndex.from_params(self._params)
-        self._warned: set[str] = set()
-        checks.same_images("train_images", self.evaluator.train_x, self.evaluator.x)
-        checks.same_images("metric_images", self.evaluator.set_x, self.evaluator.x)
-        # Try the model on the grid's images before anything is written: one forward pass in
-        # eval mode tells the latent size and the order in which layers run.
-        with self.evaluator.eval_mode(), torch.no_grad():
-            x = self.evaluator.x[:2]
-            self.latent_dim = checks.try_model(encode, decode, x)
-            self._rank = forward_order(model, lambda: decode(encode(x)[0]))
+        self._try_model(encode, decode)
         chosen = [*self._choose(probes), *self._extra(extra_probes)]
-
-        if not self.records:  # FSDP: in step with rank 0, writing nothing
-            self.session = ShadowSession(
-                run_dir.path if isinstance(run_dir, RunSession) else Path(run_dir),
-                resumed=run_dir.resumed if isinstance(run_dir, RunSession) else False)
-        elif isinstance(run_dir, RunSession):
-            if run_dir.writer is None:
-                raise UserError("Monitor needs an opened RunSession: call its open() first")
-            self.session = run_dir
-        else:
-            import tomli_w
-
-            from vaediag import environment
-            settings = {"monitor": {"eval_every": eval_every, "recon_mode": recon_mode,
-                                    "value_range": list(self.evaluator.value_range),
-                                    "probes": probes if isinstance(probes, str) else "custom"}}
-            if not isinstance(config, (dict, type(None))):
-                raise UserError(f"config= must be a dict of your settings, got "
-                                f"{type(config).__name__}")
-            try:
-                config_toml = tomli_w.dumps({**settings, **(config or {})})
-            except (TypeError, ValueError) as exc:
-                raise UserError(f"config= must hold TOML values (numbers, strings, lists, "
-                                f"dicts): {first_line(exc, 120)}") from None
-            self.session = RunSession.new(run_dir, overwrite=overwrite,
-                                          hint="pass overwrite=True to replace it")
-            self.session.open(config_toml=config_toml,
-                              environment=environment.collect(self.device, seed))
-        self.writer = self.session.writer
-        self.run_path = self.session.path
+        settings = {"monitor": {"eval_every": eval_every, "recon_mode": recon_mode,
+                                "value_range": list(self.evaluator.value_range),
+                                "probes": probes if isinstance(probes, str) else "custom"}}
+        self.session = self._session(run_dir, settings, config, overwrite, seed)
         #: whether this Monitor made its run directory (a user's loop) or was handed a
         #: session (``vaediag train``, which stops itself)
         self._own_session = not isinstance(run_dir, RunSession)
-        #: where new findings are printed (``vaediag train`` routes them past its progress bar)
-        self.echo: Callable[[str], None] = lambda text: print(f"vaediag: {text}",
-                                                              file=sys.stderr, flush=True)
-        self.online = OnlineAnalysis(self.session.path, self._found, stop_on) \
-            if online and self.records else None
-        self._stop_on = stop_on
-        self.session.before_abort.append(self.flush)  # the last step's row, should training fail
-        if self.online is not None:  # a run that fails ends its analysis process too
-            self.session.before_abort.append(lambda: self.online.close(wait=False))
-        resumed = self.session.resumed
+        self._wire(options)
         try:
-            if resumed and self.records:
-                self.evaluator.load_fixed(load_run(self.session.path).fixed)
-            else:  # a rank in step with rank 0 (FSDP) draws the same, and writes nothing
-                self.writer.save_fixed(**self.evaluator.make_fixed(seed, self.latent_dim))
-            self.runner = ProbeRunner(chosen, self.writer, speak=self.records)
-            self._lpips = LPIPSLoader(self.writer, lpips_weights, lpips_download, self.device,
-                                      speak=self.records)
-            self.runner.setup(ProbeSetup(model, optimizer, self.layers,
-                                         int(self.evaluator.fixed_z.shape[1]),
-                                         bool(self.evaluator.factors), self._lpips,
-                                         sharded=self.ranks.sharded), resumed)
+            self._set_up_probes(chosen, options)
         except BaseException:
-            if not isinstance(run_dir, RunSession) and self.records:  # its own run: leave none
+            if self._own_session and self.records:  # a run directory of its own: leave none
                 self.session.close("failed", 0, "the Monitor could not be set up")
                 shutil.rmtree(self.session.path, ignore_errors=True)
             raise
+        self._start_counting()
+        self._say_what_is_missing(eval_loss is None, train_images is None)
 
+    def _try_model(self, encode: EncodeFn, decode: DecodeFn) -> None:
+        """Before anything is written: the model's parameters and layers, and one forward
+        pass in eval mode on two of the grid's images, which tells the latent size and the
+        order in which layers run (or says which call failed)."""
+        self.device = self.evaluator.device
+        self._params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.layers = LayerIndex.from_params(self._params)
+        checks.same_images("train_images", self.evaluator.train_x, self.evaluator.x)
+        checks.same_images("metric_images", self.evaluator.set_x, self.evaluator.x)
+        with self.evaluator.eval_mode(), torch.no_grad():
+            x = self.evaluator.x[:2]
+            self.latent_dim = checks.try_model(encode, decode, x)
+            self._rank = forward_order(self.model, lambda: decode(encode(x)[0]))
+
+    def _session(self, run_dir: str | Path | RunSession, settings: dict[str, Any],
+                 config: Any, overwrite: bool, seed: int) -> RunSession | ShadowSession:
+        """The run this Monitor records into: the session it was handed (``vaediag train``),
+        a new run directory of its own, or, on a rank that does not record (FSDP), none."""
+        if not self.records:  # FSDP: in step with rank 0, writing nothing
+            return ShadowSession(
+                run_dir.path if isinstance(run_dir, RunSession) else Path(run_dir),
+                resumed=run_dir.resumed if isinstance(run_dir, RunSession) else False)
+        if isinstance(run_dir, RunSession):
+            if run_dir.writer is None:
+                raise UserError("Monitor needs an opened RunSession: call its open() first")
+            return run_dir
+        import tomli_w
+
+        from vaediag import environment
+        if not isinstance(config, (dict, type(None))):
+            raise UserError(f"config= must be a dict of your settings, got "
+                            f"{type(config).__name__}")
+        try:
+            config_toml = tomli_w.dumps({**settings, **(config or {})})
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"config= must hold TOML values (numbers, strings, lists, "
+                            f"dicts): {first_line(exc, 120)}") from None
+        session = RunSession.new(run_dir, overwrite=overwrite,
+                                 hint="pass overwrite=True to replace it")
+        session.open(config_toml=config_toml, environment=environment.collect(self.device, seed))
+        return session
+
+    def _wire(self, options: _Options) -> None:
+        """The writer, the online analysis, and what a failing run does before it closes."""
+        assert self.session.writer is not None  # an opened session
+        self.writer: RunWriter | DiscardWriter = self.session.writer
+        self.run_path = self.session.path
+        #: where new findings are printed (``vaediag train`` routes them past its progress bar)
+        self.echo: Callable[[str], None] = lambda text: print(f"vaediag: {text}",
+                                                              file=sys.stderr, flush=True)
+        self.online = OnlineAnalysis(self.session.path, self._found, options.stop_on) \
+            if options.online and self.records else None
+        self.session.before_abort.append(self.flush)  # the last step's row, should training fail
+        online = self.online
+        if online is not None:  # a run that fails ends its analysis process too
+            self.session.before_abort.append(lambda: online.close(wait=False))
+
+    def _set_up_probes(self, chosen: list[Probe], options: _Options) -> None:
+        """The fixed z and noise (drawn, or a resumed run's), LPIPS, and the probes, each
+        offered the run's setting."""
+        if self.session.resumed and self.records:
+            self.evaluator.load_fixed(load_run(self.session.path).fixed)
+        else:  # a rank in step with rank 0 (FSDP) draws the same, and writes nothing
+            self.writer.save_fixed(**self.evaluator.make_fixed(options.seed, self.latent_dim))
+        self.runner = ProbeRunner(chosen, self.writer, speak=self.records)
+        self._lpips = LPIPSLoader(self.writer, options.lpips_weights, options.lpips_download,
+                                  self.device, speak=self.records)
+        self.runner.setup(ProbeSetup(self.model, self.optimizer, self.layers, self.latent_dim,
+                                     bool(self.evaluator.factors), self._lpips,
+                                     sharded=self.ranks.sharded), self.session.resumed)
+
+    def _start_counting(self) -> None:
+        """The per-step state: nothing pending, no stop asked, the clock started."""
         #: distributed: rank 0 asks the ranks to stop (sent at the next step's gather), and
         #: every rank learned from a gather that they stop now
         self._stop_asked = False
@@ -341,11 +385,16 @@ class Monitor:
         self._t0 = time.monotonic()
         self.last_step_row: dict[str, Any] = {}
         self.last_eval_row: dict[str, Any] = {}
-        self._evaluated = resumed  # a resumed run has its evaluation at the checkpoint's step
-        if eval_loss is None and not resumed:
+        # a resumed run has its evaluation at the checkpoint's step
+        self._evaluated = self.session.resumed
+
+    def _say_what_is_missing(self, no_eval_loss: bool, no_train_images: bool) -> None:
+        if self.session.resumed:
+            return
+        if no_eval_loss:
             self._warn("no_eval_loss", 0, "no eval_loss given: the grid shows no losses of its "
                        "own images and the loss-quality analysis cannot run (pass eval_loss=)")
-        if train_images is None and not resumed:
+        if no_train_images:
             self._warn("no_train_images", 0, "no train_images given: held-out images cannot be "
                        "compared with training images, so overfitting cannot be checked (pass "
                        "train_images=, e.g. 8 images of the training set)")
@@ -421,21 +470,36 @@ class Monitor:
         error that says to reduce it), mu and logvar tensors of one shape; a wrong one is a
         :class:`~vaediag.errors.UserError` naming it, and nothing is recorded.
         """
-        step = checks.step(step)
-        recon, kl = checks.scalar("recon", recon), checks.scalar("kl", kl)
-        total, kl_term = checks.optional_scalar("total", total), \
-            checks.optional_scalar("kl_term", kl_term)
-        beta, epoch = checks.number("beta", beta), checks.number("epoch", epoch)
-        mu, logvar = checks.latents(mu, logvar, self.latent_dim)
-        extra = checks.extra(extra)
-        if step == 0 and not self._evaluated:
+        given = checks.StepInputs.checked(step, recon=recon, kl=kl, total=total, beta=beta,
+                                          epoch=epoch, mu=mu, logvar=logvar, kl_term=kl_term,
+                                          columns=extra, latent_dim=self.latent_dim)
+        if given.step == 0 and not self._evaluated:
             self.evaluate(0)
         norms = grad_norms(self._params)
-        local_kl = kl  # still attached to this rank's graph (the recon/KL split)
-        core: dict[str, Any] = {}
+        row, norms, where, latent_ranks = self._losses(given, norms)
+        check = self._check(given.step, row, norms, where)
+        self._watch(given.step, row, check)
+        ctx = self._context(given, row, norms, check, latent_ranks)
+        values: dict[Any, Any] = dict(given.extra)
+        values.update(self.runner.run(self._due(given.step, after_step=False), ctx, given.step))
+        ctx.kl_term = None  # release the graph
+        self.runner.before_step(self._due(given.step, after_step=True), ctx)
+        self._pending = (ctx, row, values)
+        return check
+
+    def _losses(self, given: checks.StepInputs, norms: torch.Tensor | None
+                ) -> tuple[dict[str, Any], torch.Tensor | None, dict[str, list[int]],
+                           torch.Tensor | None]:
+        """The step's row, read from the device with the step before's probe values: the
+        losses (under torch.distributed, of the global batch, with their spread over ranks),
+        the gradient norm, the settings. Also the gradient norms of whole parameters, on which
+        ranks a loss term went non-finite, and every rank's latent summary."""
+        recon, kl, total = given.recon, given.kl, given.total
+        core: dict[Any, Any] = {}
         latent_ranks = None
         if self.ranks.active:  # the global batch: the mean over ranks (ranks.py)
-            gathered, norms, latent_ranks = self._gather(recon, kl, total, norms, mu, logvar)
+            gathered, norms, latent_ranks = self._gather(recon, kl, total, norms, given.mu,
+                                                         given.logvar)
             recon, kl = gathered[:, 0].mean(), gathered[:, 1].mean()
             total = gathered[:, 2].mean() if total is not None else None
             core["recon_rank_spread"] = gathered[:, 0].max() - gathered[:, 0].min()
@@ -446,29 +510,46 @@ class Monitor:
             core["total"] = total
         if norms is not None:
             core["grad_norm"] = norms.double().square().sum().sqrt()
-        row: dict[str, Any] = {"step": int(step), "time": self.elapsed(), **self._read(core)}
+        row: dict[str, Any] = {"step": given.step, "time": self.elapsed(), **self._read(core)}
         where = self._ranks_of(row) if self.ranks.active else {}
-        if epoch is not None:
-            row["epoch"] = epoch
-        if beta is not None:
-            row["beta"] = float(beta)
-        if self.optimizer is not None:
-            group = self.optimizer.param_groups[0]
-            if isinstance(group["lr"], (int, float)):
-                row["lr"] = float(group["lr"])
-            if isinstance(group.get("eps"), (int, float)):
-                row["eps"] = float(group["eps"])
+        if given.epoch is not None:
+            row["epoch"] = given.epoch
+        if given.beta is not None:
+            row["beta"] = float(given.beta)
+        row.update(self._settings())
+        return row, norms, where, latent_ranks
+
+    def _settings(self) -> dict[str, float]:
+        """The optimizer's learning rate and eps (of its first group), when they are numbers."""
+        if self.optimizer is None:
+            return {}
+        group = self.optimizer.param_groups[0]
+        return {key: float(group[key]) for key in ("lr", "eps")
+                if isinstance(group.get(key), (int, float))}
+
+    def _check(self, step: int, row: dict[str, Any], norms: torch.Tensor | None,
+               where: dict[str, list[int]]) -> StepCheck:
+        """Whether a loss term or the gradients went non-finite, and where it started; each
+        such term recorded as a ``nonfinite`` event (naming the ranks it appeared on)."""
         check = StepCheck(grad_norm=row.get("grad_norm", math.nan))
         for term in ("recon", "kl", "total"):
             if term in row and not math.isfinite(row[term]):
                 check.nonfinite.append(term)
-        grads_finite = norms is None or math.isfinite(check.grad_norm)
-        if check.nonfinite or not grads_finite:
+        if check.nonfinite or not self._grads_finite(norms, check):
             check.nonfinite += nonfinite_origin(self._params, norms, self._rank) or ["grad"]
         for term in check.nonfinite:
             ranks = {"ranks": where[term]} if term in where else {}
             self.writer.event("nonfinite", step, term=term, recon=row["recon"], kl=row["kl"],
                               grad_norm=check.grad_norm, **ranks)
+        return check
+
+    @staticmethod
+    def _grads_finite(norms: torch.Tensor | None, check: StepCheck) -> bool:
+        return norms is None or math.isfinite(check.grad_norm)
+
+    def _watch(self, step: int, row: dict[str, Any], check: StepCheck) -> None:
+        """What the step's row says beyond itself: a negative KL (said once), the running
+        sums for the next evaluation's averages, and whether the step is unusual."""
         if math.isfinite(row["kl"]) and row["kl"] < -1e-3 * max(1.0, abs(row["recon"])):
             self._warn("negative_kl", step, f"the KL given at step {step} is negative "
                        f"({row['kl']:.4g}): an analytic KL never is (check its sign and "
@@ -477,30 +558,36 @@ class Monitor:
             self._sums += (row["recon"], row["kl"], 1)
         self.unusual = self._unusual.judge(row, check.grad_norm, bool(check.nonfinite))
 
+    def _context(self, given: checks.StepInputs, row: dict[str, Any],
+                 norms: torch.Tensor | None, check: StepCheck,
+                 latent_ranks: torch.Tensor | None) -> StepContext:
+        """What the step's probes compute from."""
+        kl_term = given.kl_term
+        local_kl = given.kl  # still attached to this rank's graph (the recon/KL split)
         if kl_term is None and isinstance(local_kl, torch.Tensor) and local_kl.requires_grad:
-            kl_term = local_kl * (1.0 if beta is None else beta)
+            kl_term = local_kl * (1.0 if given.beta is None else given.beta)
+        grads_finite = self._grads_finite(norms, check)
         if norms is None:
             norms = torch.zeros(len(self._params), device=self.device)
-        ctx = StepContext(step, self._params, self.layers, self.optimizer, recon=row["recon"],
-                          kl=row["kl"], param_grad_norms=norms, total=row.get("total"),
-                          beta=beta, mu=None if mu is None else mu.detach(),
-                          logvar=None if logvar is None else logvar.detach(), kl_term=kl_term,
-                          latent_ranks=latent_ranks, grads_finite=grads_finite,
-                          reduce=self.ranks.reduce)
-        values: dict[str, Any] = dict(extra or {})
-        values.update(self.runner.run(self._due(step, after_step=False), ctx, step))
-        ctx.kl_term = None  # release the graph
-        self.runner.before_step(self._due(step, after_step=True), ctx)
-        self._pending = (ctx, row, values)
-        return check
+        return StepContext(given.step, self._params, self.layers, self.optimizer,
+                           recon=row["recon"], kl=row["kl"], param_grad_norms=norms,
+                           total=row.get("total"), beta=given.beta,
+                           mu=None if given.mu is None else given.mu.detach(),
+                           logvar=None if given.logvar is None else given.logvar.detach(),
+                           kl_term=kl_term if isinstance(kl_term, torch.Tensor) else None,
+                           latent_ranks=latent_ranks, grads_finite=grads_finite,
+                           reduce=self.ranks.reduce)
 
-    def _gather(self, recon, kl, total, norms, mu, logvar):
+    def _gather(self, recon: torch.Tensor | float, kl: torch.Tensor | float,
+                total: torch.Tensor | float | None, norms: torch.Tensor | None,
+                mu: torch.Tensor | None, logvar: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The step's one collective (:mod:`.ranks`): every rank's loss terms and request to
         stop, with its summary of mu and logvar (when given) and, under FSDP, the sums of
         squares of its gradient shards. Returns the gathered (ranks, 4) loss terms, the
         gradient norms of whole parameters, and every rank's latent summary (or None)."""
         extra = []
-        if mu is not None:
+        if mu is not None and logvar is not None:
             extra.append(latent_summary(mu, logvar))
         if self.ranks.sharded:
             extra.append(norms.double().square() if norms is not None else
@@ -744,9 +831,6 @@ class Follower(Monitor):
         self.online = None
         self._own_session = False
         self._stop_asked = self._stop_now = False
-        #: a user's loop: raise TrainingStopped when the ranks agreed to stop (``vaediag
-        #: train`` sets this False and stops every rank itself, with a checkpoint)
-        self.stops_itself = True
         self._t0, self._elapsed_before = time.monotonic(), 0.0
         self.last_step_row: dict[str, Any] = {}
         self.last_eval_row: dict[str, Any] = {}
@@ -761,15 +845,14 @@ class Follower(Monitor):
                        kl_term: torch.Tensor | None = None,
                        extra: dict[str, Any] | None = None) -> StepCheck:
         """The step's collective; the same decision about non-finite values as rank 0."""
-        step = checks.step(step)
-        recon, kl = checks.scalar("recon", recon), checks.scalar("kl", kl)
-        total = checks.optional_scalar("total", total)
-        checks.number("beta", beta), checks.number("epoch", epoch)
-        mu, logvar = checks.latents(mu, logvar, None)
-        checks.extra(extra)
+        given = checks.StepInputs.checked(step, recon=recon, kl=kl, total=total, beta=beta,
+                                          epoch=epoch, mu=mu, logvar=logvar, kl_term=kl_term,
+                                          columns=extra, latent_dim=None)
+        step, recon, kl, total = given.step, given.recon, given.kl, given.total
+        summary = None if given.mu is None or given.logvar is None else \
+            latent_summary(given.mu, given.logvar)
         gathered = self.ranks.gather(recon, kl, total, self._stop_asked,
-                                     self._gather_device(recon),
-                                     None if mu is None else latent_summary(mu, logvar))
+                                     self._gather_device(recon), summary)
         gathered = gathered[:, :STOP + 1]
         norms = grad_norms(self._params)
         norm = (norms.double().square().sum().sqrt() if norms is not None

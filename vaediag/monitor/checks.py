@@ -8,6 +8,7 @@ passed where the batch's loss belongs would otherwise be recorded as three wrong
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,34 @@ def extra(values: Any) -> dict[str, torch.Tensor | float]:
     if not isinstance(values, dict) or not all(isinstance(k, str) and k for k in values):
         raise UserError(f"extra= must be a dict of column name -> number, got {_kind(values)}")
     return {k: scalar(f"extra[{k!r}]", v) for k, v in values.items()}
+
+
+@dataclass
+class StepInputs:
+    """What ``Monitor.after_backward`` was given, each checked."""
+
+    step: int
+    recon: torch.Tensor | float
+    kl: torch.Tensor | float
+    total: torch.Tensor | float | None
+    beta: float | None
+    epoch: float | None
+    mu: torch.Tensor | None
+    logvar: torch.Tensor | None
+    kl_term: torch.Tensor | float | None
+    extra: dict[str, torch.Tensor | float]
+
+    @classmethod
+    def checked(cls, at: Any, *, recon: Any, kl: Any, total: Any, beta: Any, epoch: Any,
+                mu: Any, logvar: Any, kl_term: Any, columns: Any,
+                latent_dim: int | None) -> StepInputs:
+        """Check each argument in turn; the first wrong one raises."""
+        step_ = step(at)
+        recon, kl = scalar("recon", recon), scalar("kl", kl)
+        total, kl_term = optional_scalar("total", total), optional_scalar("kl_term", kl_term)
+        beta, epoch = number("beta", beta), number("epoch", epoch)
+        mu, logvar = latents(mu, logvar, latent_dim)
+        return cls(step_, recon, kl, total, beta, epoch, mu, logvar, kl_term, extra(columns))
 
 
 def flag(name: str, value: Any) -> bool:

@@ -156,6 +156,7 @@ class Evaluator:
         """(x, recon, mu, logvar) of the larger fixed set, on the CPU, in chunks."""
         xs, recons, mus, logvars = [], [], [], []
         lo, hi = self.value_range
+        assert self.set_x is not None  # offered only when there is a set
         for start in range(0, len(self.set_x), _SET_CHUNK):
             x = self.set_x[start:start + _SET_CHUNK].to(self.device)
             mu, logvar = self.encode(x)
@@ -168,10 +169,11 @@ class Evaluator:
     @torch.no_grad()
     def run(self, step: int, lpips: Any) -> Evaluation:
         """The model as it is now (after ``step`` updates) on the fixed inputs, in eval mode."""
+        fixed_z = self._drawn(self.fixed_z)
         with self.eval_mode():
             heldout, per_image = self._score(self.x, self.factors, step)
-            zero_img = self._decoded(self.decode(torch.zeros_like(self.fixed_z[:1])), step)
-            fixed_img = self._decoded(self.decode(self.fixed_z), step)
+            zero_img = self._decoded(self.decode(torch.zeros_like(fixed_z[:1])), step)
+            fixed_img = self._decoded(self.decode(fixed_z), step)
             train, train_per_image = (None, None) if self.train_x is None else \
                 self._score(self.train_x, self.train_factors, step)
             context = EvalContext(step, heldout.x, heldout.recon, zero_img, fixed_img,
@@ -180,8 +182,16 @@ class Evaluator:
                                   train=train, eval_loss=self.eval_loss, inputs=self.x)
         tiles = torch.stack([heldout.x, heldout.recon, zero_img.expand(GRID_IMAGES, -1, -1, -1),
                              fixed_img]).clamp(0, 1)
-        tiles = (tiles * 255).round().to(torch.uint8).cpu().numpy()
-        return Evaluation(context, tiles, per_image, train_per_image)
+        return Evaluation(context, (tiles * 255).round().to(torch.uint8).cpu().numpy(),
+                          per_image, train_per_image)
+
+    @staticmethod
+    def _drawn(fixed: torch.Tensor | None) -> torch.Tensor:
+        """A fixed tensor of the run, drawn by :meth:`make_fixed` or :meth:`load_fixed`."""
+        if fixed is None:
+            raise RuntimeError("the fixed z and noise are drawn (make_fixed or load_fixed) "
+                               "before the first evaluation")
+        return fixed
 
     def _score(self, x: torch.Tensor, factors: dict[str, np.ndarray], step: int
                ) -> tuple[ImageSet, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -189,7 +199,7 @@ class Evaluator:
         fixed noise's sample) and per-image losses."""
         mu, logvar = self.encode(x)
         z = mu if self.recon_mode == "mean" else \
-            mu + self.recon_noise[:len(x)] * torch.exp(0.5 * logvar)
+            mu + self._drawn(self.recon_noise)[:len(x)] * torch.exp(0.5 * logvar)
         recon = self._decoded(self.decode(z), step)
         per_image = self.eval_loss(x, z, mu, logvar) if self.eval_loss else None
         return ImageSet(self.to_unit(x), recon, mu, logvar, factors or None, x), per_image

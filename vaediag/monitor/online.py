@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from vaediag.analysis.findings import SEVERITIES
 
@@ -44,22 +44,26 @@ class OnlineAnalysis:
         #: set when a finding at or above ``stop_on`` was reported: one line saying which
         self.stop_reason: str | None = None
         self.analysed_to = -1
-        self._child: subprocess.Popen | None = None
+        self._child: subprocess.Popen[str] | None = None
+        self._stdin: IO[str] | None = None  # the child's: one evaluation step per line
         self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._busy = False
         self._waiting: int | None = None  # the newest evaluation not yet sent
         self.failed: str | None = None
 
-    def _start(self) -> None:
+    def _start(self) -> IO[str]:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        self._child = subprocess.Popen(
+        child = self._child = subprocess.Popen(
             [sys.executable, "-m", "vaediag.analysis.follow", str(self.path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True, bufsize=1, env=env)
-        threading.Thread(target=self._read, args=(self._child.stdout,), daemon=True,
+        threading.Thread(target=self._read, args=(child.stdout,), daemon=True,
                          name="vaediag-online-analysis").start()
+        assert child.stdin is not None  # stdin=PIPE
+        self._stdin = child.stdin
+        return child.stdin
 
-    def _read(self, stream) -> None:
+    def _read(self, stream: IO[str]) -> None:
         for text in stream:
             try:
                 self._replies.put(json.loads(text))
@@ -74,11 +78,10 @@ class OnlineAnalysis:
         if self._busy:
             self._waiting = step
             return
-        if self._child is None:
-            self._start()
+        stdin = self._stdin if self._stdin is not None else self._start()
         try:
-            self._child.stdin.write(f"{int(step)}\n")
-            self._child.stdin.flush()
+            stdin.write(f"{int(step)}\n")
+            stdin.flush()
             self._busy = True
         except (BrokenPipeError, OSError) as exc:
             self.failed = f"the analysis process ended ({exc})"
@@ -120,9 +123,10 @@ class OnlineAnalysis:
                 except queue.Empty:
                     self.failed = "the last analysis took too long"
         with contextlib.suppress(OSError):
-            self._child.stdin.close()
+            if self._stdin is not None:
+                self._stdin.close()
         try:
             self._child.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self._child.kill()
-        self._child = None
+        self._child = self._stdin = None

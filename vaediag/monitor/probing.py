@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -16,7 +16,6 @@ from vaediag.metrics import lpips as lpips_metric
 from vaediag.probes.base import Probe, ProbeSetup
 from vaediag.probes.context import StepContext
 from vaediag.probes.sampling import local
-from vaediag.rundir import RunWriter
 
 #: A step is unusual when its gradient norm exceeds this many times the recent level (an
 #: exponential average with weight ``GRAD_LEVEL_ALPHA`` per step) ...
@@ -94,11 +93,18 @@ def held(values: dict[Any, Any]) -> dict[Any, Any]:
     return out
 
 
+class EventWriter(Protocol):
+    """Where the probes' events go: the run's writer (a rank that does not record discards
+    them)."""
+
+    def event(self, kind: str, step: int, **fields: Any) -> None: ...
+
+
 class LPIPSLoader:
     """Loads LPIPS the first time a probe asks (in its ``setup``), says once whether it is
     available and records that as a ``metric_status`` event; later asks get the same metric."""
 
-    def __init__(self, writer: RunWriter, weights: str | None, download: bool,
+    def __init__(self, writer: EventWriter, weights: str | None, download: bool,
                  device: torch.device, speak: bool = True):
         self.writer, self.weights, self.download, self.device = writer, weights, download, device
         self.speak = speak  # whether this rank prints (rank 0 under torch.distributed)
@@ -127,7 +133,7 @@ class ProbeRunner:
     """The run's probes: set up once, run when due, disabled (with one warning and an event)
     when one raises, so a broken probe never stops training."""
 
-    def __init__(self, probes: Sequence[Probe], writer: RunWriter, speak: bool = True):
+    def __init__(self, probes: Sequence[Probe], writer: EventWriter, speak: bool = True):
         self.probes = list(probes)
         self.writer = writer
         self.speak = speak  # whether this rank prints (rank 0 under torch.distributed)

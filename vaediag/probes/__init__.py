@@ -122,6 +122,8 @@ def load_from_path(spec: str) -> type[Probe]:
     module_name = f"vaediag_user_probe_{abs(hash(str(path.resolve())))}"
     try:
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ImportError("not a Python module")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[module_name] = module
         loader_spec.loader.exec_module(module)

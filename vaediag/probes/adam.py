@@ -144,16 +144,18 @@ def _plan(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
     groups = []
     for index in members.values():
         sample = EntrySample(index, numels, layers, max_entries, device)
-        states = [optimizer.state[params[i]] if i in index else None for i in range(len(params))]
+        states: list[dict[str, Any] | None] = [
+            optimizer.state[params[i]] if i in index else None for i in range(len(params))]
 
         def views(key: str, states=states, sample=sample) -> list[torch.Tensor]:
             return sample.views([s[key] if s is not None else None for s in states])
 
-        amsgrad = all("max_exp_avg_sq" in states[i] for i in index)
+        amsgrad = all("max_exp_avg_sq" in (states[i] or {}) for i in index)
         counts.index_add_(0, layers.param_layer[index], torch.tensor(
             [float(numels[i]) for i in index], dtype=torch.float64))
         groups.append(_Group(group_of[id(params[index[0]])], sample,
-                             states[index[0]]["step"], views("exp_avg"), views("exp_avg_sq"),
+                             optimizer.state[params[index[0]]]["step"], views("exp_avg"),
+                             views("exp_avg_sq"),
                              views("max_exp_avg_sq") if amsgrad else None,
                              torch.empty(4, sample.size, device=device, dtype=dtype),
                              torch.empty(6, sample.size, device=device, dtype=dtype),
@@ -217,10 +219,11 @@ def adam_stats(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter
                                dtype=part.dtype)
             bc1 = 1.0 - b1 ** t  # of the first group: every group sees the same step count
         sums.index_add_(1, g.layer_ids, part)
+    assert sums is not None  # the plan has groups
     reduce(sums)
     per_layer = summarise(sums, plan.counts, bc1)[:, plan.measured]
     overall = summarise(sums.sum(1), plan.counts.sum(), bc1)
-    out: dict[str, Any] = {}
+    out: dict[Any, Any] = {}
     for k, stat in enumerate(ROWS[:len(sums)]):
         out[stat] = overall[k]
         out.update(per_index("layer", stat, per_layer[k], plan.names))
@@ -249,6 +252,7 @@ class AdamState(Probe[StepContext]):
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
         params = [p for _, p in ctx.params]
+        assert ctx.optimizer is not None  # setup declined without one
         return adam_stats(ctx.optimizer, params, [p.grad for p in params], ctx.layers,
                           v_stats=ctx.step % V_EVERY == 0, max_entries=self.max_entries,
                           cache=self._cache, reduce=ctx.reduce)

@@ -86,10 +86,11 @@ class AmortisationGap(Probe[EvalContext]):
             return {}
         # both sets refined as one batch: images are refined independently, and one batch
         # costs about what one set alone does
-        sizes = [len(images.inputs) for images in sets.values()]
-        before, after = refine(ctx.eval_loss, *(torch.cat([getattr(images, name)
-                                                           for images in sets.values()])
-                                                for name in ("inputs", "mu", "logvar")))
+        inputs = [images.inputs for images in sets.values() if images.inputs is not None]
+        sizes = [len(x) for x in inputs]
+        before, after = refine(ctx.eval_loss, torch.cat(inputs),
+                               torch.cat([images.mu for images in sets.values()]),
+                               torch.cat([images.logvar for images in sets.values()]))
         out: dict[str, Any] = {}
         for prefix, b, a in zip(sets, before.split(sizes), after.split(sizes), strict=True):
             out[f"{prefix}amort_gap"] = (b - a).mean()

@@ -118,7 +118,8 @@ class EvalContext:
     eval_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     #: the grid's images as the model takes them (its ``value_range``)
     inputs: torch.Tensor | None = None
-    _set: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    _set: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
+        default=None, repr=False)
 
     def heldout(self) -> ImageSet:
         """The grid's held-out images as an :class:`ImageSet`, like ``train``."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from vaediag.metrics import image
-from vaediag.probes.base import Probe, ProbeSetup
+from vaediag.probes.base import Probe, ProbeSetup, Schedule
 from vaediag.probes.context import EvalContext
 
 
@@ -26,7 +26,7 @@ class GenerationDrift(Probe[EvalContext]):
     name = "drift"
     needs = frozenset({"eval"})
 
-    def __init__(self, schedule=None):
+    def __init__(self, schedule: Schedule | None = None) -> None:
         super().__init__(schedule)
         self.previous: dict[str, torch.Tensor] = {}
 

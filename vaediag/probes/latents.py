@@ -37,7 +37,7 @@ def combined_stats(summaries: torch.Tensor) -> dict[str, Any]:
     ((ranks, D + 7)): the KL and means weighted by each rank's batch, the extremes of all."""
     count = summaries[:, 0].sum()
     dims = summaries.shape[1] - 7
-    out: dict[str, Any] = per_index("dim", "kl",
+    out: dict[Any, Any] = per_index("dim", "kl",
                                     (summaries[:, 1:1 + dims].sum(0) / count).float())
     rest = summaries[:, 1 + dims:]
     out[RANGES] = torch.cat([rest[:, 0:2].amin(0), rest[:, 2:4].amax(0),
@@ -48,7 +48,7 @@ def combined_stats(summaries: torch.Tensor) -> dict[str, Any]:
 def latent_stats(mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, Any]:
     """Per-dimension batch-mean analytic KL, and min/max/mean of mu and logvar."""
     mu, logvar = mu.detach().float(), logvar.detach().float()
-    out: dict[str, Any] = per_index("dim", "kl", kl_per_dim(mu, logvar).mean(0))
+    out: dict[Any, Any] = per_index("dim", "kl", kl_per_dim(mu, logvar).mean(0))
     both = torch.stack([mu, logvar]).flatten(1)  # (2, B * D)
     low, high = torch.aminmax(both, dim=1)
     out[RANGES] = torch.cat([low, high, both.mean(1)])

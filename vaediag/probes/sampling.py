@@ -25,7 +25,7 @@ def is_dtensor(t: Any) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a plain tensor sharing its storage); ``t`` otherwise.
     Probes measure the shards; ``ctx.reduce`` adds up their sums over the ranks."""
-    return t.to_local() if is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def _prime_at_least(n: int) -> int:

@@ -11,6 +11,7 @@ state (:class:`~vaediag.probes.base.EntrySample`); ``None`` measures every entry
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +20,28 @@ from vaediag.probes.adam import MAX_ENTRIES
 from vaediag.probes.base import Probe, per_index, safe_div
 from vaediag.probes.context import StepContext
 from vaediag.probes.sampling import EntrySample, local
+
+
+@dataclass
+class _Plan:
+    """The entries measured, made once: the sample, the order that puts its layers back in
+    the model's order, their names, and the (2, N) buffer of before and after the step."""
+
+    sample: EntrySample
+    order: torch.Tensor
+    names: list[str]
+    flat: torch.Tensor
+
+    @classmethod
+    def of(cls, ctx: StepContext, max_entries: int | None) -> _Plan:
+        params = [p for _, p in ctx.params]
+        device = params[0].device
+        sample = EntrySample(list(range(len(params))), [local(p).numel() for p in params],
+                             ctx.layers, max_entries, device)
+        ids = sample.layer_ids.tolist()  # sampled layers first: put back in model order
+        order = torch.tensor(sorted(range(len(ids)), key=ids.__getitem__), device=device)
+        return cls(sample, order, [ctx.layers.layers[ids[k]] for k in order.tolist()],
+                   torch.empty(2, sample.size, device=device, dtype=params[0].dtype))
 
 
 class UpdateRatio(Probe[StepContext]):
@@ -31,42 +54,31 @@ class UpdateRatio(Probe[StepContext]):
         every entry)."""
         super().__init__(schedule, when_unusual=when_unusual)
         self.max_entries = max_entries
-        self._sample: EntrySample | None = None
-        self._names: list[str] = []
-        self._order: torch.Tensor | None = None
-        self._flat: torch.Tensor | None = None  # (2, N): before, then after the step
+        self._plan: _Plan | None = None
         self._taken = False
 
-    def _prepare(self, ctx: StepContext) -> EntrySample:
-        if self._sample is None:
-            params = [p for _, p in ctx.params]
-            device = params[0].device
-            self._sample = EntrySample(list(range(len(params))), [local(p).numel() for p in params],
-                                       ctx.layers, self.max_entries, device)
-            ids = self._sample.layer_ids.tolist()  # sampled layers first: put back in model order
-            self._order = torch.tensor(sorted(range(len(ids)), key=ids.__getitem__),
-                                       device=device)
-            self._names = [ctx.layers.layers[ids[k]] for k in self._order.tolist()]
-            self._flat = torch.empty(2, self._sample.size, device=device,
-                                     dtype=params[0].dtype)
-        return self._sample
+    def _prepare(self, ctx: StepContext) -> _Plan:
+        if self._plan is None:
+            self._plan = _Plan.of(ctx, self.max_entries)
+        return self._plan
 
     def before_step(self, ctx: StepContext) -> None:
-        self._prepare(ctx).gather([p for _, p in ctx.params], self._flat[0])
+        plan = self._prepare(ctx)
+        plan.sample.gather([p for _, p in ctx.params], plan.flat[0])
         self._taken = True
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
         if not self._taken:
             return {}
         self._taken = False
-        sample = self._prepare(ctx)
-        before, after = self._flat[0], self._flat[1]
-        sample.gather([p for _, p in ctx.params], after)
+        plan = self._prepare(ctx)
+        before, after = plan.flat[0], plan.flat[1]
+        plan.sample.gather([p for _, p in ctx.params], after)
         after.sub_(before).square_()  # the update, squared
         before.square_()
-        sums = ctx.reduce(sample.layer_sums(self._flat))  # (2, L): |W|^2, |dW|^2
-        ratio = safe_div(sums[1].sqrt(), sums[0].sqrt())[self._order]
+        sums = ctx.reduce(plan.sample.layer_sums(plan.flat))  # (2, L): |W|^2, |dW|^2
+        ratio = safe_div(sums[1].sqrt(), sums[0].sqrt())[plan.order]
         total = sums.sum(1)
-        out: dict[str, Any] = per_index("layer", "update_ratio", ratio, self._names)
+        out: dict[Any, Any] = per_index("layer", "update_ratio", ratio, plan.names)
         out["update_ratio"] = safe_div(total[1].sqrt(), total[0].sqrt())
         return out

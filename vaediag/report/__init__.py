@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vaediag.analysis import DECOUPLING, verdict
 from vaediag.analysis.findings import Analysis, Finding
@@ -35,6 +35,9 @@ from vaediag.report.content import (
     load_grid,
 )
 from vaediag.rundir import Run, atomic_write, load_run
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _fmt(value: Any) -> str:
@@ -117,26 +120,33 @@ def grid_steps(finding: Finding, eval_steps: list[int]) -> list[tuple[str, int]]
 
 def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
     """The report's content, and its figures (in order, as rendered images) for the PDF."""
-    from PIL import Image as PILImage
-
-    from vaediag.report import figures
-
-    scalars, evals = run.scalars, run.evals
     findings = analysis.sorted_findings()
     report = Report(title=f"vaediag report: {run.path.name}", verdict=verdict(analysis),
                     header=header_rows(run, analysis), findings=findings,
                     problems=list(analysis.problems))
     report.unchecked = [(c.detector, c.reason) for c in analysis.not_checked()]
-    index = {id(f): i for i, f in enumerate(findings)}
-    report.incidents = [IncidentView(i.severity, i.first_step, index[id(i.root)],
-                                     [(i.after_steps(f), index[id(f)]) for f in i.consequences])
+    position = {id(f): i for i, f in enumerate(findings)}
+    report.incidents = [IncidentView(i.severity, i.first_step, position[id(i.root)],
+                                     [(i.after_steps(f), position[id(f)])
+                                      for f in i.consequences])
                         for i in analysis.sorted_incidents()]
     report.verification = [v["text"] for v in analysis.verification]
+    pdf_figures = _figures(report, run, analysis)
+    grids = _Grids(dict(run.grids), report.problems)
+    _finding_grids(report, findings, grids, run.evals)
+    _filmstrip(report, grids, run.evals)
+    return report, pdf_figures
+
+
+def _figures(report: Report, run: Run, analysis: Analysis) -> list[tuple[str, Any]]:
+    """Draw the figures, each once for both reports (drawing them again as vectors for the PDF
+    cost as much as everything else in the reports together); returns the PDF's list."""
+    from vaediag.report import figures
+
+    scalars, evals = run.scalars, run.evals
     pdf_figures: list[tuple[str, Any]] = []
 
-    def add(section: str, title: str, fig) -> None:
-        """Render a figure once, for both reports: drawing it again as vectors for the PDF
-        cost as much as everything else in the reports together."""
+    def add(section: str, title: str, fig: Any) -> None:
         if fig is None:
             return
         image = Image(figure_png(fig), title)
@@ -152,30 +162,41 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
         add("quality", "Loss and quality over time", figures.loss_vs_quality(evals, analysis))
         add("quality", "Rolling rank correlation", figures.correlation(analysis))
         add("quality", "Loss against quality", figures.loss_quality_scatter(evals))
+    return pdf_figures
 
-    grids = dict(run.grids)
-    loaded: dict[int, Image | None] = {}
 
-    def grid(step: int) -> Image | None:
-        """The grid at ``step``; None, and a note among the problems, when it is unreadable."""
-        if step not in loaded:
-            data = load_grid(grids[step])
+class _Grids:
+    """The run's grids, each read once; an unreadable one is left out with a note among the
+    report's problems."""
+
+    def __init__(self, paths: dict[int, Path], problems: list[str]):
+        self.paths, self.problems = paths, problems
+        self.steps = sorted(paths)
+        self._loaded: dict[int, Image | None] = {}
+
+    def __call__(self, step: int) -> Image | None:
+        if step not in self._loaded:
+            data = load_grid(self.paths[step])
             if isinstance(data, str):
-                note = f"grids/{grids[step].name} is unreadable ({data}); left out of the report"
-                report.problems.append(note)
+                note = (f"grids/{self.paths[step].name} is unreadable ({data}); left out of "
+                        f"the report")
+                self.problems.append(note)
                 print(f"vaediag: warning: {note}", file=sys.stderr)
-                loaded[step] = None
+                self._loaded[step] = None
             else:
-                loaded[step] = Image(data, f"grid at step {step}")
-        return loaded[step]
+                self._loaded[step] = Image(data, f"grid at step {step}")
+        return self._loaded[step]
 
-    eval_steps = sorted(grids)
 
+def _finding_grids(report: Report, findings: list[Finding], grids: _Grids,
+                   evals: pd.DataFrame) -> None:
+    """The grids each warning names, decoupling first; findings that name the same
+    evaluations share one set; at most ``MAX_FINDING_GRIDS`` sets."""
     shown = [(i, f) for i, f in enumerate(findings) if f.severity != "info"]
     decoupling_first = sorted(shown, key=lambda x: x[1].kind not in DECOUPLING)
     by_steps: dict[tuple[int, ...], GridSet] = {}
     for index, finding in decoupling_first:
-        chosen = grid_steps(finding, eval_steps)
+        chosen = grid_steps(finding, grids.steps)
         if not chosen:
             continue
         key = tuple(step for _, step in chosen)
@@ -185,28 +206,36 @@ def build(run: Run, analysis: Analysis) -> tuple[Report, list]:
             continue
         if len(by_steps) == MAX_FINDING_GRIDS:
             continue
+        images = [(role, s, grids(s)) for role, s in chosen]
         by_steps[key] = GridSet(
             anchor=f"grids-{index}", findings=[index],
             title=f"{finding.kind} (steps {finding.first_step:,}-{finding.last_step:,})",
-            grids=[GridImage(s, grid(s), grid_caption(evals, s), role) for role, s in chosen
-                   if grid(s) is not None])
+            grids=[GridImage(s, image, grid_caption(evals, s), role)
+                   for role, s, image in images if image is not None])
         report.grid_sets.append(by_steps[key])
-    if eval_steps:
-        pick = eval_steps if len(eval_steps) <= MAX_FILMSTRIP else [
-            eval_steps[round(k * (len(eval_steps) - 1) / (MAX_FILMSTRIP - 1))]
-            for k in range(MAX_FILMSTRIP)]
-        for step in pick:
-            if grid(step) is None:
-                continue
-            with PILImage.open(io.BytesIO(grid(step).data)) as im:
-                thumb = im.convert("RGB")
-                thumb.thumbnail((360, 360))
-                buf = io.BytesIO()
-                thumb.save(buf, format="JPEG", quality=85)  # thumbnails: a tenth of a PNG
-            report.filmstrip.append(GridImage(step, Image(buf.getvalue(), f"step {step}",
-                                                          "image/jpeg"),
-                                              grid_caption(evals, step)))
-    return report, pdf_figures
+
+
+def _filmstrip(report: Report, grids: _Grids, evals: pd.DataFrame) -> None:
+    """Thumbnails of up to ``MAX_FILMSTRIP`` grids spread over the run."""
+    from PIL import Image as PILImage
+
+    steps = grids.steps
+    if not steps:
+        return
+    pick = steps if len(steps) <= MAX_FILMSTRIP else [
+        steps[round(k * (len(steps) - 1) / (MAX_FILMSTRIP - 1))] for k in range(MAX_FILMSTRIP)]
+    for step in pick:
+        image = grids(step)
+        if image is None:
+            continue
+        with PILImage.open(io.BytesIO(image.data)) as im:
+            thumb = im.convert("RGB")
+            thumb.thumbnail((360, 360))
+            buf = io.BytesIO()
+            thumb.save(buf, format="JPEG", quality=85)  # thumbnails: a tenth of a PNG
+        report.filmstrip.append(GridImage(step, Image(buf.getvalue(), f"step {step}",
+                                                      "image/jpeg"),
+                                          grid_caption(evals, step)))
 
 
 def write_reports(run_dir: str | Path | Run, analysis: Analysis, *, html: str | Path | None,

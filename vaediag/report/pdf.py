@@ -26,7 +26,8 @@ STYLES = {"title": (16, True, 48, 0), "h1": (12, True, 80, 10), "h2": (9.5, True
 def text_pages(pdf: PdfPages, blocks: list[tuple[str, str]]) -> None:
     """Lay out (style, text) blocks top to bottom, wrapping and starting new pages as needed."""
     height_pt = A4[1] * 72
-    fig, y = None, 0.0
+    fig: Figure | None = None
+    y = 0.0
 
     def new_page():
         nonlocal fig, y
@@ -49,6 +50,7 @@ def text_pages(pdf: PdfPages, blocks: list[tuple[str, str]]) -> None:
         for line in lines:
             if y - step < MARGIN:
                 new_page()
+            assert fig is not None  # new_page() made one
             fig.text(MARGIN, y, line, fontsize=size, fontweight="bold" if bold else "normal",
                      va="top", ha="left", family="DejaVu Sans")
             y -= step

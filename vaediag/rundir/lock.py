@@ -11,7 +11,7 @@ from vaediag.rundir.layout import LOCK_FILE
 try:  # POSIX advisory locks; on other systems runs are simply not locked
     import fcntl
 except ImportError:  # pragma: no cover
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 
 class RunLock:

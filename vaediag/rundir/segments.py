@@ -4,6 +4,7 @@ writer, compaction, the two-pass reader and the truncation a resume needs."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,17 @@ def compact_segment(path: Path) -> None:
     atomic_write(path, sink.getvalue().to_pybytes())
 
 
+@dataclass
+class _OpenSegment:
+    """The segment a :class:`TableWriter` is appending to."""
+
+    path: Path
+    schema: pa.Schema
+    sink: pa.OSFile
+    writer: ipc.RecordBatchStreamWriter
+    rows: int = 0
+
+
 class TableWriter:
     """Append-only writer of one table (per-step or per-eval rows) as Arrow IPC segments.
 
@@ -98,14 +110,10 @@ class TableWriter:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         existing = _segments(directory)
-        self._next_index = int(_SEGMENT_RE.match(existing[-1].name).group(1)) + 1 if existing else 0
+        self._next_index = int(existing[-1].name[:6]) + 1 if existing else 0
         self._rows: list[dict[str, Any]] = []
         self._columns: dict[str, None] = {}  # ordered set
-        self._schema: pa.Schema | None = None
-        self._sink: pa.OSFile | None = None
-        self._writer: ipc.RecordBatchStreamWriter | None = None
-        self._path: Path | None = None
-        self._segment_rows = 0
+        self._segment: _OpenSegment | None = None
 
     def append(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
@@ -121,16 +129,27 @@ class TableWriter:
             for key in row:
                 if key not in self._columns:
                     self._columns[key] = None
-        if self._writer is None or len(self._columns) != len(self._schema):
-            self._open_segment()
-        arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in self._schema]
-        self._write(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+        segment = self._current()
+        arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in segment.schema]
+        self._write(segment, pa.RecordBatch.from_arrays(arrays, schema=segment.schema))
 
-    def _write(self, batch: pa.RecordBatch) -> None:
-        self._writer.write_batch(batch)
-        self._sink.flush()
-        self._segment_rows += batch.num_rows
-        if self._segment_rows >= COMPACT_ROWS:  # the next rows open a new segment
+    def _current(self) -> _OpenSegment:
+        """The open segment, or a new one when there is none or a row brought a column."""
+        if self._segment is None or len(self._columns) != len(self._segment.schema):
+            self._close_segment()
+            schema = pa.schema([(name, _column_type(name)) for name in self._columns])
+            path = self.directory / f"{self._next_index:06d}.arrows"
+            self._next_index += 1
+            sink = pa.OSFile(str(path), "wb")
+            self._segment = _OpenSegment(path, schema, sink,
+                                         ipc.new_stream(sink, schema, options=_IPC_OPTIONS))
+        return self._segment
+
+    def _write(self, segment: _OpenSegment, batch: pa.RecordBatch) -> None:
+        segment.writer.write_batch(batch)
+        segment.sink.flush()
+        segment.rows += batch.num_rows
+        if segment.rows >= COMPACT_ROWS:  # the next rows open a new segment
             self._close_segment()
 
     def write_columns(self, columns: dict[str, np.ndarray]) -> None:
@@ -139,29 +158,19 @@ class TableWriter:
         self.flush()
         for key in columns:
             self._columns.setdefault(key, None)
-        if self._writer is None or len(self._columns) != len(self._schema):
-            self._open_segment()
+        segment = self._current()
         n = len(next(iter(columns.values())))
         arrays = [pa.array(np.asarray(columns[f.name], dtype=f.type.to_pandas_dtype()),
                            type=f.type) if f.name in columns else pa.nulls(n, f.type)
-                  for f in self._schema]
-        self._write(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
-
-    def _open_segment(self) -> None:
-        self._close_segment()
-        self._schema = pa.schema([(name, _column_type(name)) for name in self._columns])
-        self._path = self.directory / f"{self._next_index:06d}.arrows"
-        self._next_index += 1
-        self._sink = pa.OSFile(str(self._path), "wb")
-        self._writer = ipc.new_stream(self._sink, self._schema, options=_IPC_OPTIONS)
-        self._segment_rows = 0
+                  for f in segment.schema]
+        self._write(segment, pa.RecordBatch.from_arrays(arrays, schema=segment.schema))
 
     def _close_segment(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._sink.close()
-            compact_segment(self._path)
-        self._writer = self._sink = None
+        if self._segment is not None:
+            self._segment.writer.close()
+            self._segment.sink.close()
+            compact_segment(self._segment.path)
+        self._segment = None
 
     def close(self) -> None:
         self.flush()
@@ -176,10 +185,31 @@ def read_table(directory: Path) -> tuple[pd.DataFrame, list[str]]:
     preallocated columns one segment at a time. A column some segment lacks reads as NaN
     there (an integer column then becomes float).
     """
-    problems: list[str] = []
     segments = _segments(directory)
+    sizes, schemas, problems = _survey(directory, segments)
+    total = sum(sizes)
+    if not total:
+        return pd.DataFrame({"step": pd.Series(dtype="int64")}), problems
+    present = [schema for schema, size in zip(schemas, sizes, strict=True) if size and schema]
+    columns = _allocate(present, total)
+    at = 0
+    for path, size in zip(segments, sizes, strict=True):
+        if size:
+            _fill(columns, path, at, size)
+            at += size
+    frame = pd.DataFrame(columns, copy=False)
+    if not frame["step"].is_monotonic_increasing:
+        frame = frame.sort_values("step", kind="stable", ignore_index=True)
+    return frame, problems
+
+
+def _survey(directory: Path, segments: list[Path]
+            ) -> tuple[list[int], list[pa.Schema | None], list[str]]:
+    """The first pass: each segment's row count (from its step column alone) and schema, and
+    the segments that end in an incomplete write."""
+    problems: list[str] = []
     sizes: list[int] = []
-    schemas: list[pa.Schema] = []
+    schemas: list[pa.Schema | None] = []
     for i, path in enumerate(segments):
         table, complete = _read_segment(path, fields=["step"])
         if not complete:
@@ -188,39 +218,37 @@ def read_table(directory: Path) -> tuple[pd.DataFrame, list[str]]:
                             f"write; its complete rows were read")
         schemas.append(_schema_of(path))
         sizes.append(0 if table is None else table.num_rows)
-    total = sum(sizes)
-    if not total:
-        return pd.DataFrame({"step": pd.Series(dtype="int64")}), problems
-    present = [schema for schema, size in zip(schemas, sizes, strict=True) if size and schema]
+    return sizes, schemas, problems
+
+
+def _allocate(schemas: list[pa.Schema], total: int) -> dict[str, np.ndarray]:
+    """Every column of the table, preallocated: int64 where every segment has it as an
+    integer, else float32 or float64 filled with NaN."""
     types: dict[str, pa.DataType] = {}
-    for schema in present:
+    for schema in schemas:
         for f in schema:
             types.setdefault(f.name, f.type)
     columns: dict[str, np.ndarray] = {}
     for name, kind in types.items():
-        if pa.types.is_integer(kind) and all(name in schema.names for schema in present):
+        if pa.types.is_integer(kind) and all(name in schema.names for schema in schemas):
             columns[name] = np.zeros(total, dtype=np.int64)
         else:
             dtype = np.float32 if kind == pa.float32() else np.float64
             columns[name] = np.full(total, np.nan, dtype=dtype)
-    at = 0
-    for path, size in zip(segments, sizes, strict=True):
-        if not size:
-            continue
-        table, _ = _read_segment(path)
-        rows = min(size, table.num_rows)
-        for name in table.column_names:
-            values = table.column(name).slice(0, rows)
-            if values.null_count:
-                values = values.cast(pa.float64())
-            target = columns[name]
-            target[at:at + rows] = values.to_numpy()
-        del table
-        at += size
-    frame = pd.DataFrame(columns, copy=False)
-    if not frame["step"].is_monotonic_increasing:
-        frame = frame.sort_values("step", kind="stable", ignore_index=True)
-    return frame, problems
+    return columns
+
+
+def _fill(columns: dict[str, np.ndarray], path: Path, at: int, size: int) -> None:
+    """The second pass, for one segment: its first ``size`` rows into ``columns`` at ``at``."""
+    table, _ = _read_segment(path)
+    if table is None:
+        return
+    rows = min(size, table.num_rows)
+    for name in table.column_names:
+        values = table.column(name).slice(0, rows)
+        if values.null_count:
+            values = values.cast(pa.float64())
+        columns[name][at:at + rows] = values.to_numpy()
 
 
 def _schema_of(path: Path) -> pa.Schema | None:

@@ -203,7 +203,7 @@ class RunWriter:
         import io
 
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, allow_pickle=False, **arrays)
         with writing(self.path, FIXED_NPZ):
             atomic_write(self.path / FIXED_NPZ, buf.getvalue())
 

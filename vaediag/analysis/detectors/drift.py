@@ -45,9 +45,9 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
             sharp = (x >= FACTOR * prior) & (x >= MIN_RMSE) & (steps >= data.burn_in_step)
             ratio = np.where(sharp, x / prior, np.nan)
         which = "decode(fixed z)" if "fixed" in col else "decode(0)"
-        for i in np.flatnonzero(sharp):
-            signals.append(Signal(int(steps[i]), col, "", float(x[i]), float(prior[i]),
-                                  f"{which} changed {x[i] / prior[i]:.3g}x more than usual"))
+        for k in np.flatnonzero(sharp):
+            signals.append(Signal(int(steps[k]), col, "", float(x[k]), float(prior[k]),
+                                  f"{which} changed {x[k] / prior[k]:.3g}x more than usual"))
         if sharp.any():
             harmful = [k for k in np.flatnonzero(sharp)
                        if quality_lost(data, int(steps[k - 1]), int(steps[k]))]

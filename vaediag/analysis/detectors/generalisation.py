@@ -32,6 +32,7 @@ evaluation never changes with what the run does later):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -165,11 +166,12 @@ def _at(data: RunData, column: str, step: int) -> float | None:
 def amortisation(data: RunData, before: int, after: int) -> tuple[str, dict]:
     """Which part overfitted, from the amortisation gap recorded at the two evaluations:
     (a sentence, the numbers)."""
-    values = {f"{prefix}{stat}_{when}": _at(data, f"{prefix}amort_{stat}", step)
-              for prefix in ("", "train_") for stat in ("gap", "refined")
-              for when, step in (("before", before), ("after", after))}
-    if any(v is None for v in values.values()):
+    known = {f"{prefix}{stat}_{when}": _at(data, f"{prefix}amort_{stat}", step)
+             for prefix in ("", "train_") for stat in ("gap", "refined")
+             for when, step in (("before", before), ("after", after))}
+    if any(v is None for v in known.values()):
         return "", {}
+    values: dict[str, Any] = dict(known)
     elbo_rise = (values["refined_after"] + values["gap_after"]) - \
         (values["refined_before"] + values["gap_before"])
     gap_growth = values["gap_after"] - values["gap_before"]

@@ -34,7 +34,7 @@ KINDS = (
 LOOKBACK = 20
 
 #: remedies by where it started: (text, config key of ``vaediag train``, value)
-_REMEDIES = {
+_REMEDIES: dict[str, list[tuple[str, str | None, object]]] = {
     "kl": [("clamp the encoder's log-variance (e.g. to [-30, 20])", "loss.logvar_clamp",
             "[-30.0,20.0]"),
            ("use the analytic KL if the Monte Carlo estimate is used", "loss.kl", "analytic"),
