@@ -31,7 +31,8 @@ def thresholds(module: ModuleType) -> list[tuple[str, float | int, str]]:
     for node in ast.parse(source).body:
         target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 \
             else node.target if isinstance(node, ast.AnnAssign) else None
-        if not isinstance(target, ast.Name) or not target.id.isupper():
+        if not isinstance(target, ast.Name) or not target.id.isupper() \
+                or target.id == "ORDER":  # a place among the detectors, not a threshold
             continue
         value = getattr(module, target.id, None)
         if isinstance(value, bool) or not isinstance(value, (int, float)):

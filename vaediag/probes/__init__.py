@@ -35,8 +35,6 @@ from typing import TYPE_CHECKING, Any
 from vaediag.errors import UserError
 
 if TYPE_CHECKING:
-    from vaediag.probes.adam import AdamState as AdamState
-    from vaediag.probes.amortisation import AmortisationGap as AmortisationGap
     from vaediag.probes.base import Probe as Probe
     from vaediag.probes.base import ProbeSetup as ProbeSetup
     from vaediag.probes.base import Schedule as Schedule
@@ -46,15 +44,7 @@ if TYPE_CHECKING:
     from vaediag.probes.context import EvalContext as EvalContext
     from vaediag.probes.context import ImageSet as ImageSet
     from vaediag.probes.context import StepContext as StepContext
-    from vaediag.probes.drift import GenerationDrift as GenerationDrift
-    from vaediag.probes.factors import FactorFidelity as FactorFidelity
-    from vaediag.probes.grad_split import GradSplit as GradSplit
-    from vaediag.probes.gradients import GradientNorms as GradientNorms
-    from vaediag.probes.image_quality import ImageQuality as ImageQuality
-    from vaediag.probes.latent_health import LatentHealth as LatentHealth
-    from vaediag.probes.latents import LatentStats as LatentStats
     from vaediag.probes.layers import LayerIndex as LayerIndex
-    from vaediag.probes.updates import UpdateRatio as UpdateRatio
 
 #: The presets, each with what it records (the table above, short).
 PRESETS: dict[str, str] = {
@@ -138,25 +128,40 @@ def load_from_path(spec: str) -> type[Probe]:
     return cls
 
 
-#: the probe API and the built-in probes, imported on first use
+#: the probe API, imported on first use
 _LAZY = {
     **dict.fromkeys(["Probe", "ProbeSetup", "Schedule", "every", "log_spaced", "per_index"],
                     "vaediag.probes.base"),
     **dict.fromkeys(["EvalContext", "ImageSet", "StepContext"], "vaediag.probes.context"),
     "LayerIndex": "vaediag.probes.layers",
-    "AdamState": "vaediag.probes.adam", "AmortisationGap": "vaediag.probes.amortisation",
-    "GenerationDrift": "vaediag.probes.drift",
-    "FactorFidelity": "vaediag.probes.factors", "GradSplit": "vaediag.probes.grad_split",
-    "GradientNorms": "vaediag.probes.gradients", "ImageQuality": "vaediag.probes.image_quality",
-    "LatentHealth": "vaediag.probes.latent_health", "LatentStats": "vaediag.probes.latents",
-    "UpdateRatio": "vaediag.probes.updates",
 }
+
+#: the modules of this package that hold no probe
+_NOT_PROBES = frozenset({"base", "context", "layers", "sampling"})
+
+
+def _built_in(name: str) -> Any:
+    """A built-in probe class by name (``vaediag.probes.AdamState``), found in the probe
+    modules, so a new probe needs no entry here."""
+    import pkgutil
+
+    from vaediag.probes.base import Probe
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in _NOT_PROBES:
+            found = getattr(importlib.import_module(f"{__name__}.{module.name}"), name, None)
+            if isinstance(found, type) and issubclass(found, Probe):
+                return found
+    return None
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'vaediag.probes' has no attribute {name!r}")
+    found = _built_in(name) if name[:1].isupper() else None
+    if found is None:
+        raise AttributeError(f"module 'vaediag.probes' has no attribute {name!r}")
+    return found
 
 
 __all__ = ["FULL_SPLIT_EVERY", "PRESETS", "build", "load_from_path", *_LAZY]

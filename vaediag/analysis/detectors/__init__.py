@@ -1,25 +1,25 @@
-"""The detectors, one module each. Each exposes ``NAME``, ``KINDS`` (the kinds of finding it
-emits, :class:`~vaediag.analysis.kinds.Kind`) and ``detect(data) -> (findings, signals)``, and
-raises :class:`~vaediag.analysis.data.Skip` when it cannot run on a run."""
+"""The detectors, one module each, found in this package. Each exposes ``NAME``, ``ORDER``
+(where it runs and is listed among them), ``KINDS`` (the kinds of finding it emits,
+:class:`~vaediag.analysis.kinds.Kind`) and ``detect(data) -> (findings, signals)``, and raises
+:class:`~vaediag.analysis.data.Skip` when it cannot run on a run."""
 
-from vaediag.analysis.detectors import (
-    adam,
-    decoupling,
-    drift,
-    epoch_average,
-    generalisation,
-    gradients,
-    kl_explosion,
-    latents,
-    loss_spikes,
-    nonfinite,
-)
+import importlib
+import pkgutil
+from types import ModuleType
+
 from vaediag.analysis.kinds import Kind
 
-#: In the order they run and are listed.
-DETECTORS = (nonfinite, loss_spikes, kl_explosion, gradients, adam, latents, generalisation,
-             decoupling, epoch_average, drift)
 
+def _discover() -> tuple[ModuleType, ...]:
+    """Every module of this package, in the order of their ``ORDER``: a new detector needs no
+    entry here."""
+    modules = [importlib.import_module(f"{__name__}.{m.name}")
+               for m in pkgutil.iter_modules(__path__)]
+    return tuple(sorted(modules, key=lambda module: module.ORDER))
+
+
+#: In the order they run and are listed (each module's ``ORDER``).
+DETECTORS = _discover()
 
 
 def _collect() -> dict[str, Kind]:

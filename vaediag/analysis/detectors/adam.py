@@ -60,6 +60,8 @@ from vaediag.analysis.stats import (
 )
 
 NAME = "adam"
+#: its place among the detectors: they run, and are listed, in this order
+ORDER = 50
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("oversized_update", "optimizer", instability=6, stage="update", condition=True,

@@ -62,6 +62,8 @@ from vaediag.analysis.stats import (
 from vaediag.columns import QUALITY_METRICS
 
 NAME = "decoupling"
+#: its place among the detectors: they run, and are listed, in this order
+ORDER = 80
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("loss_quality_decoupling", "quality", decoupling=True, stage="evaluation", harm=True),

@@ -21,6 +21,8 @@ from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 
 NAME = "drift"
+#: its place among the detectors: they run, and are listed, in this order
+ORDER = 100
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("generation_drift", "grids", instability=11, stage="evaluation", harm=True),

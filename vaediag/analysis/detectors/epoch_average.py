@@ -23,6 +23,8 @@ from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import noise_scale
 
 NAME = "epoch_average"
+#: its place among the detectors: they run, and are listed, in this order
+ORDER = 90
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("epoch_average_trap", "timelines", stage="evaluation"),

@@ -48,6 +48,8 @@ from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import badness, expanding_noise_scale, noise_scale
 
 NAME = "generalisation"
+#: its place among the detectors: they run, and are listed, in this order
+ORDER = 70
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("overfitting", "quality", decoupling=True, stage="evaluation", harm=True),

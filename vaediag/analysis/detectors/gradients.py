@@ -26,6 +26,8 @@ from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import episodes, ewm_z, share_at_least
 
 NAME = "gradients"
+#: its place among the detectors: they run, and are listed, in this order
+ORDER = 40
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("grad_explosion", "optimizer", instability=4, own_channels=frozenset({"grad_norm"}),

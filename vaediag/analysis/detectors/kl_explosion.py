@@ -32,6 +32,8 @@ from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import best_split, change_points, to_log
 
 NAME = "kl_explosion"
+#: its place among the detectors: they run, and are listed, in this order
+ORDER = 30
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("kl_explosion", "timelines", instability=2,

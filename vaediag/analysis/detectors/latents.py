@@ -32,6 +32,8 @@ from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 
 NAME = "latents"
+#: its place among the detectors: they run, and are listed, in this order
+ORDER = 60
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("posterior_collapse", "latents", instability=5, stage="latents", harm=True),

@@ -36,6 +36,8 @@ from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import MAD_TO_SIGMA, episodes, to_log, trailing_robust_z
 
 NAME = "loss_spikes"
+#: its place among the detectors: they run, and are listed, in this order
+ORDER = 20
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("loss_spike", "timelines", instability=3,

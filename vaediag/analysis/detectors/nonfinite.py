@@ -25,6 +25,8 @@ from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import MAD_TO_SIGMA
 
 NAME = "nonfinite"
+#: its place among the detectors: they run, and are listed, in this order
+ORDER = 10
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("nonfinite", "timelines", instability=1, own_channels=frozenset({"nonfinite"}),
