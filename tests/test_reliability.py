@@ -67,17 +67,17 @@ KILLER = textwrap.dedent('''
         writer.atomic_write = patched
     elif moment == "mid-flush":
         original = segments.TableWriter._write
-        def patched(self, batch):
+        def patched(self, segment, batch):
             if self.directory.name == "scalars" and due():
                 import pyarrow as pa, pyarrow.ipc as ipc
                 sink = pa.BufferOutputStream()
                 with ipc.new_stream(sink, batch.schema) as w:
                     w.write_batch(batch)
                 data = sink.getvalue().to_pybytes()
-                self._sink.write(data[len(data) // 2:len(data) // 2 + len(data) // 4])
-                self._sink.flush()
+                segment.sink.write(data[len(data) // 2:len(data) // 2 + len(data) // 4])
+                segment.sink.flush()
                 die()
-            return original(self, batch)
+            return original(self, segment, batch)
         segments.TableWriter._write = patched
     from vaediag.cli import main
     sys.exit(main(args))

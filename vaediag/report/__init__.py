@@ -146,22 +146,15 @@ def _figures(report: Report, run: Run, analysis: Analysis) -> list[tuple[str, An
     scalars, evals = run.scalars, run.evals
     pdf_figures: list[tuple[str, Any]] = []
 
-    def add(section: str, title: str, fig: Any) -> None:
+    for section, title, needs_rows, needs_evals, draw in figures.RUN_FIGURES:
+        if (needs_rows and not len(scalars)) or (needs_evals and not len(evals)):
+            continue
+        fig = draw(scalars, evals, analysis)
         if fig is None:
-            return
+            continue
         image = Image(figure_png(fig), title)
         report.figures.setdefault(section, []).append((title, image))
         pdf_figures.append((section, image))
-
-    if len(scalars):
-        add("timelines", "Losses over time", figures.timelines(scalars, evals, analysis))
-        add("optimizer", "Per-layer heatmaps",
-            figures.layer_heatmaps(scalars, analysis))
-        add("latents", "Latent health", figures.latent_health(scalars, evals, analysis))
-    if len(evals):
-        add("quality", "Loss and quality over time", figures.loss_vs_quality(evals, analysis))
-        add("quality", "Rolling rank correlation", figures.correlation(analysis))
-        add("quality", "Loss against quality", figures.loss_quality_scatter(evals))
     return pdf_figures
 
 

@@ -355,6 +355,25 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
     return fig
 
 
+#: The report's figures of one run, in order: (section, title, needs per-step rows, needs
+#: evaluations, draw(scalars, evals, analysis) -> Figure or None). A new figure is a function
+#: above and one entry here; the report draws each once for the HTML and the PDF.
+RUN_FIGURES: tuple[tuple[str, str, bool, bool, Callable[..., Figure | None]], ...] = (
+    ("timelines", "Losses over time", True, False,
+     lambda scalars, evals, analysis: timelines(scalars, evals, analysis)),
+    ("optimizer", "Per-layer heatmaps", True, False,
+     lambda scalars, evals, analysis: layer_heatmaps(scalars, analysis)),
+    ("latents", "Latent health", True, False,
+     lambda scalars, evals, analysis: latent_health(scalars, evals, analysis)),
+    ("quality", "Loss and quality over time", False, True,
+     lambda scalars, evals, analysis: loss_vs_quality(evals, analysis)),
+    ("quality", "Rolling rank correlation", False, True,
+     lambda scalars, evals, analysis: correlation(analysis)),
+    ("quality", "Loss against quality", False, True,
+     lambda scalars, evals, analysis: loss_quality_scatter(evals)),
+)
+
+
 @styled
 def grid_panel(images: list[tuple[str, Any]], title: str) -> Figure:
     """Grid PNGs (as arrays) one above the other with their captions: an A4 page for the PDF."""
