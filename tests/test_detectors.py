@@ -569,4 +569,5 @@ def test_the_docs_hold_every_threshold_as_the_detectors_define_it():
     assert [r for r in rows if not r[2]] == [], "document each threshold where it is defined"
     assert ("gradients", "Z_EXPLODE") in {(d, n) for d, n, _ in rows}
     doc = (Path(__file__).parents[1] / "docs" / "detectors.md").read_text()
-    assert markdown() in doc, "update the tables: python -m vaediag.analysis.thresholds"
+    assert markdown() in doc, \
+        "update the tables: python -m vaediag.analysis.thresholds --write docs/detectors.md"

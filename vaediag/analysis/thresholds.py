@@ -1,6 +1,6 @@
 """Every detector's thresholds, read from its module: the tables in docs/detectors.md are made
-here (``python -m vaediag.analysis.thresholds``) and a test checks the page holds them, as
-docs/configuration.md holds ``vaediag config --markdown``.
+here (``python -m vaediag.analysis.thresholds --write docs/detectors.md``) and a test checks the
+page holds them, as docs/configuration.md holds ``vaediag config --markdown``.
 
 A threshold is a module-level constant in upper case holding a number; what it means is the
 ``#:`` comment above it or the ``#`` comment after it. A detector's constant without one fails
@@ -13,6 +13,7 @@ import ast
 import inspect
 import io
 import tokenize
+from pathlib import Path
 from types import ModuleType
 
 from vaediag.analysis.detectors import DETECTORS
@@ -64,5 +65,23 @@ def markdown() -> str:
     return "\n".join(parts)
 
 
+def write(path: Path) -> bool:
+    """Replace the threshold tables in ``path`` (docs/detectors.md: from its first table after
+    "## Thresholds" up to the next section) with :func:`markdown`; whether it changed."""
+    text = path.read_text()
+    start = text.index("### `", text.index("## Thresholds"))
+    end = text.index("\n## ", start)
+    new = text[:start] + markdown() + text[end:]
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
 if __name__ == "__main__":
-    print(markdown(), end="")
+    import sys
+
+    if sys.argv[1:2] == ["--write"] and len(sys.argv) == 3:
+        changed = write(Path(sys.argv[2]))
+        print(f"{sys.argv[2]}: {'updated' if changed else 'already up to date'}")
+    else:
+        print(markdown(), end="")
