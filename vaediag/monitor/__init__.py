@@ -380,7 +380,7 @@ class Monitor:
         #: whether the current step is unusual (see probing.UnusualSteps)
         self.unusual = False
         self._unusual = UnusualSteps()
-        self._sums = np.zeros(3)  # recon, kl, count since the last evaluation
+        self._sums = [0.0, 0.0, 0]  # recon, kl, count since the last evaluation
         self._elapsed_before = 0.0
         self._t0 = time.monotonic()
         self.last_step_row: dict[str, Any] = {}
@@ -475,7 +475,7 @@ class Monitor:
                                           columns=extra, latent_dim=self.latent_dim)
         if given.step == 0 and not self._evaluated:
             self.evaluate(0)
-        norms = grad_norms(self._params)
+        norms = grad_norms(self._params, self.ranks.sharded)
         row, norms, where, latent_ranks = self._losses(given, norms)
         check = self._check(given.step, row, norms, where)
         self._watch(given.step, row, check)
@@ -555,7 +555,10 @@ class Monitor:
                        f"({row['kl']:.4g}): an analytic KL never is (check its sign and "
                        f"reduction); a single-sample Monte Carlo estimate can be", kl=row["kl"])
         if math.isfinite(row["recon"]) and math.isfinite(row["kl"]):
-            self._sums += (row["recon"], row["kl"], 1)
+            sums = self._sums
+            sums[0] += row["recon"]
+            sums[1] += row["kl"]
+            sums[2] += 1
         self.unusual = self._unusual.judge(row, check.grad_norm, bool(check.nonfinite))
 
     def _context(self, given: checks.StepInputs, row: dict[str, Any],
@@ -757,7 +760,7 @@ class Monitor:
             row["train_recon_avg"] = recon_sum / count
             row["train_kl_avg"] = kl_sum / count
             row["train_avg_steps"] = int(count)
-        self._sums[:] = 0
+        self._sums = [0.0, 0.0, 0]
         row.update(to_floats(values))
         if self.records:
             self.writer.save_grid(step, self.evaluator.grid_png(evaluation.tiles, row))
@@ -774,11 +777,12 @@ class Monitor:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs so a resumed run continues averages, clock and probes."""
         self.flush()
-        return {"sums": self._sums.tolist(), "elapsed": self.elapsed(),
+        return {"sums": list(self._sums), "elapsed": self.elapsed(),
                 **self._unusual.state_dict(), "probes": self.runner.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._sums = np.asarray(state["sums"], dtype=np.float64)
+        recon, kl, count = state["sums"]
+        self._sums = [float(recon), float(kl), int(count)]
         self._elapsed_before = float(state["elapsed"])
         self._t0 = time.monotonic()
         self._unusual.load_state_dict(state)
@@ -854,7 +858,7 @@ class Follower(Monitor):
         gathered = self.ranks.gather(recon, kl, total, self._stop_asked,
                                      self._gather_device(recon), summary)
         gathered = gathered[:, :STOP + 1]
-        norms = grad_norms(self._params)
+        norms = grad_norms(self._params, self.ranks.sharded)
         norm = (norms.double().square().sum().sqrt() if norms is not None
                 else torch.tensor(math.nan, dtype=torch.float64))
         host = torch.cat([gathered.reshape(-1), norm.reshape(1).to(gathered)]).tolist()

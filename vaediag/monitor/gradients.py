@@ -13,11 +13,13 @@ from torch import nn
 from vaediag.probes.sampling import local
 
 
-def grad_norms(params: list[tuple[str, nn.Parameter]]) -> torch.Tensor | None:
+def grad_norms(params: list[tuple[str, nn.Parameter]],
+               sharded: bool = False) -> torch.Tensor | None:
     """(P,) L2 norm of each parameter's gradient (0 where it has none), on the device, in one
-    list-wide operation; None when no parameter has a gradient. Under FSDP, of this rank's
-    shard of each gradient."""
-    grads = [p.grad if p.grad is None else local(p.grad) for _, p in params]
+    list-wide operation; None when no parameter has a gradient. ``sharded`` (FSDP): of this
+    rank's shard of each gradient."""
+    grads = [p.grad if p.grad is None else local(p.grad) for _, p in params] if sharded \
+        else [p.grad for _, p in params]
     present = [g.detach() for g in grads if g is not None]
     if not present:
         return None

@@ -134,10 +134,24 @@ class ProbeRunner:
     when one raises, so a broken probe never stops training."""
 
     def __init__(self, probes: Sequence[Probe], writer: EventWriter, speak: bool = True):
-        self.probes = list(probes)
         self.writer = writer
         self.speak = speak  # whether this rank prints (rank 0 under torch.distributed)
         self._before: list[torch.Tensor] | None = None
+        self.probes = list(probes)
+
+    @property
+    def probes(self) -> list[Probe]:
+        return self._probes
+
+    @probes.setter
+    def probes(self, probes: list[Probe]) -> None:
+        """The active probes, and once for all steps which of them run before the optimizer
+        step, which after it, and which at evaluations (so a step decides what is due without
+        asking each probe what it needs)."""
+        self._probes = probes
+        self._at_step = {after: [p for p in probes if not p.on_eval and p.after_step == after]
+                         for after in (False, True)}
+        self._on_eval = [p for p in probes if p.on_eval]
 
     def setup(self, info: ProbeSetup, resumed: bool) -> None:
         """Offer each probe the run's setting; keep those that accept. A new run records which
@@ -159,13 +173,12 @@ class ProbeRunner:
 
     @property
     def on_eval(self) -> list[Probe]:
-        return [p for p in self.probes if p.on_eval]
+        return self._on_eval
 
     def due(self, step: int, *, after_step: bool, unusual: bool) -> list[Probe]:
         """The step probes to run before (``after_step`` False) or after the optimizer step."""
-        return [p for p in self.probes
-                if not p.on_eval and p.after_step == after_step
-                and (p.schedule(step) or (p.when_unusual and unusual))]
+        return [p for p in self._at_step[after_step]
+                if p.schedule(step) or (p.when_unusual and unusual)]
 
     def before_step(self, probes: Sequence[Probe], ctx: StepContext) -> None:
         """Before the optimizer step, for the probes that run after it: the parameters as they
