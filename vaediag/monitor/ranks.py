@@ -63,12 +63,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether the model's parameters are FSDP shards (``fully_shard``: DTensor parameters).
-    The older wrapper (``FullyShardedDataParallel``, flat parameters) is refused: its
-    parameters are not the model's own."""
-    if type(model).__name__ == "FullyShardedDataParallel":
-        raise UserError("the model is wrapped in FullyShardedDataParallel (FSDP1), whose flat "
-                        "parameters are not the model's own: shard it with "
-                        "torch.distributed.fsdp.fully_shard (FSDP2), or use "
+    The older wrapper (``FullyShardedDataParallel``, flat parameters), around the model or any
+    of its modules, is refused: its parameters are not the model's own."""
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise UserError("the model is wrapped in FullyShardedDataParallel (FSDP1, also "
+                        "Lightning's FSDP strategy), whose flat parameters are not the model's "
+                        "own: shard it with torch.distributed.fsdp.fully_shard (FSDP2), or use "
                         "DistributedDataParallel")
     sharded = any(is_dtensor(p) for p in model.parameters())
     state = getattr(model, "_get_fsdp_state", None)
