@@ -371,13 +371,73 @@ def test_one_read_from_the_device_per_step(tmp_path):
     assert s["adam_rms_t"].notna().sum() >= 4 and s["dim.kl/0"].notna().all()
 
 
+def _deferred_run(tmp_path, name, read_before_step, poison=None, steps=24):
+    torch.manual_seed(0)
+    model = TinyVAE(16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    mon = _monitor(tmp_path / name, model, opt, eval_every=10, online=False,
+                   read_before_step=read_before_step)
+    _loop(mon, model, opt, steps, poison=poison)
+    return vaediag.load_run(tmp_path / name / "run")
+
+
+def test_without_reading_during_a_step_every_row_is_the_same(tmp_path, monkeypatch):
+    """``read_before_step=False``: a step's values are copied to the host without waiting and
+    read at the next step (the CPU stand-in of a GPU's pinned, non-blocking copy), and the
+    blocking read is never used in a step; the rows are those of the blocking Monitor, but
+    for the non-finite count it no longer measures (NaN) and the when_unusual probes (none
+    fire in this calm run)."""
+    from vaediag.monitor import readback
+
+    now = _deferred_run(tmp_path, "now", True)
+    blocking = []
+    original = readback.read_floats
+
+    def counted(groups):
+        blocking.append(len(groups))
+        return original(groups)
+
+    monkeypatch.setattr("vaediag.monitor.read_floats", counted)
+    later = _deferred_run(tmp_path, "later", False)
+    assert blocking == [], "a blocking read during the steps"
+    a, b = now.scalars, later.scalars
+    assert b["step"].tolist() == list(range(24)) and list(b.columns) != []
+    assert set(a.columns) == set(b.columns)
+    for column in a.columns:
+        if column in ("time", "grad_nonfinite"):
+            continue
+        assert a[column].equals(b[column]) or (a[column] - b[column]).abs().max() == 0, column
+    assert b["grad_nonfinite"].isna().all() and (a["grad_nonfinite"] == 0).all()
+    assert now.evals.drop(columns="time").equals(later.evals.drop(columns="time"))
+
+
+def test_without_reading_during_a_step_a_nonfinite_gradient_is_recorded_a_step_later(tmp_path):
+    """The step with NaN gradients is not skipped (its check is pending), and the event and
+    the finding name it when the next step reads it."""
+    run = _deferred_run(tmp_path, "nan", False, poison=7, steps=12)
+    events = run.events
+    bad = events[events["kind"] == "nonfinite"]
+    assert bad["step"].tolist()[0] == 7 and "skipped_step" not in set(events["kind"])
+    (f,) = [f for f in vaediag.analyze(tmp_path / "nan" / "run").findings
+            if f.kind == "nonfinite"]
+    assert f.first_step == 7
+
+
+def test_read_before_step_must_be_a_flag(tmp_path):
+    with pytest.raises(UserError, match="read_before_step= must be True or False"):
+        _monitor(tmp_path, TinyVAE(16), None, read_before_step="no")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_one_device_synchronisation_per_step_on_a_gpu(tmp_path):
+@pytest.mark.parametrize(("read_before_step", "per_step"), [(True, 1), (False, 0)])
+def test_device_synchronisations_per_step_on_a_gpu(tmp_path, read_before_step, per_step):
+    """One per step when the loop needs the step's check before optimizer.step(); none when
+    the values are copied without waiting and read a step later."""
     import warnings
 
     model = TinyVAE(16).cuda()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    mon = _monitor(tmp_path, model, opt, eval_every=10_000)
+    mon = _monitor(tmp_path, model, opt, eval_every=10_000, read_before_step=read_before_step)
     data = torch.rand(64, 3, 16, 16, device="cuda")
     syncs = []
     for step in range(10):
@@ -398,4 +458,4 @@ def test_one_device_synchronisation_per_step_on_a_gpu(tmp_path):
             torch.cuda.set_sync_debug_mode("default")
         syncs.append(sum("synchroniz" in str(w.message) for w in caught))
     mon.close()
-    assert all(n == 1 for n in syncs[2:]), syncs
+    assert all(n == per_step for n in syncs[2:]), syncs

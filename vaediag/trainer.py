@@ -8,6 +8,7 @@ per-step rows of an interrupted-and-resumed run equal those of an uninterrupted 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -195,6 +196,15 @@ def train(
     return result
 
 
+def _reads_before_step(config: Config, ranks: ProcessGroup) -> bool:
+    """Whether the loop needs a step's values before ``optimizer.step()``: to stop or skip a
+    non-finite step, or to clip by the gradient norm (and, for now, under torchrun). With
+    ``train.on_nonfinite = "continue"`` and no clipping it does not, and the Monitor reads
+    nothing during a step (no device synchronisation per step on a GPU)."""
+    return (config.train.on_nonfinite != "continue" or bool(config.optim.grad_clip)
+            or ranks.world > 1)
+
+
 def _train(config: Config, run_dir: str | Path, ranks: ProcessGroup, *, resume: bool,
            overwrite: bool, progress: bool | None, quiet: bool,
            on_start: Callable[[Path], None] | None) -> TrainResult:
@@ -273,7 +283,8 @@ def _train(config: Config, run_dir: str | Path, ranks: ProcessGroup, *, resume: 
                           lpips_download=pc.lpips_download,
                           recon_mode=config.eval.recon_mode, seed=tc.seed,
                           steps_per_epoch=spe, eval_factors=data.val_factors,
-                          online=tc.online, stop_on=tc.stop_on)
+                          online=tc.online, stop_on=tc.stop_on,
+                          read_before_step=_reads_before_step(config, ranks))
         monitor.stops_itself = False  # the loop below stops every rank, with a checkpoint
         step = int(checkpoint["step"]) if checkpoint is not None else 0
         if checkpoint is not None:  # the random state last: the Monitor may draw from it
@@ -458,7 +469,7 @@ class Progress:
         self.bar.__exit__(*exc)
 
     def after(self, step: int) -> None:
-        row = self.monitor.last_step_row
+        row = {"recon": math.nan, "kl": math.nan, **self.monitor.last_read_row}
         if self.use_bar:
             self.bar.set_postfix_str(f"recon {row['recon']:.4g}  KL {row['kl']:.4g}",
                                      refresh=False)

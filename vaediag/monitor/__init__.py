@@ -61,7 +61,7 @@ from vaediag.monitor.ranks import (
     nonfinite_ranks,
     unwrap,
 )
-from vaediag.monitor.readback import read_floats, to_floats
+from vaediag.monitor.readback import Pending, read_floats, to_floats
 from vaediag.probes.base import Probe, ProbeSetup
 from vaediag.probes.context import StepContext
 from vaediag.probes.latents import rank_summary as latent_summary
@@ -102,6 +102,9 @@ class StepCheck:
 
     grad_norm: float
     nonfinite: list[str] = field(default_factory=list)  # e.g. ["kl", "grad:decoder.fc.weight"]
+    #: the step's values are not known yet: the Monitor reads nothing during a step
+    #: (``read_before_step=False``); they are checked and recorded when the next step reads them
+    pending: bool = False
 
 
 class Monitor:
@@ -173,6 +176,16 @@ class Monitor:
         :meth:`after_step` saves a checkpoint (``checkpoints/step-N.pt``: the model's and the
         optimizer's state dicts), closes the run as ``stopped`` and raises
         :class:`vaediag.TrainingStopped`. ``"never"`` (the default) only reports.
+    read_before_step
+        ``True`` (the default): :meth:`after_backward` reads the step's losses and gradient
+        norm from the device, so the :class:`StepCheck` it returns says whether they are finite
+        before ``optimizer.step()``: a loop that skips or stops on a non-finite step, or clips
+        by the returned norm, needs that (one device synchronisation per step on a GPU).
+        ``False``: nothing is read during a step. Its values are copied to the host without
+        waiting and read at the next step (or evaluation, checkpoint, ``close()``), when the
+        copy has long finished; ``after_backward`` returns a StepCheck with ``pending=True``,
+        a non-finite value is recorded (event, finding) when it is read, and an unusual step
+        runs its ``when_unusual`` probes one step later. Not under torch.distributed.
 
     Under torch.distributed every rank creates its Monitor with the same arguments: rank 0
     gets this class and records; the others get a :class:`Follower` that writes nothing
@@ -213,6 +226,7 @@ class Monitor:
         overwrite: bool = False,
         online: bool = True,
         stop_on: str = "never",
+        read_before_step: bool = True,
     ):
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.ranks = Ranks()
@@ -256,7 +270,7 @@ class Monitor:
     def _init(self, run_dir, model, optimizer, *, eval_images, encode, decode, eval_loss,
               eval_every, value_range, probes, extra_probes, metric_images, train_images,
               train_factors, lpips_weights, lpips_download, recon_mode, seed, steps_per_epoch,
-              eval_factors, config, overwrite, online, stop_on) -> None:
+              eval_factors, config, overwrite, online, stop_on, read_before_step) -> None:
         self.ranks.sharded = is_sharded(model)
         #: whether this rank writes the run (rank 0); under FSDP the others run in step with it
         self.records = self.ranks.records
@@ -266,6 +280,10 @@ class Monitor:
         self.model, self.optimizer = model, optimizer
         self.eval_every, self.steps_per_epoch = options.eval_every, steps_per_epoch
         self._stop_on = options.stop_on
+        self.read_before_step = checks.flag("read_before_step", read_before_step)
+        if not self.read_before_step and self.ranks.active:
+            raise UserError("read_before_step=False is not supported under torch.distributed "
+                            "yet: every rank would still read each step")
         self._warned: set[str] = set()
         encode = encode or getattr(model, "encode", None)
         decode = decode or getattr(model, "decode", None)
@@ -377,6 +395,10 @@ class Monitor:
         self._pending: tuple[StepContext, dict[str, Any], dict[str, Any]] | None = None
         #: the last step's row and its probe values still on the device (see after_step)
         self._unread: tuple[dict[str, Any], dict[Any, Any]] | None = None
+        #: read_before_step=False: this step's values, not yet read (after_backward to
+        #: after_step), then the last step's, copied to the host without waiting
+        self._unchecked: tuple[dict[Any, Any], torch.Tensor | None] | None = None
+        self._in_flight: tuple[dict[str, Any], Pending, torch.Tensor | None] | None = None
         #: whether the current step is unusual (see probing.UnusualSteps)
         self.unusual = False
         self._unusual = UnusualSteps()
@@ -384,6 +406,9 @@ class Monitor:
         self._elapsed_before = 0.0
         self._t0 = time.monotonic()
         self.last_step_row: dict[str, Any] = {}
+        #: the newest row whose values were read: this step's, or with read_before_step=False
+        #: the step before's (what a progress line shows)
+        self.last_read_row: dict[str, Any] = {}
         self.last_eval_row: dict[str, Any] = {}
         # a resumed run has its evaluation at the checkpoint's step
         self._evaluated = self.session.resumed
@@ -476,9 +501,17 @@ class Monitor:
         if given.step == 0 and not self._evaluated:
             self.evaluate(0)
         norms = grad_norms(self._params, self.ranks.sharded)
-        row, norms, where, latent_ranks = self._losses(given, norms)
-        check = self._check(given.step, row, norms, where)
-        self._watch(given.step, row, check)
+        if self.read_before_step:
+            row, norms, where, latent_ranks = self._losses(given, norms)
+            check = self._check(given.step, row, norms, where)
+            self._watch(given.step, row, check)
+            self.last_read_row = row
+        else:  # the step before is read now (its copy has long finished); this one later
+            self._complete_in_flight()
+            core, norms, latent_ranks = self._core(given, norms)
+            row = {"step": given.step, "time": self.elapsed(), **self._host_fields(given)}
+            check = StepCheck(grad_norm=math.nan, pending=True)
+            self._unchecked = (core, norms)
         ctx = self._context(given, row, norms, check, latent_ranks)
         values: dict[Any, Any] = dict(given.extra)
         values.update(self.runner.run(self._due(given.step, after_step=False), ctx, given.step))
@@ -494,6 +527,17 @@ class Monitor:
         losses (under torch.distributed, of the global batch, with their spread over ranks),
         the gradient norm, the settings. Also the gradient norms of whole parameters, on which
         ranks a loss term went non-finite, and every rank's latent summary."""
+        core, norms, latent_ranks = self._core(given, norms)
+        row: dict[str, Any] = {"step": given.step, "time": self.elapsed(), **self._read(core)}
+        where = self._ranks_of(row) if self.ranks.active else {}
+        row.update(self._host_fields(given))
+        return row, norms, where, latent_ranks
+
+    def _core(self, given: checks.StepInputs, norms: torch.Tensor | None
+              ) -> tuple[dict[Any, Any], torch.Tensor | None, torch.Tensor | None]:
+        """The step's values on the device: the losses (under torch.distributed, of the global
+        batch, with their spread over ranks) and the gradient norm; also the gradient norms
+        of whole parameters and every rank's latent summary."""
         recon, kl, total = given.recon, given.kl, given.total
         core: dict[Any, Any] = {}
         latent_ranks = None
@@ -510,14 +554,33 @@ class Monitor:
             core["total"] = total
         if norms is not None:
             core["grad_norm"] = norms.double().square().sum().sqrt()
-        row: dict[str, Any] = {"step": given.step, "time": self.elapsed(), **self._read(core)}
-        where = self._ranks_of(row) if self.ranks.active else {}
+        return core, norms, latent_ranks
+
+    def _host_fields(self, given: checks.StepInputs) -> dict[str, Any]:
+        """What the row holds that the host knows already: epoch, KL weight, lr and eps."""
+        out: dict[str, Any] = {}
         if given.epoch is not None:
-            row["epoch"] = given.epoch
+            out["epoch"] = given.epoch
         if given.beta is not None:
-            row["beta"] = float(given.beta)
-        row.update(self._settings())
-        return row, norms, where, latent_ranks
+            out["beta"] = float(given.beta)
+        out.update(self._settings())
+        return out
+
+    def _complete_in_flight(self) -> None:
+        """``read_before_step=False``: the step whose values were copied to the host without
+        waiting: read them (the copy has finished by now), check them as ``after_backward``
+        would have, and write the row."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return
+        row, pending, norms = flight
+        now, held_values = pending.result()
+        row.update(now)
+        check = self._check(row["step"], row, norms, {})
+        self._watch(row["step"], row, check)
+        self.last_read_row = row
+        row.update(held_values)
+        self.writer.log_step(row)
 
     def _settings(self) -> dict[str, float]:
         """The optimizer's learning rate and eps (of its first group), when they are numbers."""
@@ -536,7 +599,9 @@ class Monitor:
             if term in row and not math.isfinite(row[term]):
                 check.nonfinite.append(term)
         if check.nonfinite or not self._grads_finite(norms, check):
-            check.nonfinite += nonfinite_origin(self._params, norms, self._rank) or ["grad"]
+            # read a step late, the weights are already those after the update: not scanned
+            check.nonfinite += nonfinite_origin(self._params, norms, self._rank,
+                                                weights=self.read_before_step) or ["grad"]
         for term in check.nonfinite:
             ranks = {"ranks": where[term]} if term in where else {}
             self.writer.event("nonfinite", step, term=term, recon=row["recon"], kl=row["kl"],
@@ -573,13 +638,15 @@ class Monitor:
         if norms is None:
             norms = torch.zeros(len(self._params), device=self.device)
         return StepContext(given.step, self._params, self.layers, self.optimizer,
-                           recon=row["recon"], kl=row["kl"], param_grad_norms=norms,
+                           recon=row.get("recon", math.nan), kl=row.get("kl", math.nan),
+                           param_grad_norms=norms,
                            total=row.get("total"), beta=given.beta,
                            mu=None if given.mu is None else given.mu.detach(),
                            logvar=None if given.logvar is None else given.logvar.detach(),
                            kl_term=kl_term if isinstance(kl_term, torch.Tensor) else None,
                            latent_ranks=latent_ranks, grads_finite=grads_finite,
-                           reduce=self.ranks.reduce)
+                           reduce=self.ranks.reduce,
+                           values_read=self.read_before_step)
 
     def _gather(self, recon: torch.Tensor | float, kl: torch.Tensor | float,
                 total: torch.Tensor | float | None, norms: torch.Tensor | None,
@@ -668,7 +735,12 @@ class Monitor:
         else:
             values.update(self.runner.run(self._due(step, after_step=True), ctx, step))
         self.last_step_row = row
-        self._unread = (row, held(values))
+        if self._unchecked is not None:  # read_before_step=False: copy now, read later
+            core, norms = self._unchecked
+            self._unchecked = None
+            self._in_flight = (row, Pending([core, held(values)]), norms)
+        else:
+            self._unread = (row, held(values))
         if evaluate and (step + 1) % self.eval_every == 0:
             self.evaluate(step + 1)
         if self.online is not None:
@@ -678,6 +750,7 @@ class Monitor:
     def flush(self) -> None:
         """Read the last step's held-back probe values and write its row (done by itself at
         every evaluation, checkpoint and at :meth:`close`)."""
+        self._complete_in_flight()
         self._read({})
 
     # -- findings while training --------------------------------------------------------------
@@ -837,6 +910,7 @@ class Follower(Monitor):
         self._stop_asked = self._stop_now = False
         self._t0, self._elapsed_before = time.monotonic(), 0.0
         self.last_step_row: dict[str, Any] = {}
+        self.last_read_row: dict[str, Any] = {}
         self.last_eval_row: dict[str, Any] = {}
 
     def wants_graph(self, step: int) -> bool:

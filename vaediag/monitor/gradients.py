@@ -57,7 +57,7 @@ def forward_order(model: nn.Module, run: Callable[[], Any]) -> dict[str, int]:
 
 
 def nonfinite_origin(params: list[tuple[str, nn.Parameter]], norms: torch.Tensor | None,
-                     rank: dict[str, int]) -> list[str]:
+                     rank: dict[str, int], weights: bool = True) -> list[str]:
     """Where non-finite values started: parameters that are themselves non-finite
     (``weight:NAME``, a corrupted weight), else the layer whose gradient the backward pass
     reached first among those that went non-finite (``grad:NAME``, the one latest in the
@@ -65,7 +65,8 @@ def nonfinite_origin(params: list[tuple[str, nn.Parameter]], norms: torch.Tensor
     only on steps that went wrong."""
     out = []
     with torch.no_grad():
-        bad_weights = [n for n, p in params if not bool(torch.isfinite(local(p)).all())]
+        bad_weights = [n for n, p in params
+                       if weights and not bool(torch.isfinite(local(p)).all())]
     out += [f"weight:{n}" for n in bad_weights[:3]]
     if norms is not None:
         values = norms.tolist()

@@ -39,3 +39,53 @@ def read_floats(groups: list[dict[Any, Any]]) -> list[dict[str, float]]:
             outs[g].update(zip(names, flat[at:at + len(names)], strict=True))
             at += len(names)
     return outs
+
+
+class Pending:
+    """Values copied from the device without waiting, read once the copy has completed.
+
+    The tensors of ``groups`` (as :func:`read_floats` takes them) are packed into one vector
+    per device and copied into a host buffer with ``non_blocking=True`` (pinned memory on a
+    GPU, with an event recorded after the copy): nothing here waits for the device. Reading
+    them (:meth:`result`) a step later waits only for a copy that has long finished, so the CPU
+    never stops queueing work to read a step's statistics. On a CPU the copy is immediate.
+    """
+
+    def __init__(self, groups: list[dict[Any, Any]]):
+        self._outs: list[dict[str, float]] = [{} for _ in groups]
+        pending: dict[torch.device, list[tuple[int, tuple[str, ...], torch.Tensor]]] = {}
+        for g, values in enumerate(groups):
+            for key, value in values.items():
+                names = key if isinstance(key, tuple) else (key,)
+                if isinstance(value, torch.Tensor):
+                    pending.setdefault(value.device, []).append(
+                        (g, names, value.detach().reshape(-1).float()))
+                elif isinstance(key, tuple):
+                    self._outs[g].update(zip(names, (float(v) for v in value), strict=True))
+                else:
+                    self._outs[g][key] = float(value)
+        #: per device: the host buffer, the event after its copy (a GPU's), what it holds
+        self.copies: list[tuple[torch.Tensor, Any, list[tuple[int, tuple[str, ...]]]]] = []
+        for device, items in pending.items():
+            flat = torch.cat([v for _, _, v in items])
+            gpu = device.type == "cuda"
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=gpu)
+            host.copy_(flat, non_blocking=True)
+            event = None
+            if gpu:
+                event = torch.cuda.Event()
+                event.record()
+            self.copies.append((host, event, [(g, names) for g, names, _ in items]))
+
+    def result(self) -> list[dict[str, float]]:
+        """``{column: float}`` for each group, once every copy has completed."""
+        for host, event, items in self.copies:
+            if event is not None:
+                event.synchronize()
+            flat = host.tolist()
+            at = 0
+            for g, names in items:
+                self._outs[g].update(zip(names, flat[at:at + len(names)], strict=True))
+                at += len(names)
+        self.copies = []
+        return self._outs

@@ -5,6 +5,7 @@ images)."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -63,6 +64,10 @@ class StepContext:
     #: Flat copies of the parameters taken before the optimizer step ("update" need); a probe
     #: may overwrite them (they are refreshed at every snapshot).
     before: list[torch.Tensor] | None = None
+    #: whether the Monitor read the step's values before the probes ran (False with
+    #: ``read_before_step=False``: ``recon``, ``kl`` and ``grads_finite`` are not known, and
+    #: ``nonfinite_grad_entries`` is NaN rather than a count that would scan every gradient)
+    values_read: bool = True
 
     def __post_init__(self) -> None:
         if self.grads_finite is None:
@@ -75,7 +80,10 @@ class StepContext:
                 else torch.zeros(local(p).numel(), device=p.device) for _, p in self.params]
 
     def nonfinite_grad_entries(self) -> torch.Tensor | float:
-        """Count of NaN/Inf gradient entries (0 without looking, when every norm is finite)."""
+        """Count of NaN/Inf gradient entries (0 without looking, when every norm is finite; NaN
+        when the step's values are not read yet)."""
+        if not self.values_read:
+            return math.nan
         if self.grads_finite:
             return 0.0
         count = torch.stack([(~torch.isfinite(g)).sum().double() for g in self.grads]).sum()
