@@ -20,6 +20,10 @@ per-step state). On a GPU (used when CUDA is available, or with --device), the n
 device synchronisations per step (torch.cuda.set_sync_debug_mode) is counted too.
 
     python benchmarks/overhead.py [--steps 2400] [--resolutions 32 64] [--device cpu]
+                                  [--read-after-step]
+
+``--read-after-step``: every Monitor with ``read_before_step=False`` (nothing read from the
+device during a step: what ``vaediag train`` does with ``train.on_nonfinite = "continue"``).
 
 Targets: cheap <= 1.01x, standard <= 1.03x and full <= 1.2x the mean step of off; the
 Monitor's own time per step, mean at 32 px on a CPU: off <= 0.05 ms, cheap <= 0.15 ms,
@@ -91,7 +95,8 @@ def time_probes(monitor: Monitor, spent: dict[str, float]) -> None:
             setattr(probe, method, timed)
 
 
-def measure(resolution: int, steps: int, evals: int, device: torch.device) -> None:
+def measure(resolution: int, steps: int, evals: int, device: torch.device,
+            read_before_step: bool = True) -> None:
     config = build_config(overrides=["data.toyfaces_size=2048",
                                      f"data.resolution={resolution}"])
     data = load_dataset(config.data)
@@ -109,7 +114,8 @@ def measure(resolution: int, steps: int, evals: int, device: torch.device) -> No
             p: Monitor(Path(tmp) / p, model, optimizer, eval_images=data.val[:8],
                        metric_images=data.val[:64], eval_every=10**9, probes=build(p),
                        eval_factors=data.val_factors, eval_loss=_eval_loss_fn(model, config),
-                       train_images=train_images, train_factors=train_factors)
+                       train_images=train_images, train_factors=train_factors,
+                       online=False, read_before_step=read_before_step)
             for p in PRESETS
         }
         times: dict[str, list[float]] = {p: [] for p in PRESETS}
@@ -181,7 +187,8 @@ def measure(resolution: int, steps: int, evals: int, device: torch.device) -> No
     print(f"\n{resolution}x{resolution}, batch {config.train.batch_size}, default model "
           f"({sum(p.numel() for p in model.parameters()):,} parameters), {device}, "
           f"{torch.get_num_threads()} threads, {steps} steps interleaved ({per} timed per "
-          f"preset)")
+          f"preset), the step's values read "
+          f"{'before optimizer.step()' if read_before_step else 'a step later'}")
     print(f"{'preset':<10}{'mean step (ms)':>15}{'ratio':>8}{'target':>8}"
           f"{'median step (ms)':>18}{'ratio':>8}{'Monitor/step (ms)':>19}"
           f"{'evaluation (ms)':>17}" + (f"{'syncs/step':>12}" if cuda else ""))
@@ -219,9 +226,12 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=3, help="evaluations timed per preset")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--read-after-step", action="store_true",
+                        help="Monitors that read nothing during a step (read_before_step=False)")
     args = parser.parse_args()
     for resolution in args.resolutions:
-        measure(resolution, args.steps, args.evals, torch.device(args.device))
+        measure(resolution, args.steps, args.evals, torch.device(args.device),
+                read_before_step=not args.read_after_step)
 
 
 if __name__ == "__main__":

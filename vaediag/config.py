@@ -119,7 +119,9 @@ class TrainConfig:
     device: str = opt("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     on_nonfinite: Literal["stop", "skip", "continue"] = opt(
         "stop", "when a loss term or gradient is NaN/Inf: 'stop' (checkpoint and exit), 'skip' "
-        "the update, or 'continue'; every occurrence is recorded as an event")
+        "the update, or 'continue'; every occurrence is recorded as an event. With 'continue' "
+        "and no optim.grad_clip nothing waits for a step's values (read a step later: no "
+        "device synchronisation per step on a GPU)")
     online: bool = opt(True, "run the detectors at each evaluation while training (in a child "
                        "process: training does not wait) and print each new warning or high "
                        "finding as it appears; each is recorded as a 'finding' event")
