@@ -27,7 +27,7 @@ def rank_summary(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     logvar]."""
     mu, logvar = mu.detach().double(), logvar.detach().double()
     both = torch.stack([mu, logvar]).flatten(1)
-    low, high = torch.aminmax(both, dim=1)
+    low, high = both.amin(1), both.amax(1)  # exact either way; aminmax(dim=) is 3x slower
     count = torch.tensor([float(len(mu))], dtype=torch.float64, device=mu.device)
     return torch.cat([count, kl_per_dim(mu, logvar).sum(0), low, high, both.sum(1)])
 
@@ -50,7 +50,7 @@ def latent_stats(mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, Any]:
     mu, logvar = mu.detach().float(), logvar.detach().float()
     out: dict[Any, Any] = per_index("dim", "kl", kl_per_dim(mu, logvar).mean(0))
     both = torch.stack([mu, logvar]).flatten(1)  # (2, B * D)
-    low, high = torch.aminmax(both, dim=1)
+    low, high = both.amin(1), both.amax(1)  # exact either way; aminmax(dim=) is 3x slower
     out[RANGES] = torch.cat([low, high, both.mean(1)])
     return out
 
