@@ -17,10 +17,15 @@ def to_floats(values: dict[Any, Any]) -> dict[str, float]:
     return read_floats([values])[0]
 
 
-def read_floats(groups: list[dict[Any, Any]]) -> list[dict[str, float]]:
-    """:func:`to_floats` of several dicts at once: one transfer per device for all of them."""
+#: per device, the tensors to read: (group, their column names, the values flattened)
+_Packed = dict[torch.device, list[tuple[int, tuple[str, ...], torch.Tensor]]]
+
+
+def _pack(groups: list[dict[Any, Any]]) -> tuple[list[dict[str, float]], _Packed]:
+    """Split ``groups`` into what is on the host already (read now, into the returned dicts)
+    and the tensors to read, by device."""
     outs: list[dict[str, float]] = [{} for _ in groups]
-    pending: dict[torch.device, list[tuple[int, tuple[str, ...], torch.Tensor]]] = {}
+    pending: _Packed = {}
     for g, values in enumerate(groups):
         out = outs[g]
         for key, value in values.items():
@@ -32,12 +37,23 @@ def read_floats(groups: list[dict[Any, Any]]) -> list[dict[str, float]]:
                 out.update(zip(names, (float(v) for v in value), strict=True))
             else:
                 out[key] = float(value)
+    return outs, pending
+
+
+def _unpack(outs: list[dict[str, float]], items: list[tuple[int, tuple[str, ...]]],
+            flat: list[float]) -> None:
+    at = 0
+    for g, names in items:
+        outs[g].update(zip(names, flat[at:at + len(names)], strict=True))
+        at += len(names)
+
+
+def read_floats(groups: list[dict[Any, Any]]) -> list[dict[str, float]]:
+    """:func:`to_floats` of several dicts at once: one transfer per device for all of them."""
+    outs, pending = _pack(groups)
     for items in pending.values():
-        flat = torch.cat([v for _, _, v in items]).tolist()
-        at = 0
-        for g, names, _ in items:
-            outs[g].update(zip(names, flat[at:at + len(names)], strict=True))
-            at += len(names)
+        _unpack(outs, [(g, names) for g, names, _ in items],
+                torch.cat([v for _, _, v in items]).tolist())
     return outs
 
 
@@ -52,18 +68,7 @@ class Pending:
     """
 
     def __init__(self, groups: list[dict[Any, Any]]):
-        self._outs: list[dict[str, float]] = [{} for _ in groups]
-        pending: dict[torch.device, list[tuple[int, tuple[str, ...], torch.Tensor]]] = {}
-        for g, values in enumerate(groups):
-            for key, value in values.items():
-                names = key if isinstance(key, tuple) else (key,)
-                if isinstance(value, torch.Tensor):
-                    pending.setdefault(value.device, []).append(
-                        (g, names, value.detach().reshape(-1).float()))
-                elif isinstance(key, tuple):
-                    self._outs[g].update(zip(names, (float(v) for v in value), strict=True))
-                else:
-                    self._outs[g][key] = float(value)
+        self._outs, pending = _pack(groups)
         #: per device: the host buffer, the event after its copy (a GPU's), what it holds
         self.copies: list[tuple[torch.Tensor, Any, list[tuple[int, tuple[str, ...]]]]] = []
         for device, items in pending.items():
@@ -82,10 +87,6 @@ class Pending:
         for host, event, items in self.copies:
             if event is not None:
                 event.synchronize()
-            flat = host.tolist()
-            at = 0
-            for g, names in items:
-                self._outs[g].update(zip(names, flat[at:at + len(names)], strict=True))
-                at += len(names)
+            _unpack(self._outs, items, host.tolist())
         self.copies = []
         return self._outs
