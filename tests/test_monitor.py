@@ -366,7 +366,7 @@ def test_one_read_from_the_device_per_step(tmp_path):
             mon.after_step(step)
         reads.append(counter.reads)
     mon.close()
-    assert all(r == ["tolist"] for r in reads[2:]), reads
+    assert all(r == ["numpy"] for r in reads[2:]), reads
     s = vaediag.load_run(tmp_path / "run").scalars
     assert s["adam_rms_t"].notna().sum() >= 4 and s["dim.kl/0"].notna().all()
 
@@ -391,13 +391,13 @@ def test_without_reading_during_a_step_every_row_is_the_same(tmp_path, monkeypat
 
     now = _deferred_run(tmp_path, "now", True)
     blocking = []
-    original = readback.read_floats
+    original = readback.read_arrays
 
     def counted(groups):
         blocking.append(len(groups))
         return original(groups)
 
-    monkeypatch.setattr("vaediag.monitor.read_floats", counted)
+    monkeypatch.setattr("vaediag.monitor.read_arrays", counted)
     later = _deferred_run(tmp_path, "later", False)
     assert blocking == [], "a blocking read during the steps"
     a, b = now.scalars, later.scalars

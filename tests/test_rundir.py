@@ -94,7 +94,7 @@ def test_truncate_table(tmp_path):
         if s == 4:
             t.flush()
             t.append({"step": 100, "w": 1.0})  # forces a second segment from step 5 on
-            t._rows.pop()
+            t.drop_last()
     t.close()
     dropped = truncate_table(tmp_path / "t", lambda s: s < 3)
     assert dropped == 7

@@ -51,7 +51,7 @@ from vaediag.monitor.evaluation import (
 )
 from vaediag.monitor.gradients import forward_order, grad_norms, nonfinite_origin
 from vaediag.monitor.online import STOP_ON, OnlineAnalysis
-from vaediag.monitor.probing import LPIPSLoader, ProbeRunner, UnusualSteps, held
+from vaediag.monitor.probing import LPIPSLoader, ProbeRunner, UnusualSteps
 from vaediag.monitor.ranks import (
     STOP,
     DiscardWriter,
@@ -61,7 +61,7 @@ from vaediag.monitor.ranks import (
     nonfinite_ranks,
     unwrap,
 )
-from vaediag.monitor.readback import Pending, read_floats, to_floats
+from vaediag.monitor.readback import Packed, Pending, read_arrays, to_floats
 from vaediag.probes.base import Probe, ProbeSetup
 from vaediag.probes.context import StepContext
 from vaediag.probes.latents import rank_summary as latent_summary
@@ -392,13 +392,17 @@ class Monitor:
         #: every rank learned from a gather that they stop now
         self._stop_asked = False
         self._stop_now = False
-        self._pending: tuple[StepContext, dict[str, Any], dict[str, Any]] | None = None
+        #: after_backward to after_step: the probes' context (None when none is due), the
+        #: probes due after the optimizer step, the step's row and its values so far
+        self._pending: tuple[StepContext | None, Sequence[Probe], dict[str, Any],
+                             dict[Any, Any]] | None = None
         #: the last step's row and its probe values still on the device (see after_step)
-        self._unread: tuple[dict[str, Any], dict[Any, Any]] | None = None
+        self._unread: tuple[dict[str, Any], Packed] | None = None
         #: read_before_step=False: this step's values, not yet read (after_backward to
         #: after_step), then the last step's, copied to the host without waiting
-        self._unchecked: tuple[dict[Any, Any], torch.Tensor | None] | None = None
-        self._in_flight: tuple[dict[str, Any], Pending, torch.Tensor | None] | None = None
+        self._unchecked: tuple[Packed, torch.Tensor | None] | None = None
+        self._in_flight: tuple[dict[str, Any], Packed, Packed, Pending,
+                               torch.Tensor | None] | None = None
         #: whether the current step is unusual (see probing.UnusualSteps)
         self.unusual = False
         self._unusual = UnusualSteps()
@@ -512,12 +516,18 @@ class Monitor:
             row = {"step": given.step, "time": self.elapsed(), **self._host_fields(given)}
             check = StepCheck(grad_norm=math.nan, pending=True)
             self._unchecked = (core, norms)
-        ctx = self._context(given, row, norms, check, latent_ranks)
+        before = self._due(given.step, after_step=False)
+        after = self._due(given.step, after_step=True)
         values: dict[Any, Any] = dict(given.extra)
-        values.update(self.runner.run(self._due(given.step, after_step=False), ctx, given.step))
-        ctx.kl_term = None  # release the graph
-        self.runner.before_step(self._due(given.step, after_step=True), ctx)
-        self._pending = (ctx, row, values)
+        ctx = None
+        if before or after:  # most steps of a sparse preset run none: no context to build
+            ctx = self._context(given, row, norms, check, latent_ranks)
+            if before:
+                values.update(self.runner.run(before, ctx, given.step))
+            ctx.kl_term = None  # release the graph
+            if after:
+                self.runner.before_step(after, ctx)
+        self._pending = (ctx, after, row, values)
         return check
 
     def _losses(self, given: checks.StepInputs, norms: torch.Tensor | None
@@ -534,27 +544,29 @@ class Monitor:
         return row, norms, where, latent_ranks
 
     def _core(self, given: checks.StepInputs, norms: torch.Tensor | None
-              ) -> tuple[dict[Any, Any], torch.Tensor | None, torch.Tensor | None]:
-        """The step's values on the device: the losses (under torch.distributed, of the global
-        batch, with their spread over ranks) and the gradient norm; also the gradient norms
-        of whole parameters and every rank's latent summary."""
+              ) -> tuple[Packed, torch.Tensor | None, torch.Tensor | None]:
+        """The step's values on the device, packed: the losses (under torch.distributed, of
+        the global batch, with their spread over ranks) and the gradient norm; also the
+        gradient norms of whole parameters and every rank's latent summary."""
         recon, kl, total = given.recon, given.kl, given.total
         core: dict[Any, Any] = {}
         latent_ranks = None
-        if self.ranks.active:  # the global batch: the mean over ranks (ranks.py)
-            gathered, norms, latent_ranks = self._gather(recon, kl, total, norms, given.mu,
-                                                         given.logvar)
-            recon, kl = gathered[:, 0].mean(), gathered[:, 1].mean()
-            total = gathered[:, 2].mean() if total is not None else None
-            core["recon_rank_spread"] = gathered[:, 0].max() - gathered[:, 0].min()
-            core["kl_rank_spread"] = gathered[:, 1].max() - gathered[:, 1].min()
-            core[self._rank_names] = gathered.reshape(-1)
-        core.update({"recon": recon, "kl": kl})
-        if total is not None:
-            core["total"] = total
-        if norms is not None:
-            core["grad_norm"] = norms.double().square().sum().sqrt()
-        return core, norms, latent_ranks
+        with torch.no_grad():  # the losses are attached to the graph: read, not differentiated
+            if self.ranks.active:  # the global batch: the mean over ranks (ranks.py)
+                gathered, norms, latent_ranks = self._gather(recon, kl, total, norms,
+                                                             given.mu, given.logvar)
+                recon, kl = gathered[:, 0].mean(), gathered[:, 1].mean()
+                total = gathered[:, 2].mean() if total is not None else None
+                core["recon_rank_spread"] = gathered[:, 0].max() - gathered[:, 0].min()
+                core["kl_rank_spread"] = gathered[:, 1].max() - gathered[:, 1].min()
+                core[self._rank_names] = gathered.reshape(-1)
+            core["recon"] = recon
+            core["kl"] = kl
+            if total is not None:
+                core["total"] = total
+            if norms is not None:  # in float64: a sum of squares that overflows float32
+                core["grad_norm"] = torch.linalg.vector_norm(norms, dtype=torch.float64)
+            return Packed(core), norms, latent_ranks
 
     def _host_fields(self, given: checks.StepInputs) -> dict[str, Any]:
         """What the row holds that the host knows already: epoch, KL weight, lr and eps."""
@@ -573,14 +585,19 @@ class Monitor:
         flight, self._in_flight = self._in_flight, None
         if flight is None:
             return
-        row, pending, norms = flight
-        now, held_values = pending.result()
-        row.update(now)
+        row, core, probe_values, pending, norms = flight
+        arrays = pending.result()
+        row.update(_floats(core, arrays[:len(core.flats)]))
         check = self._check(row["step"], row, norms, {})
         self._watch(row["step"], row, check)
         self.last_read_row = row
-        row.update(held_values)
-        self.writer.log_step(row)
+        self._write_row(row, probe_values, arrays[len(core.flats):])
+
+    def _write_row(self, row: dict[str, Any], probe_values: Packed,
+                   arrays: list[np.ndarray]) -> None:
+        """Write a step's row: its host values and losses, and its probe values read."""
+        self.writer.log_step_parts(row["step"], [(tuple(row), list(row.values())),
+                                                 *probe_values.parts(arrays)])
 
     def _settings(self) -> dict[str, float]:
         """The optimizer's learning rate and eps (of its first group), when they are numbers."""
@@ -704,18 +721,18 @@ class Monitor:
         """Where the step's collective runs: the loss's device (NCCL needs the GPU)."""
         return value.device if isinstance(value, torch.Tensor) else self.device
 
-    def _read(self, values: dict[str, Any]) -> dict[str, float]:
-        """Read ``values`` from the device together with the probe values of the step before
-        (held back by :meth:`after_step`), in one transfer per device: one synchronisation
-        per step on a GPU. Completes and writes that previous row."""
+    def _read(self, core: Packed | None) -> dict[str, float]:
+        """Read the step's ``core`` values from the device together with the probe values of
+        the step before (held back by :meth:`after_step`), in one transfer per device: one
+        synchronisation per step on a GPU. Completes and writes that previous row."""
         unread, self._unread = self._unread, None
+        tensors = core.flats if core is not None else []
         if unread is None:
-            return to_floats(values)
-        row, held = unread
-        now, before = read_floats([values, held])
-        row.update(before)
-        self.writer.log_step(row)
-        return now
+            return _floats(core, read_arrays(tensors)) if core is not None else {}
+        row, probe_values = unread
+        arrays = read_arrays([*tensors, *probe_values.flats])
+        self._write_row(row, probe_values, arrays[len(tensors):])
+        return _floats(core, arrays[:len(tensors)]) if core is not None else {}
 
     def after_step(self, step: int, *, skipped: bool = False, evaluate: bool = True) -> None:
         """Call after ``optimizer.step()`` (or instead of it, with ``skipped=True``).
@@ -725,33 +742,39 @@ class Monitor:
         evaluation, checkpoint or :meth:`close`), so they cost no synchronisation of their own.
         """
         step = checks.step(step)
-        skipped, evaluate = checks.flag("skipped", skipped), checks.flag("evaluate", evaluate)
-        if self._pending is None or self._pending[1]["step"] != step:
+        if skipped is not False or evaluate is not True:
+            skipped = checks.flag("skipped", skipped)
+            evaluate = checks.flag("evaluate", evaluate)
+        pending, self._pending = self._pending, None
+        if pending is None or pending[2]["step"] != step:
+            self._pending = pending
             raise UserError(f"after_step({step}) without after_backward({step}) before it")
-        ctx, row, values = self._pending
-        self._pending = None
+        ctx, after, row, values = pending
         if skipped:
             self.writer.event("skipped_step", step)
-        else:
-            values.update(self.runner.run(self._due(step, after_step=True), ctx, step))
+        elif after:
+            values.update(self.runner.run(after, ctx, step))
         self.last_step_row = row
         if self._unchecked is not None:  # read_before_step=False: copy now, read later
             core, norms = self._unchecked
             self._unchecked = None
-            self._in_flight = (row, Pending([core, held(values)]), norms)
+            probe_values = Packed(values)
+            self._in_flight = (row, core, probe_values,
+                               Pending([*core.flats, *probe_values.flats]), norms)
         else:
-            self._unread = (row, held(values))
+            self._unread = (row, Packed(values))
         if evaluate and (step + 1) % self.eval_every == 0:
             self.evaluate(step + 1)
         if self.online is not None:
             self.online.poll()
-        self._stop_if_asked(step + 1)
+        if self.ranks.active or self._stop_on != "never":
+            self._stop_if_asked(step + 1)
 
     def flush(self) -> None:
         """Read the last step's held-back probe values and write its row (done by itself at
         every evaluation, checkpoint and at :meth:`close`)."""
         self._complete_in_flight()
-        self._read({})
+        self._read(None)
 
     # -- findings while training --------------------------------------------------------------
 
@@ -874,6 +897,14 @@ class Monitor:
         if self.online is not None:  # a finished run: its last evaluation analysed first
             self.online.close(wait=status == "finished")
         self.session.close(status, last, message)
+
+
+def _floats(packed: Packed, arrays: list[np.ndarray]) -> dict[str, float]:
+    """``{column: float}`` of a packed set of values, given its vectors read."""
+    out = {names[0]: float(values[0]) for names, values in packed.host}
+    for names, values in zip(packed.names, arrays, strict=True):
+        out.update(zip(names, values.tolist(), strict=True))
+    return out
 
 
 def _sharded_quietly(model: nn.Module) -> bool:

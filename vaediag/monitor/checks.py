@@ -17,6 +17,9 @@ import torch
 from vaediag.errors import UserError, first_line
 
 
+_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
 def _kind(value: Any) -> str:
     """'a tensor of shape (16,)', 'a str', ... for messages."""
     if isinstance(value, torch.Tensor):
@@ -28,6 +31,8 @@ def _kind(value: Any) -> str:
 
 def step(value: Any, name: str = "step") -> int:
     """A step number: a non-negative int (numpy's too, not a bool or a float)."""
+    if type(value) is int and value >= 0:  # the usual case, without the slower checks
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise UserError(f"{name} must be a non-negative int (optimizer updates made before this "
                         f"batch), got {_kind(value)}")
@@ -37,6 +42,8 @@ def step(value: Any, name: str = "step") -> int:
 def scalar(name: str, value: Any) -> torch.Tensor | float:
     """One number: a float, an int, a numpy scalar, or a tensor holding one value (it stays a
     tensor, so it is read from the device together with the step's other values)."""
+    if type(value) is torch.Tensor and value.dtype in _FLOATS and value.dim() == 0:
+        return value  # the usual case, a 0-d float tensor, without the slower checks
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise UserError(f"{name}= must be one number, the batch's loss, got {_kind(value)}: "
@@ -60,8 +67,8 @@ def optional_scalar(name: str, value: Any) -> torch.Tensor | float | None:
 
 def number(name: str, value: Any) -> float | int | None:
     """An optional plain number (``beta``, ``epoch``), read now; an int stays an int."""
-    if value is None:
-        return None
+    if value is None or type(value) is float:
+        return value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     out = scalar(name, value)

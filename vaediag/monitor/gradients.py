@@ -20,10 +20,11 @@ def grad_norms(params: list[tuple[str, nn.Parameter]],
     rank's shard of each gradient."""
     grads = [p.grad if p.grad is None else local(p.grad) for _, p in params] if sharded \
         else [p.grad for _, p in params]
-    present = [g.detach() for g in grads if g is not None]
+    present = [g for g in grads if g is not None]
     if not present:
         return None
-    norms = torch.stack(torch._foreach_norm(present))
+    with torch.no_grad():  # gradients that carry a graph (create_graph=True): not recorded
+        norms = torch.stack(torch._foreach_norm(present))
     if len(present) == len(grads):
         return norms
     full = torch.zeros(len(grads), device=norms.device, dtype=norms.dtype)

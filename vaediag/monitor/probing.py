@@ -66,31 +66,21 @@ class UnusualSteps:
         self._settings = tuple(state["settings"]) if state.get("settings") else None
 
 
-def held(values: dict[Any, Any]) -> dict[Any, Any]:
-    """Probe values to read later, copied into one vector per device (so buffers a probe
-    reuses may change in the meantime): the 0-d tensors stacked, then every vector appended,
-    in as few operations as there are kinds of value, not values."""
-    out: dict[Any, Any] = {}
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[str], list[torch.Tensor],
-                                                         list[tuple[str, ...]],
-                                                         list[torch.Tensor]]] = {}
-    for key, value in values.items():
-        if not isinstance(value, torch.Tensor):
-            out[key] = value
-            continue
-        scalars, scalar_values, vector_names, vectors = groups.setdefault(
-            (value.device, value.dtype), ([], [], [], []))
-        if value.dim() == 0:
-            scalars.append(key)
-            scalar_values.append(value.detach())
-        else:
-            vector_names.append(key if isinstance(key, tuple) else (key,))
-            vectors.append(value.detach().reshape(-1))
-    for scalars, scalar_values, vector_names, vectors in groups.values():
-        parts = ([torch.stack(scalar_values)] if scalar_values else []) + vectors
-        flat = (torch.cat(parts) if len(parts) > 1 else parts[0].clone()).float()
-        out[(*scalars, *(n for names in vector_names for n in names))] = flat
-    return out
+#: The longest cycle of probe periods (their least common multiple) looked up rather than
+#: asked step by step.
+MAX_CYCLE = 10_000
+
+
+def _cycle(probes: list[Probe]) -> list[tuple[Probe, ...]] | None:
+    """For each step of the cycle of the probes' periods (a schedule with a ``period`` repeats
+    after it), the probes due, their order kept; None when a schedule has no ``period`` or the cycle is longer than ``MAX_CYCLE``."""
+    periods = [getattr(p.schedule, "period", None) for p in probes]
+    if not all(isinstance(n, int) and n >= 1 for n in periods):
+        return None
+    length = math.lcm(*periods) if periods else 1
+    if length > MAX_CYCLE:
+        return None
+    return [tuple(p for p in probes if p.schedule(step)) for step in range(length)]
 
 
 class EventWriter(Protocol):
@@ -152,6 +142,7 @@ class ProbeRunner:
         self._at_step = {after: [p for p in probes if not p.on_eval and p.after_step == after]
                          for after in (False, True)}
         self._on_eval = [p for p in probes if p.on_eval]
+        self._cycle = {after: _cycle(self._at_step[after]) for after in (False, True)}
 
     def setup(self, info: ProbeSetup, resumed: bool) -> None:
         """Offer each probe the run's setting; keep those that accept. A new run records which
@@ -175,10 +166,18 @@ class ProbeRunner:
     def on_eval(self) -> list[Probe]:
         return self._on_eval
 
-    def due(self, step: int, *, after_step: bool, unusual: bool) -> list[Probe]:
-        """The step probes to run before (``after_step`` False) or after the optimizer step."""
-        return [p for p in self._at_step[after_step]
-                if p.schedule(step) or (p.when_unusual and unusual)]
+    def due(self, step: int, *, after_step: bool, unusual: bool) -> Sequence[Probe]:
+        """The step probes to run before (``after_step`` False) or after the optimizer step:
+        looked up in the cycle of the probes' periods when every schedule has one, else asked
+        of each schedule."""
+        cycle = self._cycle[after_step]
+        if cycle is not None:
+            due = cycle[step % len(cycle)]
+        else:
+            due = tuple(p for p in self._at_step[after_step] if p.schedule(step))
+        if unusual:
+            due = tuple(p for p in self._at_step[after_step] if p in due or p.when_unusual)
+        return due
 
     def before_step(self, probes: Sequence[Probe], ctx: StepContext) -> None:
         """Before the optimizer step, for the probes that run after it: the parameters as they

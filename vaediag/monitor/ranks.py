@@ -144,8 +144,8 @@ class DiscardWriter:
     def _discard(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    log_step = log_columns = log_eval = event = save_fixed = save_config = save_grid = \
-        save_checkpoint = flush = set_status = close = _discard
+    log_step = log_step_parts = log_columns = log_eval = event = save_fixed = save_config = \
+        save_grid = save_checkpoint = flush = set_status = close = _discard
 
 
 @dataclass

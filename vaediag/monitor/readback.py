@@ -1,10 +1,12 @@
-"""Reading a step's values from the device: every tensor of a step (and the step before's held
-probe values) in one transfer per device."""
+"""Reading a step's values from the device: every tensor of a step (and the step before's
+probe values, :class:`Packed`) in one transfer per device, or copied without waiting
+(:class:`Pending`) and read a step later."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -57,22 +59,96 @@ def read_floats(groups: list[dict[Any, Any]]) -> list[dict[str, float]]:
     return outs
 
 
-class Pending:
-    """Values copied from the device without waiting, read once the copy has completed.
+#: a row's values in part: a tuple of column names and as many numbers
+Part = tuple[tuple[str, ...], Any]
 
-    The tensors of ``groups`` (as :func:`read_floats` takes them) are packed into one vector
-    per device and copied into a host buffer with ``non_blocking=True`` (pinned memory on a
-    GPU, with an event recorded after the copy): nothing here waits for the device. Reading
-    them (:meth:`result`) a step later waits only for a copy that has long finished, so the CPU
-    never stops queueing work to read a step's statistics. On a CPU the copy is immediate.
+
+class Packed:
+    """A step's probe values, copied into one flat vector per device (so a buffer a probe
+    reuses may change before it is read), with their column names; and the values the host
+    has already, as :data:`Part` s. ``flats[i]`` holds the columns ``names[i]``.
+
+    Built from a probe-result dict (a column name -> a number or 0-d tensor, or a tuple of
+    names -> a vector): one ``torch.cat`` per device, whatever the number of values.
     """
 
-    def __init__(self, groups: list[dict[Any, Any]]):
-        self._outs, pending = _pack(groups)
-        #: per device: the host buffer, the event after its copy (a GPU's), what it holds
-        self.copies: list[tuple[torch.Tensor, Any, list[tuple[int, tuple[str, ...]]]]] = []
-        for device, items in pending.items():
-            flat = torch.cat([v for _, _, v in items])
+    __slots__ = ("host", "names", "flats")
+
+    def __init__(self, values: dict[Any, Any]):
+        self.host: list[Part] = []
+        by_device: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+        for key, value in values.items():
+            names = key if type(key) is tuple else (key,)
+            if isinstance(value, torch.Tensor):
+                group = by_device.get(value.device)
+                if group is None:
+                    group = by_device[value.device] = ([], [])
+                group[0].extend(names)
+                group[1].append(value.detach().reshape(-1))
+            else:
+                self.host.append((names, [float(v) for v in value] if type(key) is tuple
+                                  else (float(value),)))
+        self.names = [tuple(names) for names, _ in by_device.values()]
+        self.flats = [torch.cat(pieces) for _, pieces in by_device.values()]
+
+    def parts(self, arrays: list[np.ndarray]) -> list[Part]:
+        """The columns, given ``flats`` read (:func:`read_arrays`)."""
+        return [*self.host, *zip(self.names, arrays, strict=True)]
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64)
+
+
+def read_arrays(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Each tensor's values on the host (a flat numpy array), read with one transfer per
+    device: the tensors of a device concatenated and copied at once (one synchronisation on
+    an accelerator; on a CPU the copy is the concatenation)."""
+    out: list[np.ndarray | None] = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        host = _host(torch.cat([tensors[i].detach().reshape(-1).double() for i in indices])
+                     if len(indices) > 1 else tensors[indices[0]].detach().reshape(-1))
+        at = 0
+        for i in indices:
+            n = tensors[i].numel()
+            out[i] = host[at:at + n]
+            at += n
+    return out  # type: ignore[return-value]
+
+
+def _host(flat: torch.Tensor) -> np.ndarray:
+    """A flat tensor's values as a numpy array: the step's one read from its device."""
+    if flat.dtype not in _NUMPY_FLOATS:
+        flat = flat.double()
+    return (flat if flat.device.type == "cpu" else flat.cpu()).numpy()
+
+
+class Pending:
+    """Tensors copied from the device without waiting, read once the copy has completed.
+
+    The tensors are packed into one float64 vector per device and copied into a host buffer
+    with ``non_blocking=True`` (pinned memory on a GPU, with an event recorded after the copy):
+    nothing here waits for the device. Reading them (:meth:`result`) a step later waits only
+    for a copy that has long finished, so the CPU never stops queueing work to read a step's
+    statistics. On a CPU they are read as they are (the copy would be immediate).
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self._tensors: list[torch.Tensor] | None = None
+        #: per device: the host buffer, the event after its copy (a GPU's), the tensors'
+        #: positions and sizes
+        self.copies: list[tuple[torch.Tensor, Any, list[tuple[int, int]]]] = []
+        self._count = len(tensors)
+        if all(t.device.type == "cpu" for t in tensors):
+            self._tensors = tensors
+            return
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_device.setdefault(t.device, []).append(i)
+        for device, indices in by_device.items():
+            flat = torch.cat([tensors[i].detach().reshape(-1).double() for i in indices])
             gpu = device.type == "cuda"
             host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=gpu)
             host.copy_(flat, non_blocking=True)
@@ -80,13 +156,19 @@ class Pending:
             if gpu:
                 event = torch.cuda.Event()
                 event.record()
-            self.copies.append((host, event, [(g, names) for g, names, _ in items]))
+            self.copies.append((host, event, [(i, tensors[i].numel()) for i in indices]))
 
-    def result(self) -> list[dict[str, float]]:
-        """``{column: float}`` for each group, once every copy has completed."""
+    def result(self) -> list[np.ndarray]:
+        """Each tensor's values (a flat numpy array), once every copy has completed."""
+        if self._tensors is not None:
+            return read_arrays(self._tensors)
+        out: list[np.ndarray | None] = [None] * self._count
         for host, event, items in self.copies:
             if event is not None:
                 event.synchronize()
-            _unpack(self._outs, items, host.tolist())
-        self.copies = []
-        return self._outs
+            values = host.numpy()
+            at = 0
+            for i, n in items:
+                out[i] = values[at:at + n]
+                at += n
+        return out  # type: ignore[return-value]

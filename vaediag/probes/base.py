@@ -54,7 +54,7 @@ from vaediag.probes.sampling import EntrySample, local
 if TYPE_CHECKING:
     from vaediag.metrics.lpips import LPIPSMetric
 
-__all__ = ["NEEDS", "EntrySample", "EvalContext", "ImageSet", "LayerIndex", "Probe",
+__all__ = ["NEEDS", "EntrySample", "EvalContext", "Every", "ImageSet", "LayerIndex", "Probe",
            "ProbeSetup", "Schedule", "StepContext", "every", "local", "log_spaced", "per_index",
            "safe_div"]
 
@@ -64,11 +64,28 @@ AFTER_STEP_NEEDS = frozenset({"optimizer", "update"})
 Schedule = Callable[[int], bool]
 
 
+class Every:
+    """The schedule of :func:`every`: a step is due when ``step % period == 0``. A schedule
+    with a ``period`` lets the Monitor decide once, for a whole cycle of steps, which probes
+    are due (no per-probe work on the steps where none runs)."""
+
+    __slots__ = ("period",)
+
+    def __init__(self, period: int):
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ValueError(f"every(n) needs an int n >= 1, got {period!r}")
+        self.period = period
+
+    def __call__(self, step: int) -> bool:
+        return step % self.period == 0
+
+    def __repr__(self) -> str:
+        return f"every({self.period})"
+
+
 def every(n: int) -> Schedule:
     """Run at steps 0, n, 2n, ..."""
-    if n < 1:
-        raise ValueError(f"every(n) needs n >= 1, got {n}")
-    return lambda step: step % n == 0
+    return Every(n)
 
 
 def log_spaced(start: int = 1, per_decade: int = 10) -> Schedule:

@@ -3,7 +3,9 @@ writer, compaction, the two-pass reader and the truncation a resume needs."""
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,13 +99,79 @@ class _OpenSegment:
     rows: int = 0
 
 
+class _RowBlock:
+    """Rows not yet written, held as one float64 block (rows x columns) and filled a part at
+    a time: a part is a tuple of column names and as many values, whose positions in the
+    block are looked up once per tuple. A row is then a few numpy assignments, whatever its
+    width, and writing the block is one transpose, not a Python loop over rows and columns.
+    A column a row lacks holds NaN (read back as missing)."""
+
+    def __init__(self, rows: int = 64, width: int = 32):
+        self.columns: dict[str, int] = {}  # name -> position, in order of appearance
+        self.values = np.full((rows, width), np.nan)
+        self.count = 0
+        self._positions: dict[tuple[str, ...], np.ndarray] = {}
+
+    def positions(self, names: tuple[str, ...]) -> np.ndarray:
+        found = self._positions.get(names)
+        if found is None:
+            for name in names:
+                if name not in self.columns:
+                    self.columns[name] = len(self.columns)
+            if len(self.columns) > self.values.shape[1]:  # wider: copy once, rarely
+                wider = np.full((len(self.values), 2 * len(self.columns)), np.nan)
+                wider[:, :self.values.shape[1]] = self.values
+                self.values = wider
+            found = self._positions[names] = np.fromiter(
+                (self.columns[n] for n in names), dtype=np.intp, count=len(names))
+        return found
+
+    def add(self, parts: Sequence[tuple[tuple[str, ...], Any]]) -> None:
+        for names, _ in parts:  # every column placed before the row is taken
+            self.positions(names)
+        if self.count == len(self.values):
+            self.values = np.concatenate([self.values, np.full_like(self.values, np.nan)])
+        row = self.values[self.count]
+        for names, values in parts:
+            row[self.positions(names)] = values
+        self.count += 1
+
+    def take(self) -> tuple[list[str], np.ndarray]:
+        """The column names and the rows so far ((columns, rows), each column contiguous);
+        the block is emptied."""
+        columns = self.values[:self.count, :len(self.columns)].T.copy()  # C order: by column
+        self.values[:self.count] = np.nan
+        self.count = 0
+        return list(self.columns), columns
+
+    def drop_last(self) -> None:
+        if self.count:
+            self.count -= 1
+            self.values[self.count] = np.nan
+
+
+def _column_array(values: np.ndarray, kind: pa.DataType) -> pa.Array:
+    """One column of a :class:`_RowBlock` (float64, NaN where missing) as ``kind``: an
+    integer column stores a null where a row lacks it; a float column stores NaN."""
+    if pa.types.is_integer(kind):
+        missing = np.isnan(values)
+        return pa.array(np.where(missing, 0, values).astype(np.int64), type=kind,
+                        mask=missing if missing.any() else None)
+    return pa.array(values.astype(kind.to_pandas_dtype(), copy=False), type=kind)
+
+
 class TableWriter:
     """Append-only writer of one table (per-step or per-eval rows) as Arrow IPC segments.
 
     A segment's columns are all the columns seen so far in this session; a row that lacks one
-    stores a null. When a row brings a new column, the writer starts a new segment, so wide or
-    late-appearing statistics never force a rewrite of what is on disk. A segment is compacted
-    into batches of ``BATCH_ROWS`` when it is closed, and closed every ``COMPACT_ROWS`` rows.
+    stores NaN there (a null in an integer column). When a row brings a new column, the
+    writer starts a new segment, so wide or late-appearing statistics never force a rewrite of
+    what is on disk. A segment is compacted into batches of ``BATCH_ROWS`` when it is closed,
+    and closed every ``COMPACT_ROWS`` rows.
+
+    Rows are buffered in a :class:`_RowBlock`: :meth:`append` takes a dict, and
+    :meth:`append_parts` the values of a row in parts (a tuple of column names and as many
+    numbers each), which costs a few numpy assignments per row (the Monitor's per-step rows).
     """
 
     def __init__(self, directory: Path):
@@ -111,33 +179,39 @@ class TableWriter:
         directory.mkdir(parents=True, exist_ok=True)
         existing = _segments(directory)
         self._next_index = int(existing[-1].name[:6]) + 1 if existing else 0
-        self._rows: list[dict[str, Any]] = []
-        self._columns: dict[str, None] = {}  # ordered set
+        self._block = _RowBlock()
         self._segment: _OpenSegment | None = None
 
     def append(self, row: dict[str, Any]) -> None:
-        self._rows.append(row)
+        self._block.add([(tuple(row), [math.nan if v is None else v for v in row.values()])])
+
+    def append_parts(self, parts: Sequence[tuple[tuple[str, ...], Any]]) -> None:
+        """One row, given in parts: ``(column names, values)`` pairs (a sequence or an array
+        of as many numbers as names)."""
+        self._block.add(parts)
+
+    def drop_last(self) -> None:
+        """Forget the last row appended and not yet written."""
+        self._block.drop_last()
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return self._block.count
 
     def flush(self) -> None:
-        if not self._rows:
+        if not self._block.count:
             return
-        rows, self._rows = self._rows, []
-        for row in rows:
-            for key in row:
-                if key not in self._columns:
-                    self._columns[key] = None
-        segment = self._current()
-        arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in segment.schema]
+        names, columns = self._block.take()
+        segment = self._current(names)
+        by_name = dict(zip(names, columns, strict=True))
+        arrays = [_column_array(by_name[f.name], f.type) for f in segment.schema]
         self._write(segment, pa.RecordBatch.from_arrays(arrays, schema=segment.schema))
 
-    def _current(self) -> _OpenSegment:
-        """The open segment, or a new one when there is none or a row brought a column."""
-        if self._segment is None or len(self._columns) != len(self._segment.schema):
+    def _current(self, names: list[str]) -> _OpenSegment:
+        """The open segment, or a new one when there is none or a row brought a column
+        (``names``: every column seen so far, in order)."""
+        if self._segment is None or len(names) != len(self._segment.schema):
             self._close_segment()
-            schema = pa.schema([(name, _column_type(name)) for name in self._columns])
+            schema = pa.schema([(name, _column_type(name)) for name in names])
             path = self.directory / f"{self._next_index:06d}.arrows"
             self._next_index += 1
             sink = pa.OSFile(str(path), "wb")
@@ -156,9 +230,8 @@ class TableWriter:
         """Write many rows at once, given column by column (for tools that convert or
         synthesise runs; the trainer writes row by row). Buffered rows are written first."""
         self.flush()
-        for key in columns:
-            self._columns.setdefault(key, None)
-        segment = self._current()
+        self._block.positions(tuple(columns))
+        segment = self._current(list(self._block.columns))
         n = len(next(iter(columns.values())))
         arrays = [pa.array(np.asarray(columns[f.name], dtype=f.type.to_pandas_dtype()),
                            type=f.type) if f.name in columns else pa.nulls(n, f.type)

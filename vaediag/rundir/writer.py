@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +173,17 @@ class RunWriter:
     def log_step(self, row: dict[str, Any]) -> None:
         """Buffer one per-step row; flushes when the step or time budget is reached."""
         self._scalars.append(row)
-        self.last_step = row["step"]
+        self._logged(row["step"])
+
+    def log_step_parts(self, step: int, parts: Sequence[tuple[tuple[str, ...], Any]]) -> None:
+        """:meth:`log_step` of a row given in parts: ``(column names, values)`` pairs, each a
+        sequence or array of as many numbers as names (``step`` among them); a few numpy
+        assignments per row (see :meth:`TableWriter.append_parts`)."""
+        self._scalars.append_parts(parts)
+        self._logged(step)
+
+    def _logged(self, step: int) -> None:
+        self.last_step = step
         if (len(self._scalars) >= self.flush_steps
                 or time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()
