@@ -213,17 +213,17 @@ def measure(resolution: int, steps: int, evals: int, device: torch.device,
           f"{torch.get_num_threads()} threads, {steps} steps interleaved ({per} timed per "
           f"entry), the step's values read "
           f"{'before optimizer.step()' if read_before_step else 'a step later'}")
-    print(f"{'':<10}{'mean step (ms)':>15}{'/plain':>8}{'/off':>7}{'target':>8}"
+    print(f"{'':<10}{'mean step (ms)':>15}{'/plain':>8}{'/off':>7}{'target':>22}"
           f"{'median step (ms)':>18}{'/plain':>8}{'Monitor/step (ms)':>19}"
           f"{'evaluation (ms)':>17}" + (f"{'syncs/step':>12}" if cuda else ""))
     for p in ROTATION:
         own = statistics.fmean(monitor_times[p][warm:])
-        target = " ".join([f"{TARGETS[p]:.2f}/off"] if p in TARGETS else []) + \
-            (f" {PLAIN_TARGETS[p]:.2f}/plain" if p in PLAIN_TARGETS else "")
+        target = " ".join(([f"{TARGETS[p]:.2f} /off"] if p in TARGETS else [])
+                          + ([f"{PLAIN_TARGETS[p]:.2f} /plain"] if p in PLAIN_TARGETS else []))
         evaluation = f"{statistics.median(eval_times[p]) * 1e3:>17.0f}" if p in eval_times \
             else f"{'':>17}"
         print(f"{p:<10}{mean[p] * 1e3:>15.2f}{mean[p] / mean['plain']:>8.3f}"
-              f"{mean[p] / mean['off']:>7.3f}{target:>8}"
+              f"{mean[p] / mean['off']:>7.3f}{target:>22}"
               f"{median[p] * 1e3:>18.2f}{median[p] / median['plain']:>8.3f}{own * 1e3:>19.3f}"
               + evaluation + (f"{syncs[p] / len(times[p]):>12.2f}" if cuda else ""))
     print("\nthe Monitor's own CPU time per step (ms): median / mean / 99th percentile "

@@ -403,6 +403,8 @@ class Monitor:
         self._unchecked: tuple[Packed, torch.Tensor | None] | None = None
         self._in_flight: tuple[dict[str, Any], Packed, Packed, Pending,
                                torch.Tensor | None] | None = None
+        #: the step's per-parameter gradient norms on the host, when read with its losses
+        self._host_norms: np.ndarray | None = None
         #: whether the current step is unusual (see probing.UnusualSteps)
         self.unusual = False
         self._unusual = UnusualSteps()
@@ -504,18 +506,18 @@ class Monitor:
                                           columns=extra, latent_dim=self.latent_dim)
         if given.step == 0 and not self._evaluated:
             self.evaluate(0)
-        norms = grad_norms(self._params, self.ranks.sharded)
         if self.read_before_step:
-            row, norms, where, latent_ranks = self._losses(given, norms)
+            row, norms, where, latent_ranks = self._losses(given)
             check = self._check(given.step, row, norms, where)
             self._watch(given.step, row, check)
             self.last_read_row = row
         else:  # the step before is read now (its copy has long finished); this one later
             self._complete_in_flight()
-            core, norms, latent_ranks = self._core(given, norms)
+            core, norms, latent_ranks = self._core(given)
             row = {"step": given.step, "time": self.elapsed(), **self._host_fields(given)}
             check = StepCheck(grad_norm=math.nan, pending=True)
             self._unchecked = (core, norms)
+            self._host_norms = None
         before = self._due(given.step, after_step=False)
         after = self._due(given.step, after_step=True)
         values: dict[Any, Any] = dict(given.extra)
@@ -530,25 +532,56 @@ class Monitor:
         self._pending = (ctx, after, row, values)
         return check
 
-    def _losses(self, given: checks.StepInputs, norms: torch.Tensor | None
+    def _losses(self, given: checks.StepInputs
                 ) -> tuple[dict[str, Any], torch.Tensor | None, dict[str, list[int]],
                            torch.Tensor | None]:
         """The step's row, read from the device with the step before's probe values: the
         losses (under torch.distributed, of the global batch, with their spread over ranks),
         the gradient norm, the settings. Also the gradient norms of whole parameters, on which
         ranks a loss term went non-finite, and every rank's latent summary."""
-        core, norms, latent_ranks = self._core(given, norms)
-        row: dict[str, Any] = {"step": given.step, "time": self.elapsed(), **self._read(core)}
+        core, norms, latent_ranks = self._core(given)
+        row: dict[str, Any] = {"step": given.step, "time": self.elapsed(),
+                               **self._values(core, self._read(core))}
         where = self._ranks_of(row) if self.ranks.active else {}
         row.update(self._host_fields(given))
         return row, norms, where, latent_ranks
 
-    def _core(self, given: checks.StepInputs, norms: torch.Tensor | None
+    def _values(self, core: Packed, arrays: list[np.ndarray]) -> dict[str, float]:
+        """The core values read (:meth:`_core`): ``{column: float}``, with the global gradient
+        norm made on the host from the per-parameter norms when they were read
+        (``self._host_norms``)."""
+        if core.names and core.names[0] is _NORMS:  # one stack: the norms, then the losses
+            values = arrays[0]
+            norms = values[:len(self._params)].astype(np.float64)
+            self._host_norms = norms
+            out = dict(zip(core.names[1], values[len(norms):].tolist(), strict=True))
+            out["grad_norm"] = math.sqrt(norms @ norms)
+            return out
+        self._host_norms = None
+        return _floats(core, arrays)
+
+    def _core(self, given: checks.StepInputs
               ) -> tuple[Packed, torch.Tensor | None, torch.Tensor | None]:
         """The step's values on the device, packed: the losses (under torch.distributed, of
-        the global batch, with their spread over ranks) and the gradient norm; also the
-        gradient norms of whole parameters and every rank's latent summary."""
+        the global batch, with their spread over ranks) and the gradient norms (of each
+        parameter and of all); also the gradient norms of whole parameters and every rank's
+        latent summary.
+
+        In one process, with every parameter's gradient there and the losses on its device
+        (the usual case), this is two operations: one fused norm over the gradients and one
+        stack of those norms with the losses; the global norm is then made on the host."""
         recon, kl, total = given.recon, given.kl, given.total
+        if not self.ranks.active:
+            grads = [p.grad for _, p in self._params]
+            if grads and all(g is not None for g in grads):  # ("None in" compares tensors)
+                device = grads[0].device
+                if _on(device, recon, kl, total):
+                    with torch.no_grad():  # losses attached to the graph are read, no more
+                        losses = [recon, kl] if total is None else [recon, kl, total]
+                        stacked = torch.stack([*torch._foreach_norm(grads), *losses])
+                    names = _LOSS_NAMES if total is None else _TOTAL_NAMES
+                    return Packed.vectors([_NORMS, names], [stacked]), stacked[:len(grads)], None
+        norms = grad_norms(self._params, self.ranks.sharded)
         core: dict[Any, Any] = {}
         latent_ranks = None
         with torch.no_grad():  # the losses are attached to the graph: read, not differentiated
@@ -587,7 +620,7 @@ class Monitor:
             return
         row, core, probe_values, pending, norms = flight
         arrays = pending.result()
-        row.update(_floats(core, arrays[:len(core.flats)]))
+        row.update(self._values(core, arrays[:len(core.flats)]))
         check = self._check(row["step"], row, norms, {})
         self._watch(row["step"], row, check)
         self.last_read_row = row
@@ -662,6 +695,7 @@ class Monitor:
                            logvar=None if given.logvar is None else given.logvar.detach(),
                            kl_term=kl_term if isinstance(kl_term, torch.Tensor) else None,
                            latent_ranks=latent_ranks, grads_finite=grads_finite,
+                           host_grad_norms=self._host_norms,
                            reduce=self.ranks.reduce,
                            values_read=self.read_before_step)
 
@@ -721,18 +755,19 @@ class Monitor:
         """Where the step's collective runs: the loss's device (NCCL needs the GPU)."""
         return value.device if isinstance(value, torch.Tensor) else self.device
 
-    def _read(self, core: Packed | None) -> dict[str, float]:
+    def _read(self, core: Packed | None) -> list[np.ndarray]:
         """Read the step's ``core`` values from the device together with the probe values of
         the step before (held back by :meth:`after_step`), in one transfer per device: one
-        synchronisation per step on a GPU. Completes and writes that previous row."""
+        synchronisation per step on a GPU. Completes and writes that previous row; returns
+        the vectors of ``core``."""
         unread, self._unread = self._unread, None
         tensors = core.flats if core is not None else []
         if unread is None:
-            return _floats(core, read_arrays(tensors)) if core is not None else {}
+            return read_arrays(tensors) if tensors else []
         row, probe_values = unread
         arrays = read_arrays([*tensors, *probe_values.flats])
         self._write_row(row, probe_values, arrays[len(tensors):])
-        return _floats(core, arrays[:len(tensors)]) if core is not None else {}
+        return arrays[:len(tensors)]
 
     def after_step(self, step: int, *, skipped: bool = False, evaluate: bool = True) -> None:
         """Call after ``optimizer.step()`` (or instead of it, with ``skipped=True``).
@@ -897,6 +932,18 @@ class Monitor:
         if self.online is not None:  # a finished run: its last evaluation analysed first
             self.online.close(wait=status == "finished")
         self.session.close(status, last, message)
+
+
+_LOSS_NAMES = ("recon", "kl")
+_TOTAL_NAMES = ("recon", "kl", "total")
+#: the names of a packed core whose vector starts with every parameter's gradient norm
+_NORMS = ("(gradient norms)",)
+
+
+def _on(device: torch.device, *values: Any) -> bool:
+    """Whether every value is a tensor on ``device`` (or None)."""
+    return all(v is None or (isinstance(v, torch.Tensor) and v.device == device)
+               for v in values)
 
 
 def _floats(packed: Packed, arrays: list[np.ndarray]) -> dict[str, float]:

@@ -76,24 +76,49 @@ class Packed:
 
     def __init__(self, values: dict[Any, Any]):
         self.host: list[Part] = []
-        by_device: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+        #: per device: the names and 0-d tensors (stacked at once), the names and vectors
+        by_device: dict[torch.device, tuple[list[str], list[torch.Tensor], list[str],
+                                            list[torch.Tensor]]] = {}
         for key, value in values.items():
-            names = key if type(key) is tuple else (key,)
             if isinstance(value, torch.Tensor):
                 group = by_device.get(value.device)
                 if group is None:
-                    group = by_device[value.device] = ([], [])
-                group[0].extend(names)
-                group[1].append(value.detach().reshape(-1))
+                    group = by_device[value.device] = ([], [], [], [])
+                if type(key) is tuple:
+                    group[2].extend(key)
+                    group[3].append(value if value.dim() == 1 else value.reshape(-1))
+                else:
+                    group[0].append(key)
+                    group[1].append(value)
+            elif type(key) is tuple:  # a vector on the host: a numpy array or a sequence
+                self.host.append((key, value if isinstance(value, np.ndarray)
+                                  else [float(v) for v in value]))
             else:
-                self.host.append((names, [float(v) for v in value] if type(key) is tuple
-                                  else (float(value),)))
-        self.names = [tuple(names) for names, _ in by_device.values()]
-        self.flats = [torch.cat(pieces) for _, pieces in by_device.values()]
+                self.host.append(((key,), (float(value),)))
+        self.names = [(*scalar_names, *vector_names)
+                      for scalar_names, _, vector_names, _ in by_device.values()]
+        with torch.no_grad():
+            self.flats = [_flat(scalars, vectors) for _, scalars, _, vectors
+                          in by_device.values()]
+
+    @classmethod
+    def vectors(cls, names: list[tuple[str, ...]], flats: list[torch.Tensor]) -> Packed:
+        """Vectors packed already: ``flats[i]`` holds the columns ``names[i]``."""
+        packed = cls.__new__(cls)
+        packed.host, packed.names, packed.flats = [], names, flats
+        return packed
 
     def parts(self, arrays: list[np.ndarray]) -> list[Part]:
         """The columns, given ``flats`` read (:func:`read_arrays`)."""
         return [*self.host, *zip(self.names, arrays, strict=True)]
+
+
+def _flat(scalars: list[torch.Tensor], vectors: list[torch.Tensor]) -> torch.Tensor:
+    """0-d tensors and vectors as one new vector (a copy, whatever a probe does later with
+    its buffers), in as few operations as there are vectors."""
+    if not vectors:
+        return torch.stack(scalars)
+    return torch.cat([torch.stack(scalars), *vectors] if scalars else vectors)
 
 
 _NUMPY_FLOATS = (torch.float32, torch.float64)
@@ -108,7 +133,7 @@ def read_arrays(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
     for indices in by_device.values():
-        host = _host(torch.cat([tensors[i].detach().reshape(-1).double() for i in indices])
+        host = _host(torch.cat([tensors[i].detach().reshape(-1) for i in indices])
                      if len(indices) > 1 else tensors[indices[0]].detach().reshape(-1))
         at = 0
         for i in indices:

@@ -187,7 +187,7 @@ def per_index(kind: str, stat: str, values: torch.Tensor | np.ndarray,
     names = _column_names(kind, stat, tuple(labels))
     if len(names) != len(values):
         raise ValueError(f"{len(names)} labels for {len(values)} values of {kind}.{stat}")
-    vector = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    vector = values if isinstance(values, (torch.Tensor, np.ndarray)) else np.asarray(values)
     return {names: vector}
 
 

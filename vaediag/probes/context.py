@@ -61,6 +61,9 @@ class StepContext:
     #: all-reduce that every rank joins, so call it on every rank, on every step the probe
     #: runs, with a tensor of the same shape.
     reduce: Callable[[torch.Tensor], torch.Tensor] = no_reduce
+    #: ``param_grad_norms`` already read to the host (float64), when the Monitor read them
+    #: with the losses before the probes ran (None: use the tensor)
+    host_grad_norms: np.ndarray | None = None
     #: Flat copies of the parameters taken before the optimizer step ("update" need); a probe
     #: may overwrite them (they are refreshed at every snapshot).
     before: list[torch.Tensor] | None = None

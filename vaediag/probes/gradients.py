@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from vaediag.probes.base import Probe, per_index
 from vaediag.probes.context import StepContext
 
@@ -16,9 +18,16 @@ class GradientNorms(Probe[StepContext]):
     needs = frozenset({"grads"})
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
-        layer_sq = ctx.layers.per_layer_sum(ctx.param_grad_norms.double().pow(2))
-        out = per_index("layer", "grad_norm", layer_sq.sqrt().float(), ctx.layers.layers)
-        out.update(per_index("part", "grad_norm", ctx.layers.per_part_sum(layer_sq).sqrt().float(),
-                             ctx.layers.parts))
+        if ctx.host_grad_norms is not None:  # read already: a few numpy sums on the host
+            layer_sq = ctx.layers.per_layer_sum_host(np.square(ctx.host_grad_norms))
+            part_sq = ctx.layers.per_part_sum_host(layer_sq)
+            out = per_index("layer", "grad_norm", np.sqrt(layer_sq), ctx.layers.layers)
+            out.update(per_index("part", "grad_norm", np.sqrt(part_sq), ctx.layers.parts))
+        else:
+            layer_sq = ctx.layers.per_layer_sum(ctx.param_grad_norms.double().pow(2))
+            out = per_index("layer", "grad_norm", layer_sq.sqrt().float(), ctx.layers.layers)
+            out.update(per_index("part", "grad_norm",
+                                 ctx.layers.per_part_sum(layer_sq).sqrt().float(),
+                                 ctx.layers.parts))
         out["grad_nonfinite"] = ctx.nonfinite_grad_entries()
         return out

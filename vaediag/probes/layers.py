@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,6 +61,20 @@ class LayerIndex:
     def per_layer_sum(self, per_param: torch.Tensor) -> torch.Tensor:
         """Sum a (P, ...) per-parameter quantity into (L, ...) per-layer totals."""
         return self._group_sum(per_param, self.param_layer, len(self.layers))
+
+    def per_layer_sum_host(self, per_param: np.ndarray) -> np.ndarray:
+        """:meth:`per_layer_sum` of a (P,) vector on the host."""
+        return np.bincount(self._host("param_layer"), per_param, len(self.layers))
+
+    def per_part_sum_host(self, per_layer: np.ndarray) -> np.ndarray:
+        """:meth:`per_part_sum` of a (L,) vector on the host."""
+        return np.bincount(self._host("layer_part"), per_layer, len(self.parts))
+
+    def _host(self, name: str) -> np.ndarray:
+        cache = self.__dict__.setdefault("_numpy", {})
+        if name not in cache:
+            cache[name] = getattr(self, name).numpy()
+        return cache[name]
 
     def per_part_sum(self, per_layer: torch.Tensor) -> torch.Tensor:
         """Sum a (L, ...) per-layer quantity into (parts, ...) per-part totals."""
