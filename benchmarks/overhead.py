@@ -9,18 +9,19 @@ stack, one read; the floor under ``off``), then a step recorded by the Monitor o
 (off, cheap, standard, full). Each Monitor sees steps 0, 1, 2, ... of its own, so its probes
 run on their own cadence. Every entry thus sees the same training work under the same machine
 conditions, one step apart; on a shared machine whose speed drifts by tens of percent over
-seconds, that is the only way to measure a percent. Each step releases its own tensors (and any retained graph)
-before its time is taken, so no preset pays for the previous one's cleanup.
+seconds, that is the only way to measure a percent. Each step releases its own tensors (and
+any retained graph) before its time is taken, so no preset pays for the previous one's
+cleanup.
 
 Reported per entry: the mean wall time of a whole step (what a run's length is made of) and
-its ratio to the plain step and to probes off, the same for the median step, the Monitor's own CPU time per step
-(inside ``after_backward`` and ``after_step``: median, mean and 99th percentile; and each
-probe's share, its ``compute`` and ``before_step`` summed over the steps and divided by them), the
-cost of one evaluation (the grid's 8 held-out images and 8 fixed training images, as the
-trainer evaluates them), the amortisation-gap probe's share of it, and the process's resident
-memory over the run (probes must hold no
-per-step state). On a GPU (used when CUDA is available, or with --device), the number of
-device synchronisations per step (torch.cuda.set_sync_debug_mode) is counted too.
+its ratio to the plain step and to probes off, the same for the median step, the Monitor's
+own CPU time per step (inside ``after_backward`` and ``after_step``: median, mean and 99th
+percentile; and each probe's share, its ``compute`` and ``before_step`` summed over the steps
+and divided by them), the cost of one evaluation (the grid's 8 held-out images and 8 fixed
+training images, as the trainer evaluates them), the amortisation-gap probe's share of it, and
+the process's resident memory over the run (probes must hold no per-step state). On a GPU
+(used when CUDA is available, or with --device), the number of device synchronisations per
+step (torch.cuda.set_sync_debug_mode) is counted too.
 
     python benchmarks/overhead.py [--steps 2400] [--resolutions 32 64] [--device cpu]
                                   [--read-after-step]

@@ -95,6 +95,56 @@ def test_schedules():
         every(0)
 
 
+def test_probes_due_are_looked_up_in_the_cycle_of_their_periods():
+    """The runner's lookup table gives, at every step, unusual or not, the probes that asking
+    each schedule gives; a schedule without a period (log_spaced) is asked step by step."""
+    from vaediag.monitor.probing import ProbeRunner
+
+    class Writer:
+        def event(self, *args, **kwargs):
+            pass
+
+    def asked(probes, step, after, unusual):
+        return [p for p in probes if not p.on_eval and p.after_step == after
+                and (p.schedule(step) or (p.when_unusual and unusual))]
+
+    for probes in ([GradientNorms(every(3)), AdamState(every(4), when_unusual=True),
+                    UpdateRatio(every(6)), GradSplit(every(10))],
+                   [GradientNorms(log_spaced(1, 4)), AdamState(every(4), when_unusual=True)]):
+        runner = ProbeRunner(probes, Writer(), speak=False)
+        periodic = all(hasattr(p.schedule, "period") for p in probes)
+        assert (runner._cycle[False] is not None) == periodic
+        for step in range(130):
+            for after in (False, True):
+                for unusual in (False, True):
+                    due = runner.due(step, after_step=after, unusual=unusual)
+                    assert list(due) == asked(probes, step, after, unusual), (step, after)
+
+
+def test_rows_given_in_parts_read_back_as_rows(tmp_path):
+    """TableWriter.append_parts: a row's values in parts (names and numbers, arrays or lists);
+    a column a row lacks reads as missing (NaN; null in an integer column); a new column
+    starts a new segment."""
+    from vaediag.rundir import TableWriter, read_table
+
+    t = TableWriter(tmp_path / "t")
+    for s in range(3):
+        t.append_parts([(("step", "time"), [s, 0.5 * s]),
+                        (("a", "b"), np.array([s, 10.0 * s], dtype=np.float32))])
+    t.append_parts([(("step",), [3]), (("b",), [7.0]), (("epoch",), [2])])
+    t.append({"step": 4, "epoch": 1, "a": math.nan, "late": 1.25})
+    t.close()
+    frame, problems = read_table(tmp_path / "t")
+    assert problems == [] and list(frame["step"]) == [0, 1, 2, 3, 4]
+    assert frame["a"].tolist()[:3] == [0.0, 1.0, 2.0] and frame["a"].isna().tolist()[3:] == [
+        True, True]
+    assert frame["b"].tolist()[:4] == [0.0, 10.0, 20.0, 7.0]
+    assert frame["time"].tolist()[:3] == [0.0, 0.5, 1.0] and frame["time"].dtype == np.float64
+    assert frame["epoch"].isna().tolist() == [True, True, True, False, False]
+    assert frame["epoch"].tolist()[3:] == [2.0, 1.0]
+    assert frame["late"].isna().sum() == 4 and frame["late"].iloc[-1] == 1.25
+
+
 def test_column_names_round_trip():
     name = columns.name("layer", "grad_norm", "decoder.fc")
     assert name == "layer.grad_norm/decoder.fc"

@@ -463,7 +463,7 @@ class Monitor:
                             + (" or a preset name" if name == "probes" else ""))
         return list(probes)
 
-    def _due(self, step: int, *, after_step: bool) -> list[Probe]:
+    def _due(self, step: int, *, after_step: bool) -> Sequence[Probe]:
         return self.runner.due(step, after_step=after_step, unusual=self.unusual)
 
     def wants_graph(self, step: int) -> bool:
@@ -577,7 +577,8 @@ class Monitor:
                 device = grads[0].device
                 if _on(device, recon, kl, total):
                     with torch.no_grad():  # losses attached to the graph are read, no more
-                        losses = [recon, kl] if total is None else [recon, kl, total]
+                        losses = [v for v in (recon, kl, total)  # tensors, by _on
+                                  if isinstance(v, torch.Tensor)]
                         stacked = torch.stack([*torch._foreach_norm(grads), *losses])
                     names = _LOSS_NAMES if total is None else _TOTAL_NAMES
                     return Packed.vectors([_NORMS, names], [stacked]), stacked[:len(grads)], None

@@ -16,7 +16,6 @@ import torch
 
 from vaediag.errors import UserError, first_line
 
-
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 

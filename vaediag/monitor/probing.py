@@ -73,11 +73,12 @@ MAX_CYCLE = 10_000
 
 def _cycle(probes: list[Probe]) -> list[tuple[Probe, ...]] | None:
     """For each step of the cycle of the probes' periods (a schedule with a ``period`` repeats
-    after it), the probes due, their order kept; None when a schedule has no ``period`` or the cycle is longer than ``MAX_CYCLE``."""
+    after it), the probes due, their order kept; None when a schedule has no ``period`` or the
+    cycle is longer than ``MAX_CYCLE``."""
     periods = [getattr(p.schedule, "period", None) for p in probes]
     if not all(isinstance(n, int) and n >= 1 for n in periods):
         return None
-    length = math.lcm(*periods) if periods else 1
+    length = math.lcm(*(int(n) for n in periods if n is not None))
     if length > MAX_CYCLE:
         return None
     return [tuple(p for p in probes if p.schedule(step)) for step in range(length)]

@@ -72,7 +72,7 @@ class Packed:
     names -> a vector): one ``torch.cat`` per device, whatever the number of values.
     """
 
-    __slots__ = ("host", "names", "flats")
+    __slots__ = ("flats", "host", "names")
 
     def __init__(self, values: dict[Any, Any]):
         self.host: list[Part] = []

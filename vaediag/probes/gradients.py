@@ -19,10 +19,11 @@ class GradientNorms(Probe[StepContext]):
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
         if ctx.host_grad_norms is not None:  # read already: a few numpy sums on the host
-            layer_sq = ctx.layers.per_layer_sum_host(np.square(ctx.host_grad_norms))
-            part_sq = ctx.layers.per_part_sum_host(layer_sq)
-            out = per_index("layer", "grad_norm", np.sqrt(layer_sq), ctx.layers.layers)
-            out.update(per_index("part", "grad_norm", np.sqrt(part_sq), ctx.layers.parts))
+            host_sq = ctx.layers.per_layer_sum_host(np.square(ctx.host_grad_norms))
+            out = per_index("layer", "grad_norm", np.sqrt(host_sq), ctx.layers.layers)
+            out.update(per_index("part", "grad_norm",
+                                 np.sqrt(ctx.layers.per_part_sum_host(host_sq)),
+                                 ctx.layers.parts))
         else:
             layer_sq = ctx.layers.per_layer_sum(ctx.param_grad_norms.double().pow(2))
             out = per_index("layer", "grad_norm", layer_sq.sqrt().float(), ctx.layers.layers)

@@ -328,6 +328,8 @@ def _fill(columns: dict[str, np.ndarray], path: Path, at: int, size: int) -> Non
         values = table.column(name).slice(0, rows)
         if values.null_count:
             values = values.cast(pa.float64())
+            if columns[name].dtype == np.int64:  # an integer column with missing values
+                columns[name] = columns[name].astype(np.float64)
         columns[name][at:at + rows] = values.to_numpy()
 
 
