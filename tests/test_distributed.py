@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,8 @@ def _worker(rank: int, out: str, port: int, options: dict) -> None:
     finally:
         dist.barrier()  # both ranks alive until both are done: a clean teardown
         dist.destroy_process_group()
+        if sys.exc_info()[0] is None:  # finished (or refused, as asked): no exception
+            _exit_now()
 
 
 def _unready_fsdp_worker(rank: int, out: str, port: int, _: dict) -> None:
@@ -154,6 +157,19 @@ def _unready_fsdp_worker(rank: int, out: str, port: int, _: dict) -> None:
     finally:
         dist.barrier()
         dist.destroy_process_group()
+        if sys.exc_info()[0] is None:
+            _exit_now()
+
+
+def _exit_now() -> None:
+    """End a rank that finished (its results written, its process group destroyed) without the
+    interpreter's own teardown: after FSDP2 on gloo that teardown has now and then (twice in
+    some twenty runs of this file) aborted the process with "terminate called without an
+    active exception" from one of torch's C++ threads, after every assertion's input was
+    written. A rank that raised never calls it, so its error still fails the test."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(out: Path, worker=_worker, **options) -> None:
