@@ -558,7 +558,7 @@ class Monitor:
             out["grad_norm"] = math.sqrt(norms @ norms)
             return out
         self._host_norms = None
-        return _floats(core, arrays)
+        return core.floats(arrays)
 
     def _core(self, given: checks.StepInputs
               ) -> tuple[Packed, torch.Tensor | None, torch.Tensor | None]:
@@ -945,14 +945,6 @@ def _on(device: torch.device, *values: Any) -> bool:
     """Whether every value is a tensor on ``device`` (or None)."""
     return all(v is None or (isinstance(v, torch.Tensor) and v.device == device)
                for v in values)
-
-
-def _floats(packed: Packed, arrays: list[np.ndarray]) -> dict[str, float]:
-    """``{column: float}`` of a packed set of values, given its vectors read."""
-    out = {names[0]: float(values[0]) for names, values in packed.host}
-    for names, values in zip(packed.names, arrays, strict=True):
-        out.update(zip(names, values.tolist(), strict=True))
-    return out
 
 
 def _sharded_quietly(model: nn.Module) -> bool:

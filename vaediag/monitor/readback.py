@@ -16,47 +16,10 @@ def to_floats(values: dict[Any, Any]) -> dict[str, float]:
     A key is a column name (value: a float or a 0-d tensor) or a tuple of column names (value:
     a 1-D tensor or array of as many values).
     """
-    return read_floats([values])[0]
-
-
-#: per device, the tensors to read: (group, their column names, the values flattened)
-_Packed = dict[torch.device, list[tuple[int, tuple[str, ...], torch.Tensor]]]
-
-
-def _pack(groups: list[dict[Any, Any]]) -> tuple[list[dict[str, float]], _Packed]:
-    """Split ``groups`` into what is on the host already (read now, into the returned dicts)
-    and the tensors to read, by device."""
-    outs: list[dict[str, float]] = [{} for _ in groups]
-    pending: _Packed = {}
-    for g, values in enumerate(groups):
-        out = outs[g]
-        for key, value in values.items():
-            names = key if isinstance(key, tuple) else (key,)
-            if isinstance(value, torch.Tensor):
-                pending.setdefault(value.device, []).append(
-                    (g, names, value.detach().reshape(-1).float()))
-            elif isinstance(key, tuple):
-                out.update(zip(names, (float(v) for v in value), strict=True))
-            else:
-                out[key] = float(value)
-    return outs, pending
-
-
-def _unpack(outs: list[dict[str, float]], items: list[tuple[int, tuple[str, ...]]],
-            flat: list[float]) -> None:
-    at = 0
-    for g, names in items:
-        outs[g].update(zip(names, flat[at:at + len(names)], strict=True))
-        at += len(names)
-
-
-def read_floats(groups: list[dict[Any, Any]]) -> list[dict[str, float]]:
-    """:func:`to_floats` of several dicts at once: one transfer per device for all of them."""
-    outs, pending = _pack(groups)
-    for items in pending.values():
-        _unpack(outs, [(g, names) for g, names, _ in items],
-                torch.cat([v for _, _, v in items]).tolist())
-    return outs
+    packed = Packed(values)
+    read = packed.floats(read_arrays(packed.flats))
+    return {name: read[name] for key in values  # in the order of ``values``
+            for name in (key if type(key) is tuple else (key,))}
 
 
 #: a row's values in part: a tuple of column names and as many numbers
@@ -107,6 +70,13 @@ class Packed:
         packed = cls.__new__(cls)
         packed.host, packed.names, packed.flats = [], names, flats
         return packed
+
+    def floats(self, arrays: list[np.ndarray]) -> dict[str, float]:
+        """``{column: float}``, given ``flats`` read (:func:`read_arrays`)."""
+        out: dict[str, float] = {}
+        for names, values in self.parts(arrays):
+            out.update(zip(names, np.asarray(values, dtype=np.float64).tolist(), strict=True))
+        return out
 
     def parts(self, arrays: list[np.ndarray]) -> list[Part]:
         """The columns, given ``flats`` read (:func:`read_arrays`)."""
