@@ -450,6 +450,17 @@ def test_update_ratio_is_the_measured_change():
         weight = torch.cat([before[n].flatten() for n in before if n.startswith(layer)])
         expected = (delta.norm() / weight.norm()).item()
         assert out[f"layer.update_ratio/{layer}"] == pytest.approx(expected, rel=1e-5)
+    # a parameter given new storage (``p.data = ...``) is measured there, not at the old one
+    # the probe's kept views of the parameters point at
+    weight, bias = model.decoder.out.weight, model.decoder.out.bias
+    weight.data = weight.data.clone() + 1.0
+    before = torch.cat([weight.detach().flatten(), bias.detach().flatten()])
+    probe.before_step(ctx)
+    opt.step()
+    out = _floats(probe.compute(ctx))
+    after = torch.cat([weight.detach().flatten(), bias.detach().flatten()])
+    expected = ((after - before).norm() / before.norm()).item()
+    assert out["layer.update_ratio/decoder.out"] == pytest.approx(expected, rel=1e-5)
 
 
 # -- evaluation probes --------------------------------------------------------------------------

@@ -25,12 +25,23 @@ from vaediag.probes.sampling import EntrySample, local
 @dataclass
 class _Plan:
     """The entries measured, made once: the sample, the order that puts its layers back in
-    the model's order, their names, and the (2, N) buffer of before and after the step."""
+    the model's order, their names, and the (2, N) buffer of before and after the step; and
+    the sampled views of the parameters, kept while the parameters keep their storage (the
+    optimizer updates them in place), so a step gathers them without slicing each again."""
 
     sample: EntrySample
     order: torch.Tensor
     names: list[str]
     flat: torch.Tensor
+    views: list[torch.Tensor] | None = None
+    storage: tuple[int, ...] = ()
+
+    def gather(self, params: list[torch.Tensor], out: torch.Tensor) -> None:
+        """The sampled entries of ``params`` into ``out``."""
+        storage = tuple(p.data_ptr() for p in params)
+        if self.views is None or storage != self.storage:  # first, or a parameter replaced
+            self.views, self.storage = self.sample.views(list(params)), storage
+        torch.cat(self.views, out=out)
 
     @classmethod
     def of(cls, ctx: StepContext, max_entries: int | None) -> _Plan:
@@ -64,7 +75,7 @@ class UpdateRatio(Probe[StepContext]):
 
     def before_step(self, ctx: StepContext) -> None:
         plan = self._prepare(ctx)
-        plan.sample.gather([p for _, p in ctx.params], plan.flat[0])
+        plan.gather([local(p) for _, p in ctx.params], plan.flat[0])
         self._taken = True
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
@@ -73,7 +84,7 @@ class UpdateRatio(Probe[StepContext]):
         self._taken = False
         plan = self._prepare(ctx)
         before, after = plan.flat[0], plan.flat[1]
-        plan.sample.gather([p for _, p in ctx.params], after)
+        plan.gather([local(p) for _, p in ctx.params], after)
         after.sub_(before).square_()  # the update, squared
         before.square_()
         sums = ctx.reduce(plan.sample.layer_sums(plan.flat))  # (2, L): |W|^2, |dW|^2
