@@ -75,7 +75,7 @@ def _eval_loss(model):
 def _worker(rank: int, out: str, port: int, options: dict) -> None:
     """A DDP or FSDP training loop on 2 ranks, identical data and seeds in either mode; rank 1's
     loss is NaN at step ``NAN_AT``. ``options``: mode, probes, fail_rank0 (rank 0 is refused),
-    stop_at (rank 0 asks every rank to stop at that step)."""
+    stop_at (rank 0 asks every rank to stop at that step), read_before_step."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -92,7 +92,8 @@ def _worker(rank: int, out: str, port: int, options: dict) -> None:
                                   encode=model.encode, decode=model.decode,
                                   eval_loss=_eval_loss(model), online=False,
                                   probes=options.get("probes", "standard"),
-                                  overwrite=not fail_rank0)
+                                  overwrite=not fail_rank0,
+                                  read_before_step=options.get("read_before_step", True))
         except vaediag.UserError as exc:
             (Path(out) / f"rank{rank}.error").write_text(str(exc))
             return
@@ -126,7 +127,12 @@ def _worker(rank: int, out: str, port: int, options: dict) -> None:
                 mon.after_step(step)
             except vaediag.TrainingStopped as stopped:
                 seen["stopped"] = stopped.step
-                seen["params"] = {n: p.full_tensor().tolist() for n, p in ddp.named_parameters()}
+                if options.get("mode") == "fsdp":
+                    seen["params"] = {n: p.full_tensor().tolist()
+                                      for n, p in ddp.named_parameters()}
+                break
+            if mon.stop_agreed:  # rank 0 of a DDP loop stops itself on what the ranks agreed
+                seen["stopped"] = step + 1
                 break
         mon.close()
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(seen))
@@ -234,6 +240,35 @@ def test_a_nonfinite_loss_on_one_rank_is_seen_by_every_rank_and_named(ddp_run):
     assert bad["step"] == NAN_AT and list(bad["ranks"]) == [1]
     (f,) = [f for f in vaediag.analyze(ddp_run / "run").findings if f.kind == "nonfinite"]
     assert f.first_step == NAN_AT and "rank 1" in f.summary
+
+
+def test_without_reading_during_a_step_ddp_records_the_same_and_the_ranks_stop_together(
+        ddp_run, tmp_path):
+    """``read_before_step=False`` on 2 ranks (what ``vaediag train`` does under torchrun with
+    ``on_nonfinite = "continue"``): every step's values are read a step later, on every rank
+    at the same step. Before the NaN the rows and evaluations are those of the blocking run;
+    the NaN on rank 1 is recorded at its own step and named; nothing was skipped (no check
+    was known in time); a stop asked for at step 40 reaches both ranks after the same step,
+    one step later than a blocking Monitor's."""
+    _spawn(tmp_path, probes="full", read_before_step=False, stop_at=40)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0]["stopped"] == ranks[1]["stopped"] == 43  # blocking: 42
+    assert not any(ranks[0]["skipped"]) and not any(ranks[1]["skipped"])
+    now, later = load_run(ddp_run / "run"), load_run(tmp_path / "run")
+    a = now.scalars[now.scalars["step"] < NAN_AT]
+    b = later.scalars[later.scalars["step"] < NAN_AT]
+    assert b["step"].tolist() == list(range(NAN_AT))
+    assert set(a.columns) == set(later.scalars.columns)
+    for column in a.columns:
+        if column not in ("time", "grad_nonfinite"):
+            np.testing.assert_array_equal(a[column].to_numpy(), b[column].to_numpy(), column)
+    assert b["grad_nonfinite"].isna().all()
+    evals = [run.evals[run.evals["step"] < NAN_AT].drop(columns="time") for run in (now, later)]
+    assert evals[0].equals(evals[1]) and len(evals[0]) == 2
+    events = later.events
+    bad = events[(events["kind"] == "nonfinite") & (events["term"] == "recon")]
+    assert bad["step"].iloc[0] == NAN_AT and list(bad["ranks"].iloc[0]) == [1]
+    assert later.scalars["step"].max() == 42
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

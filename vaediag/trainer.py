@@ -196,13 +196,12 @@ def train(
     return result
 
 
-def _reads_before_step(config: Config, ranks: ProcessGroup) -> bool:
+def _reads_before_step(config: Config) -> bool:
     """Whether the loop needs a step's values before ``optimizer.step()``: to stop or skip a
-    non-finite step, or to clip by the gradient norm (and, for now, under torchrun). With
-    ``train.on_nonfinite = "continue"`` and no clipping it does not, and the Monitor reads
-    nothing during a step (no device synchronisation per step on a GPU)."""
-    return (config.train.on_nonfinite != "continue" or bool(config.optim.grad_clip)
-            or ranks.world > 1)
+    non-finite step, or to clip by the gradient norm. With ``train.on_nonfinite =
+    "continue"`` and no clipping it does not, and the Monitor reads nothing during a step (no
+    device synchronisation per step on a GPU), under torchrun too."""
+    return config.train.on_nonfinite != "continue" or bool(config.optim.grad_clip)
 
 
 def _train(config: Config, run_dir: str | Path, ranks: ProcessGroup, *, resume: bool,
@@ -284,7 +283,7 @@ def _train(config: Config, run_dir: str | Path, ranks: ProcessGroup, *, resume: 
                           recon_mode=config.eval.recon_mode, seed=tc.seed,
                           steps_per_epoch=spe, eval_factors=data.val_factors,
                           online=tc.online, stop_on=tc.stop_on,
-                          read_before_step=_reads_before_step(config, ranks))
+                          read_before_step=_reads_before_step(config))
         monitor.stops_itself = False  # the loop below stops every rank, with a checkpoint
         step = int(checkpoint["step"]) if checkpoint is not None else 0
         if checkpoint is not None:  # the random state last: the Monitor may draw from it

@@ -185,7 +185,9 @@ class Monitor:
         waiting and read at the next step (or evaluation, checkpoint, ``close()``), when the
         copy has long finished; ``after_backward`` returns a StepCheck with ``pending=True``,
         a non-finite value is recorded (event, finding) when it is read, and an unusual step
-        runs its ``when_unusual`` probes one step later. Not under torch.distributed.
+        runs its ``when_unusual`` probes one step later. Under torch.distributed (every rank
+        passes the same value) the ranks learn a request to stop one step later too, all at
+        the same step.
 
     Under torch.distributed every rank creates its Monitor with the same arguments: rank 0
     gets this class and records; the others get a :class:`Follower` that writes nothing
@@ -281,9 +283,6 @@ class Monitor:
         self.eval_every, self.steps_per_epoch = options.eval_every, steps_per_epoch
         self._stop_on = options.stop_on
         self.read_before_step = checks.flag("read_before_step", read_before_step)
-        if not self.read_before_step and self.ranks.active:
-            raise UserError("read_before_step=False is not supported under torch.distributed "
-                            "yet: every rank would still read each step")
         self._warned: set[str] = set()
         encode = encode or getattr(model, "encode", None)
         decode = decode or getattr(model, "decode", None)
@@ -392,6 +391,10 @@ class Monitor:
         #: every rank learned from a gather that they stop now
         self._stop_asked = False
         self._stop_now = False
+        #: read_before_step=False: a stop request read (at a step, or early at an evaluation
+        #: or checkpoint on rank 0), agreed at the next ``after_backward``, where every rank
+        #: reads the same step's values
+        self._stop_read = False
         #: after_backward to after_step: the probes' context (None when none is due), the
         #: probes due after the optimizer step, the step's row and its values so far
         self._pending: tuple[StepContext | None, Sequence[Probe], dict[str, Any],
@@ -513,6 +516,7 @@ class Monitor:
             self.last_read_row = row
         else:  # the step before is read now (its copy has long finished); this one later
             self._complete_in_flight()
+            self._stop_now = self._stop_now or self._stop_read
             core, norms, latent_ranks = self._core(given)
             row = {"step": given.step, "time": self.elapsed(), **self._host_fields(given)}
             check = StepCheck(grad_norm=math.nan, pending=True)
@@ -542,7 +546,10 @@ class Monitor:
         core, norms, latent_ranks = self._core(given)
         row: dict[str, Any] = {"step": given.step, "time": self.elapsed(),
                                **self._values(core, self._read(core))}
-        where = self._ranks_of(row) if self.ranks.active else {}
+        where: dict[str, list[int]] = {}
+        if self.ranks.active:
+            where, stop = self._ranks_of(row)
+            self._stop_now = self._stop_now or stop
         row.update(self._host_fields(given))
         return row, norms, where, latent_ranks
 
@@ -622,7 +629,11 @@ class Monitor:
         row, core, probe_values, pending, norms = flight
         arrays = pending.result()
         row.update(self._values(core, arrays[:len(core.flats)]))
-        check = self._check(row["step"], row, norms, {})
+        where: dict[str, list[int]] = {}
+        if self.ranks.active:
+            where, stop = self._ranks_of(row)
+            self._stop_read = self._stop_read or stop
+        check = self._check(row["step"], row, norms, where)
         self._watch(row["step"], row, check)
         self.last_read_row = row
         self._write_row(row, probe_values, arrays[len(core.flats):])
@@ -734,17 +745,17 @@ class Monitor:
         return tuple(f"_rank/{r}/{i}" for r in range(self.ranks.world)
                      for i in range(STOP + 1))
 
-    def _ranks_of(self, row: dict[str, Any]) -> dict[str, list[int]]:
-        """Take the gathered values out of ``row``: learn whether rank 0 asked to stop, and
-        return on which ranks each loss term was non-finite."""
+    def _ranks_of(self, row: dict[str, Any]) -> tuple[dict[str, list[int]], bool]:
+        """Take the gathered values out of ``row``: on which ranks each loss term was
+        non-finite, and whether some rank asked to stop."""
         values = [[row.pop(f"_rank/{r}/{i}") for i in range(STOP + 1)]
                   for r in range(self.ranks.world)]
-        self._stop_now = self._stop_now or any(v[STOP] > 0 for v in values)
-        return nonfinite_ranks(values)
+        return nonfinite_ranks(values), any(v[STOP] > 0 for v in values)
 
     def request_stop(self) -> None:
         """Under torch.distributed: ask every rank to stop; they learn it from the next step's
-        gather and :attr:`stop_agreed` turns true on all of them after that same step."""
+        gather and :attr:`stop_agreed` turns true on all of them after that same step (with
+        ``read_before_step=False``, after the step after it, when that gather is read)."""
         self._stop_asked = True
 
     @property
@@ -963,8 +974,11 @@ class Follower(Monitor):
     non-finite value, a stop), and writes nothing (:mod:`vaediag.monitor.ranks`)."""
 
     def _init(self, run_dir, model, optimizer, *, eval_every, online, stop_on,
-              **_unused: Any) -> None:
+              read_before_step, **_unused: Any) -> None:
         model = unwrap(model)
+        self.read_before_step = checks.flag("read_before_step", read_before_step)
+        #: read_before_step=False: the last step's gathered values, copied without waiting
+        self._gathered: Pending | None = None
         if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
             raise UserError(f"eval_every must be an int >= 1, got {eval_every!r}")
         checks.flag("online", online)
@@ -1003,6 +1017,13 @@ class Follower(Monitor):
         gathered = self.ranks.gather(recon, kl, total, self._stop_asked,
                                      self._gather_device(recon), summary)
         gathered = gathered[:, :STOP + 1]
+        self.last_step_row = {"step": step}
+        if not self.read_before_step:  # the step before's values now, as rank 0 reads them
+            flight, self._gathered = self._gathered, Pending([gathered.reshape(-1)])
+            if flight is not None:
+                (before,) = flight.result()
+                self._stop_now = self._stop_now or bool((before[STOP::STOP + 1] > 0).any())
+            return StepCheck(grad_norm=math.nan, pending=True)
         norms = grad_norms(self._params, self.ranks.sharded)
         norm = (norms.double().square().sum().sqrt() if norms is not None
                 else torch.tensor(math.nan, dtype=torch.float64))
@@ -1018,7 +1039,6 @@ class Follower(Monitor):
                 check.nonfinite.append(term)
         if not math.isfinite(check.grad_norm) and norms is not None:
             check.nonfinite.append("grad")
-        self.last_step_row = {"step": step}
         return check
 
     def after_step(self, step: int, *, skipped: bool = False, evaluate: bool = True) -> None:
