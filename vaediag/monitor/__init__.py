@@ -407,6 +407,7 @@ class Monitor:
         self._in_flight: tuple[dict[str, Any], Packed, Packed, Pending,
                                torch.Tensor | None] | None = None
         #: the step's per-parameter gradient norms on the host, when read with its losses
+        #: before its probes run (for ``StepContext.host_grad_norms``)
         self._host_norms: np.ndarray | None = None
         #: whether the current step is unusual (see probing.UnusualSteps)
         self.unusual = False
@@ -521,7 +522,6 @@ class Monitor:
             row = {"step": given.step, "time": self.elapsed(), **self._host_fields(given)}
             check = StepCheck(grad_norm=math.nan, pending=True)
             self._unchecked = (core, norms)
-            self._host_norms = None
         before = self._due(given.step, after_step=False)
         after = self._due(given.step, after_step=True)
         values: dict[Any, Any] = dict(given.extra)
@@ -544,8 +544,8 @@ class Monitor:
         the gradient norm, the settings. Also the gradient norms of whole parameters, on which
         ranks a loss term went non-finite, and every rank's latent summary."""
         core, norms, latent_ranks = self._core(given)
-        row: dict[str, Any] = {"step": given.step, "time": self.elapsed(),
-                               **self._values(core, self._read(core))}
+        values, self._host_norms = self._values(core, self._read(core))
+        row: dict[str, Any] = {"step": given.step, "time": self.elapsed(), **values}
         where: dict[str, list[int]] = {}
         if self.ranks.active:
             where, stop = self._ranks_of(row)
@@ -553,19 +553,18 @@ class Monitor:
         row.update(self._host_fields(given))
         return row, norms, where, latent_ranks
 
-    def _values(self, core: Packed, arrays: list[np.ndarray]) -> dict[str, float]:
+    def _values(self, core: Packed, arrays: list[np.ndarray]
+                ) -> tuple[dict[str, float], np.ndarray | None]:
         """The core values read (:meth:`_core`): ``{column: float}``, with the global gradient
-        norm made on the host from the per-parameter norms when they were read
-        (``self._host_norms``)."""
+        norm made on the host from the per-parameter norms when they were read; and those
+        norms (float64), or None."""
         if core.names and core.names[0] is _NORMS:  # one stack: the norms, then the losses
             values = arrays[0]
             norms = values[:len(self._params)].astype(np.float64)
-            self._host_norms = norms
             out = dict(zip(core.names[1], values[len(norms):].tolist(), strict=True))
             out["grad_norm"] = math.sqrt(norms @ norms)
-            return out
-        self._host_norms = None
-        return core.floats(arrays)
+            return out, norms
+        return core.floats(arrays), None
 
     def _core(self, given: checks.StepInputs
               ) -> tuple[Packed, torch.Tensor | None, torch.Tensor | None]:
@@ -628,7 +627,7 @@ class Monitor:
             return
         row, core, probe_values, pending, norms = flight
         arrays = pending.result()
-        row.update(self._values(core, arrays[:len(core.flats)]))
+        row.update(self._values(core, arrays[:len(core.flats)])[0])
         where: dict[str, list[int]] = {}
         if self.ranks.active:
             where, stop = self._ranks_of(row)
