@@ -32,6 +32,7 @@ Everything stays on the model's device until the Monitor's one read of the step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +129,24 @@ class _Plan:
     measured: torch.Tensor  # (L',) indices of the layers with any
     names: list[str]  # their names
 
+    @functools.cached_property
+    def all_counts(self) -> torch.Tensor:
+        """(L + 1,) the entries of each layer, then of all."""
+        return torch.cat([self.counts, self.counts.sum().reshape(1)])
+
+    def columns(self, rows: int) -> tuple[str, ...]:
+        """The names of :func:`adam_stats`' vector: each of the first ``rows`` statistics,
+        overall, then per measured layer (made once per row count)."""
+        known = self.__dict__.setdefault("_columns", {})
+        if rows not in known:
+            out: list[str] = []
+            for stat in ROWS[:rows]:
+                out.append(stat)
+                out.extend(next(iter(per_index("layer", stat, torch.zeros(len(self.names)),
+                                               self.names))))
+            known[rows] = tuple(out)
+        return known[rows]
+
 
 def _plan(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
           layers: LayerIndex, max_entries: int | None,
@@ -221,12 +240,11 @@ def adam_stats(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter
         sums.index_add_(1, g.layer_ids, part)
     assert sums is not None  # the plan has groups
     reduce(sums)
-    per_layer = summarise(sums, plan.counts, bc1)[:, plan.measured]
-    overall = summarise(sums.sum(1), plan.counts.sum(), bc1)
-    out: dict[Any, Any] = {}
-    for k, stat in enumerate(ROWS[:len(sums)]):
-        out[stat] = overall[k]
-        out.update(per_index("layer", stat, per_layer[k], plan.names))
+    # every layer and, as one more column, all of them: one summary (R, L + 1)
+    stats = summarise(torch.cat([sums, sums.sum(1, keepdim=True)], 1), plan.all_counts, bc1)
+    # one vector: each statistic overall, then per measured layer (the columns' order)
+    flat = torch.cat([stats[:, -1:], stats[:, plan.measured]], 1).reshape(-1)
+    out: dict[Any, Any] = {plan.columns(len(sums)): flat}
     return out
 
 

@@ -11,6 +11,7 @@ state (:class:`~vaediag.probes.base.EntrySample`); ``None`` measures every entry
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,12 @@ class _Plan:
     flat: torch.Tensor
     views: list[torch.Tensor] | None = None
     storage: tuple[int, ...] = ()
+
+    @functools.cached_property
+    def columns(self) -> tuple[str, ...]:
+        """The names of the probe's vector: each layer's ratio, then the whole model's."""
+        (names,) = per_index("layer", "update_ratio", torch.zeros(len(self.names)), self.names)
+        return (*names, "update_ratio")
 
     def gather(self, params: list[torch.Tensor], out: torch.Tensor) -> None:
         """The sampled entries of ``params`` into ``out``."""
@@ -88,8 +95,7 @@ class UpdateRatio(Probe[StepContext]):
         after.sub_(before).square_()  # the update, squared
         before.square_()
         sums = ctx.reduce(plan.sample.layer_sums(plan.flat))  # (2, L): |W|^2, |dW|^2
-        ratio = safe_div(sums[1].sqrt(), sums[0].sqrt())[plan.order]
-        total = sums.sum(1)
-        out: dict[Any, Any] = per_index("layer", "update_ratio", ratio, plan.names)
-        out["update_ratio"] = safe_div(total[1].sqrt(), total[0].sqrt())
+        # each layer in the model's order, then all of them: one ratio vector (L + 1)
+        both = torch.cat([sums[:, plan.order], sums.sum(1, keepdim=True)], 1).sqrt_()
+        out: dict[Any, Any] = {plan.columns: safe_div(both[1], both[0])}
         return out
