@@ -115,9 +115,9 @@ def time_probes(monitor: Monitor, spent: dict[str, float]) -> None:
 
 
 def measure(resolution: int, steps: int, evals: int, device: torch.device,
-            read_before_step: bool = True) -> None:
+            read_before_step: bool = True, overrides: tuple[str, ...] = ()) -> None:
     config = build_config(overrides=["data.toyfaces_size=2048",
-                                     f"data.resolution={resolution}"])
+                                     f"data.resolution={resolution}", *overrides])
     data = load_dataset(config.data)
     torch.manual_seed(0)
     model = ConvVAE.from_config(config).to(device)
@@ -209,7 +209,8 @@ def measure(resolution: int, steps: int, evals: int, device: torch.device,
     per = len(times["off"]) - warm
     mean = {p: trimmed_mean(v[warm:]) for p, v in times.items()}
     median = {p: statistics.median(v[warm:]) for p, v in times.items()}
-    print(f"\n{resolution}x{resolution}, batch {config.train.batch_size}, default model "
+    model_name = f"model {' '.join(overrides)}" if overrides else "default model"
+    print(f"\n{resolution}x{resolution}, batch {config.train.batch_size}, {model_name} "
           f"({sum(p.numel() for p in model.parameters()):,} parameters), {device}, "
           f"{torch.get_num_threads()} threads, {steps} steps interleaved ({per} timed per "
           f"entry), the step's values read "
@@ -256,10 +257,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--read-after-step", action="store_true",
                         help="Monitors that read nothing during a step (read_before_step=False)")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. a narrow model whose arithmetic costs "
+                        "next to nothing, to see the Monitor's fixed cost per step: --set "
+                        "'model.channels=[8,8,8,8]' model.group_norm_groups=1")
     args = parser.parse_args()
     for resolution in args.resolutions:
         measure(resolution, args.steps, args.evals, torch.device(args.device),
-                read_before_step=not args.read_after_step)
+                read_before_step=not args.read_after_step, overrides=tuple(args.overrides))
 
 
 if __name__ == "__main__":

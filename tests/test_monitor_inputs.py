@@ -158,3 +158,24 @@ def test_every_argument_is_an_error_naming_it_or_recorded_right(tmp_path):
             recorded = rows.loc[s, column]
             assert (np.isnan(value) and np.isnan(recorded)) or \
                 recorded == pytest.approx(value, rel=1e-6), (s, column)
+
+
+def test_the_usual_call_is_checked_as_any_other():
+    """after_backward's usual arguments (an int step, 0-d float tensors, a float beta, an int
+    epoch) take a shorter check; it accepts exactly what the full check accepts, unchanged."""
+    from vaediag.monitor.checks import StepInputs
+
+    mu, logvar = torch.zeros(4, 3), torch.ones(4, 3)
+    usual = dict(recon=torch.tensor(1.5), kl=torch.tensor(0.5), total=torch.tensor(2.0),
+                 beta=0.5, epoch=2, mu=mu, logvar=logvar, kl_term=torch.tensor(0.25))
+    fast = StepInputs.checked(7, **usual, columns=None, latent_dim=3)
+    full = StepInputs.checked(7, **usual, columns={}, latent_dim=3)  # columns: the full check
+    assert fast == full
+    assert fast.recon is usual["recon"] and fast.mu is mu and fast.extra == {}
+    for wrong, match in [(dict(mu=torch.zeros(4, 2), logvar=torch.zeros(4, 2)), "encode"),
+                         (dict(logvar=torch.ones(4, 2)), "one shape"),
+                         (dict(mu=torch.zeros(4, 3, dtype=torch.int64)), "float tensor"),
+                         (dict(kl_term=torch.ones(2)), "kl_term"),
+                         (dict(epoch=True), "epoch")]:
+        with pytest.raises(UserError, match=match):
+            StepInputs.checked(7, **{**usual, **wrong}, columns=None, latent_dim=3)

@@ -320,6 +320,7 @@ class Monitor:
         order in which layers run (or says which call failed)."""
         self.device = self.evaluator.device
         self._params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._tensors = [p for _, p in self._params]
         self.layers = LayerIndex.from_params(self._params)
         checks.same_images("train_images", self.evaluator.train_x, self.evaluator.x)
         checks.same_images("metric_images", self.evaluator.set_x, self.evaluator.x)
@@ -578,14 +579,13 @@ class Monitor:
         stack of those norms with the losses; the global norm is then made on the host."""
         recon, kl, total = given.recon, given.kl, given.total
         if not self.ranks.active:
-            grads = [p.grad for _, p in self._params]
+            grads = [p.grad for p in self._tensors]
             if grads and all(g is not None for g in grads):  # ("None in" compares tensors)
                 device = grads[0].device
-                if _on(device, recon, kl, total):
-                    with torch.no_grad():  # losses attached to the graph are read, no more
-                        losses = [v for v in (recon, kl, total)  # tensors, by _on
-                                  if isinstance(v, torch.Tensor)]
-                        stacked = torch.stack([*torch._foreach_norm(grads), *losses])
+                if _on(device, recon, kl, total):  # tensors, detached: read, not differentiated
+                    losses = [v.detach() for v in (recon, kl, total)  # type: ignore[union-attr]
+                              if v is not None]
+                    stacked = torch.stack([*torch._foreach_norm(grads), *losses])
                     names = _LOSS_NAMES if total is None else _TOTAL_NAMES
                     return Packed.vectors([_NORMS, names], [stacked]), stacked[:len(grads)], None
         norms = grad_norms(self._params, self.ranks.sharded)
@@ -776,7 +776,7 @@ class Monitor:
         if unread is None:
             return read_arrays(tensors) if tensors else []
         row, probe_values = unread
-        arrays = read_arrays([*tensors, *probe_values.flats])
+        arrays = read_arrays([*tensors, *probe_values.flats] if probe_values.flats else tensors)
         self._write_row(row, probe_values, arrays[len(tensors):])
         return arrays[:len(tensors)]
 
@@ -804,11 +804,11 @@ class Monitor:
         if self._unchecked is not None:  # read_before_step=False: copy now, read later
             core, norms = self._unchecked
             self._unchecked = None
-            probe_values = Packed(values)
+            probe_values = Packed(values) if values else _NO_VALUES
             self._in_flight = (row, core, probe_values,
                                Pending([*core.flats, *probe_values.flats]), norms)
         else:
-            self._unread = (row, Packed(values))
+            self._unread = (row, Packed(values) if values else _NO_VALUES)
         if evaluate and (step + 1) % self.eval_every == 0:
             self.evaluate(step + 1)
         if self.online is not None:
@@ -949,12 +949,15 @@ _LOSS_NAMES = ("recon", "kl")
 _TOTAL_NAMES = ("recon", "kl", "total")
 #: the names of a packed core whose vector starts with every parameter's gradient norm
 _NORMS = ("(gradient norms)",)
+#: the probe values of a step that ran no probe
+_NO_VALUES = Packed.vectors([], [])
 
 
-def _on(device: torch.device, *values: Any) -> bool:
-    """Whether every value is a tensor on ``device`` (or None)."""
-    return all(v is None or (isinstance(v, torch.Tensor) and v.device == device)
-               for v in values)
+def _on(device: torch.device, recon: Any, kl: Any, total: Any) -> bool:
+    """Whether the loss terms are tensors on ``device`` (``total`` may be None)."""
+    return (isinstance(recon, torch.Tensor) and recon.device == device
+            and isinstance(kl, torch.Tensor) and kl.device == device
+            and (total is None or (isinstance(total, torch.Tensor) and total.device == device)))
 
 
 def _sharded_quietly(model: nn.Module) -> bool:
@@ -988,6 +991,7 @@ class Follower(Monitor):
         self.records = False
         self.run_path = run_dir.path if isinstance(run_dir, RunSession) else Path(run_dir)
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._tensors = [p for _, p in self._params]
         self.device = self._params[0][1].device if self._params else torch.device("cpu")
         self.online = None
         self._own_session = False

@@ -38,10 +38,15 @@ def step(value: Any, name: str = "step") -> int:
     return int(value)
 
 
+def _plain(value: Any) -> bool:
+    """A 0-d float tensor: a loss term as it usually comes."""
+    return type(value) is torch.Tensor and value.dtype in _FLOATS and value.dim() == 0
+
+
 def scalar(name: str, value: Any) -> torch.Tensor | float:
     """One number: a float, an int, a numpy scalar, or a tensor holding one value (it stays a
     tensor, so it is read from the device together with the step's other values)."""
-    if type(value) is torch.Tensor and value.dtype in _FLOATS and value.dim() == 0:
+    if _plain(value):
         return value  # the usual case, a 0-d float tensor, without the slower checks
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -80,6 +85,10 @@ def latents(mu: Any, logvar: Any, latent_dim: int | None) -> tuple[torch.Tensor 
     the model's latent size when it is known."""
     if mu is None and logvar is None:
         return None, None
+    if (type(mu) is torch.Tensor and type(logvar) is torch.Tensor and mu.dim() == 2
+            and mu.dtype in _FLOATS and logvar.dtype in _FLOATS and mu.shape == logvar.shape
+            and (latent_dim is None or mu.shape[1] == latent_dim)):
+        return mu, logvar  # the usual case, without the slower checks
     for name, value in (("mu", mu), ("logvar", logvar)):
         if not isinstance(value, torch.Tensor):
             raise UserError(f"{name}= must be a tensor (batch, latent dimensions) or None, got "
@@ -125,6 +134,12 @@ class StepInputs:
                 mu: Any, logvar: Any, kl_term: Any, columns: Any,
                 latent_dim: int | None) -> StepInputs:
         """Check each argument in turn; the first wrong one raises."""
+        if (type(at) is int and at >= 0 and _plain(recon) and _plain(kl)
+                and (total is None or _plain(total)) and (kl_term is None or _plain(kl_term))
+                and (beta is None or type(beta) is float)
+                and (epoch is None or type(epoch) is int) and columns is None):
+            mu, logvar = latents(mu, logvar, latent_dim)  # the usual call, checked at once
+            return cls(at, recon, kl, total, beta, epoch, mu, logvar, kl_term, {})
         step_ = step(at)
         recon, kl = scalar("recon", recon), scalar("kl", kl)
         total, kl_term = optional_scalar("total", total), optional_scalar("kl_term", kl_term)

@@ -47,8 +47,8 @@ class UnusualSteps:
         self._settings: tuple | None = None
 
     def judge(self, row: dict[str, Any], grad_norm: float, nonfinite: bool) -> bool:
-        settings = tuple(row.get(k) for k in WATCHED_SETTINGS)
-        changed = self._settings is not None and any(
+        settings = tuple(map(row.get, WATCHED_SETTINGS))
+        changed = self._settings is not None and self._settings != settings and any(
             _jumped(before, now) for before, now in zip(self._settings, settings, strict=True))
         self._settings = settings
         if not math.isfinite(grad_norm):

@@ -98,6 +98,8 @@ def read_arrays(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     """Each tensor's values on the host (a flat numpy array), read with one transfer per
     device: the tensors of a device concatenated and copied at once (one synchronisation on
     an accelerator; on a CPU the copy is the concatenation)."""
+    if len(tensors) == 1:  # the usual step: its values packed already
+        return [_host(tensors[0].detach().reshape(-1))]
     out: list[np.ndarray | None] = [None] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):

@@ -176,6 +176,11 @@ def _column_names(kind: str, stat: str, labels: tuple[str, ...]) -> tuple[str, .
     return tuple(name(kind, stat, label) for label in labels)
 
 
+@functools.lru_cache(maxsize=1024)
+def _numbered_names(kind: str, stat: str, count: int) -> tuple[str, ...]:
+    return _column_names(kind, stat, tuple(str(i) for i in range(count)))
+
+
 def per_index(kind: str, stat: str, values: torch.Tensor | np.ndarray,
               labels: list[str] | None = None) -> dict[Any, Any]:
     """The columns ``KIND.STAT/LABEL`` of a 1-D vector of values, as one probe-result entry.
@@ -183,12 +188,13 @@ def per_index(kind: str, stat: str, values: torch.Tensor | np.ndarray,
     The entry's key is the tuple of column names and its value the whole vector, so the Monitor
     reads all of a step's values from the device at once (see :func:`to_floats`).
     """
-    labels = labels if labels is not None else [str(i) for i in range(len(values))]
-    names = _column_names(kind, stat, tuple(labels))
-    if len(names) != len(values):
-        raise ValueError(f"{len(names)} labels for {len(values)} values of {kind}.{stat}")
-    vector = values if isinstance(values, (torch.Tensor, np.ndarray)) else np.asarray(values)
-    return {names: vector}
+    array = isinstance(values, (torch.Tensor, np.ndarray))
+    count = values.shape[0] if array else len(values)  # (Python's Tensor.__len__ is slow)
+    names = _column_names(kind, stat, tuple(labels)) if labels is not None else \
+        _numbered_names(kind, stat, count)
+    if len(names) != count:
+        raise ValueError(f"{len(names)} labels for {count} values of {kind}.{stat}")
+    return {names: values if array else np.asarray(values)}
 
 
 def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

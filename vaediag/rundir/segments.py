@@ -132,13 +132,12 @@ class _RowBlock:
         return found
 
     def add(self, parts: Sequence[tuple[tuple[str, ...], Any]]) -> None:
-        for names, _ in parts:  # every column placed before the row is taken
-            self.positions(names)
+        at = [self.positions(names) for names, _ in parts]  # every column placed first
         if self.count == len(self.values):
             self.values = np.concatenate([self.values, np.full_like(self.values, np.nan)])
         row = self.values[self.count]
-        for names, values in parts:
-            row[self.positions(names)] = values
+        for positions, (_, values) in zip(at, parts, strict=True):
+            row[positions] = values
         self.count += 1
 
     def take(self) -> tuple[list[str], np.ndarray]:
