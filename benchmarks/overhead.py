@@ -42,6 +42,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -114,8 +115,46 @@ def time_probes(monitor: Monitor, spent: dict[str, float]) -> None:
             setattr(probe, method, timed)
 
 
+def warm_cost(config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              images: torch.Tensor, make: Callable[[Path, str], Monitor],
+              calls: int) -> dict[str, list[float]]:
+    """The Monitor's calls alone: ``after_backward`` and ``after_step`` repeated on one
+    step's gradients and losses, with no training between them, each preset's Monitor in
+    turn. Its caches stay warm, as on a host whose arithmetic runs on an accelerator; on a
+    CPU the probes' arithmetic is still in it. Per preset, the seconds of each call pair
+    (without the gradient split: no graph is kept)."""
+    out: dict[str, list[float]] = {p: [] for p in ("by hand", *PRESETS)}
+    x = images[:config.train.batch_size].to(next(model.parameters()).device).float().div(255.0)
+    model_out = model(x)
+    terms = loss_terms(model_out.logits, x, model_out.mu, model_out.logvar, model_out.z,
+                       config.loss, 1.0)
+    optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    optimizer.step()  # Adam's state, for its probe
+    recon, kl, total = terms.recon.detach(), terms.kl.detach(), terms.total.detach()
+    mu, logvar = model_out.mu.detach(), model_out.logvar.detach()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with tempfile.TemporaryDirectory() as tmp:
+        monitors = {p: make(Path(tmp), p) for p in PRESETS}
+        for call in range(calls):
+            for preset in out:
+                mon = monitors.get(preset)
+                t0 = time.perf_counter()
+                if mon is None:
+                    by_hand(terms, params)
+                else:
+                    mon.after_backward(call, recon=recon, kl=kl, total=total, beta=1.0,
+                                       mu=mu, logvar=logvar)
+                    mon.after_step(call)
+                out[preset].append(time.perf_counter() - t0)
+        for mon in monitors.values():
+            mon.close()
+    return out
+
+
 def measure(resolution: int, steps: int, evals: int, device: torch.device,
-            read_before_step: bool = True, overrides: tuple[str, ...] = ()) -> None:
+            read_before_step: bool = True, overrides: tuple[str, ...] = (),
+            warm_calls: int = 2000) -> None:
     config = build_config(overrides=["data.toyfaces_size=2048",
                                      f"data.resolution={resolution}", *overrides])
     data = load_dataset(config.data)
@@ -128,15 +167,16 @@ def measure(resolution: int, steps: int, evals: int, device: torch.device,
     cuda = device.type == "cuda"
     syncs = {p: 0 for p in ROTATION}
     train_images, train_factors = train_sample(data, config.data.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        monitors = {
-            p: Monitor(Path(tmp) / p, model, optimizer, eval_images=data.val[:8],
-                       metric_images=data.val[:64], eval_every=10**9, probes=build(p),
+
+    def make(root: Path, preset: str) -> Monitor:
+        return Monitor(root / preset, model, optimizer, eval_images=data.val[:8],
+                       metric_images=data.val[:64], eval_every=10**9, probes=build(preset),
                        eval_factors=data.val_factors, eval_loss=_eval_loss_fn(model, config),
                        train_images=train_images, train_factors=train_factors,
                        online=False, read_before_step=read_before_step)
-            for p in PRESETS
-        }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        monitors = {p: make(Path(tmp), p) for p in PRESETS}
         times: dict[str, list[float]] = {p: [] for p in ROTATION}
         monitor_times: dict[str, list[float]] = {p: [] for p in ROTATION}
         probe_times: dict[str, dict[str, float]] = {p: {} for p in PRESETS}
@@ -243,6 +283,12 @@ def measure(resolution: int, steps: int, evals: int, device: torch.device,
           f"{amortised * 1e3:.0f} ms per evaluation, {amortised / mean['standard']:.1f} "
           f"training steps' time; at one evaluation per epoch of 8,192 images at batch 64 "
           f"(128 steps) {amortised / mean['standard'] / 128:.1%} of training time")
+    warm_times = warm_cost(config, model, optimizer, images, make, warm_calls)
+    print(f"the Monitor's calls alone, {warm_calls} times on one step's gradients with no "
+          f"training between (caches warm), median / mean (ms):")
+    for p, spent in warm_times.items():
+        kept = [t * 1e3 for t in spent[warm:]]
+        print(f"  {p:<9}{statistics.median(kept):.3f} / {statistics.fmean(kept):.3f}")
     marks = [len(memory) // 4, len(memory) // 2, 3 * len(memory) // 4, len(memory) - 1]
     print("resident memory: " + ", ".join(f"{memory[i]:.1f} MB at step {i}" for i in marks)
           + f" ({memory[-1] - memory[marks[0]]:+.1f} MB over the last three quarters)")
@@ -257,6 +303,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--read-after-step", action="store_true",
                         help="Monitors that read nothing during a step (read_before_step=False)")
+    parser.add_argument("--warm-calls", type=int, default=2000,
+                        help="the Monitor's calls alone, repeated with warm caches, per preset")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. a narrow model whose arithmetic costs "
                         "next to nothing, to see the Monitor's fixed cost per step: --set "
@@ -264,7 +312,8 @@ def main() -> None:
     args = parser.parse_args()
     for resolution in args.resolutions:
         measure(resolution, args.steps, args.evals, torch.device(args.device),
-                read_before_step=not args.read_after_step, overrides=tuple(args.overrides))
+                read_before_step=not args.read_after_step, overrides=tuple(args.overrides),
+                warm_calls=args.warm_calls)
 
 
 if __name__ == "__main__":
