@@ -23,8 +23,17 @@ the process's resident memory over the run (probes must hold no per-step state).
 (used when CUDA is available, or with --device), the number of device synchronisations per
 step (torch.cuda.set_sync_debug_mode) is counted too.
 
+Then the Monitor's calls alone (``--warm-calls``, 2,000 per entry): ``after_backward`` and
+``after_step`` of each preset in turn, and ``by hand``, repeated on one step's gradients with
+no training between them. A backward pass leaves the CPU's caches cold, so inside the loop the
+same Python and the same small operations take several times as long; warm, the figure is the
+Monitor's own work as a host that only launches kernels would see it (on a CPU the probes'
+arithmetic is still in it). ``--set`` overrides the config, e.g. a narrow model whose
+arithmetic costs next to nothing, which leaves the Monitor's fixed cost per step:
+``--set 'model.channels=[8,8,8,8]' model.group_norm_groups=1 model.latent_dim=8``.
+
     python benchmarks/overhead.py [--steps 2400] [--resolutions 32 64] [--device cpu]
-                                  [--read-after-step]
+                                  [--read-after-step] [--warm-calls 2000] [--set KEY=VALUE ...]
 
 ``--read-after-step``: every Monitor with ``read_before_step=False`` (nothing read from the
 device during a step: what ``vaediag train`` does with ``train.on_nonfinite = "continue"``).
