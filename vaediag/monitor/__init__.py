@@ -320,7 +320,6 @@ class Monitor:
         order in which layers run (or says which call failed)."""
         self.device = self.evaluator.device
         self._params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self._tensors = [p for _, p in self._params]
         self.layers = LayerIndex.from_params(self._params)
         checks.same_images("train_images", self.evaluator.train_x, self.evaluator.x)
         checks.same_images("metric_images", self.evaluator.set_x, self.evaluator.x)
@@ -738,6 +737,11 @@ class Monitor:
         return gathered[:, :STOP + 1], norms, latent_ranks
 
     @functools.cached_property
+    def _tensors(self) -> list[Any]:
+        """The recorded parameters without their names (the per-step gradient read)."""
+        return [p for _, p in self._params]
+
+    @functools.cached_property
     def _rank_names(self) -> tuple[str, ...]:
         """Names under which the gathered (rank, value) entries are read with the step's
         other values, then taken out of the row (:meth:`_ranks_of`)."""
@@ -776,7 +780,7 @@ class Monitor:
         if unread is None:
             return read_arrays(tensors) if tensors else []
         row, probe_values = unread
-        arrays = read_arrays([*tensors, *probe_values.flats] if probe_values.flats else tensors)
+        arrays = read_arrays([*tensors, *probe_values.flats])
         self._write_row(row, probe_values, arrays[len(tensors):])
         return arrays[:len(tensors)]
 
@@ -991,7 +995,6 @@ class Follower(Monitor):
         self.records = False
         self.run_path = run_dir.path if isinstance(run_dir, RunSession) else Path(run_dir)
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self._tensors = [p for _, p in self._params]
         self.device = self._params[0][1].device if self._params else torch.device("cpu")
         self.online = None
         self._own_session = False
