@@ -94,6 +94,8 @@ def test_a_replay_with_another_optimizer_starts_its_state_afresh(parent, tmp_pat
      "a replay cannot change model.latent_dim"),
     (["--from", "30", "--out", "{tmp}/exists"], "exists; choose another --out"),
     (["--out", "{tmp}/b"], "Missing option '--from'"),
+    (["--from", "9999", "--out", "{tmp}/b"],
+     "ends at step 60: a replay from step 9999 would start past it; choose a step from 0 to 60"),
 ])
 def test_bad_replays_are_one_line_and_exit_2(parent, tmp_path, capsys, args, message):
     (tmp_path / "exists").mkdir()
@@ -137,6 +139,37 @@ def test_verify_replays_a_remedy_and_measures_it(parent, tmp_path):
     assert values["run"][0] == values["replay"][0]  # the same model at the checkpoint
     assert values["run"][1] != values["replay"][1]
     assert "replayed with optim.lr=0.03 from step 20 to 60" in result.describe()
+    assert "the remedy printed first, 'clip gradients (optim.grad_clip)', names no setting" \
+        in result.describe()
+
+
+def test_a_replay_runs_through_the_finding_and_an_evaluation_past_it(parent, tmp_path):
+    """A finding at the run's last evaluation (steps 40-41 of 60, evaluations every 20): the
+    replay runs from the checkpoint at 20 through step 41 and one interval past it, to the
+    evaluation at 80, past the run's own end; it never stops at the finding's first step."""
+    run = load_run(parent)
+    finding = Finding("oversized_update", "warning", 40, 41, "an update",
+                      remedies=["(--set optim.eps=1e-6)"])
+    result = verify_finding(run, finding, tmp_path, max_steps=100)
+    assert result.status == "verified", result.reason
+    assert (result.from_step, result.to_step) == (20, 80)
+    replayed = load_run(result.branch)
+    assert replayed.scalars["step"].max() == 79 and 41 in set(replayed.scalars["step"])
+    assert result.compare == [20, 60]  # the run's own last evaluation within the replay
+
+
+def test_a_replay_that_cannot_reach_the_finding_says_so(parent, tmp_path):
+    run = load_run(parent)
+    far = Finding("loss_spike", "warning", 50, 55, "x", remedies=["(--set optim.eps=1e-6)"])
+    result = verify_finding(run, far, tmp_path, max_steps=10)
+    assert result.status == "not verifiable"
+    assert result.reason.startswith("not reached: the finding ends at step 55, more than 10 "
+                                    "steps after the checkpoint at step 40")
+    # a replay that stops before the finding (its remedy makes every step non-finite)
+    doomed = Finding("loss_spike", "warning", 45, 50, "x", remedies=["(--set optim.lr=1e30)"])
+    result = verify_finding(run, doomed, tmp_path, max_steps=100)
+    assert result.status in ("not reached", "replay stopped"), result.describe()
+    assert "the finding is gone" not in result.describe()
 
 
 def test_verify_says_why_it_cannot(parent, tmp_path):

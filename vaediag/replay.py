@@ -89,6 +89,10 @@ def plan(run_dir: str | Path, from_step: int, out: str | Path, *,
         raise RunDirError(f"{parent} was trained on {trained_on} rank(s) and this replay runs on "
                         f"{world}: replay it as it was trained ({how}), so its global batches "
                         f"and random states are the run's")
+    trained = int(run.info.get("step", 0))
+    if from_step > trained:
+        raise RunDirError(f"{parent} ends at step {trained}: a replay from step {from_step} "
+                          f"would start past it; choose a step from 0 to {trained}")
     step, checkpoint = checkpoint_at_or_before(parent, from_step)
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):

@@ -17,6 +17,7 @@ order and noise, so the run itself is the control. Reported, with the numbers:
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import tempfile
@@ -58,7 +59,7 @@ class Verification:
     first_step: int
     last_step: int
     severity: str
-    status: str  # verified | not verifiable | replay stopped
+    status: str  # verified | not verifiable | not reached | replay stopped
     reason: str = ""
     remedy: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +76,8 @@ class Verification:
     #: {column: {"run": [before, after], "replay": [before, after]}}
     values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     replay_findings: list[str] = field(default_factory=list)
+    #: remedies printed before the one tested, none of which names a setting to replay
+    passed_over: list[str] = field(default_factory=list)
 
     @property
     def quality_loss_gone(self) -> bool | None:
@@ -93,11 +96,21 @@ class Verification:
             return f"{head}: not verified: {self.reason}"
         what = ", ".join(f"{k}={v}" for k, v in self.settings.items())
         where = f"replayed with {what} from step {self.from_step:,} to {self.to_step:,}"
+        if self.passed_over:
+            first = self.passed_over[0]
+            where += (f" (the remedy printed first, '{first[:70]}"
+                      f"{'...' if len(first) > 70 else ''}', names no setting a replay can "
+                      f"change{'; nor the next' if len(self.passed_over) > 1 else ''})")
         if self.status == "replay stopped":
             return f"{head}: {where}: the replay stopped ({self.reason})"
+        if self.status == "not reached":
+            return f"{head}: {where}: not verified: {self.reason}"
         gone = "the finding is gone" if self.finding_gone else "the finding is still there"
-        before, after = self.compare or (self.from_step, self.to_step)
-        if not self.lost_in_run:
+        before, after = self.compare or (self.from_step or 0, self.to_step or 0)
+        if after <= self.first_step:
+            quality = (f"the run has no evaluation after step {self.first_step:,} to compare "
+                       f"the pictures with")
+        elif not self.lost_in_run:
             quality = f"the run lost no quality between steps {before:,} and {after:,}"
         elif self.quality_loss_gone:
             quality = f"the quality loss is gone ({self._numbers(self.lost_in_run)})"
@@ -117,23 +130,35 @@ class Verification:
 
 
 def _window(run: Run, finding: Finding, max_steps: int) -> tuple[int, int] | str:
-    """(checkpoint step, last step) of the replay, or why there is none."""
+    """(checkpoint step, last step) of the replay, or why there is none.
+
+    The replay starts at the newest checkpoint before the finding and runs through the
+    finding's last step and one evaluation interval past it (what a detector needs to see
+    whether the trouble came and went), ending on an evaluation step; it may train past the
+    end of the run, which the replay's data order continues. Capped at ``max_steps``; a cap
+    that would end the replay before the finding's last step is refused, not shortened."""
     before = [s for s, _ in list_checkpoints(run.path) if s < finding.first_step]
     if not before:
         return f"no checkpoint before step {finding.first_step:,}"
     start = before[-1]
-    evals = [int(s) for s in run.evals["step"] if s > start]
-    if not evals:
-        return "no evaluation after the checkpoint to compare"
-    spacing = evals[1] - evals[0] if len(evals) > 1 else evals[0] - start
-    past = [s for s in evals if s >= finding.last_step + spacing]
-    end = past[0] if past else evals[-1]
-    if end - start > max_steps:
-        inside = [s for s in evals if s - start <= max_steps]
-        if not inside:
-            return f"the first evaluation after the checkpoint is over {max_steps} steps away"
-        end = inside[-1]
-    return start, end
+    every = _eval_every(run)
+    need = finding.last_step + 1 + every  # rows through the finding, then one interval
+    end = -(-need // every) * every  # on the evaluation cadence
+    if finding.last_step + 1 - start > max_steps:
+        return (f"not reached: the finding ends at step {finding.last_step:,}, more than "
+                f"{max_steps:,} steps after the checkpoint at step {start:,} (raise "
+                f"--verify-steps)")
+    return start, min(end, start + max_steps)
+
+
+def _eval_every(run: Run) -> int:
+    """The run's evaluation interval in steps: its setting, else its evaluations' spacing."""
+    every = run.config.get("eval", {}).get("every_steps")
+    if isinstance(every, int) and every > 0:
+        return every
+    steps = sorted(int(s) for s in run.evals["step"])
+    gaps = [b - a for a, b in itertools.pairwise(steps) if b > a]
+    return min(gaps) if gaps else 100
 
 
 def verify_finding(run: Run, finding: Finding, directory: Path,
@@ -143,10 +168,11 @@ def verify_finding(run: Run, finding: Finding, directory: Path,
 
     out = Verification(finding.kind, finding.first_step, finding.last_step, finding.severity,
                        "not verifiable")
-    for remedy in finding.remedies:
+    for i, remedy in enumerate(finding.remedies):
         settings = remedy_settings(remedy)
         if settings:
             out.remedy, out.settings = remedy, settings
+            out.passed_over = list(finding.remedies[:i])
             break
     else:
         out.reason = "no remedy names a setting a replay can change"
@@ -170,6 +196,13 @@ def verify_finding(run: Run, finding: Finding, directory: Path,
         out.reason = str(exc)
         return out
     replayed = load_run(branch)
+    reached = int(replayed.info.get("step", 0))
+    if reached <= finding.last_step:  # e.g. a replay the non-finite policy stopped
+        out.status = "not reached"
+        out.reason = (f"the replay ended at step {reached:,}, before the finding's last step "
+                      f"{finding.last_step:,}" + (f" ({replayed.info['message']})"
+                                                  if replayed.info.get("message") else ""))
+        return out
     found = analyze(replayed)
     out.replay_findings = [f"{f.severity} {f.kind} ({f.first_step}-{f.last_step})"
                            for f in found.sorted_findings()]
@@ -177,7 +210,8 @@ def verify_finding(run: Run, finding: Finding, directory: Path,
         f.kind == finding.kind and severity_rank(f.severity) >= 1
         and f.last_step > out.from_step and f.first_step <= out.to_step
         for f in found.findings)
-    before, after = _compared(finding, out.from_step, out.to_step)
+    before, after = _compared(finding, out.from_step, out.to_step,
+                              [int(s) for s in run.evals["step"]])
     out.compare = [before, after]
     named = set(finding.evidence.get("metrics", {})) | set(finding.evidence.get("quality_lost",
                                                                                  {}))
@@ -194,12 +228,16 @@ def verify_finding(run: Run, finding: Finding, directory: Path,
     return out
 
 
-def _compared(finding: Finding, start: int, end: int) -> tuple[int, int]:
+def _compared(finding: Finding, start: int, end: int,
+              evaluated: list[int]) -> tuple[int, int]:
     """The evaluations to compare quality at: the finding's own (``compare_steps``) where they
-    lie in the replay, else its first evaluation and its last."""
+    lie in the replay, else its first evaluation and the run's last one within the replay
+    (a replay may go on past the run's end)."""
     steps = finding.compare_steps
     before = steps[0] if steps and start <= steps[0] < end else start
-    after = steps[-1] if steps and before < steps[-1] <= end else end
+    within = [s for s in evaluated if before < s <= end]
+    after = steps[-1] if steps and before < steps[-1] <= end else \
+        (max(within) if within else end)
     return before, after
 
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from vaediag import probes as probe_library
 from vaediag.errors import TrainingStopped, UserError, first_line
-from vaediag.monitor import checks
+from vaediag.monitor import checks, lifetime
 from vaediag.monitor.evaluation import (
     DecodeFn,
     EncodeFn,
@@ -313,6 +313,8 @@ class Monitor:
             raise
         self._start_counting()
         self._say_what_is_missing(eval_loss is None, train_images is None)
+        if self._own_session and self.records:  # a loop that never closes its run
+            lifetime.watch(self)
 
     def _try_model(self, encode: EncodeFn, decode: DecodeFn) -> None:
         """Before anything is written: the model's parameters and layers, and one forward
@@ -413,6 +415,9 @@ class Monitor:
         self.unusual = False
         self._unusual = UnusualSteps()
         self._sums = [0.0, 0.0, 0]  # recon, kl, count since the last evaluation
+        #: the last step given to after_backward (steps only grow; a resumed run's first step
+        #: is its checkpoint's)
+        self._last_step = getattr(self.session, "start_step", 0) - 1
         self._elapsed_before = 0.0
         self._t0 = time.monotonic()
         self.last_step_row: dict[str, Any] = {}
@@ -508,6 +513,8 @@ class Monitor:
         given = checks.StepInputs.checked(step, recon=recon, kl=kl, total=total, beta=beta,
                                           epoch=epoch, mu=mu, logvar=logvar, kl_term=kl_term,
                                           columns=extra, latent_dim=self.latent_dim)
+        checks.increasing(given.step, self._last_step)
+        self._last_step = given.step
         if given.step == 0 and not self._evaluated:
             self.evaluate(0)
         if self.read_before_step:
@@ -947,6 +954,33 @@ class Monitor:
         if self.online is not None:  # a finished run: its last evaluation analysed first
             self.online.close(wait=status == "finished")
         self.session.close(status, last, message)
+        lifetime.forget(self)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the run is closed (by :meth:`close`, a stop, or a failure)."""
+        return self.session.closed
+
+    def abort(self, exc: BaseException) -> None:
+        """Close a run of this Monitor's own because ``exc`` ended its loop: the last rows
+        written, the status ``failed`` with the exception (``interrupted`` for Ctrl-C)."""
+        if isinstance(self.session, RunSession) and self._own_session and not self.closed:
+            self.session.__exit__(type(exc), exc, exc.__traceback__)
+        lifetime.forget(self)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> None:
+        """``with vaediag.Monitor(...) as mon:`` closes the run at the block's end:
+        ``finished``, or ``failed`` with the exception that left the block."""
+        if self.closed:
+            return
+        if exc is None:
+            self.close()
+        else:
+            self.abort(exc)
 
 
 _LOSS_NAMES = ("recon", "kl")
@@ -999,6 +1033,7 @@ class Follower(Monitor):
         self.online = None
         self._own_session = False
         self._stop_asked = self._stop_now = False
+        self._last_step = run_dir.start_step - 1 if isinstance(run_dir, RunSession) else -1
         self._t0, self._elapsed_before = time.monotonic(), 0.0
         self.last_step_row: dict[str, Any] = {}
         self.last_read_row: dict[str, Any] = {}
@@ -1017,6 +1052,8 @@ class Follower(Monitor):
         given = checks.StepInputs.checked(step, recon=recon, kl=kl, total=total, beta=beta,
                                           epoch=epoch, mu=mu, logvar=logvar, kl_term=kl_term,
                                           columns=extra, latent_dim=None)
+        checks.increasing(given.step, self._last_step)
+        self._last_step = given.step
         step, recon, kl, total = given.step, given.recon, given.kl, given.total
         summary = None if given.mu is None or given.logvar is None else \
             latent_summary(given.mu, given.logvar)
@@ -1064,6 +1101,10 @@ class Follower(Monitor):
 
     def close(self, status: str = "finished", step: int | None = None, message: str = "") -> None:
         """Rank 0 closes the run."""
+
+    @property
+    def closed(self) -> bool:
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -38,6 +38,15 @@ def step(value: Any, name: str = "step") -> int:
     return int(value)
 
 
+def increasing(at: int, last: int) -> None:
+    """A step after ``last``: steps count optimizer updates over the whole run, so they only
+    grow (a batch index that restarts every epoch would record the same steps again)."""
+    if at <= last:
+        raise UserError(f"step {at} comes after step {last}: a step must grow with every call "
+                        f"of after_backward; pass a global step (the optimizer updates made so "
+                        f"far, counted across epochs), not the batch's index within its epoch")
+
+
 def _plain(value: Any) -> bool:
     """A 0-d float tensor: a loss term as it usually comes."""
     return type(value) is torch.Tensor and value.dtype in _FLOATS and value.dim() == 0

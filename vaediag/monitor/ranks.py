@@ -157,12 +157,13 @@ class ShadowSession:
     resumed: bool = False
     writer: DiscardWriter = field(default_factory=DiscardWriter)
     before_abort: list[Any] = field(default_factory=list)
+    closed: bool = False
 
     def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> None:
         pass
 
     def close(self, status: str, step: int, message: str = "") -> None:
-        pass
+        self.closed = True
 
 
 def nonfinite_ranks(values: list[list[float]]) -> dict[str, list[int]]:

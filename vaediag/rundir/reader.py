@@ -149,6 +149,10 @@ class Run:
             problems.insert(0, "the run was killed or crashed while training (its status says "
                                "running but no process holds it); data up to the last flush "
                                "is intact")
+        elif self.status == "failed":
+            message = self.info.get("message") or "no reason recorded"
+            problems.insert(0, f"the run failed at step {self.info.get('step')}: {message}; "
+                               f"what was recorded before is intact")
         return problems
 
     def until(self, step: int) -> Run:

@@ -87,7 +87,7 @@ def check_can_create(path: Path, overwrite: bool, hint: str = CLI_HINT) -> None:
         raise RunDirError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
-            raise RunDirError(f"{path} is not empty; {hint}")
+            raise RunDirError(f"{path} is not empty{_holding(path)}; {hint}")
         if not (path / RUN_JSON).exists():
             raise RunDirError(f"{path} is not empty and is not a vaediag run directory (no "
                               f"{RUN_JSON}); refusing to overwrite it")
@@ -98,6 +98,15 @@ def check_can_create(path: Path, overwrite: bool, hint: str = CLI_HINT) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirError(f"cannot create run directory {path}: {existing} is not writable")
+
+
+def _holding(path: Path) -> str:
+    """' (it holds a failed run of 12 steps)' for a run directory, else ''."""
+    try:
+        info = json.loads((path / RUN_JSON).read_text())
+        return f" (it holds a {info['status']} run of {int(info['step'])} steps)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def check_can_resume(path: Path) -> None:
