@@ -461,3 +461,57 @@ def test_a_verdict_says_what_was_not_checked(tiny_run, tmp_path):
     assert vaediag.analysis.verdict(vaediag.analyze(calm)).startswith(
         "no instability or loss-quality decoupling found in what could be checked; not "
         "checked: ")
+
+
+def test_what_was_not_checked_says_what_to_pass_and_names_a_failed_probe(tmp_path):
+    """A run from a loop that gave no eval_loss= and whose image-quality probe failed: "not
+    checked" says what to pass, and lists the probe, in the verdict and findings.json."""
+    scalars = standard_scalars(1500)
+    evals = {k: v for k, v in standard_evals(scalars["step"][::50]).items()
+             if k not in ("eval_recon", "eval_kl")}
+    events = [{"kind": "probe_failed", "step": 300, "probe": "image_quality",
+               "error": "AssertionError: values must be >= 0"}]
+    path = write_run(tmp_path / "run", scalars, evals, events=events)
+    result = vaediag.analyze(path)
+    reasons = dict(vaediag.analysis.unchecked_detectors(result))
+    assert reasons["decoupling"] == (
+        "not recorded in this run: eval_recon (the grid's images' own loss: pass eval_loss= to "
+        "the Monitor (per-image recon and KL of the grid's images))")
+    assert reasons["probe image_quality"].startswith(
+        "the probe failed at step 300 and was disabled for the rest of the run "
+        "(AssertionError: values must be >= 0)")
+    assert "probe image_quality" in vaediag.analysis.verdict(result)
+    listed = vaediag.analysis.findings_json(result)["not_checked"]
+    assert {"detector": "probe image_quality", "reason": reasons["probe image_quality"]} \
+        in listed
+
+
+def test_the_shortest_run_of_each_analysis_is_documented_beside_eval_every(tmp_path):
+    """The table in docs/probes.md and the Monitor's eval_every help are the code's numbers,
+    and a run that short is just long enough: one evaluation fewer and it is not checked."""
+    import inspect
+    from pathlib import Path
+
+    from vaediag.analysis.data import RunData, Skip
+    from vaediag.analysis.detectors import decoupling
+    from vaediag.analysis.thresholds import shortest_runs, shortest_runs_markdown
+    from vaediag.monitor import Monitor
+    from vaediag.rundir import load_run
+
+    assert shortest_runs_markdown() in Path("docs/probes.md").read_text()
+    runs = shortest_runs(100)
+    assert runs["loss-quality decoupling"] == 600 and shortest_runs(50)[
+        "loss-quality decoupling"] == 350
+    help_text = " ".join(inspect.getdoc(Monitor).split())
+    assert "with ``eval_every=100`` a run of at least 600 steps, with 50 at least 350" in \
+        help_text
+    for steps, checked in ((600, True), (599, False)):
+        scalars = standard_scalars(steps + 1)
+        evals = standard_evals(scalars["step"][::100])
+        data = RunData(load_run(write_run(tmp_path / f"run{steps}", scalars, evals)))
+        try:
+            decoupling.detect(data)
+            ran = True
+        except Skip:
+            ran = False
+        assert ran is checked, steps

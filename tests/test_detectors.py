@@ -73,6 +73,37 @@ def test_nonfinite_names_first_step_term_layer_and_what_was_extreme(tmp_path):
     assert "decoder.fc" in f.summary and signals[0].step == 900
 
 
+def test_nonfinite_episodes_apart_are_separate_findings_with_their_own_causes(tmp_path):
+    """A NaN in one batch at step 400, then, after a learning-rate jump at 900, NaN gradients
+    at 902-997: two findings, the second with the learning rate before it and not folded
+    into the first."""
+    cols = standard_scalars(N)
+    cols["recon"][400] = np.nan  # one bad batch: the forward pass
+    cols["lr"][900:] = cols["lr"][0] * 30
+    cols["kl"][902:998] = np.nan
+    events = [{"kind": "nonfinite", "step": 400, "term": "recon"},
+              {"kind": "nonfinite", "step": 400, "term": "grad:decoder.fc.weight"},
+              *({"kind": "nonfinite", "step": s, "term": "grad:encoder.fc.weight"}
+                for s in range(902, 998))]
+    findings, signals = nonfinite.detect(run_data(tmp_path, cols, events=events))
+    first, second = findings
+    assert (first.first_step, first.last_step, first.evidence["steps_affected"]) == \
+        (400, 400, 1)
+    assert (second.first_step, second.last_step, second.evidence["steps_affected"]) == \
+        (902, 997, 96)
+    assert "episode 2 of 2; an earlier one at step 400" in second.summary
+    assert second.cause.startswith("the learning rate rose 30x")
+    assert "2 step(s) before" in second.cause
+    assert "jumped 30x" in second.remedies[0]
+    assert [s.step for s in signals] == [400, 902]
+    # the first: a loss made non-finite by the forward pass, from finite weights
+    assert "forward pass" in first.cause
+    assert not any("clip gradients" in r for r in first.remedies)
+    assert "NaN/Inf pixels" in first.remedies[0]
+    # close together, one episode
+    assert nonfinite.episodes([10, 30, 80, 131]) == [[10, 30, 80], [131]]
+
+
 # -- loss spikes --------------------------------------------------------------------------------
 
 def test_loss_spike_found_with_its_recovery(tmp_path):

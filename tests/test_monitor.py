@@ -168,11 +168,17 @@ def test_a_single_step(tmp_path):
     assert list(run.scalars["step"]) == [0] and list(run.evals["step"]) == [0, 1]
 
 
-def test_nonfinite_gradient_is_named_and_skipped(tmp_path):
+def test_nonfinite_gradient_is_named_and_skipped(tmp_path, capsys):
     model = TinyVAE(16)
     opt = torch.optim.Adam(model.parameters())
-    mon = _monitor(tmp_path, model, opt, probes="standard")
-    _loop(mon, model, opt, 5, poison=2)
+    mon = _monitor(tmp_path, model, opt, probes="standard", eval_every=1000)
+    lines = []
+    mon.echo = lines.append  # where the Monitor says things as they happen
+    _loop(mon, model, opt, 3, poison=2)
+    # said at once, at the step (the next evaluation is 1,000 steps away), and once
+    assert lines[0] == ("non-finite values at step 2: grad:enc.1.weight (recorded; vaediag "
+                        "analyze names where it started and why)")
+    assert sum("non-finite values at step" in line for line in lines) == 1
     run = vaediag.load_run(tmp_path / "run")
     bad = run.events[run.events["kind"] == "nonfinite"].iloc[0]
     assert bad["step"] == 2 and bad["term"] == "grad:enc.1.weight"

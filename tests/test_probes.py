@@ -607,3 +607,22 @@ def test_entry_sample_sums_estimate_the_layer_sums():
              params[2][1].abs().sum() + params[3][1].abs().sum()]
     assert sums[0].item() == pytest.approx(exact[0].item(), rel=0.03)
     assert sums[1].item() == pytest.approx(exact[1].item(), rel=1e-6)  # measured whole
+
+
+def test_image_quality_of_a_nonfinite_image_is_nan_and_the_others_are_measured():
+    """A model gone non-finite decodes NaN pixels: that image's metrics are NaN, the others'
+    are what they are without it, and nothing raises (the probe stays on)."""
+    from vaediag.probes.image_quality import quality
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 16, 16, generator=g)
+    y = (x + 0.1 * torch.randn(4, 3, 16, 16, generator=g)).clamp(0, 1)
+    clean = quality(x, y, None)
+    y[2, 0, 3, 3] = float("nan")
+    y[3, 1, 0, 0] = float("inf")
+    broken = quality(x, y, None)
+    assert set(broken) == set(clean)
+    for metric, values in broken.items():
+        assert torch.isnan(values[2]), metric
+        torch.testing.assert_close(values[[0, 1]], clean[metric][[0, 1]], rtol=0, atol=0,
+                                   equal_nan=True)  # HaarPSI is NaN below 32 px

@@ -163,6 +163,18 @@ def _report_skipped(data: Dataset) -> None:
         print(f"vaediag: warning: {data.name}: {data.skipped.summary()}", file=sys.stderr)
 
 
+def _say_what_is_too_short(total_steps: int, eval_every: int) -> None:
+    """Up front: the analyses this run is too short for (docs/probes.md's table)."""
+    from vaediag.analysis.thresholds import shortest_runs
+
+    short = {name: n for name, n in shortest_runs(eval_every).items() if total_steps < n}
+    if short:
+        print(f"vaediag: note: {total_steps:,} steps with an evaluation every {eval_every:,} "
+              f"are too few for " + ", ".join(f"{name} (needs {n:,})"
+                                             for name, n in short.items())
+              + "; those analyses will be listed as not checked", file=sys.stderr)
+
+
 def train(
     config: Config,
     run_dir: str | Path,
@@ -419,6 +431,8 @@ class TrainingLoop:
         progress_line = Progress(monitor, start, total_steps, self.order.steps_per_epoch,
                                  progress, quiet)
         if start == 0 and not resumed:  # a resume from step 0 has these already
+            if not quiet and self.ranks.rank == 0:
+                _say_what_is_too_short(total_steps, monitor.eval_every)
             self.injector.after_update(0, self.model)
             monitor.evaluate(0)
             self.checkpoint(0)

@@ -70,6 +70,11 @@ def analyze(path: str | Path | Run) -> Analysis:
         if not row.get("available", True):
             checks.append(Check(str(row.get("metric")), "skipped",
                                 f"{row.get('metric')} unavailable: {row.get('reason')}"))
+    for _, row in data.events_of("probe_failed").iterrows():  # what it measured stops there
+        checks.append(Check(f"probe {row.get('probe')}", "failed",
+                            f"the probe failed at step {int(row['step']):,} and was disabled "
+                            f"for the rest of the run ({row.get('error')}): its columns end "
+                            f"there"))
     remedies.check_all(findings, data)
     findings = fold_consequences(findings)
     eval_steps = [int(s) for s in data.evals["step"]] if len(data.evals) else []
@@ -154,10 +159,12 @@ def _incident_text(incident: Incident, analysis: Analysis) -> str:
 
 
 def unchecked_detectors(analysis: Analysis) -> list[tuple[str, str]]:
-    """(detector, reason) of every detector that was skipped or failed: a verdict never reads
-    as "all clear" about what was not looked at."""
+    """(detector, reason) of every detector that was skipped or failed, and every probe that
+    failed and was disabled: a verdict never reads as "all clear" about what was not looked
+    at."""
     names = {d.NAME for d in DETECTORS}
-    return [(c.detector, c.reason) for c in analysis.not_checked() if c.detector in names]
+    return [(c.detector, c.reason) for c in analysis.not_checked()
+            if c.detector in names or c.detector.startswith("probe ")]
 
 
 __all__ = ["FINDINGS_JSON", "Analysis", "Check", "Finding", "Incident", "Signal", "analyze",

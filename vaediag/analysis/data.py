@@ -20,6 +20,18 @@ from vaediag.rundir import Run
 #: (a KL that rises while the total loss falls is a trade, not a spike).
 MIN_BURN_IN = 100
 
+#: What records a column a detector needs, in the words of the one who runs training: the
+#: Monitor's argument in a user's loop (``vaediag train`` records these by itself).
+HOW_TO_RECORD = {
+    "eval_recon": "the grid's images' own loss: pass eval_loss= to the Monitor (per-image "
+                  "recon and KL of the grid's images)",
+    "eval_kl": "the grid's images' own KL: pass eval_loss= to the Monitor",
+    "train_recon_avg": "the training loss averaged between evaluations: pass recon= and kl= "
+                       "to after_backward at every step",
+    "kl": "pass kl= to after_backward",
+    "recon": "pass recon= to after_backward",
+}
+
 #: How many indexed-statistic matrices :meth:`RunData.matrix` keeps.
 MATRICES_KEPT = 3
 
@@ -111,7 +123,10 @@ class RunData:
     def require(self, *names: str, table: str = "scalars") -> None:
         missing = [n for n in names if not self.has(n, table)]
         if missing:
-            raise Skip(f"not recorded in this run: {', '.join(missing)}")
+            hints = list(dict.fromkeys(HOW_TO_RECORD[n] for n in missing
+                                       if n in HOW_TO_RECORD))
+            raise Skip(f"not recorded in this run: {', '.join(missing)}"
+                       + (f" ({'; '.join(hints)})" if hints else ""))
 
     def events_of(self, kind: str) -> pd.DataFrame:
         if self.events.empty or "kind" not in self.events:

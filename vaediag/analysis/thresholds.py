@@ -65,6 +65,42 @@ def markdown() -> str:
     return "\n".join(parts)
 
 
+def shortest_runs(eval_every: int) -> dict[str, int]:
+    """{analysis: the fewest steps a run needs for it to run at all}, with an evaluation every
+    ``eval_every`` steps: what a run shorter than that lists under "not checked"."""
+    from vaediag.analysis.data import MIN_BURN_IN
+    from vaediag.analysis.detectors import (
+        decoupling,
+        epoch_average,
+        generalisation,
+        kl_explosion,
+    )
+
+    # the first evaluation at or after the burn-in, then as many more as each needs
+    first = -(-MIN_BURN_IN // eval_every) * eval_every
+
+    def evaluations(n: int) -> int:
+        return first + (n - 1) * eval_every
+
+    return {
+        "loss spikes": MIN_BURN_IN + 20,
+        "KL explosion": MIN_BURN_IN + kl_explosion.MIN_STABLE + kl_explosion.MIN_PERSIST,
+        "loss-quality decoupling": evaluations(decoupling.MIN_EVALS),
+        "overfitting (with train_images=)": evaluations(generalisation.MIN_EVALS),
+        "the epoch-average trap": evaluations(epoch_average.MIN_EVALS),
+    }
+
+
+def shortest_runs_markdown(eval_every: tuple[int, ...] = (20, 50, 100, 250)) -> str:
+    """:func:`shortest_runs` as a table, one column per evaluation interval."""
+    head = "| analysis | " + " | ".join(f"eval_every={e}" for e in eval_every) + " |"
+    rows = [head, "|---" * (len(eval_every) + 1) + "|"]
+    tables = [shortest_runs(e) for e in eval_every]
+    for name in tables[0]:
+        rows.append(f"| {name} | " + " | ".join(f"{t[name]:,}" for t in tables) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def write(path: Path) -> bool:
     """Replace the threshold tables in ``path`` (docs/detectors.md: from its first table after
     "## Thresholds" up to the next section) with :func:`markdown`; whether it changed."""

@@ -128,8 +128,10 @@ class Monitor:
         grid shows no losses of its own images.
     eval_every
         Steps between evaluations (grid, eval losses, image-quality probes). An evaluation
-        costs about as much as a few training steps; the loss-quality analysis needs at least
-        six after the first few hundred steps.
+        costs about as much as a few training steps. The loss-quality and overfitting
+        analyses need six evaluations from step 100 on: with ``eval_every=100`` a run of at
+        least 600 steps, with 50 at least 350 (every analysis's shortest run: the table in
+        docs/probes.md, ``vaediag.analysis.thresholds.shortest_runs``).
     value_range
         The range of the images ``eval_images`` holds and ``decode`` returns: ``(0, 1)``
         (default) or e.g. ``(-1, 1)`` for a tanh decoder. Images are mapped from it onto [0, 1]
@@ -415,6 +417,8 @@ class Monitor:
         self.unusual = False
         self._unusual = UnusualSteps()
         self._sums = [0.0, 0.0, 0]  # recon, kl, count since the last evaluation
+        #: whether the last step read was non-finite (a new episode is said at once)
+        self._nonfinite_episode = False
         #: the last step given to after_backward (steps only grow; a resumed run's first step
         #: is its checkpoint's)
         self._last_step = getattr(self.session, "start_step", 0) - 1
@@ -673,7 +677,18 @@ class Monitor:
             ranks = {"ranks": where[term]} if term in where else {}
             self.writer.event("nonfinite", step, term=term, recon=row["recon"], kl=row["kl"],
                               grad_norm=check.grad_norm, **ranks)
+        self._say_nonfinite(step, check.nonfinite)
         return check
+
+    def _say_nonfinite(self, step: int, terms: list[str]) -> None:
+        """A non-finite step is said at once, once per episode (the first step after finite
+        ones), not at the next evaluation's analysis."""
+        if terms and not self._nonfinite_episode and self.records:
+            shown = ", ".join(terms[:3]) + (f" and {len(terms) - 3} more" if len(terms) > 3
+                                            else "")
+            self.echo(f"non-finite values at step {step}: {shown} (recorded; vaediag analyze "
+                      f"names where it started and why)")
+        self._nonfinite_episode = bool(terms)
 
     @staticmethod
     def _grads_finite(norms: torch.Tensor | None, check: StepCheck) -> bool:

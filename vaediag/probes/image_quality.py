@@ -22,8 +22,13 @@ from vaediag.probes.context import EvalContext
 
 
 def quality(x: torch.Tensor, y: torch.Tensor, lpips: LPIPSMetric | None) -> dict[str, torch.Tensor]:
-    """Per-image quality metrics of reconstructions ``y`` of originals ``x``."""
+    """Per-image quality metrics of reconstructions ``y`` of originals ``x``. An image with a
+    NaN or Inf pixel (a model gone non-finite) has NaN metrics; the others are measured."""
     x, y = x.detach().float().cpu().clamp(0, 1), y.detach().float().cpu().clamp(0, 1)
+    broken = ~(torch.isfinite(x).flatten(1).all(1) & torch.isfinite(y).flatten(1).all(1))
+    if bool(broken.any()):
+        out = quality(torch.nan_to_num(x), torch.nan_to_num(y), lpips)
+        return {k: v.float().masked_fill(broken, float("nan")) for k, v in out.items()}
     orient, centroid = image.orientation_errors(x, y)
     out = {
         "ssim": image.ssim(x, y), "psnr": image.psnr(x, y), "gmsd": image.gmsd(x, y),

@@ -31,6 +31,8 @@ KINDS = (
 )
 #: noise units the per-step loss moved within an epoch while its epoch average hid it
 Z_CHANGE = 2.0
+#: evaluations with a training average after the burn-in needed
+MIN_EVALS = 4
 
 
 def _cause(data: RunData, s: np.ndarray, keep: np.ndarray, k: int, da: np.ndarray,
@@ -57,8 +59,9 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     data.require("eval_recon", "train_recon_avg", table="evals")
     steps = data.evals["step"].to_numpy()
     keep = (steps >= data.burn_in_step) & np.isfinite(data.series("train_recon_avg", "evals"))
-    if keep.sum() < 4:
-        raise Skip("needs 4 evaluations with a training average after the burn-in")
+    if keep.sum() < MIN_EVALS:
+        raise Skip(f"needs {MIN_EVALS} evaluations with a training average after the burn-in "
+                   f"(step {data.burn_in_step:,}), has {int(keep.sum())}")
     s = steps[keep]
     avg = data.series("train_recon_avg", "evals")[keep]
     snap = data.series("eval_recon", "evals")[keep]

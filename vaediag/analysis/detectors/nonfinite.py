@@ -9,6 +9,11 @@ layer whose gradient the backward pass reached first among those that went non-f
 ``LOOKBACK`` steps before it, each recorded per-step statistic is scored against its own
 earlier history (robust z of its value against the median and MAD of the run up to the window):
 the most extreme ones are reported as what preceded the failure.
+
+Episodes: non-finite steps more than ``EPISODE_GAP`` steps apart are separate episodes, each a
+finding of its own with its own origin and what preceded it (a NaN from one bad batch at step
+150 and an overflow after a learning-rate jump at step 300 are two failures with two causes,
+not one that "affected" everything between them).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vaediag.analysis.causes import knob
+from vaediag.analysis.causes import SettingChange, first_change, knob, undo_remedy
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
@@ -34,6 +39,9 @@ KINDS = (
 )
 #: steps before the first non-finite value searched for what was extreme
 LOOKBACK = 20
+#: non-finite steps further apart than this are separate episodes (the incidents' window: a
+#: cause inside training shows within it, so a later failure past it has a cause of its own)
+EPISODE_GAP = 50
 
 #: remedies by where it started: (text, config key of ``vaediag train``, value)
 _REMEDIES: dict[str, list[tuple[str, str | None, object]]] = {
@@ -46,6 +54,13 @@ _REMEDIES: dict[str, list[tuple[str, str | None, object]]] = {
     "grad": [("clip gradients at the 99th percentile of the stable phase", "optim.grad_clip",
               None),
              ("lower the learning rate; raise Adam's eps if it is tiny", "optim.eps", None)],
+    # a loss term non-finite from finite weights, nothing extreme before: the forward pass
+    # made it (clipping gradients cannot help: the loss itself is NaN)
+    "forward": [("check the batch of that step for NaN/Inf pixels, and the loss for log(0), a "
+                 "division by zero or exp() of a large value (add an eps, clamp)", None, None),
+                ("clamp the encoder's log-variance (e.g. to [-30, 20]) if exp(logvar) "
+                 "overflows", "loss.logvar_clamp", "[-30.0,20.0]"),
+                ("skip such steps while you look (train.on_nonfinite=skip)", None, None)],
     "weight": [("find what wrote that weight: the update before (clip gradients, lower the "
                 "learning rate) or code that edits or loads weights", None, None),
                ("resume from the last checkpoint before the step, with the cause fixed", None,
@@ -126,10 +141,13 @@ class _Origin:
         return cls(ordered, [t for t in ordered if t in ("recon", "kl", "total")],
                    weights[0] if weights else "", origin, _layer(origin), sorted(ranks))
 
-    @property
-    def remedies_key(self) -> str:
-        return ("weight" if self.weight else "kl" if "kl" in self.loss_terms
-                else "recon" if "recon" in self.loss_terms else "grad")
+    def remedies_key(self, before: list[dict]) -> str:
+        if self.weight:
+            return "weight"
+        if self.loss_terms and not before:
+            return "forward"
+        return "kl" if "kl" in self.loss_terms else "recon" if "recon" in self.loss_terms \
+            else "grad"
 
     def where(self) -> str:
         """' in recon on rank 1 and the gradient of decoder.fc', or ''."""
@@ -145,11 +163,21 @@ class _Origin:
         return f" in {' and '.join(parts)}" if parts else ""
 
 
-def _cause(origin: _Origin, first: int, before: list[dict]) -> str:
+def _cause(origin: _Origin, first: int, before: list[dict],
+           change: SettingChange | None) -> str:
+    if change is not None:
+        return (f"{change.describe()}, {first - change.step:,} step(s) before: the larger "
+                f"updates overflowed ({origin.where().strip() or 'in the gradients'})")
     if origin.weight:
         return (f"a weight of {origin.layer} was already Inf/NaN when step {first:,} began: it "
                 f"was written by the update before it, or by code that edits or loads "
                 f"weights; every value computed from it is non-finite")
+    if origin.loss_terms and not before:
+        return (f"{', '.join(origin.loss_terms)} went non-finite in the forward pass of step "
+                f"{first:,}, with every weight finite and nothing recorded extreme before it: "
+                f"a bad batch (NaN/Inf pixels) or an operation such as log(0), a division by "
+                f"zero or an exp() that overflowed; the gradients are non-finite because the "
+                f"loss is")
     if before:
         return (f"a loss term or gradient overflowed; just before, {before[0]['column']} "
                 f"reached {before[0]['value']:.4g} (typically {before[0]['typical']:.4g})")
@@ -157,28 +185,54 @@ def _cause(origin: _Origin, first: int, before: list[dict]) -> str:
             "a sudden event (a bad batch, one huge step, a corrupted weight)")
 
 
+def episodes(steps: list[int], gap: int = EPISODE_GAP) -> list[list[int]]:
+    """Sorted non-finite steps split where more than ``gap`` steps lie between two."""
+    out: list[list[int]] = []
+    for step in sorted(steps):
+        if out and step - out[-1][-1] <= gap:
+            out[-1].append(step)
+        else:
+            out.append([step])
+    return out
+
+
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     """The Monitor's ``nonfinite`` events are authoritative (each names its term); rows add
-    NaN/Inf in ``recon`` and ``kl``, which every step records."""
+    NaN/Inf in ``recon`` and ``kl``, which every step records. One finding per episode."""
     if "recon" not in data.scalars.columns and data.events_of("nonfinite").empty:
         raise Skip("no loss terms recorded")
     bad, ranks = _bad_steps(data)
-    if not bad:
-        return [], []
-    first, last = min(bad), max(bad)
-    origin = _Origin.of(bad[first], ranks.get(first, set()))
-    before = extremes_before(data, int(np.searchsorted(data.steps, first)))
-    finding = Finding(
-        kind="nonfinite", severity="high", first_step=first, last_step=last,
-        summary=(f"non-finite values first at step {first:,}{origin.where()}; {len(bad):,} "
-                 f"step(s) affected"),
-        evidence={"terms": origin.terms, "layer": origin.layer, "steps_affected": len(bad),
-                  **({"ranks": origin.ranks} if origin.ranks else {}),
-                  "skipped_updates": len(data.events_of("skipped_step")),
-                  "extreme_before": before},
-        cause=_cause(origin, first, before), detector=NAME,
-        remedies=[text + (knob(data, k, v) if k else "")
-                  for text, k, v in _REMEDIES[origin.remedies_key]])
-    signals = [Signal(first, "nonfinite", origin.layer or ",".join(origin.loss_terms),
-                      math.nan, math.nan, f"NaN/Inf in {', '.join(origin.terms)}")]
-    return [finding], signals
+    parts = episodes(list(bad))
+    skipped = data.events_of("skipped_step")
+    skipped_steps = skipped["step"].to_numpy() if len(skipped) else np.zeros(0)
+    findings, signals = [], []
+    for k, steps in enumerate(parts):
+        first, last = steps[0], steps[-1]
+        origin = _Origin.of(bad[first], ranks.get(first, set()))
+        before = extremes_before(data, int(np.searchsorted(data.steps, first)))
+        # a recorded setting that jumped just before (the learning rate, eps, the KL weight)
+        change = first_change(data, ("lr", "eps", "beta"), first - LOOKBACK, first)
+        remedies = [text + (knob(data, k_, v) if k_ else "")
+                    for text, k_, v in _REMEDIES[origin.remedies_key(before)]]
+        if change is not None and not origin.weight:
+            remedies = [undo_remedy(data, change), *remedies]
+        which = ""
+        if len(parts) > 1:
+            earlier = f"; an earlier one at step {parts[k - 1][0]:,}" if k else ""
+            which = f" (episode {k + 1} of {len(parts)}{earlier})"
+        findings.append(Finding(
+            kind="nonfinite", severity="high", first_step=first, last_step=last,
+            summary=(f"non-finite values first at step {first:,}{origin.where()}; "
+                     f"{len(steps):,} step(s) affected{which}"),
+            evidence={"terms": origin.terms, "layer": origin.layer,
+                      "steps_affected": len(steps), "episode": k + 1, "episodes": len(parts),
+                      **({"ranks": origin.ranks} if origin.ranks else {}),
+                      "skipped_updates": int(((skipped_steps >= first)
+                                              & (skipped_steps <= last)).sum()),
+                      "extreme_before": before,
+                      **({"setting_change": change.describe()} if change else {})},
+            cause=_cause(origin, first, before, change if not origin.weight else None),
+            detector=NAME, remedies=remedies))
+        signals.append(Signal(first, "nonfinite", origin.layer or ",".join(origin.loss_terms),
+                              math.nan, math.nan, f"NaN/Inf in {', '.join(origin.terms)}"))
+    return findings, signals
