@@ -602,3 +602,38 @@ def test_the_docs_hold_every_threshold_as_the_detectors_define_it():
     doc = (Path(__file__).parents[1] / "docs" / "detectors.md").read_text()
     assert markdown() in doc, \
         "update the tables: python -m vaediag.analysis.thresholds --write docs/detectors.md"
+
+
+# -- the KL's sign ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("total_sign", "severity"), [(1, "high"), (-1, "warning"), (0, "warning")])
+def test_a_kl_with_the_wrong_sign_is_a_finding_that_says_whether_the_loss_has_it(
+        tmp_path, total_sign, severity):
+    """A KL logged as 0.5 * sum(1 + logvar - mu^2 - exp(logvar)): negative on every step. The
+    recorded total tells whether the loss adds it so (training maximises the true KL) or only
+    the log is negated; without a total it says the sign is wrong."""
+    from vaediag.analysis.detectors import kl_sign
+
+    cols = standard_scalars(N)
+    cols["kl"] = -cols["kl"]
+    if total_sign:
+        cols["total"] = cols["recon"] + total_sign * cols["kl"]
+    else:
+        del cols["total"]
+    (f,), _ = kl_sign.detect(run_data(tmp_path, cols))
+    assert (f.kind, f.severity, f.first_step) == ("negative_kl", severity, 0)
+    assert "negative on 100% of steps" in f.summary and "wrong sign" in f.cause
+    assert f.evidence["loss_adds_negative_kl"] == {1: True, -1: False, 0: None}[total_sign]
+    assert ("maximises" in f.cause) is (total_sign == 1)
+    result = vaediag.analyze(run_data(tmp_path, cols, seed=1).run)
+    assert "negative_kl" in vaediag.analysis.verdict(result) or \
+        "the KL is negative" in vaediag.analysis.verdict(result)
+
+
+def test_a_monte_carlo_kl_near_zero_is_not_a_wrong_sign(tmp_path):
+    """A collapsed posterior's single-sample KL estimate: about half its steps negative."""
+    from vaediag.analysis.detectors import kl_sign
+
+    cols = standard_scalars(N)
+    cols["kl"] = np.random.default_rng(0).normal(0.0, 0.05, N)
+    assert kl_sign.detect(run_data(tmp_path, cols)) == ([], [])
