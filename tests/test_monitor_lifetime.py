@@ -146,3 +146,34 @@ def test_a_process_that_ends_without_close_leaves_a_true_run(tmp_path, ending, s
         assert result.stderr.count("close() was never called") == 1
         assert "close() was never called" in info["message"]
         assert run.evals["step"].tolist()[-1] == 24  # the final grid, as close() makes it
+
+
+def test_a_users_loop_records_its_optimizers_settings_and_their_changes(tmp_path):
+    """Runs at lr 1e-3 and 1e-4 from a user's loop: the optimizer's class and hyperparameters
+    are in the run's config, vaediag compare tells the two apart, the report has an optimizer
+    line, and a weight decay changed mid-run is an event."""
+    from vaediag.report import compare, header_rows
+
+    x = _images(16, seed=2)
+    for name, lr in (("a", 1e-3), ("b", 1e-4)):
+        torch.manual_seed(0)
+        model = TinyVAE(RES)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        with vaediag.Monitor(tmp_path / name, model, optimizer, eval_images=_images(),
+                             probes="off", online=False, eval_every=3) as mon:
+            for step in range(6):
+                if step == 4:
+                    optimizer.param_groups[0]["weight_decay"] = 0.1
+                _step(mon, model, optimizer, step, x)
+    run = vaediag.load_run(tmp_path / "b")
+    optim = run.config["optim"]
+    assert optim["name"] == "AdamW" and optim["lr"] == 1e-4 and optim["betas"] == [0.9, 0.999]
+    assert optim["weight_decay"] == 0.01 and optim["eps"] == 1e-8
+    changes = run.events[run.events["kind"] == "optimizer_settings"]
+    assert changes["step"].tolist() == [6]  # the evaluation after the change
+    assert changes["changed"].iloc[0] == {"weight_decay": [0.01, 0.1]}
+    compared = compare.build([tmp_path / "a", tmp_path / "b"])
+    assert ("optim.lr", "0.0001", "0.001") in compared.runs[1].differences
+    rows = dict(header_rows(run, vaediag.analyze(run)))
+    assert rows["optimizer"] == "AdamW, lr 0.0001, betas [0.9, 0.999], eps 1e-08, weight " \
+                                "decay 0.01"

@@ -62,6 +62,7 @@ from vaediag.monitor.ranks import (
     unwrap,
 )
 from vaediag.monitor.readback import Packed, Pending, read_arrays, to_floats
+from vaediag.monitor.settings import SettingsWatch, optimizer_settings
 from vaediag.probes.base import Probe, ProbeSetup
 from vaediag.probes.context import StepContext
 from vaediag.probes.latents import rank_summary as latent_summary
@@ -301,6 +302,8 @@ class Monitor:
         settings = {"monitor": {"eval_every": eval_every, "recon_mode": recon_mode,
                                 "value_range": list(self.evaluator.value_range),
                                 "probes": probes if isinstance(probes, str) else "custom"}}
+        if not isinstance(run_dir, RunSession) and optimizer_settings(optimizer):
+            settings["optim"] = optimizer_settings(optimizer)  # a user's loop: from itself
         self.session = self._session(run_dir, settings, config, overwrite, seed)
         #: whether this Monitor made its run directory (a user's loop) or was handed a
         #: session (``vaediag train``, which stops itself)
@@ -417,6 +420,8 @@ class Monitor:
         self.unusual = False
         self._unusual = UnusualSteps()
         self._sums = [0.0, 0.0, 0]  # recon, kl, count since the last evaluation
+        #: the optimizer's hyperparameters, checked for changes at each evaluation
+        self._optimizer_settings = SettingsWatch(self.optimizer)
         #: whether the last step read was non-finite (a new episode is said at once)
         self._nonfinite_episode = False
         #: the last step given to after_backward (steps only grow; a resumed run's first step
@@ -907,6 +912,9 @@ class Monitor:
         """Evaluate the model as it is now (after ``step`` updates): grid PNG and eval row."""
         step = checks.step(step)
         self.flush()
+        changed = self._optimizer_settings.changes()
+        if changed:
+            self.writer.event("optimizer_settings", step, changed=changed)
         with self.evaluator.eval_mode(), torch.no_grad():  # probes may encode the larger set
             evaluation = self.evaluator.run(step, self._lpips.metric)
             values = self.runner.run(self.runner.on_eval, evaluation.context, step)

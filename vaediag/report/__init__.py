@@ -40,6 +40,20 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+def _optimizer_line(optim: dict) -> str:
+    """'adam, lr 0.001 (cosine), betas [0.9, 0.999], eps 1e-08, ...': what the run's [optim]
+    holds (a user's loop records its optimizer's own hyperparameters, not vaediag's keys)."""
+    schedule = optim.get("schedule")
+    parts = [str(optim.get("name")),
+             f"lr {_fmt(optim.get('lr'))}" + (f" ({schedule})" if schedule else "")]
+    parts += [f"{label} {_fmt(optim[key])}" for label, key in
+              (("betas", "betas"), ("eps", "eps"), ("weight decay", "weight_decay"),
+               ("momentum", "momentum")) if key in optim]
+    if "grad_clip" in optim:
+        parts.append(f"grad clip {_fmt(optim.get('grad_clip')) or 'off'}")
+    return ", ".join(parts)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -73,11 +87,7 @@ def header_rows(run: Run, analysis: Analysis) -> list[tuple[str, str]]:
                              + (f", logvar clamp {_fmt(loss.get('logvar_clamp'))}"
                                 if loss.get("logvar_clamp") else "")))
     if optim:
-        rows.append(("optimizer", f"{optim.get('name')}, lr {_fmt(optim.get('lr'))} "
-                                  f"({optim.get('schedule')}), betas {_fmt(optim.get('betas'))}, "
-                                  f"eps {_fmt(optim.get('eps'))}, weight decay "
-                                  f"{_fmt(optim.get('weight_decay'))}, grad clip "
-                                  f"{_fmt(optim.get('grad_clip')) or 'off'}"))
+        rows.append(("optimizer", _optimizer_line(optim)))
     steps = analysis.run.get("steps") or 0
     rows.append(("steps", f"{steps:,} recorded ({analysis.run.get('first_step')} to "
                           f"{analysis.run.get('last_step')}), "
