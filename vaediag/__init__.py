@@ -34,12 +34,17 @@ _LAZY = {
     "UserError": "vaediag.errors",
 }
 
+#: submodules a user reaches as ``vaediag.NAME`` after ``import vaediag`` (imported then)
+_SUBMODULES = frozenset({"columns", "errors", "analysis", "rundir", "testing"})
+
 __all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
+    if name in _LAZY or name in _SUBMODULES:
         import importlib
 
+        if name in _SUBMODULES:
+            return importlib.import_module(f"{__name__}.{name}")
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'vaediag' has no attribute {name!r}")
