@@ -46,6 +46,8 @@ def test_training_stops_with_a_checkpoint_on_a_high_finding(stopped):
     assert (out / CHECKPOINTS_DIR / step_file(stop, "pt")).exists()
     assert min(e["step"] for e in high) <= stop < 300  # stopped after it was found, early
     assert "train.stop_on" in run.info["message"]
+    # the stop names the root of what it stopped on, as vaediag analyze does: the learning rate
+    assert "the learning rate rose 100x" in run.info["message"], run.info["message"]
 
 
 def test_online_findings_are_the_offline_findings_of_the_same_prefix(stopped):

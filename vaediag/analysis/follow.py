@@ -37,10 +37,20 @@ def same(a: tuple[str, str, int, int], b: tuple[str, str, int, int]) -> bool:
     return a[:2] == b[:2] and a[2] <= b[3] and b[2] <= a[3]
 
 
-def line(f: Finding, at: int) -> str:
-    """One line for a terminal or a log: what, where, and when it became visible."""
-    return (f"finding at step {at:,}: {f.severity.upper()} {f.kind} from step "
+def line(f: Finding, at: int, root: Finding | None = None) -> str:
+    """One line for a terminal or a log: what, where, and when it became visible; for a
+    consequence, the root of its incident (what set it off, and why)."""
+    text = (f"finding at step {at:,}: {f.severity.upper()} {f.kind} from step "
             f"{f.first_step:,}: {f.summary}")
+    if root is not None and root is not f:
+        text += f" (set off by the {root_text(root)})"
+    return text
+
+
+def root_text(root: Finding) -> str:
+    """'oversized_update at step 300: ...; cause: the learning rate rose 50x ...'"""
+    cause = f"; cause: {root.cause}" if root.cause else ""
+    return f"{root.kind} at step {root.first_step:,}: {root.summary}{cause}"
 
 
 class Follower:
@@ -51,6 +61,7 @@ class Follower:
         #: what was reported already (:func:`key`); with ``known_from_events``, the run's
         #: ``finding`` events (a resumed run's reports are not news to the process training it)
         self.reported: list[tuple[str, str, int, int]] = []
+        self.roots: dict[int, Finding] = {}
         events = load_run(self.path).events if known_from_events else None
         if events is not None and len(events) and "kind" in events:
             for _, e in events[events["kind"] == "finding"].iterrows():
@@ -59,11 +70,15 @@ class Follower:
 
     def new_findings(self, step: int | None = None) -> tuple[int, list[Finding]]:
         """(the step analysed to, the new findings): the run as written, cut at ``step`` (the
-        newest evaluation when None)."""
+        newest evaluation when None). :attr:`roots` then gives each new finding's incident
+        root, grouped as ``vaediag analyze`` groups them."""
         run = load_run(self.path)
         if step is None:
             step = int(run.evals["step"].iloc[-1]) if len(run.evals) else 0
         analysis = analyze(run.until(step))
+        #: id(finding) -> the root of its incident, for the findings of the last analysis
+        self.roots = {id(f): incident.root for incident in analysis.incidents
+                      for f in incident.members}
         new = []
         for f in sorted(analysis.findings, key=lambda f: f.first_step):
             if severity_rank(f.severity) >= 1 and not any(same(key(f), k)
@@ -88,7 +103,7 @@ def follow(path: str | Path, echo: Callable[[str], None], interval: float = 2.0,
         for step in (int(s) for s in steps if s > done_to):
             at, new = follower.new_findings(step)
             for f in new:
-                echo(line(f, at))
+                echo(line(f, at, follower.roots.get(id(f))))
             echoed += len(new)
             done_to = step
         if status != "running":  # finished, stopped, failed, interrupted or killed
@@ -96,6 +111,15 @@ def follow(path: str | Path, echo: Callable[[str], None], interval: float = 2.0,
         if timeout is not None and time.monotonic() - started >= timeout:
             return echoed
         time.sleep(interval)
+
+
+def _with_root(f: Finding, at: int, root: Finding | None) -> dict:
+    """A new finding's JSON with its line and, for a consequence, its incident's root."""
+    out = {**f.to_json(), "line": line(f, at, root)}
+    if root is not None and root is not f:
+        out["root"] = {"kind": root.kind, "severity": root.severity,
+                       "first_step": root.first_step, "text": root_text(root)}
+    return out
 
 
 def serve(path: str, stdin=sys.stdin, stdout=sys.stdout) -> None:
@@ -107,7 +131,8 @@ def serve(path: str, stdin=sys.stdin, stdout=sys.stdout) -> None:
         step = int(text)
         try:
             at, new = follower.new_findings(step)
-            reply = {"step": at, "findings": [f.to_json() for f in new]}
+            reply = {"step": at, "findings": [_with_root(f, at, follower.roots.get(id(f)))
+                                              for f in new]}
         except Exception as exc:  # noqa: BLE001 - reported to the training process, not fatal
             reply = {"step": step, "error": f"{type(exc).__name__}: {exc}"}
         stdout.write(json.dumps(reply) + "\n")

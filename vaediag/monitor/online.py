@@ -101,12 +101,17 @@ class OnlineAnalysis:
             return
         self.analysed_to = int(reply["step"])
         for f in reply["findings"]:
-            text = (f"finding at step {self.analysed_to:,}: {f['severity'].upper()} "
-                    f"{f['kind']} from step {f['first_step']:,}: {f['summary']}")
+            text = f.get("line") or (f"finding at step {self.analysed_to:,}: "
+                                     f"{f['severity'].upper()} {f['kind']} from step "
+                                     f"{f['first_step']:,}: {f['summary']}")
             self.report(text, f, self.analysed_to)
             if (self.stop_reason is None and self.stop_on != "never"
                     and SEVERITIES.index(f["severity"]) >= SEVERITIES.index(self.stop_on)):
-                self.stop_reason = text
+                # the root of its incident first: what to change, not what it set off
+                root = f.get("root")
+                self.stop_reason = text if root is None else (
+                    f"{root['text']}; it set off a {f['severity'].upper()} {f['kind']} "
+                    f"from step {f['first_step']:,}")
         if self._waiting is not None:
             step, self._waiting = self._waiting, None
             self.evaluated(step)
