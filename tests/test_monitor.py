@@ -302,6 +302,22 @@ def test_a_tanh_decoder_with_value_range(tmp_path, capsys):
     fixed = vaediag.load_run(tmp_path / "run").fixed["eval_images"]
     assert fixed.min() >= 0 and abs(int(fixed.max()) - 250) <= 3  # 0.95 -> 248 of 255
     assert "decoder's output leaves" not in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"for images in \[-1, 1\] pass value_range=\(-1, 1\)"):
+        vaediag.Monitor(tmp_path / "bad", Identity(), eval_images=images)
+
+
+def test_images_in_0_1_declared_as_minus_1_1_are_said_to_be_off(tmp_path, capsys):
+    """Following a tanh advice on [0, 1] data maps it to [0.5, 1]: said once, naming the
+    images' range and what to do instead."""
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    mon = vaediag.Monitor(tmp_path / "run", TinyVAE(16), eval_images=images,
+                          value_range=(-1, 1), probes="off", online=False)
+    mon.close()
+    err = capsys.readouterr().err
+    assert err.count("value_range=(-1, 1) but the images lie in [7.97e-05, 1], none below 0") == 1
+    assert "leave value_range at (0, 1)" in err
+    run = vaediag.load_run(tmp_path / "run")
+    assert "value_range" in set(run.events["what"].dropna())
 
 
 def test_user_input_problems_are_said_once_and_recorded(tmp_path, capsys):
@@ -322,7 +338,8 @@ def test_user_input_problems_are_said_once_and_recorded(tmp_path, capsys):
     assert err.count("no eval_loss given") == 1
     assert err.count("the KL given at step 0 is negative") == 1
     assert err.count("decoder's output leaves value_range [0, 1]") == 1
-    assert "value_range=(-1, 1)" in err
+    # the images are in [0, 1]: the decoder is off, never the range (no advice to pass (-1, 1))
+    assert "end the decoder in a sigmoid" in err and "pass value_range=(-1, 1)" not in err
     run = vaediag.load_run(tmp_path / "run")
     warned = run.events[run.events["kind"] == "monitor_warning"]
     assert sorted(warned["what"]) == ["decoder_range", "negative_kl", "no_eval_loss",

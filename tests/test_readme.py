@@ -56,7 +56,7 @@ def test_every_python_block_of_the_readme_runs(index, tiny_run, tmp_path, monkey
     shutil.copytree(tiny_run, tmp_path / "runs" / "first")
     code = blocks("python")[index]
     namespace = _namespace()
-    exec(compile(code, f"README.md python block {index + 1}", "exec"), namespace)  # noqa: S102
+    exec(compile(code, f"README.md python block {index + 1}", "exec"), namespace)
     if "vaediag.Monitor(" in code:  # the own loop: 2 epochs of 3 batches, one global step each
         run = vaediag.load_run(tmp_path / "runs" / "mine")
         assert run.status == "finished"

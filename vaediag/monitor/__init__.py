@@ -440,6 +440,7 @@ class Monitor:
     def _say_what_is_missing(self, no_eval_loss: bool, no_train_images: bool) -> None:
         if self.session.resumed:
             return
+        self.evaluator.check_range_fits()
         if no_eval_loss:
             self._warn("no_eval_loss", 0, "no eval_loss given: the grid shows no losses of its "
                        "own images and the loss-quality analysis cannot run (pass eval_loss=)")

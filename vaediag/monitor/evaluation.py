@@ -45,8 +45,10 @@ def as_images(images: torch.Tensor | np.ndarray, what: str, minimum: int,
     lo, hi = value_range
     x = x.float() / 255.0 * (hi - lo) + lo if x.dtype == torch.uint8 else x.float()
     if not torch.isfinite(x).all() or x.min() < lo or x.max() > hi:
+        hint = "; for images in [-1, 1] pass value_range=(-1, 1)" if (lo, hi) == (0.0, 1.0) \
+            and torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1 else ""
         raise UserError(f"{what} must lie in [{lo:g}, {hi:g}] (value_range), or be uint8 0..255; "
-                        f"got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
+                        f"got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]{hint}")
     return x
 
 
@@ -106,13 +108,24 @@ class Evaluator:
             raise UserError(f"train_factors must describe each of the {len(self.train_x)} "
                             f"train_images")
         self._warn = warn
+        self._given_uint8 = torch.as_tensor(eval_images).dtype == torch.uint8
         self.fixed_z: torch.Tensor | None = None
         self.recon_noise: torch.Tensor | None = None
 
-    def latent_size(self) -> int:
-        """The size of z, from one encoding in eval mode (batch norm's statistics kept)."""
-        with self.eval_mode(), torch.no_grad():
-            return int(self.encode(self.x[:2])[0].shape[1])
+    def check_range_fits(self) -> None:
+        """Float images that use only the upper half of a range reaching below 0 (images in
+        [0, 1] declared as [-1, 1]) would be drawn and scored at half their contrast: said
+        once, naming the range they are in."""
+        lo, hi = self.value_range
+        if self._given_uint8 or lo >= 0:
+            return
+        data_lo, data_hi = float(self.x.min()), float(self.x.max())
+        if data_lo >= 0 > lo:
+            self._warn("value_range", 0, f"value_range=({lo:g}, {hi:g}) but the images lie in "
+                       f"[{data_lo:.3g}, {data_hi:.3g}], none below 0: they look like images "
+                       f"in [0, 1], which this range would draw and score at half their "
+                       f"contrast; leave value_range at (0, 1) for them (and end the decoder "
+                       f"in a sigmoid), or give the images in [{lo:g}, {hi:g}]")
 
     def make_fixed(self, seed: int, latent: int) -> dict[str, np.ndarray]:
         """Draw the fixed z (of size ``latent``) and the reconstruction noise of a new run;
@@ -210,6 +223,21 @@ class Evaluator:
                                        captions.row_labels(self.recon_mode),
                                        captions.image_captions(row)))
 
+    def _range_advice(self, low: float, high: float) -> str:
+        """Which one is off, the decoder or the declared range: the images' own range
+        decides (they lie in ``value_range``, checked when given), never the decoder's."""
+        lo, hi = self.value_range
+        data_lo, data_hi = float(self.x.min()), float(self.x.max())
+        if lo >= 0 and low >= -1.001 and high <= 1.001:
+            return (f"the images are in [{lo:g}, {hi:g}] and the decoder's output reaches "
+                    f"{low:.3g}, as a tanh does: end the decoder in a sigmoid (or map its "
+                    f"output with (y + 1) / 2) for images in [0, 1]; value_range=(-1, 1) is "
+                    f"for images in [-1, 1], and these lie in [{data_lo:.3g}, {data_hi:.3g}]")
+        bound = "a sigmoid" if (lo, hi) == (0.0, 1.0) else \
+            "a tanh" if (lo, hi) == (-1.0, 1.0) else "a bounded activation"
+        return (f"bound the decoder's output to [{lo:g}, {hi:g}], the images' range ({bound} "
+                f"as its last layer)")
+
     def _decoded(self, images: torch.Tensor, step: int) -> torch.Tensor:
         """Decoder output mapped onto [0, 1]; values outside ``value_range`` are clamped, and
         said once."""
@@ -218,9 +246,9 @@ class Evaluator:
         outside = (images < lo - tolerance) | (images > hi + tolerance)
         if bool(outside.any()):
             share = float(outside.float().mean())
+            low, high = float(images.min()), float(images.max())
             self._warn("decoder_range", step, f"the decoder's output leaves value_range "
-                       f"[{lo:g}, {hi:g}] (values in [{float(images.min()):.3g}, "
-                       f"{float(images.max()):.3g}], {share:.1%} of pixels at step {step}); "
-                       f"they are clamped for the grid and the metrics: pass "
-                       f"value_range=(-1, 1) for a tanh decoder", share=share)
+                       f"[{lo:g}, {hi:g}] (values in [{low:.3g}, {high:.3g}], {share:.1%} of "
+                       f"pixels at step {step}); they are clamped for the grid and the "
+                       f"metrics: {self._range_advice(low, high)}", share=share)
         return self.to_unit(images.clamp(lo, hi))
