@@ -21,6 +21,19 @@ def test_one_callback_records_a_lightning_run(tmp_path):
     assert {"recon", "kl", "grad_norm", "mu_max", "logvar_min"} <= set(run.scalars.columns)
     assert run.scalars["recon"].notna().all() and run.evals["step"].tolist() == [0, 10, 20, 30, 40]
     assert run.scalars["lr"].eq(1e-3).all()  # the trainer's optimizer
+    # the KL weight from the module's beta attribute, the total from total_key="loss"
+    assert run.scalars["beta"].eq(0.5).all()
+    assert run.scalars["total"].to_numpy() == pytest.approx(
+        (run.scalars["recon"] + 0.5 * run.scalars["kl"]).to_numpy(), rel=1e-5)
+
+
+def test_the_callback_with_only_pytorch_lightning_installed(tmp_path):
+    """``import lightning`` fails in the child: the callback comes from pytorch_lightning."""
+    proc = subprocess.run([sys.executable, "tests/lightning_vae.py", str(tmp_path / "run"),
+                           "pytorch_lightning"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = load_run(tmp_path / "run")
+    assert run.status == "finished" and run.scalars["step"].tolist() == list(range(12))
 
 
 def test_the_callback_under_ddp_writes_one_run_from_rank_0(tmp_path):
@@ -30,5 +43,6 @@ def test_the_callback_under_ddp_writes_one_run_from_rank_0(tmp_path):
     run = load_run(tmp_path / "run")
     assert run.status == "finished"
     assert run.scalars["step"].tolist() == list(range(40))  # each step once
-    assert run.scalars["recon_rank_spread"].gt(0).all()  # two ranks, two batches
+    # two ranks, two batches: each rank's own values, though the module logs with sync_dist
+    assert run.scalars["recon_rank_spread"].gt(0).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
