@@ -36,6 +36,8 @@ try:
 except ImportError:  # only the older package installed
     import pytorch_lightning as pl  # type: ignore[no-redef]
 
+import torch
+
 from vaediag.errors import UserError
 
 if TYPE_CHECKING:
@@ -125,7 +127,7 @@ class VaediagCallback(pl.Callback):
             value = self._metric(trainer, self.beta_key)
         else:
             value = getattr(pl_module, self.beta_attr, None)
-            if hasattr(value, "numel") and value.numel() == 1:
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.detach()
             elif isinstance(value, bool) or not isinstance(value, (int, float)):
                 return None

@@ -56,11 +56,9 @@ _REMEDIES: dict[str, list[tuple[str, str | None, object]]] = {
              ("lower the learning rate; raise Adam's eps if it is tiny", "optim.eps", None)],
     # a loss term non-finite from finite weights, nothing extreme before: the forward pass
     # made it (clipping gradients cannot help: the loss itself is NaN)
+    # (then the term's own remedies that act on the forward pass, not the update)
     "forward": [("check the batch of that step for NaN/Inf pixels, and the loss for log(0), a "
-                 "division by zero or exp() of a large value (add an eps, clamp)", None, None),
-                ("clamp the encoder's log-variance (e.g. to [-30, 20]) if exp(logvar) "
-                 "overflows", "loss.logvar_clamp", "[-30.0,20.0]"),
-                ("skip such steps while you look (train.on_nonfinite=skip)", None, None)],
+                 "division by zero or exp() of a large value (add an eps, clamp)", None, None)],
     "weight": [("find what wrote that weight: the update before (clip gradients, lower the "
                 "learning rate) or code that edits or loads weights", None, None),
                ("resume from the last checkpoint before the step, with the cause fixed", None,
@@ -141,13 +139,18 @@ class _Origin:
         return cls(ordered, [t for t in ordered if t in ("recon", "kl", "total")],
                    weights[0] if weights else "", origin, _layer(origin), sorted(ranks))
 
-    def remedies_key(self, before: list[dict]) -> str:
+    def remedies(self, before: list[dict]) -> list[tuple[str, str | None, object]]:
+        """What to do, by where it started; a loss term that went non-finite from finite
+        weights with nothing extreme before was made by the forward pass: the batch or the
+        loss's arithmetic first, and none of the term's remedies that act on the update."""
         if self.weight:
-            return "weight"
-        if self.loss_terms and not before:
-            return "forward"
-        return "kl" if "kl" in self.loss_terms else "recon" if "recon" in self.loss_terms \
+            return _REMEDIES["weight"]
+        term = "kl" if "kl" in self.loss_terms else "recon" if "recon" in self.loss_terms \
             else "grad"
+        if self.loss_terms and not before:
+            return [*_REMEDIES["forward"],
+                    *(r for r in _REMEDIES[term] if r[1] != "optim.grad_clip")]
+        return _REMEDIES[term]
 
     def where(self) -> str:
         """' in recon on rank 1 and the gradient of decoder.fc', or ''."""
@@ -213,7 +216,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         # a recorded setting that jumped just before (the learning rate, eps, the KL weight)
         change = first_change(data, ("lr", "eps", "beta"), first - LOOKBACK, first)
         remedies = [text + (knob(data, k_, v) if k_ else "")
-                    for text, k_, v in _REMEDIES[origin.remedies_key(before)]]
+                    for text, k_, v in origin.remedies(before)]
         if change is not None and not origin.weight:
             remedies = [undo_remedy(data, change), *remedies]
         which = ""
