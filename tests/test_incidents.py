@@ -98,14 +98,31 @@ def test_a_risk_set_off_by_harm_keeps_its_severity():
     assert explosion.severity == "warning"
 
 
-def test_the_verdict_names_the_earliest_root_and_the_worst_later_one():
+def test_the_verdict_leads_with_the_root_of_the_worst_harm_then_the_earliest():
     early = finding("loss_understates_quality", 350, 750, detector="decoupling")
+    early.evidence["tightest"] = {"before_step": 350, "after_step": 750}
     jump = finding("adam_step_size_jump", 700)
     spike = finding("loss_spike", 701, severity="high")
     found = grouped(early, jump, spike)
+    assert len(found) == 2  # the pictures changed from 350 on: not the jump's doing
     text = verdict(Analysis({}, [early, jump, spike], [], [], [], incidents=found))
-    assert text.startswith("loss_understates_quality at 350")
-    assert "later, adam_step_size_jump at 700; then loss spike at step 701 (+1)" in text
+    assert text.startswith("adam_step_size_jump at 700; then loss spike at step 701 (+1)")
+    assert "; earlier, loss_understates_quality at 350" in text
+
+
+def test_a_loss_quality_change_around_a_sudden_event_is_its_consequence():
+    """The loss understates the pictures over the evaluations at 100 and 750, but the tightest
+    pair that shows it is 700 and 750: the learning-rate jump at 700 set it off; one incident,
+    and the verdict opens with the jump."""
+    wide = finding("loss_understates_quality", 100, 750, detector="decoupling")
+    wide.evidence["tightest"] = {"before_step": 700, "after_step": 750}
+    jump = finding("adam_step_size_jump", 700)
+    spike = finding("loss_spike", 701, severity="high")
+    (incident,) = grouped(wide, jump, spike)
+    assert incident.root is jump and wide in incident.consequences
+    text = verdict(Analysis({}, [wide, jump, spike], [], [], [], incidents=[incident]))
+    assert text.startswith("adam_step_size_jump at 700; then loss spike at step 701 (+1), "
+                           "loss understates quality at step")
 
 
 def test_analyze_groups_a_spike_and_the_gradient_explosion_it_caused(tmp_path):

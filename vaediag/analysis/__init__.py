@@ -105,22 +105,26 @@ DECOUPLING = tuple(k.name for k in KINDS.values() if k.decoupling)
 
 
 def verdict(analysis: Analysis) -> str:
-    """One line: the earliest root cause of warning or high severity, what it set off, and
-    where the loss stopped tracking quality if that is another incident; or that nothing was
-    found. Always says what was not checked."""
+    """One line: the root of the most severe incident (the earliest of equally severe ones),
+    what it set off; then the earliest root and where the loss stopped tracking quality, when
+    those are other incidents; or that nothing was found. Always says what was not
+    checked."""
     serious = [i for i in analysis.sorted_incidents() if severity_rank(i.severity) >= 1]
     parts = []
     if serious:
-        shown = [serious[0]]  # the earliest root cause
+        # the root of the most severe harm first (the earliest of equals), then the earliest
+        # root and where the loss stopped tracking quality, when those are other incidents
         worst = min(serious, key=lambda i: (-severity_rank(i.severity), i.first_step))
-        if severity_rank(worst.severity) > severity_rank(shown[0].severity):
-            shown.append(worst)  # and the most severe, when it came later
+        shown = [worst]
+        if serious[0] is not worst:
+            shown.append(serious[0])
         decoupled = next((i for i in serious if _decoupling(i)), None)
         if decoupled is not None and not any(_decoupling(i) for i in shown):
-            shown.append(decoupled)  # and where the loss stopped tracking quality
-        shown.sort(key=lambda i: i.first_step)
-        parts.append(_incident_text(shown[0], analysis))
-        parts += ["later, " + _incident_text(i, analysis) for i in shown[1:]]
+            shown.append(decoupled)
+        parts.append(_incident_text(worst, analysis))
+        parts += [("earlier, " if i.first_step < worst.first_step else "later, ")
+                  + _incident_text(i, analysis)
+                  for i in sorted(shown[1:], key=lambda i: i.first_step)]
         others = len(serious) - len(shown)
         if others:
             parts.append(f"{others} more incident{'s' if others > 1 else ''} below")

@@ -41,6 +41,10 @@ from vaediag.analysis.findings import Finding, Incident, severity_rank
 from vaediag.analysis.kinds import STAGES
 
 WINDOW = 50
+#: a change of the pictures seen over at most this many evaluation intervals (its tightest
+#: pair) is sudden enough to have been set off by an event between them; one that took longer
+#: to show was under way before it
+SUDDEN_INTERVALS = 4
 
 
 def _stage(f: Finding) -> int:
@@ -88,12 +92,27 @@ def follows(effect: Finding, cause: Finding, eval_steps: list[int]) -> bool:
                     or (effect.detector == cause.detector
                         and cause.first_step <= effect.last_step
                         and effect.first_step <= cause.last_step))
-        # what the pictures show is set off by an event of weight, not by a sustained state
-        return (severity_rank(cause.severity) >= 1
-                and effect.first_step - WINDOW <= cause.first_step <= seen_at(effect, eval_steps))
+        # what the pictures show is set off by an event of weight, not by a sustained state,
+        # that came where the change did: from shortly before its first evaluation to the
+        # evaluation it was seen at (for a loss-quality finding, between the two evaluations
+        # of the tightest pair that shows it)
+        start, seen = _span(effect, eval_steps)
+        return severity_rank(cause.severity) >= 1 and start - WINDOW <= cause.first_step <= seen
     if _at_evaluations(cause):
         return False  # an evaluation's finding is seen after the fact: it causes nothing
     return 0 <= effect.first_step - cause.first_step <= WINDOW and _order(cause) < _order(effect)
+
+
+def _span(f: Finding, eval_steps: list[int]) -> tuple[int, int]:
+    """Where a change seen at evaluations happened: the tightest pair of evaluations that shows
+    it (loss-quality findings record it), else from its first step to the evaluation after."""
+    tight = f.evidence.get("tightest") if KINDS[f.kind].decoupling else None
+    if isinstance(tight, dict) and "before_step" in tight and "after_step" in tight:
+        before, after = int(tight["before_step"]), int(tight["after_step"])
+        between = bisect.bisect_left(eval_steps, after) - bisect.bisect_left(eval_steps, before)
+        if between <= SUDDEN_INTERVALS:
+            return before, after
+    return f.first_step, seen_at(f, eval_steps)
 
 
 def seen_at(f: Finding, eval_steps: list[int]) -> int:
@@ -127,7 +146,7 @@ def group(findings: list[Finding], eval_steps: list[int]) -> list[Incident]:
                 min(events or placed, key=_order)
             incident = home[id(cause)]
             incident.consequences.append(f)
-            incident.seen_at[id(f)] = seen_at(f, steps)
+            incident.seen_at[id(f)] = _span(f, steps)[1]
         else:
             incident = Incident(root=f)
             incidents.append(incident)

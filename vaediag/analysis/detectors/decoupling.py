@@ -233,6 +233,10 @@ class _Pair:
     pairs_found: int
     severity: str
     why: str
+    #: the latest evaluation i' that, with the same j, still shows the change at this level:
+    #: the tightest pair, where the change happened (a sudden event between i' and j is its
+    #: cause, ``incidents``)
+    tight: int = -1
 
 
 def _strong(kind: str, tests: dict[str, _MetricTest], shape: tuple[int, ...]) -> np.ndarray:
@@ -278,8 +282,10 @@ def _choose_pair(kind: str, tests: dict[str, _MetricTest], pairs: _Pairs) -> _Pa
     why = ("metrics of several families agree" if agree[k, i] >= MIN_METRICS else
            "one family of metrics, by a wide margin, with none of the others better"
            if warn[k, i] else "one family of metrics only")
+    at_j = level & (pairs.j == first_j)  # the tightest pair that shows it at the same level
+    tight = int(np.where(at_j, pairs.i, -1).max())
     return _Pair(int(i), j, metrics, sorted({FAMILY[m] for m in metrics}),
-                 int((agree > 0).sum()), "warning" if warn[k, i] else "info", why)
+                 int((agree > 0).sum()), "warning" if warn[k, i] else "info", why, tight)
 
 
 def _evidence(pair: _Pair, s: np.ndarray, loss: _LossTest, tests: dict[str, _MetricTest],
@@ -289,6 +295,7 @@ def _evidence(pair: _Pair, s: np.ndarray, loss: _LossTest, tests: dict[str, _Met
     turns = {m: tests[m].correlation[CORRELATION_WINDOW - 1:] < 0 for m in pair.metrics}
     evidence = {
         "compare": {"before_step": int(s[i]), "after_step": int(s[j])},
+        "tightest": {"before_step": int(s[max(pair.tight, i)]), "after_step": int(s[j])},
         "loss_before": float(values[i]), "loss_after": float(values[j]),
         "loss_noise_unit": float(loss.noise[min(j + 1, len(s) - 1)]),
         "metrics": dict(ranked), "pairs_found": pair.pairs_found, "families": pair.families,
