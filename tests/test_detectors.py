@@ -637,3 +637,27 @@ def test_a_monte_carlo_kl_near_zero_is_not_a_wrong_sign(tmp_path):
     cols = standard_scalars(N)
     cols["kl"] = np.random.default_rng(0).normal(0.0, 0.05, N)
     assert kl_sign.detect(run_data(tmp_path, cols)) == ([], [])
+
+
+def test_two_loss_quality_findings_advise_one_kl_weight(tmp_path):
+    """A KL warm-up: the pictures get worse from step 300 to 700 with the loss flat, and worse
+    again from 1,100 while the loss rises 2%: two findings over different pairs (from 100 and
+    from 150), one weight to stop at (where the run's pictures were last right), never two."""
+    cols = standard_scalars(N)
+    cols["beta"] = np.clip(cols["step"] / 1400, 0.05, 1.0).astype(np.float32) * 16
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ramp = np.clip((np.arange(len(ev["step"])) - 6) / 8, 0, 1).astype(np.float32)
+    ev["orient_err"] += 8.0 * ramp
+    ev["colour_de"] += 6.0 * ramp
+    ev["eval_recon"][22:] += 40.0
+    ev["ssim"][22:] -= 0.2
+    ev["colour_de"][22:] += 8.0
+    findings = decoupling.detect(run_data(tmp_path, cols, ev))[0]
+    assert {f.kind for f in findings} == {"loss_quality_decoupling", "loss_understates_quality"}
+    advised = {r.split(" (--set")[0].split(", or")[0] for f in findings for r in f.remedies
+               if r.startswith("stop the KL weight")}
+    assert len(advised) == 1, advised
+    earliest = min(f.compare_steps[0] for f in findings)
+    assert {f.compare_steps[0] for f in findings} == {100, 150}
+    assert advised == {f"stop the KL weight where the pictures were still right, at "
+                       f"{16 * max(earliest / 1400, 0.05):.3g}"}

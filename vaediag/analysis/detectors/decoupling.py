@@ -112,10 +112,12 @@ def _between(data: RunData, before: int, after: int) -> dict[str, float]:
     return out
 
 
-def _trade(data: RunData, ctx: dict[str, float], memorised: bool = False
-           ) -> tuple[str, list[str]]:
+def _trade(data: RunData, ctx: dict[str, float], memorised: bool = False,
+           stop_at: float | None = None) -> tuple[str, list[str]]:
     """Cause text and remedies when the KL weight rose or the KL fell between the evaluations
-    (a KL that fell while the model memorised is part of the memorising: not named apart)."""
+    (a KL that fell while the model memorised is part of the memorising: not named apart).
+    ``stop_at``: the KL weight to stop at, where the run's pictures were last right (the same
+    for every loss-quality finding of the run); default the weight at the earlier evaluation."""
     b0, b1 = ctx.get("beta_before"), ctx.get("beta_after")
     k0, k1 = ctx.get("kl_before"), ctx.get("kl_after")
     beta_rose = b0 is not None and b1 is not None and b1 > 0 and b1 >= BETA_RISE * max(b0, 1e-12)
@@ -125,8 +127,9 @@ def _trade(data: RunData, ctx: dict[str, float], memorised: bool = False
     parts, remedies = [], []
     if beta_rose:
         parts.append(f"the KL weight rose from {b0:.3g} to {b1:.3g}")
-        remedies.append(f"stop the KL weight where the pictures were still right, at {b0:.3g}"
-                        f"{knob(data, 'loss.beta', f'{b0:.3g}')}, or warm it up longer; or keep "
+        stop = b0 if stop_at is None or not 0 < stop_at <= b0 else stop_at  # type: ignore[operator]
+        remedies.append(f"stop the KL weight where the pictures were still right, at {stop:.3g}"
+                        f"{knob(data, 'loss.beta', f'{stop:.3g}')}, or warm it up longer; or keep "
                         f"it and protect a minimum of information per dimension with free bits, "
                         f"0.5 to 1 nats{knob(data, 'loss.free_bits', 0.5)}")
     if kl_fell:
@@ -314,7 +317,8 @@ def _evidence(pair: _Pair, s: np.ndarray, loss: _LossTest, tests: dict[str, _Met
 
 
 def _finding(data: RunData, kind: str, pair: _Pair, s: np.ndarray, loss: _LossTest,
-             tests: dict[str, _MetricTest], floor: float | None) -> Finding:
+             tests: dict[str, _MetricTest], floor: float | None,
+             earliest: int | None = None) -> Finding:
     """The finding for the chosen pair: what the loss and the pictures did, and why: the
     loss's blindness, or memorisation (named first: held-out images losing what the training
     images keep is not the loss's fault, and no change of the loss would fix it)."""
@@ -349,7 +353,9 @@ def _finding(data: RunData, kind: str, pair: _Pair, s: np.ndarray, loss: _LossTe
                   f"changed {rel_excess:+.0%}")
     between = _between(data, int(s[i]), int(s[j]))
     evidence["between"] = between
-    trade, trade_remedies = _trade(data, between, memorised=mem is not None)
+    stop_at = _between(data, earliest, earliest).get("beta_before") \
+        if earliest is not None else None
+    trade, trade_remedies = _trade(data, between, memorised=mem is not None, stop_at=stop_at)
     if mem is not None:  # the model to keep: the best held-out loss up to the later evaluation
         best = int(s[int(np.argmin(values[:j + 1]))])
         remedies = [*memorisation_remedies(data, best), *trade_remedies,
@@ -393,9 +399,13 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     data.derived["loss_quality_correlation"] = {
         "steps": s[1:].tolist(), "window": CORRELATION_WINDOW,
         "metrics": {m: t.correlation.tolist() for m, t in tests.items()}}
-    findings = [_finding(data, kind, pair, s, loss, tests, floor)
-                for kind in ("loss_quality_decoupling", "loss_understates_quality")
-                if tests and (pair := _choose_pair(kind, tests, pairs)) is not None]
+    chosen = {kind: pair for kind in ("loss_quality_decoupling", "loss_understates_quality")
+              if tests and (pair := _choose_pair(kind, tests, pairs)) is not None}
+    # one KL weight to stop at for the run: where its pictures were last right, the earlier
+    # evaluation of the earliest pair (two findings never advise two weights)
+    earliest = int(s[min(p.i for p in chosen.values())]) if chosen else None
+    findings = [_finding(data, kind, pair, s, loss, tests, floor, earliest)
+                for kind, pair in chosen.items()]
     signals = [Signal(f.last_step, "quality", next(iter(f.evidence["metrics"])), 0.0, 0.0,
                       f.summary) for f in findings]
     return findings, signals
