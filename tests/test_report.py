@@ -231,3 +231,22 @@ def test_the_figures_leave_matplotlib_as_they_found_it():
             "assert figures.LATENT_KINDS == {n for n, k in KINDS.items() "
             "if k.section == 'latents'}\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_findings_grids_are_captioned_with_the_metrics_it_is_about():
+    """A finding about the faces' pose shows the pose error under its grids, first."""
+    import pandas as pd
+
+    from vaediag.analysis.findings import Finding
+    from vaediag.report import _about
+    from vaediag.report.content import grid_caption
+
+    evals = pd.DataFrame({"step": [300, 1000], "eval_recon": [2100.0, 2110.0],
+                          "ssim": [0.6, 0.55], "colour_de": [10.0, 11.0],
+                          "factor_angle_err": [6.46, 10.1]})
+    pose = Finding("loss_quality_decoupling", "warning", 300, 1000, "x",
+                   evidence={"metrics": {"factor_angle_err": {"before": 6.46, "after": 10.1}}},
+                   compare_steps=[300, 1000])
+    lines = grid_caption(evals, 1000, _about(pose))
+    assert lines[0] == "step 1,000" and lines[1].startswith("factor_angle_err 10.1")
+    assert "factor_angle_err" not in " ".join(grid_caption(evals, 1000))  # not by default

@@ -191,6 +191,13 @@ class _Grids:
         return self._loaded[step]
 
 
+def _about(finding: Finding) -> list[str]:
+    """The evaluation columns a finding is about: the metrics it names, the quality it says
+    was lost (its evidence), at most three."""
+    named = [*finding.evidence.get("metrics", {}), *finding.evidence.get("quality_lost", {})]
+    return list(dict.fromkeys(m for m in named if isinstance(m, str)))[:3]
+
+
 def _finding_grids(report: Report, findings: list[Finding], grids: _Grids,
                    evals: pd.DataFrame) -> None:
     """The grids each warning names, decoupling first; findings that name the same
@@ -213,7 +220,7 @@ def _finding_grids(report: Report, findings: list[Finding], grids: _Grids,
         by_steps[key] = GridSet(
             anchor=f"grids-{index}", findings=[index],
             title=f"{finding.kind} (steps {finding.first_step:,}-{finding.last_step:,})",
-            grids=[GridImage(s, image, grid_caption(evals, s), role)
+            grids=[GridImage(s, image, grid_caption(evals, s, _about(finding)), role)
                    for role, s, image in images if image is not None])
         report.grid_sets.append(by_steps[key])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,14 +100,19 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def grid_caption(evals, step: int) -> list[str]:
+def grid_caption(evals, step: int, about: Sequence[str] = ()) -> list[str]:
+    """A grid's caption lines: its step, the grid images' loss and KL and quality metrics;
+    ``about``: the metrics a finding is about, first (a grid shown for a finding about the
+    faces' pose shows the pose error)."""
     row = evals[evals["step"] == step]
     if row.empty:
         return [f"step {step:,}"]
     row = row.iloc[0]
     parts = []
-    captioned = [(m, facts.short) for m, facts in QUALITY_METRICS.items() if facts.short]
-    for col, label in (("eval_recon", "recon"), ("eval_kl", "KL"), *captioned):
+    first = [(m, QUALITY_METRICS[m].short or m if m in QUALITY_METRICS else m) for m in about]
+    captioned = [(m, facts.short) for m, facts in QUALITY_METRICS.items()
+                 if facts.short and m not in about]
+    for col, label in (*first, ("eval_recon", "recon"), ("eval_kl", "KL"), *captioned):
         if col in row.index and row[col] == row[col]:  # not NaN
             parts.append(f"{label} {row[col]:.4g}")
     return [f"step {step:,}", ", ".join(parts[:3]), ", ".join(parts[3:])]
