@@ -661,3 +661,13 @@ def test_two_loss_quality_findings_advise_one_kl_weight(tmp_path):
     assert {f.compare_steps[0] for f in findings} == {100, 150}
     assert advised == {f"stop the KL weight where the pictures were still right, at "
                        f"{16 * max(earliest / 1400, 0.05):.3g}"}
+
+
+def test_a_loss_quality_finding_records_the_tightest_pair_that_shows_it(tmp_path):
+    """The pictures change at once between the evaluations at 850 and 900: whatever pair the
+    finding names, the tightest that shows the change is those two (incidents place it
+    there)."""
+    cols, ev = _evals_with_decoupling({"colour_de": 6.0, "sat_ratio": -0.3})
+    (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
+    assert f.evidence["tightest"] == {"before_step": 850, "after_step": 900}
+    assert f.compare_steps[0] <= 850

@@ -154,3 +154,25 @@ def test_a_verdict_of_nothing_found_still_points_at_the_info_findings_below():
     text = verdict(Analysis({}, [info], [], [], [], incidents=grouped(info)))
     assert text == ("no instability or loss-quality decoupling found; 1 info finding below: "
                     "worth knowing, no harm measured")
+
+
+def test_a_later_nonfinite_episode_is_harm_for_what_came_just_before_it(tmp_path):
+    """A NaN from one batch at step 400, then the log-variance saturating at 902 and NaN
+    gradients from 902: the saturation is followed by harm (the second episode), so it keeps
+    its severity and is grouped with it; the first NaN is an incident of its own."""
+    cols = standard_scalars(1500)
+    cols["recon"][400] = np.nan
+    cols["kl"][902:998] = np.nan
+    cols["logvar_max"][902:] = 40.0
+    events = [{"kind": "nonfinite", "step": 400, "term": "recon"},
+              *({"kind": "nonfinite", "step": s, "term": "grad:encoder.fc.weight"}
+                for s in range(902, 998))]
+    result = vaediag.analyze(write_run(tmp_path / "r", cols, standard_evals(cols["step"][::50]),
+                                       events=events))
+    episodes = sorted((f for f in result.findings if f.kind == "nonfinite"),
+                      key=lambda f: f.first_step)
+    assert [f.first_step for f in episodes] == [400, 902]
+    (saturation,) = [f for f in result.findings if f.kind == "logvar_saturation"]
+    assert saturation.severity == "high" and "no harm followed" not in saturation.summary
+    (late,) = [i for i in result.incidents if episodes[1] in i.members]
+    assert saturation in late.members and episodes[0] not in late.members
