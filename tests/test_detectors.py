@@ -671,3 +671,22 @@ def test_a_loss_quality_finding_records_the_tightest_pair_that_shows_it(tmp_path
     (f,) = decoupling.detect(run_data(tmp_path, cols, ev))[0]
     assert f.evidence["tightest"] == {"before_step": 850, "after_step": 900}
     assert f.compare_steps[0] <= 850
+
+
+def test_posterior_collapse_compares_the_pictures_at_their_best_before_it(tmp_path):
+    """Active units peak early (an unfinished model) and the pictures keep improving until the
+    collapse: the grids compared are the best pictures before it and the collapse, so the
+    'before' grid is never the worse one."""
+    cols = standard_scalars(N)
+    ev = standard_evals(cols["step"][::EVAL_EVERY])
+    ev["active_units"][:] = 8.0
+    ev["active_units"][3] = 12.0  # the peak, at step 150
+    ev["active_units"][20:] = 4.0
+    ev["ssim"][:20] = np.linspace(0.3, 0.8, 20)  # better and better until the collapse
+    ev["ssim"][20:] = 0.6
+    (f,) = [f for f in latents.detect(run_data(tmp_path, cols, ev))[0]
+            if f.kind == "posterior_collapse"]
+    assert f.severity == "warning" and f.evidence["peak_step"] == 150
+    assert f.compare_steps == [950, 1000]
+    before, after = (ev["ssim"][list(ev["step"]).index(s)] for s in f.compare_steps)
+    assert before > after

@@ -30,6 +30,7 @@ from vaediag.analysis.causes import (
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
+from vaediag.analysis.stats import badness
 
 NAME = "latents"
 #: its place among the detectors: they run, and are listed, in this order
@@ -155,13 +156,31 @@ def _posterior_collapse(data: RunData) -> list[Finding]:
         tail, cause, remedies = _unused_or_memorised(data, peak_step,
                                                      int(ev_steps[ok][-1]), final)
         summary += tail
+    # the grids to compare: the pictures at their best before the collapse, not the peak of
+    # active units (often an early, still blurry model), against the collapse
+    best = _best_before(data, lost, peak_step, at)
     return [Finding(
         kind="posterior_collapse", severity=severity,
         first_step=at, last_step=int(ev_steps[ok][-1]), summary=summary,
         evidence={"peak_active_units": float(peak), "final_active_units":
-                  float(final), "peak_step": peak_step, "quality_lost": lost},
+                  float(final), "peak_step": peak_step, "quality_lost": lost,
+                  "best_step": best},
         cause=cause, remedies=remedies,
-        detector=NAME, compare_steps=[peak_step, at])]
+        detector=NAME, compare_steps=[best, at] if best < at else [peak_step, at])]
+
+
+def _best_before(data: RunData, lost: dict[str, tuple[float, float]], start: int,
+                 end: int) -> int:
+    """The evaluation in [start, end) where the quality the collapse lost was best (its first
+    image-quality metric, else the grid's loss); ``start`` when none was lost."""
+    metric = next((m for m in lost if m != "eval_recon"), "eval_recon" if lost else None)
+    if metric is None:
+        return start
+    steps = data.evals["step"].to_numpy()
+    raw = data.series(metric, "evals")
+    b = raw if metric == "eval_recon" else badness(metric, raw)
+    span = (steps >= start) & (steps < end) & np.isfinite(b)
+    return int(steps[span][np.argmin(b[span])]) if span.any() else start
 
 
 def _unused_dimensions(data: RunData) -> list[Finding]:
