@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 import vaediag
+from vaediag.analysis import lead_incident
 from vaediag.analysis.findings import severity_rank
 
 HERE = Path(__file__).resolve().parent
@@ -390,8 +391,11 @@ def outcome(r: Result) -> dict:
     holding = [i for i in r.analysis.incidents
                if any(m is f for _, f in found.values() for m in i.members)]
     root_ok = bool(holding) and bool(pattern) and any(names_cause(i.root) for i in holding)
+    # the verdict's first words: the root of the incident it opens with names the planted cause
+    lead = lead_incident(r.analysis)
+    verdict_ok = bool(pattern) and lead is not None and names_cause(lead.root)
     return {"found": found, "late": late, "cause_ok": cause_ok, "incidents": incidents,
-            "root_ok": root_ok}
+            "root_ok": root_ok, "verdict_ok": verdict_ok}
 
 
 def early_alarms(r: Result) -> list:
@@ -422,6 +426,7 @@ def report(results: list[Result]) -> str:
                   if o["found"] and r.scenario.fault and not r.scenario.fault.gradual]
         counts = [len(o["incidents"]) for o in sudden]
         roots = sum(o["root_ok"] for o in sudden)
+        leads = sum(o["verdict_ok"] for o in sudden)
         lines.append(
             f"{subset}: {len(stable)} healthy runs + {len(planted)} before their fault, {steps:,} "
             f"healthy steps: {len(alarms)} warning/high "
@@ -430,7 +435,8 @@ def report(results: list[Result]) -> str:
             + (f", median delay {statistics.median(delays):g} steps" if delays else "")
             + (f"; {len(counts)} sudden planted faults found: {counts.count(1)} as 1 incident, "
                f"{sum(c > 1 for c in counts)} as more (at most {max(counts)}), the root of the "
-               f"finding's incident naming the cause in {roots}" if counts else ""))
+               f"finding's incident naming the cause in {roots}, the verdict opening with it "
+               f"in {leads}" if counts else ""))
     lines.append("")
     lines.append("healthy runs (and fault runs before the onset) with warning/high findings:")
     bad = [(r.scenario.name, f) for r in results if r.healthy
@@ -460,6 +466,8 @@ def report(results: list[Result]) -> str:
                          f"steps from step {r.onset}); {verdict}"
                          + (f"; {len(o['incidents'])} incident(s): {roots}"
                             + ("" if o["root_ok"] else " (ROOT DOES NOT NAME THE CAUSE)")
+                            + ("" if o["verdict_ok"] else " (THE VERDICT OPENS WITH ANOTHER "
+                               "CAUSE)")
                             if sudden else ""))
         else:
             late = ", ".join(f"{d} ({t:+d})" for d, t in o["late"].items())

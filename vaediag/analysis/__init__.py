@@ -111,10 +111,10 @@ def verdict(analysis: Analysis) -> str:
     checked."""
     serious = [i for i in analysis.sorted_incidents() if severity_rank(i.severity) >= 1]
     parts = []
-    if serious:
+    worst = lead_incident(analysis)
+    if worst is not None:
         # the root of the most severe harm first (the earliest of equals), then the earliest
         # root and where the loss stopped tracking quality, when those are other incidents
-        worst = min(serious, key=lambda i: (-severity_rank(i.severity), i.first_step))
         shown = [worst]
         if serious[0] is not worst:
             shown.append(serious[0])
@@ -139,6 +139,13 @@ def verdict(analysis: Analysis) -> str:
     if unchecked:  # the reasons are listed under "not checked"
         parts.append("not checked: " + ", ".join(name for name, _ in unchecked))
     return "; ".join(parts)
+
+
+def lead_incident(analysis: Analysis) -> Incident | None:
+    """The incident the verdict opens with: the most severe of warning or above, the earliest
+    of equally severe ones; None when there is none."""
+    serious = [i for i in analysis.sorted_incidents() if severity_rank(i.severity) >= 1]
+    return min(serious, key=lambda i: (-severity_rank(i.severity), i.first_step), default=None)
 
 
 def _decoupling(incident: Incident) -> bool:
@@ -172,4 +179,5 @@ def unchecked_detectors(analysis: Analysis) -> list[tuple[str, str]]:
 
 
 __all__ = ["FINDINGS_JSON", "Analysis", "Check", "Finding", "Incident", "Signal", "analyze",
-           "findings_json", "unchecked_detectors", "verdict", "write_findings"]
+           "findings_json", "lead_incident", "unchecked_detectors", "verdict",
+           "write_findings"]
