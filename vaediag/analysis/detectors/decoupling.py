@@ -86,6 +86,9 @@ STRONG = 2.0  # ... or one family, by this many times the relative threshold, no
 # clearly better
 #: evaluations at most between the two of a compared pair
 MAX_GAP = 100
+#: evaluations whose median is the quality held at the first of a pair (with the one before:
+#: a single lucky evaluation is not a level the pictures had)
+HELD_EVALS = 3
 BETA_RISE = 1.5  # the KL weight rose by at least this factor between the two evaluations
 KL_FALL = 0.75  # the evaluations' KL fell below this fraction of its earlier value
 
@@ -187,6 +190,21 @@ class _LossTest:
         return cls(loss, noise, ok, rose & (rel_loss < LOSS_TOLERANCE))
 
 
+def _held(b: np.ndarray) -> np.ndarray:
+    """The quality held at each evaluation: the worse of its own badness and the median of it
+    and the ``HELD_EVALS - 1`` evaluations before it (causal). A pair compared from one
+    evaluation that was luckily better than its neighbours (colour error 14.8, 14.1, 12.7,
+    then back to 15.2) measures the luck going, not quality lost; from a steady or worsening
+    level it is the value at that evaluation."""
+    out = b.copy()
+    for k in range(len(b)):
+        window = b[max(0, k - HELD_EVALS + 1):k + 1]
+        window = window[np.isfinite(window)]
+        if window.size:
+            out[k] = max(b[k], float(np.median(window))) if np.isfinite(b[k]) else b[k]
+    return out
+
+
 @dataclass
 class _MetricTest:
     """One quality metric on every pair: how much worse (in noise units and relative to its
@@ -207,13 +225,16 @@ class _MetricTest:
             return None
         i, j, valid = pairs.i, pairs.j, pairs.valid
         unit = expanding_noise_scale(b, MIN_EVALS)[pairs.seen]
+        held = _held(b)[i]  # what the pictures had at i: never one lucky evaluation
         with np.errstate(invalid="ignore", divide="ignore"):
             unit = np.where(unit > 0, unit, np.nan)
             worse = b[j] - b[i]
             scale = np.maximum(np.abs(b[i]), 1e-9)
-            bad = valid & (worse >= Z_QUALITY * unit) & (worse / scale >= MIN_RELATIVE)
+            lost = b[j] - held  # worse than the level held, not only than the value at i
+            bad = valid & (lost >= Z_QUALITY * unit) \
+                & (lost / np.maximum(np.abs(held), 1e-9) >= MIN_RELATIVE)
             nxt = np.append(b[1:], np.inf)  # sustained: the evaluation after j is worse too
-            sustained = (nxt[j] - b[i]) >= Z_QUALITY * unit
+            sustained = (nxt[j] - held) >= Z_QUALITY * unit
         units, relative = worse / unit, worse / scale
         # at the evaluation after j (the one the sustained check reads): better by as much?
         gain = b[i] - np.append(b[1:], np.nan)[j]
