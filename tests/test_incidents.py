@@ -101,13 +101,23 @@ def test_a_risk_set_off_by_harm_keeps_its_severity():
 def test_the_verdict_leads_with_the_root_of_the_worst_harm_then_the_earliest():
     early = finding("loss_understates_quality", 350, 750, detector="decoupling")
     early.evidence["tightest"] = {"before_step": 350, "after_step": 750}
-    jump = finding("adam_step_size_jump", 700)
-    spike = finding("loss_spike", 701, severity="high")
+    jump = finding("adam_step_size_jump", 500)
+    spike = finding("loss_spike", 501, severity="high")
     found = grouped(early, jump, spike)
-    assert len(found) == 2  # the pictures changed from 350 on: not the jump's doing
+    assert len(found) == 2  # a slow change, the jump long before it was seen: not its doing
     text = verdict(Analysis({}, [early, jump, spike], [], [], [], incidents=found))
-    assert text.startswith("adam_step_size_jump at 700; then loss spike at step 701 (+1)")
+    assert text.startswith("adam_step_size_jump at 500; then loss spike at step 501 (+1)")
     assert "; earlier, loss_understates_quality at 350" in text
+
+
+def test_an_event_just_before_a_slow_change_was_seen_is_its_root():
+    """The tightest pair spans 8 evaluations (350 to 750), and a learning-rate jump came at
+    700, in the interval just before the change was seen: that jump is its nearest cause."""
+    slow = finding("loss_understates_quality", 350, 750, detector="decoupling")
+    slow.evidence["tightest"] = {"before_step": 350, "after_step": 750}
+    jump = finding("adam_step_size_jump", 700)
+    (incident,) = grouped(slow, jump, finding("loss_spike", 701, severity="high"))
+    assert incident.root is jump and slow in incident.consequences
 
 
 def test_a_loss_quality_change_around_a_sudden_event_is_its_consequence():

@@ -43,7 +43,7 @@ from vaediag.analysis.kinds import STAGES
 WINDOW = 50
 #: a change of the pictures seen over at most this many evaluation intervals (its tightest
 #: pair) is sudden enough to have been set off by an event between them; one that took longer
-#: to show was under way before it
+#: to show was set off only by an event in the interval just before it was seen
 SUDDEN_INTERVALS = 4
 
 
@@ -109,9 +109,12 @@ def _span(f: Finding, eval_steps: list[int]) -> tuple[int, int]:
     tight = f.evidence.get("tightest") if KINDS[f.kind].decoupling else None
     if isinstance(tight, dict) and "before_step" in tight and "after_step" in tight:
         before, after = int(tight["before_step"]), int(tight["after_step"])
-        between = bisect.bisect_left(eval_steps, after) - bisect.bisect_left(eval_steps, before)
-        if between <= SUDDEN_INTERVALS:
+        k = bisect.bisect_left(eval_steps, after)
+        if k - bisect.bisect_left(eval_steps, before) <= SUDDEN_INTERVALS:
             return before, after
+        # a slower change: an event of weight in the interval just before it was seen is
+        # still the nearest cause of what that evaluation showed
+        return (eval_steps[k - 1] if k > 0 else before), after
     return f.first_step, seen_at(f, eval_steps)
 
 
