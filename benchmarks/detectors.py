@@ -102,6 +102,9 @@ class Fault:
     gradual: bool = False
     settings: tuple[str, ...] = ()  # vaediag style only
     styles: tuple[str, ...] = ("vaediag", "foreign", "tfcvae")
+    #: a planted change that may do no harm: right is no warning when none was measured (the
+    #: loss and the pictures no worse after it), a warning naming the cause when some was
+    may_be_harmless: bool = False
 
 
 FAULTS = [
@@ -117,7 +120,7 @@ FAULTS = [
     Fault("beta_scale", f"beta_scale@{ONSET}:factor=0.02", ("kl_explosion",), r"KL weight"),
     Fault("adam_eps", f"adam_eps@{ONSET}:eps=1.0,steps=600", ("adam",), r"\beps\b"),
     Fault("adam_eps_drop", f"adam_eps@{ONSET}", ("adam",), r"\beps\b",
-          settings=("optim.eps=1e-3",), styles=("vaediag",)),
+          settings=("optim.eps=1e-3",), styles=("vaediag",), may_be_harmless=True),
     Fault("desaturate", f"desaturate@{ONSET}:amount=0.7", ("decoupling",),
           r"colour|sat_ratio|skin|hair|_de\b", styles=("vaediag",)),
     Fault("fade", f"fade@{ONSET}:amount=0.8,steps=400", ("decoupling",),
@@ -334,6 +337,7 @@ class Result:
     window: tuple[int, int] = (-1, WINDOW)
     #: detector -> (step seen, finding); from the finished run or, online, from cuts
     seen: dict[str, tuple[int, object]] = field(default_factory=dict)
+    path: Path | None = None
 
     @property
     def healthy(self) -> bool:
@@ -344,24 +348,24 @@ class Result:
 def evaluate(s: Scenario, run_dir: Path) -> Result:
     analysis = vaediag.analyze(run_dir)
     if s.stable:
-        return Result(s, analysis, None)
+        return Result(s, analysis, None, path=run_dir)
     run = vaediag.load_run(run_dir)
     if s.label is not None:
         onset = s.label(run)
         seen = online(run_dir, onset - NATURAL_WINDOW) if onset is not None else {}
-        return Result(s, analysis, onset, (-NATURAL_WINDOW, s.after_window), seen)
+        return Result(s, analysis, onset, (-NATURAL_WINDOW, s.after_window), seen, run_dir)
     if s.fault.gradual:
         onset = colour_visible_at(run)
         every = int(np.median(np.diff(run.evals["step"].to_numpy())))
         seen = online(run_dir, ONSET) if onset is not None else {}
         return Result(s, analysis, onset, (ONSET - (onset or ONSET), GRADUAL_EVALS * every),
-                      seen)
+                      seen, run_dir)
     seen = {}
     for f in sorted(analysis.findings, key=visible_at):
         if severity_rank(f.severity) >= 1 and f.detector not in seen \
                 and visible_at(f) - ONSET >= -1:
             seen[f.detector] = (visible_at(f), f)
-    return Result(s, analysis, ONSET, (-1, WINDOW), seen)
+    return Result(s, analysis, ONSET, (-1, WINDOW), seen, run_dir)
 
 
 def outcome(r: Result) -> dict:
@@ -391,11 +395,40 @@ def outcome(r: Result) -> dict:
     holding = [i for i in r.analysis.incidents
                if any(m is f for _, f in found.values() for m in i.members)]
     root_ok = bool(holding) and bool(pattern) and any(names_cause(i.root) for i in holding)
+    harm = None
+    if r.scenario.fault is not None and r.scenario.fault.may_be_harmless and r.onset is not None:
+        harm = measured_harm(r)
+        if not harm and not any(severity_rank(f.severity) >= 1 and visible_at(f) >= r.onset - 1
+                                for f in r.analysis.findings):
+            found = {"(none: no harm)": (0, None)}
+            cause_ok = True
     # the verdict's first words: the root of the incident it opens with names the planted cause
     lead = lead_incident(r.analysis)
     verdict_ok = bool(pattern) and lead is not None and names_cause(lead.root)
+    if harm is not None and not harm and found:  # right to stay quiet: no incident to score
+        root_ok = verdict_ok = True
     return {"found": found, "late": late, "cause_ok": cause_ok, "incidents": incidents,
-            "root_ok": root_ok, "verdict_ok": verdict_ok}
+            "root_ok": root_ok, "verdict_ok": verdict_ok, "harm": harm}
+
+
+def measured_harm(r: Result) -> dict:
+    """What got worse after the onset of a change that may be harmless: the grid's loss and
+    quality between the evaluation at the onset and the last (``causes.quality_lost``), and
+    the per-step total loss (median of the 100 steps after the onset against the 100
+    before, worse by 1% or more)."""
+    from vaediag.analysis.causes import quality_lost
+    from vaediag.analysis.data import RunData
+
+    data = RunData(vaediag.load_run(r.path))
+    steps = data.evals["step"].to_numpy()
+    at = int(steps[steps <= r.onset][-1])
+    harm = {k: list(v) for k, v in quality_lost(data, at, int(steps[-1])).items()}
+    total = data.series("total") if data.has("total") else data.series("recon")
+    before = np.nanmedian(total[(data.steps >= r.onset - 100) & (data.steps < r.onset)])
+    after = np.nanmedian(total[(data.steps >= r.onset) & (data.steps < r.onset + 100)])
+    if after > 1.01 * before:
+        harm["total (median of 100 steps)"] = [float(before), float(after)]
+    return harm
 
 
 def early_alarms(r: Result) -> list:
@@ -456,6 +489,10 @@ def report(results: list[Result]) -> str:
         name = f"{r.scenario.name}{' (held out)' if r.scenario.held_out else ''}"
         if r.onset is None:  # a planted gradual fault that never became visible
             lines.append(f"  {name:<34} NOT REPRODUCED (never visible by its rule)")
+            continue
+        if o.get("harm") is not None and "(none: no harm)" in o["found"]:
+            lines.append(f"  {name:<34} no harm measured after it (the grid's loss and quality "
+                         f"no worse, the loss no higher) and no warning: right")
             continue
         if o["found"]:
             d, (delay, f) = min(o["found"].items(), key=lambda kv: abs(kv[1][0]))
