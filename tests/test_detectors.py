@@ -693,21 +693,23 @@ def test_posterior_collapse_compares_the_pictures_at_their_best_before_it(tmp_pa
 
 
 def test_quality_back_at_its_level_after_one_lucky_evaluation_is_not_lost(tmp_path):
-    """vaediag's defaults, seed 20: colour error 14.8, 14.1, then a lucky 12.7, back to 15.2
-    while the loss rose 0.6%. Compared from the lucky evaluation it looked like
-    quality lost; against the level the pictures held it is none. The same rise from a level
-    the pictures held is still found."""
+    """vaediag's defaults, seed 20: colour error 14.8, 14.1, then a lucky 12.7, and at the next
+    evaluations back to 15.2 while the loss rose 0.6%. Compared from the lucky evaluation it
+    looked like quality lost; against the level the pictures held it is none. The same rise
+    from a level the pictures held is still found."""
     cols = standard_scalars(N)
     ev = standard_evals(cols["step"][::EVAL_EVERY])
-    ev["eval_recon"][22:] += 12.0  # +0.6%, clearly above its noise
-    ev["colour_de"][21] -= 3.0  # a lucky evaluation
-    ev["sat_ratio"][21] += 0.05
+    n = len(ev["step"])
+    ev["eval_recon"][n - 2:] += 12.0  # +0.6%, clearly above its noise, at the last two
+    ev["colour_de"][n - 3] -= 6.0  # a lucky evaluation just before
+    ev["sat_ratio"][n - 3] += 0.05
     assert [f for f in decoupling.detect(run_data(tmp_path, cols, ev, seed=0))[0]
             if f.severity != "info"] == []
-    ev["colour_de"][21] += 3.0
-    ev["sat_ratio"][21] -= 0.05
-    ev["colour_de"][22:] += 3.0
-    ev["sat_ratio"][22:] -= 0.3
+    ev["colour_de"][n - 3] += 6.0
+    ev["sat_ratio"][n - 3] -= 0.05
+    ev["colour_de"][n - 2:] += 3.0
+    ev["sat_ratio"][n - 2:] -= 0.3
     (f,) = [f for f in decoupling.detect(run_data(tmp_path / "b", cols, ev, seed=0))[0]
             if f.severity != "info"]
-    assert f.kind == "loss_understates_quality" and f.compare_steps[1] == 1100
+    assert f.kind == "loss_understates_quality"
+    assert f.compare_steps[1] == int(ev["step"][n - 2])

@@ -109,6 +109,7 @@ def grid_caption(evals, step: int, about: Sequence[str] = ()) -> list[str]:
         return [f"step {step:,}"]
     row = row.iloc[0]
     parts = []
+    about = [m for m in about if m not in ("eval_recon", "eval_kl")]  # shown anyway
     first = [(m, QUALITY_METRICS[m].short or m if m in QUALITY_METRICS else m) for m in about]
     captioned = [(m, facts.short) for m, facts in QUALITY_METRICS.items()
                  if facts.short and m not in about]
