@@ -158,13 +158,25 @@ def test_a_replay_runs_through_the_finding_and_an_evaluation_past_it(parent, tmp
     assert result.compare == [20, 60]  # the run's own last evaluation within the replay
 
 
+def test_a_long_finding_is_replayed_as_far_as_the_cap_allows(parent, tmp_path):
+    """A collapse from step 25 to the run's end: seen at 26, replayed from 20 for at most
+    20 steps, so through step 40, and verified there."""
+    run = load_run(parent)
+    long = Finding("posterior_collapse", "warning", 25, 60, "x",
+                   remedies=["(--set optim.eps=1e-6)"])
+    result = verify_finding(run, long, tmp_path, max_steps=20)
+    assert result.status == "verified", result.describe()
+    assert (result.from_step, result.to_step) == (20, 40)
+
+
 def test_a_replay_that_cannot_reach_the_finding_says_so(parent, tmp_path):
     run = load_run(parent)
-    far = Finding("loss_spike", "warning", 50, 55, "x", remedies=["(--set optim.eps=1e-6)"])
+    far = Finding("loss_quality_decoupling", "warning", 40, 55, "x",
+                  remedies=["(--set optim.eps=1e-6)"], compare_steps=[40, 60])
     result = verify_finding(run, far, tmp_path, max_steps=10)
     assert result.status == "not verifiable"
-    assert result.reason.startswith("not reached: the finding ends at step 55, more than 10 "
-                                    "steps after the checkpoint at step 40")
+    assert result.reason.startswith("not reached: the finding is seen at step 60, more than 10 "
+                                    "steps after the checkpoint at step 20")
     # a replay that stops before the finding (its remedy makes every step non-finite)
     doomed = Finding("loss_spike", "warning", 45, 50, "x", remedies=["(--set optim.lr=1e30)"])
     result = verify_finding(run, doomed, tmp_path, max_steps=100)

@@ -129,26 +129,36 @@ class Verification:
         return "; ".join(parts)
 
 
+def _seen_by(finding: Finding) -> int:
+    """The step a replay must reach for the finding's detector to see it there: the later of
+    the evaluations a comparison names (the pictures are compared there), else one step past
+    its first step (a step's row and the update after it)."""
+    return finding.compare_steps[-1] if finding.compare_steps else finding.first_step + 1
+
+
 def _window(run: Run, finding: Finding, max_steps: int) -> tuple[int, int] | str:
     """(checkpoint step, last step) of the replay, or why there is none.
 
     The replay starts at the newest checkpoint before the finding and runs through the
-    finding's last step and one evaluation interval past it (what a detector needs to see
+    finding's steps and one evaluation interval past them (what a detector needs to see
     whether the trouble came and went), ending on an evaluation step; it may train past the
-    end of the run, which the replay's data order continues. Capped at ``max_steps``; a cap
-    that would end the replay before the finding's last step is refused, not shortened."""
+    end of the run, which the replay's data order continues. Capped at ``max_steps``: a long
+    finding (a collapse that lasts to the end) is replayed as far as the cap allows, but a cap
+    that would end the replay before the step where the finding is seen (:func:`_seen_by`) is
+    refused, not shortened."""
     before = [s for s, _ in list_checkpoints(run.path) if s < finding.first_step]
     if not before:
         return f"no checkpoint before step {finding.first_step:,}"
     start = before[-1]
     every = _eval_every(run)
-    need = finding.last_step + 1 + every  # rows through the finding, then one interval
-    end = -(-need // every) * every  # on the evaluation cadence
-    if finding.last_step + 1 - start > max_steps:
-        return (f"not reached: the finding ends at step {finding.last_step:,}, more than "
+    seen = _seen_by(finding)
+    need = max(finding.last_step + 1, seen) + every  # through the finding, then one interval
+    end = min(-(-need // every) * every, start + max_steps)  # on the evaluation cadence
+    if end < seen:
+        return (f"not reached: the finding is seen at step {seen:,}, more than "
                 f"{max_steps:,} steps after the checkpoint at step {start:,} (raise "
                 f"--verify-steps)")
-    return start, min(end, start + max_steps)
+    return start, end
 
 
 def _eval_every(run: Run) -> int:
@@ -197,11 +207,12 @@ def verify_finding(run: Run, finding: Finding, directory: Path,
         return out
     replayed = load_run(branch)
     reached = int(replayed.info.get("step", 0))
-    if reached <= finding.last_step:  # e.g. a replay the non-finite policy stopped
+    if reached < _seen_by(finding):  # e.g. a replay the non-finite policy stopped
         out.status = "not reached"
-        out.reason = (f"the replay ended at step {reached:,}, before the finding's last step "
-                      f"{finding.last_step:,}" + (f" ({replayed.info['message']})"
-                                                  if replayed.info.get("message") else ""))
+        out.reason = (f"the replay ended at step {reached:,}, before step "
+                      f"{_seen_by(finding):,} where the finding is seen"
+                      + (f" ({replayed.info['message']})" if replayed.info.get("message")
+                         else ""))
         return out
     found = analyze(replayed)
     out.replay_findings = [f"{f.severity} {f.kind} ({f.first_step}-{f.last_step})"
