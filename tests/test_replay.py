@@ -221,3 +221,17 @@ def test_analyze_verify_end_to_end(tmp_path, capsys, monkeypatch):
             assert v["values"]["eval_recon"]["run"] and v["to_step"] - v["from_step"] <= 60
         else:
             assert v["reason"]
+
+
+def test_a_verification_says_when_the_run_has_no_evaluation_after_the_finding():
+    """A step finding at 200 compared at the evaluation of step 200 (before its update) has
+    nothing to compare; a collapse seen at the evaluation of 3,000 is compared there."""
+    from vaediag.verify import Verification
+
+    common = dict(status="verified", settings={"optim.eps": 1e-6}, finding_gone=True)
+    spike = Verification("oversized_update", 200, 208, "warning", from_step=175, to_step=250,
+                         compare=[175, 200], seen_step=201, **common)
+    assert "the run has no evaluation after step 200 to compare" in spike.describe()
+    collapse = Verification("posterior_collapse", 3000, 4000, "warning", from_step=2900,
+                            to_step=4200, compare=[2900, 3000], seen_step=3000, **common)
+    assert "the run lost no quality between steps 2,900 and 3,000" in collapse.describe()

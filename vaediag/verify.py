@@ -78,6 +78,8 @@ class Verification:
     replay_findings: list[str] = field(default_factory=list)
     #: remedies printed before the one tested, none of which names a setting to replay
     passed_over: list[str] = field(default_factory=list)
+    #: the step where the finding is seen (:func:`_seen_by`)
+    seen_step: int = 0
 
     @property
     def quality_loss_gone(self) -> bool | None:
@@ -107,7 +109,7 @@ class Verification:
             return f"{head}: {where}: not verified: {self.reason}"
         gone = "the finding is gone" if self.finding_gone else "the finding is still there"
         before, after = self.compare or (self.from_step or 0, self.to_step or 0)
-        if after <= self.first_step:
+        if after < self.seen_step:
             quality = (f"the run has no evaluation after step {self.first_step:,} to compare "
                        f"the pictures with")
         elif not self.lost_in_run:
@@ -177,7 +179,7 @@ def verify_finding(run: Run, finding: Finding, directory: Path,
     from vaediag.replay import replay
 
     out = Verification(finding.kind, finding.first_step, finding.last_step, finding.severity,
-                       "not verifiable")
+                       "not verifiable", seen_step=_seen_by(finding))
     for i, remedy in enumerate(finding.remedies):
         settings = remedy_settings(remedy)
         if settings:
