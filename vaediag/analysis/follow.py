@@ -48,8 +48,10 @@ def line(f: Finding, at: int, root: Finding | None = None) -> str:
 
 
 def root_text(root: Finding) -> str:
-    """'oversized_update at step 300: ...; cause: the learning rate rose 50x ...'"""
-    cause = f"; cause: {root.cause}" if root.cause else ""
+    """'oversized_update at step 300: ...; cause: the learning rate rose 50x ...' (the cause's
+    first sentence)"""
+    first = root.cause.split(". ")[0] if root.cause else ""
+    cause = f"; cause: {first[:200]}{'...' if len(first) > 200 else ''}" if first else ""
     return f"{root.kind} at step {root.first_step:,}: {root.summary}{cause}"
 
 
