@@ -39,3 +39,18 @@ def tiny_run(tmp_path_factory) -> Path:
     code = main(["train", "--out", str(out), "--steps", "30", *TINY])
     assert code == 0
     return out
+
+
+@pytest.fixture(autouse=True)
+def _close_the_runs_a_test_left_open():
+    """A test that leaves a Monitor's run open (one that checks an error and stops there) has
+    it closed here, as its process's exit would, without the exit's warning."""
+    yield
+    import sys
+
+    lifetime = sys.modules.get("vaediag.monitor.lifetime")
+    if lifetime is not None:
+        for monitor in list(lifetime._OPEN):
+            if not monitor.closed:
+                monitor.close("interrupted", message="left open by the test")
+            lifetime.forget(monitor)

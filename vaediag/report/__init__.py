@@ -46,9 +46,10 @@ def _optimizer_line(optim: dict) -> str:
     schedule = optim.get("schedule")
     parts = [str(optim.get("name")),
              f"lr {_fmt(optim.get('lr'))}" + (f" ({schedule})" if schedule else "")]
+    adam = "adam" in str(optim.get("name")).lower()
     parts += [f"{label} {_fmt(optim[key])}" for label, key in
               (("betas", "betas"), ("eps", "eps"), ("weight decay", "weight_decay"),
-               ("momentum", "momentum")) if key in optim]
+               ("momentum", "momentum")) if key in optim and not (adam and key == "momentum")]
     if "grad_clip" in optim:
         parts.append(f"grad clip {_fmt(optim.get('grad_clip')) or 'off'}")
     return ", ".join(parts)
