@@ -112,3 +112,17 @@ def test_every_module_imports_alone():
                           timeout=300, cwd=PACKAGE.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == ""
+
+
+def test_importing_the_monitor_loads_no_detector():
+    """A user's loop pays for the Monitor only: the analysis runs in the online child
+    process, and what the Monitor names of it (the severities) lives in a leaf module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vaediag.monitor, vaediag.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith('vaediag.analysis')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

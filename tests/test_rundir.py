@@ -91,11 +91,11 @@ def test_truncate_table(tmp_path):
     t = TableWriter(tmp_path / "t")
     for s in range(10):
         t.append({"step": s, "v": float(s)})
-        if s == 4:
-            t.flush()
-            t.append({"step": 100, "w": 1.0})  # forces a second segment from step 5 on
-            t.drop_last()
+        if s == 4:  # a second segment from step 5 on (a writer opened again, as a resume does)
+            t.close()
+            t = TableWriter(tmp_path / "t")
     t.close()
+    assert len(list((tmp_path / "t").glob("*"))) >= 2
     dropped = truncate_table(tmp_path / "t", lambda s: s < 3)
     assert dropped == 7
     frame, problems = read_table(tmp_path / "t")
@@ -285,3 +285,18 @@ def test_a_table_cut_in_half_keeps_the_rows_before_the_cut(tmp_path):
     assert (kept["step"].to_numpy() == cols["step"][:len(kept)]).all()
     assert np.allclose(kept["recon"].to_numpy(), cols["recon"][:len(kept)])
     assert any("scalars" in p for p in run.problems)
+
+
+def test_remove_run_deletes_a_run_directory_and_refuses_anything_else(tmp_path):
+    from vaediag.errors import RunDirError
+    from vaediag.rundir import RunWriter, remove_run
+
+    RunWriter.create(tmp_path / "run", config_toml="", environment={}).close("failed", 0)
+    remove_run(tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(RunDirError, match="not a vaediag run directory"):
+        remove_run(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    remove_run(tmp_path / "absent")  # nothing there: nothing to do

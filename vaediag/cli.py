@@ -17,6 +17,7 @@ import click
 
 from vaediag import __version__, inject, probes
 from vaediag.errors import TrainingStopped, UserError
+from vaediag.severities import SEVERITIES
 
 EXIT_FINDINGS = 1
 EXIT_BAD_INPUT = 2
@@ -196,9 +197,7 @@ def _exit_if_interrupted(result, run_dir) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print the findings as JSON (the content of findings.json) instead of the "
                    "summary.")
-# analysis.findings.SEVERITIES (importing analysis here would make every command's start slow;
-# a test keeps the two equal)
-@click.option("--fail-on", type=click.Choice(["info", "warning", "high"]), default=None,
+@click.option("--fail-on", type=click.Choice(list(SEVERITIES)), default=None,
               help="Exit with code 1 when a finding of this severity or worse exists (for CI).")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), metavar="PATH",
               help="Where to write the HTML report. Default: RUN_DIR/report.html.")

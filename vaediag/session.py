@@ -32,6 +32,7 @@ from vaediag.rundir import (
     check_can_resume,
     list_checkpoints,
     load_run,
+    remove_run,
 )
 
 #: The version of what :meth:`RunSession.save_checkpoint` writes.
@@ -157,6 +158,12 @@ class RunSession:
         """Flush everything and mark the run's status; the run directory is complete."""
         if not self.closed:
             self._open.close(status, max(step, 0), message)
+
+    def discard(self, message: str) -> None:
+        """Close the run as ``failed`` and delete its directory: a run this process made and
+        gave up before anything was recorded in it (a Monitor that could not be set up)."""
+        self.close("failed", 0, message)
+        remove_run(self.path)
 
     def __enter__(self) -> RunSession:
         return self

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from vaediag.analysis.data import RunData
 from vaediag.analysis.findings import Analysis, Finding, severity_rank
 from vaediag.config import RESUME_LOCKED, parse_override
 from vaediag.errors import ConfigError, RunDirError, TrainingStopped
-from vaediag.rundir import Run, list_checkpoints, load_run
+from vaediag.rundir import Run, list_checkpoints, load_run, remove_run
 
 #: at most this many steps are replayed per finding
 MAX_STEPS = 1000
@@ -195,8 +194,7 @@ def verify_finding(run: Run, finding: Finding, directory: Path,
         return out
     out.from_step, out.to_step = window
     branch = directory / f"verify-{finding.kind}-{finding.first_step}"
-    if branch.exists():  # an earlier verification's replay: ours to replace
-        shutil.rmtree(branch)
+    remove_run(branch)  # an earlier verification's replay: ours to replace
     out.branch = str(branch)
     try:
         replay(run.path, out.from_step, branch, values=settings,

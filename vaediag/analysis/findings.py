@@ -9,12 +9,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SEVERITIES = ("info", "warning", "high")
+from vaediag.severities import SEVERITIES, severity_rank  # noqa: F401 - re-exported
+
 FORMAT_VERSION = 1
-
-
-def severity_rank(severity: str) -> int:
-    return SEVERITIES.index(severity)
 
 
 @dataclass

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -260,8 +259,7 @@ class Monitor:
         if getattr(self, "_own_session", False) and self.records:
             if self.online is not None:
                 self.online.close(wait=False)
-            self.session.close("failed", 0, "the Monitor could not be set up")
-            shutil.rmtree(self.session.path, ignore_errors=True)
+            self.session.discard("the Monitor could not be set up")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Monitor:
         """Under torch.distributed, ranks other than 0 get a :class:`Follower` (unless the
@@ -313,8 +311,7 @@ class Monitor:
             self._set_up_probes(chosen, options)
         except BaseException:
             if self._own_session and self.records:  # a run directory of its own: leave none
-                self.session.close("failed", 0, "the Monitor could not be set up")
-                shutil.rmtree(self.session.path, ignore_errors=True)
+                self.session.discard("the Monitor could not be set up")
             raise
         self._start_counting()
         self._say_what_is_missing(eval_loss is None, train_images is None)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from vaediag.analysis.findings import SEVERITIES
+from vaediag.severities import SEVERITIES
 
 STOP_ON = ("never", "warning", "high")
 #: how long close() waits for the last analysis

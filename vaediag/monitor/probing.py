@@ -110,12 +110,10 @@ class LPIPSLoader:
         self.writer.event("metric_status", 0, metric="lpips", available=status.available,
                           reason=status.reason, weights=status.weights, sha256=status.sha256,
                           verified=status.verified)
-        if not self.speak:
-            pass
-        elif not status.available:
+        if self.speak and not status.available:
             print(f"vaediag: warning: {status.describe()}; the other metrics are recorded",
                   file=sys.stderr)
-        elif not status.verified:
+        elif self.speak and not status.verified:
             print(f"vaediag: warning: {status.describe()}", file=sys.stderr)
         return self.metric
 

@@ -165,6 +165,10 @@ class ShadowSession:
     def close(self, status: str, step: int, message: str = "") -> None:
         self.closed = True
 
+    def discard(self, message: str) -> None:
+        """Rank 0 owns the run directory: nothing to delete here."""
+        self.closed = True
+
 
 def nonfinite_ranks(values: list[list[float]]) -> dict[str, list[int]]:
     """{term: the ranks whose value was not finite}, from the gathered values on the host."""

@@ -63,6 +63,7 @@ from vaediag.rundir.writer import (
     check_can_create,
     check_can_resume,
     prepare_new,
+    remove_run,
 )
 
 __all__ = [
@@ -72,5 +73,5 @@ __all__ = [
     "LOCK_FILE", "RUN_JSON", "SCALARS_DIR", "Run", "RunLock", "RunWriter", "TableWriter",
     "atomic_write", "check_can_create", "check_can_resume", "check_run_dir", "compact_segment",
     "is_locked", "list_checkpoints", "list_grids", "load_run", "prepare_new", "read_events_lines",
-    "read_table", "remove_temporaries", "step_file", "truncate_table",
+    "read_table", "remove_run", "remove_temporaries", "step_file", "truncate_table",
 ]

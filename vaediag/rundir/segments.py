@@ -148,11 +148,6 @@ class _RowBlock:
         self.count = 0
         return list(self.columns), columns
 
-    def drop_last(self) -> None:
-        if self.count:
-            self.count -= 1
-            self.values[self.count] = np.nan
-
 
 def _column_array(values: np.ndarray, single: np.ndarray, kind: pa.DataType) -> pa.Array:
     """One column of a :class:`_RowBlock` (``values`` in float64, NaN where missing, and
@@ -194,10 +189,6 @@ class TableWriter:
         """One row, given in parts: ``(column names, values)`` pairs (a sequence or an array
         of as many numbers as names)."""
         self._block.add(parts)
-
-    def drop_last(self) -> None:
-        """Forget the last row appended and not yet written."""
-        self._block.drop_last()
 
     def __len__(self) -> int:
         return self._block.count

@@ -100,6 +100,19 @@ def check_can_create(path: Path, overwrite: bool, hint: str = CLI_HINT) -> None:
         raise RunDirError(f"cannot create run directory {path}: {existing} is not writable")
 
 
+def remove_run(path: Path) -> None:
+    """Delete a run directory (one a process made and gave up, or a replay being replaced);
+    a folder that is not a vaediag run directory (no ``run.json``) is refused, never
+    deleted."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not (path / RUN_JSON).exists():
+        raise RunDirError(f"{path} is not a vaediag run directory (no {RUN_JSON}); refusing to "
+                          f"delete it")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _holding(path: Path) -> str:
     """' (it holds a failed run of 12 steps)' for a run directory, else ''."""
     try:
