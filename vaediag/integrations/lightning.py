@@ -106,15 +106,13 @@ class VaediagCallback(pl.Callback):
             del self._wrapped.log
         self._wrapped = None
 
-    def _metric(self, trainer: pl.Trainer, key: str, required: bool = True) -> Any:
+    def _metric(self, trainer: pl.Trainer, key: str) -> Any:
         if key in self._logged:
             return self._logged[key]
         metrics = trainer.callback_metrics
         for name in (key, f"{key}_step"):
             if name in metrics:
                 return metrics[name]
-        if not required:
-            return None
         which = {self.recon_key: "recon", self.kl_key: "kl", self.beta_key: "beta",
                  self.total_key: "total"}.get(key, key)
         raise UserError(f"VaediagCallback: the module logged no '{key}' this step "

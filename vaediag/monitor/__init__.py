@@ -300,8 +300,9 @@ class Monitor:
         settings = {"monitor": {"eval_every": eval_every, "recon_mode": recon_mode,
                                 "value_range": list(self.evaluator.value_range),
                                 "probes": probes if isinstance(probes, str) else "custom"}}
-        if not isinstance(run_dir, RunSession) and optimizer_settings(optimizer):
-            settings["optim"] = optimizer_settings(optimizer)  # a user's loop: from itself
+        optim = optimizer_settings(optimizer)
+        if optim and not isinstance(run_dir, RunSession):  # a user's loop: from the optimizer
+            settings["optim"] = optim
         self.session = self._session(run_dir, settings, config, overwrite, seed)
         #: whether this Monitor made its run directory (a user's loop) or was handed a
         #: session (``vaediag train``, which stops itself)
