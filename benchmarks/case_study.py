@@ -100,7 +100,8 @@ def write_figures(run_dirs: dict[str, Path], into: Path) -> None:
             shutil.copyfile(Path(run_dirs[preset]) / "grids" / f"step-{step:08d}.png",
                             into / f"grid-{preset}-{step}.png")
     first = next(iter(runs))
-    fig = figures.loss_vs_quality(runs[first].evals, vaediag.analyze(runs[first]))
+    fig = figures.loss_vs_quality(runs[first].scalars, runs[first].evals,
+                                  vaediag.analyze(runs[first]))
     fig.savefig(into / f"loss-vs-quality-{first}.png", dpi=110)
     plt.close(fig)
 

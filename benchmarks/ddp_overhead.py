@@ -20,6 +20,7 @@ Target: ``standard`` within 1.05x of the plain DDP loop.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import statistics
@@ -50,7 +51,7 @@ def _rank(rank: int, port: int, steps: int, block: int, out: str, resolution: in
     from vaediag.data import load_dataset
     from vaediag.losses import loss_terms
     from vaediag.model import ConvVAE
-    from vaediag.monitor.ranks import Ranks
+    from vaediag.monitor.ranks import Ranks, Reduce, Shared
     from vaediag.probes import build
 
     small = ["model.channels=[16, 32, 64]"] if resolution == 32 else []
@@ -100,7 +101,8 @@ def _rank(rank: int, port: int, steps: int, block: int, out: str, resolution: in
         ranks = Ranks()
         t0 = time.perf_counter()
         for _ in range(200):
-            ranks.gather(torch.tensor(1.0), torch.tensor(2.0), None, False, torch.device("cpu"))
+            ranks.exchange([Shared("losses", torch.tensor([1.0, 2.0, math.nan]), Reduce.EACH),
+                            Shared("stop", 0.0, Reduce.MAX)], torch.device("cpu"))
         gather_ms = (time.perf_counter() - t0) / 200 * 1e3
     if rank == 0:
         skip = 2 * block  # warm-up

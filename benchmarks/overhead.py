@@ -163,7 +163,7 @@ def warm_cost(config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def measure(resolution: int, steps: int, evals: int, device: torch.device,
             read_before_step: bool = True, overrides: tuple[str, ...] = (),
-            warm_calls: int = 2000) -> None:
+            warm_calls: int = 2000, keep: Path | None = None) -> None:
     config = build_config(overrides=["data.toyfaces_size=2048",
                                      f"data.resolution={resolution}", *overrides])
     data = load_dataset(config.data)
@@ -185,7 +185,8 @@ def measure(resolution: int, steps: int, evals: int, device: torch.device,
                        online=False, read_before_step=read_before_step)
 
     with tempfile.TemporaryDirectory() as tmp:
-        monitors = {p: make(Path(tmp), p) for p in PRESETS}
+        root = Path(tmp) if keep is None else keep / f"{resolution}px"
+        monitors = {p: make(root, p) for p in PRESETS}
         times: dict[str, list[float]] = {p: [] for p in ROTATION}
         monitor_times: dict[str, list[float]] = {p: [] for p in ROTATION}
         probe_times: dict[str, dict[str, float]] = {p: {} for p in PRESETS}
@@ -314,6 +315,9 @@ def main() -> None:
                         help="Monitors that read nothing during a step (read_before_step=False)")
     parser.add_argument("--warm-calls", type=int, default=2000,
                         help="the Monitor's calls alone, repeated with warm caches, per preset")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="keep the timed runs in DIR/<resolution>px/<preset> (to compare "
+                             "what two versions of vaediag record)")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. a narrow model whose arithmetic costs "
                         "next to nothing, to see the Monitor's fixed cost per step: --set "
@@ -322,7 +326,7 @@ def main() -> None:
     for resolution in args.resolutions:
         measure(resolution, args.steps, args.evals, torch.device(args.device),
                 read_before_step=not args.read_after_step, overrides=tuple(args.overrides),
-                warm_calls=args.warm_calls)
+                warm_calls=args.warm_calls, keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -420,7 +420,7 @@ def test_without_reading_during_a_step_every_row_is_the_same(tmp_path, monkeypat
         blocking.append(len(groups))
         return original(groups)
 
-    monkeypatch.setattr("vaediag.monitor.read_arrays", counted)
+    monkeypatch.setattr("vaediag.monitor.reading.read_arrays", counted)
     later = _deferred_run(tmp_path, "later", False)
     assert blocking == [], "a blocking read during the steps"
     a, b = now.scalars, later.scalars

@@ -179,3 +179,27 @@ def test_the_usual_call_is_checked_as_any_other():
                          (dict(epoch=True), "epoch")]:
         with pytest.raises(UserError, match=match):
             StepInputs.checked(7, **{**usual, **wrong}, columns=None, latent_dim=3)
+
+
+def test_the_monitor_shows_its_real_signature_and_documents_every_parameter():
+    """``help()``, Jupyter and IDEs read ``inspect.signature``: every parameter is there with
+    its annotation and default (no ``*args, **kwargs``), and the docstring names each one."""
+    import inspect
+
+    signature = inspect.signature(vaediag.Monitor)
+    params = signature.parameters
+    assert list(params)[:3] == ["run_dir", "model", "optimizer"]
+    assert not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values())
+    assert len(params) == 25
+    assert all(p.annotation is not inspect.Parameter.empty for p in params.values())
+    assert params["eval_images"].default is inspect.Parameter.empty
+    assert params["eval_images"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["eval_every"].default == 100 and params["probes"].default == "standard"
+    assert params["read_before_step"].default is True and params["online"].default is True
+    doc = inspect.getdoc(vaediag.Monitor)
+    documented = set()
+    section = doc.split("Parameters\n----------\n", 1)[1].split("\n\n", 1)[0]
+    for line in section.splitlines():
+        if line and not line.startswith(" "):
+            documented |= {name.strip() for name in line.split(",")}
+    assert documented == set(params), set(params) ^ documented

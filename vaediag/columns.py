@@ -19,6 +19,40 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+# -- plain columns: the one place each name is spelled ------------------------------------
+
+#: every row: the optimizer updates before it (per step), or the model evaluated after them
+STEP = "step"
+#: seconds of training since the run began (a resumed run's clock goes on)
+TIME = "time"
+#: the epoch (an int per step; step / steps_per_epoch per evaluation)
+EPOCH = "epoch"
+#: the loss terms of a training step, as given (under torch.distributed, the mean over ranks)
+RECON = "recon"
+KL = "kl"
+TOTAL = "total"
+LOSS_TERMS = (RECON, KL, TOTAL)
+#: the global L2 norm of the gradients
+GRAD_NORM = "grad_norm"
+#: the KL weight, and the optimizer's learning rate and eps (of its first group)
+BETA = "beta"
+LR = "lr"
+EPS = "eps"
+#: under torch.distributed: the largest minus the smallest rank's loss term
+RECON_RANK_SPREAD = "recon_rank_spread"
+KL_RANK_SPREAD = "kl_rank_spread"
+#: evaluation rows: the losses of the grid's held-out images and of the fixed training images
+EVAL_RECON = "eval_recon"
+EVAL_KL = "eval_kl"
+TRAIN_EVAL_RECON = "train_eval_recon"
+TRAIN_EVAL_KL = "train_eval_kl"
+#: evaluation rows: the training loss terms averaged over the steps since the last evaluation
+TRAIN_RECON_AVG = "train_recon_avg"
+TRAIN_KL_AVG = "train_kl_avg"
+TRAIN_AVG_STEPS = "train_avg_steps"
+
+# -- indexed columns ------------------------------------------------------------------------
+
 KINDS = ("layer", "part", "dim", "img")
 _INDEXED = re.compile(r"^(layer|part|dim|img)\.([A-Za-z0-9_]+)/(.+)$")
 

@@ -5,9 +5,11 @@ rank 0.
 is the Monitor's view of it (any process group the user's own loop set up).
 
 Every rank creates its Monitor with the same arguments. Rank 0 records; the others
-(:class:`vaediag.monitor.Follower`) write nothing. At each step every rank takes part in one
-small collective, an all-gather of its loss terms (and rank 0's request to stop) and its
-summary of mu and logvar, so that:
+(:class:`vaediag.monitor.follower.Follower`) write nothing. At each step every rank takes part
+in one small collective (:meth:`Ranks.exchange`), an all-gather of its loss terms (and its
+request to stop) and its summary of mu and logvar, each declared with how the ranks' values
+combine (:class:`Shared`, :class:`Reduce`; :func:`vaediag.monitor.roles.shared_values`), so
+that:
 
 - rank 0 records the global batch: ``recon``, ``kl`` and ``total`` are the mean over ranks, the
   latent statistics those of every rank's batch together, and ``recon_rank_spread`` /
@@ -25,19 +27,21 @@ unwrapped module (a DDP forward would wait for the other ranks).
 Under FSDP (``fully_shard``: parameters, gradients and Adam's state are DTensor shards) each
 rank holds a part of every tensor, and a forward pass needs every rank. So every rank runs the
 whole Monitor in step (the same probes at the same steps, the same evaluations), on its own
-shards; only rank 0 writes (the others' session, :class:`ShadowSession`, discards what they
-would have written). What is measured over parameter entries is combined:
+shards; only rank 0 writes (the others, :class:`vaediag.monitor.roles.Shadow`, have a
+:class:`ShadowSession` that discards what they would have written). What is measured over
+parameter entries is combined:
 
 - the gradient norms: each rank's sums of squares per parameter ride in the step's one
   collective, and every rank adds them up;
 - Adam's statistics, the update ratios and the count of non-finite gradient entries: each
   rank's sums over its sampled entries (and their counts) are all-reduced
-  (:attr:`Ranks.reduce`, ``ctx.reduce`` for a probe) on the steps those probes run: one more
+  (:meth:`Ranks.reduce`, ``ctx.reduce`` for a probe) on the steps those probes run: one more
   small collective per probe that ran.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from dataclasses import dataclass, field
@@ -50,9 +54,36 @@ from torch import nn
 from vaediag.errors import UserError
 from vaediag.probes.sampling import is_dtensor
 
-#: the per-step vector every rank contributes: its loss terms, then its request to stop
+#: the loss terms every rank contributes at each step, in this order
 TERMS = ("recon", "kl", "total")
-STOP = len(TERMS)
+
+
+class Reduce(enum.Enum):
+    """How the ranks' values of one :class:`Shared` value combine."""
+
+    #: every rank's, as a (ranks, n) tensor (e.g. the loss terms: their mean, their spread,
+    #: and the ranks a term went non-finite on are all taken from them)
+    EACH = "every rank's"
+    #: the largest over ranks (e.g. a request to stop: any rank's)
+    MAX = "the largest over ranks"
+    #: the sum over ranks (e.g. sums of squares over each rank's shards)
+    SUM = "the sum over ranks"
+
+
+@dataclass(frozen=True)
+class Shared:
+    """One value each rank contributes to the step's one collective, with how the ranks'
+    values combine (in the spirit of torchmetrics' ``add_state(..., dist_reduce_fx=)``).
+    ``value`` is a number or a tensor (any shape: sent flat, in float64)."""
+
+    name: str
+    value: torch.Tensor | float
+    reduce: Reduce
+
+    def flat(self, device: torch.device) -> torch.Tensor:
+        if isinstance(self.value, torch.Tensor):
+            return self.value.detach().reshape(-1).to(device, torch.float64)
+        return torch.tensor([float(self.value)], dtype=torch.float64, device=device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -94,35 +125,34 @@ class Ranks:
             dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.active else 0
         self.world = dist.get_world_size() if self.active else 1
-        #: whether the model is sharded (FSDP): every rank runs the whole Monitor in step
-        self.sharded = False
 
     @property
     def records(self) -> bool:
         """Whether this rank writes the run directory (rank 0)."""
         return self.rank == 0
 
-    def gather(self, recon, kl, total, stop: bool, device: torch.device,
-               extra: torch.Tensor | None = None) -> torch.Tensor:
-        """The step's one collective: every rank's (recon, kl, total, stop) as a (world, 4)
-        float64 tensor on ``device`` (``total`` NaN where not given); with ``extra`` (a vector
-        of this rank's, e.g. its sums of squares of its gradient shards), (world, 4 + E)."""
-        values = [recon, kl, math.nan if total is None else total]
-        parts = [v.detach().reshape(()).to(device, torch.float64) if isinstance(v, torch.Tensor)
-                 else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values]
-        mine = torch.stack([*parts, torch.tensor(float(stop), dtype=torch.float64,
-                                                 device=device)])
-        if extra is not None:
-            mine = torch.cat([mine, extra.to(device, torch.float64).reshape(-1)])
+    def exchange(self, shared: list[Shared], device: torch.device) -> dict[str, torch.Tensor]:
+        """The step's one collective: every rank's ``shared`` values (the same names and sizes
+        on every rank) in one all-gather on ``device``, each combined as it declares
+        (:class:`Reduce`): ``{name: combined value}``, float64 on ``device``."""
+        flats = [s.flat(device) for s in shared]
+        mine = torch.cat(flats) if len(flats) > 1 else flats[0]
         out = [torch.empty_like(mine) for _ in range(self.world)]
         self._dist.all_gather(out, mine)
-        return torch.stack(out)
+        every = torch.stack(out)
+        combined: dict[str, torch.Tensor] = {}
+        at = 0
+        for s, flat in zip(shared, flats, strict=True):
+            values = every[:, at:at + flat.numel()]
+            at += flat.numel()
+            combined[s.name] = (values if s.reduce is Reduce.EACH else
+                                values.amax(0) if s.reduce is Reduce.MAX else values.sum(0))
+        return combined
 
     def reduce(self, sums: torch.Tensor) -> torch.Tensor:
         """Sums over this rank's shard -> sums over every rank's (in place; a collective that
-        every rank joins). Unchanged when the model is not sharded."""
-        if self.sharded:
-            self._dist.all_reduce(sums)
+        every rank joins)."""
+        self._dist.all_reduce(sums)
         return sums
 
     def agree(self, ok: bool) -> None:
@@ -136,6 +166,18 @@ class Ranks:
         if ok and failed:
             raise UserError(f"rank {failed[0]} could not set up its Monitor (its error says "
                             f"why); rank {self.rank} stops too")
+
+
+@dataclass
+class StopState:
+    """Stopping every rank together. This rank asks the ranks to stop (sent at the next step's
+    collective); a request was read from a step's collective (with ``read_before_step=False``
+    possibly early, at an evaluation or checkpoint on rank 0); every rank learned that they stop
+    now (agreed at ``after_backward``, where every rank reads the same step's values)."""
+
+    asked: bool = False
+    read: bool = False
+    now: bool = False
 
 
 class DiscardWriter:

@@ -157,15 +157,15 @@ def _figures(report: Report, run: Run, analysis: Analysis) -> list[tuple[str, An
     scalars, evals = run.scalars, run.evals
     pdf_figures: list[tuple[str, Any]] = []
 
-    for section, title, needs_rows, needs_evals, draw in figures.RUN_FIGURES:
-        if (needs_rows and not len(scalars)) or (needs_evals and not len(evals)):
+    for figure in figures.RUN_FIGURES:
+        if not figure.drawable(scalars, evals):
             continue
-        fig = draw(scalars, evals, analysis)
+        fig = figure.draw(scalars, evals, analysis)
         if fig is None:
             continue
-        image = Image(figure_png(fig), title)
-        report.figures.setdefault(section, []).append((title, image))
-        pdf_figures.append((section, image))
+        image = Image(figure_png(fig), figure.title)
+        report.figures.setdefault(figure.section, []).append((figure.title, image))
+        pdf_figures.append((figure.section, image))
     return pdf_figures
 
 

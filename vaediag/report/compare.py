@@ -94,8 +94,7 @@ def compared_steps(eval_steps: list[list[int]], branch_steps: list[int]) -> list
 
 def build(paths: list[str | Path]) -> Comparison:
     """Read and analyse the runs, draw the figures, pick the grids."""
-
-    from vaediag.report import figures
+    from vaediag.report import compare_figures
 
     runs = [load_run(p) for p in paths]
     names = _names(runs)
@@ -124,10 +123,11 @@ def build(paths: list[str | Path]) -> Comparison:
 
     with_rows = [(n, r.scalars) for n, r in zip(names, runs, strict=True) if len(r.scalars)]
     if with_rows:
-        add("Losses per step", figures.compare_losses(with_rows, branches))
+        add("Losses per step", compare_figures.compare_losses(with_rows, branches))
     with_evals = [(n, r.evals) for n, r in zip(names, runs, strict=True) if len(r.evals)]
     if with_evals:
-        add("Loss and quality at each evaluation", figures.compare_quality(with_evals, branches))
+        add("Loss and quality at each evaluation",
+            compare_figures.compare_quality(with_evals, branches))
 
     grids = [dict(r.grids) for r in runs]
     for step in compared_steps([sorted(g) for g in grids], [s for _, s in branches]):

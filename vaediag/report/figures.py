@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -70,7 +71,7 @@ def _blocks(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINTS)
             shaped.max(1))
 
 
-def _evals_line(ax, steps, values, marker: str, **style) -> None:
+def plot_evals(ax, steps, values, marker: str, **style) -> None:
     """An evaluation series as a line: decimated beyond ``MAX_EVAL_POINTS``, with markers
     while it has at most ``MAX_MARKED`` points (markers are what costs in a PDF)."""
     x, med, _, _ = _blocks(np.asarray(steps), np.asarray(values, dtype=np.float64),
@@ -78,7 +79,7 @@ def _evals_line(ax, steps, values, marker: str, **style) -> None:
     ax.plot(x, med, marker=marker if len(x) <= MAX_MARKED else None, **style)
 
 
-def _shade(ax, findings: list[Finding], kinds: set[str] | None = None) -> None:
+def shade(ax, findings: list[Finding], kinds: set[str] | None = None) -> None:
     for f in findings:
         if kinds is not None and f.kind not in kinds:
             continue
@@ -88,7 +89,7 @@ def _shade(ax, findings: list[Finding], kinds: set[str] | None = None) -> None:
         ax.axvline(f.first_step, color=colour, lw=0.6, alpha=0.6, ls="--", zorder=1)
 
 
-def _series(ax, scalars: pd.DataFrame, column: str, label: str, colour: str,
+def plot_series(ax, scalars: pd.DataFrame, column: str, label: str, colour: str,
             ls: str = "-") -> bool:
     if column not in scalars.columns:
         return False
@@ -108,15 +109,15 @@ def timelines(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis) ->
     fig, axes = subplots(3, 1, figsize=(PAGE_WIDTH, 7.2), sharex=True,
                              gridspec_kw={"height_ratios": [3, 3, 1.4]})
     for ax, term, colour in ((axes[0], "recon", "C0"), (axes[1], "kl", "C2")):
-        drawn = _series(ax, scalars, term, f"{term} (training batch, per step)", colour)
+        drawn = plot_series(ax, scalars, term, f"{term} (training batch, per step)", colour)
         eval_col = f"eval_{term}"
         if eval_col in evals.columns and evals[eval_col].notna().any():
-            _evals_line(ax, evals["step"], evals[eval_col], "o", color="k", ms=3, lw=0.8,
+            plot_evals(ax, evals["step"], evals[eval_col], "o", color="k", ms=3, lw=0.8,
                         label=f"{term} (the 8 held-out grid images, per evaluation)")
             drawn = True
         train_col = f"train_{eval_col}"  # the 8 fixed training images, scored alike
         if train_col in evals.columns and evals[train_col].notna().any():
-            _evals_line(ax, evals["step"], evals[train_col], "x", color="0.45", ms=3, lw=0.8,
+            plot_evals(ax, evals["step"], evals[train_col], "x", color="0.45", ms=3, lw=0.8,
                         ls="--", label=f"{term} (8 fixed training images, per evaluation)")
         if drawn:
             positive = scalars[term] if term in scalars.columns else pd.Series([1.0])
@@ -124,16 +125,16 @@ def timelines(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis) ->
                 ax.set_yscale("log")
             ax.legend(loc="upper right", fontsize=7)
         ax.set_ylabel(term)
-        _shade(ax, analysis.findings)
+        shade(ax, analysis.findings)
     ax = axes[2]
-    if _series(ax, scalars, "lr", "learning rate", "C4"):
+    if plot_series(ax, scalars, "lr", "learning rate", "C4"):
         ax.set_ylabel("lr")
         if "beta" in scalars.columns and scalars["beta"].nunique() > 1:
             twin = ax.twinx()
-            _series(twin, scalars, "beta", "beta (KL weight)", "C5")
+            plot_series(twin, scalars, "beta", "beta (KL weight)", "C5")
             twin.set_ylabel("beta")
             twin.grid(False)
-    _shade(ax, analysis.findings)
+    shade(ax, analysis.findings)
     axes[-1].set_xlabel("step")
     fig.suptitle("Losses over training (shaded: findings, coloured by severity)", fontsize=10)
     fig.tight_layout()
@@ -148,7 +149,8 @@ def quality_metrics(evals: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 @styled
-def loss_vs_quality(evals: pd.DataFrame, analysis: Analysis) -> Figure | None:
+def loss_vs_quality(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
+                    ) -> Figure | None:
     """The evaluation loss (black) against each quality metric (colour) over time, one panel per
     metric with twin axes; decoupling findings shaded."""
     metrics = quality_metrics(evals)
@@ -161,17 +163,17 @@ def loss_vs_quality(evals: pd.DataFrame, analysis: Analysis) -> Figure | None:
     steps = evals["step"].to_numpy()
     kinds = set(DECOUPLING)
     for ax, (metric, label) in zip(axes.flat, metrics, strict=False):
-        _evals_line(ax, steps, evals["eval_recon"], "o", color="k", ms=2, lw=0.8)
+        plot_evals(ax, steps, evals["eval_recon"], "o", color="k", ms=2, lw=0.8)
         ax.set_ylabel("eval recon", fontsize=7)
         twin = ax.twinx()
-        _evals_line(twin, steps, evals[metric], "s", color="C3", ms=2, lw=0.8)
+        plot_evals(twin, steps, evals[metric], "s", color="C3", ms=2, lw=0.8)
         train = f"train_{metric}"  # the same metric of the 8 fixed training images
         if train in evals.columns and evals[train].notna().sum() >= 2:
-            _evals_line(twin, steps, evals[train], "x", color="C1", ms=2, lw=0.7, ls="--")
+            plot_evals(twin, steps, evals[train], "x", color="C1", ms=2, lw=0.7, ls="--")
         twin.set_ylabel(metric, color="C3", fontsize=7)
         twin.grid(False)
         ax.set_title(label, fontsize=8)
-        _shade(ax, analysis.findings, kinds)
+        shade(ax, analysis.findings, kinds)
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
     training = any(f"train_{m}" in evals.columns for m, _ in metrics)
@@ -182,7 +184,8 @@ def loss_vs_quality(evals: pd.DataFrame, analysis: Analysis) -> Figure | None:
 
 
 @styled
-def correlation(analysis: Analysis) -> Figure | None:
+def correlation(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
+                ) -> Figure | None:
     """The rolling Spearman correlation of the loss's and each metric's changes, as the
     decoupling detector derived it: positive while they move together."""
     derived = analysis.derived.get("loss_quality_correlation")
@@ -207,7 +210,8 @@ def correlation(analysis: Analysis) -> Figure | None:
 
 
 @styled
-def loss_quality_scatter(evals: pd.DataFrame) -> Figure | None:
+def loss_quality_scatter(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
+                         ) -> Figure | None:
     """Loss against quality at every evaluation, coloured by step: where the cloud bends away,
     the loss stopped tracking the metric."""
     metrics = quality_metrics(evals)[:4]
@@ -259,7 +263,8 @@ LAYER_MAPS = (("grad_norm", "gradient norm", "max", True),
 
 
 @styled
-def layer_heatmaps(scalars: pd.DataFrame, analysis: Analysis) -> Figure | None:
+def layer_heatmaps(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
+                   ) -> Figure | None:
     """Per-layer gradient norm, Adam update RMS, eps-dominated fraction and update ratio over
     steps (block maximum when decimated, so spikes survive), with signals marked."""
     panels = [(stat, title, reduce, log, columns.matrix(scalars, "layer", stat))
@@ -333,7 +338,7 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
             ax.set_title("KL per latent dimension (nats; dark = unused)", fontsize=8)
             fig.colorbar(mesh, ax=ax, fraction=0.02, pad=0.01)
         elif row == "au":
-            _evals_line(ax, evals["step"], evals["active_units"], "o", ms=3, lw=0.8,
+            plot_evals(ax, evals["step"], evals["active_units"], "o", ms=3, lw=0.8,
                         color="C1")
             ax.set_ylabel("active units", fontsize=7)
             ax.set_ylim(bottom=0)
@@ -347,7 +352,7 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
                     ax.plot(x, med, color=colour, lw=0.8, label=label)
             ax.legend(fontsize=6, loc="upper right")
             ax.set_ylabel("range", fontsize=7)
-        _shade(ax, analysis.findings, LATENT_KINDS)
+        shade(ax, analysis.findings, LATENT_KINDS)
     axes[-1, 0].set_xlim(steps[0], steps[-1] + 1)
     axes[-1, 0].set_xlabel("step")
     fig.suptitle("Latent health", fontsize=10)
@@ -355,22 +360,39 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
     return fig
 
 
-#: The report's figures of one run, in order: (section, title, needs per-step rows, needs
-#: evaluations, draw(scalars, evals, analysis) -> Figure or None). A new figure is a function
-#: above and one entry here; the report draws each once for the HTML and the PDF.
-RUN_FIGURES: tuple[tuple[str, str, bool, bool, Callable[..., Figure | None]], ...] = (
-    ("timelines", "Losses over time", True, False,
-     lambda scalars, evals, analysis: timelines(scalars, evals, analysis)),
-    ("optimizer", "Per-layer heatmaps", True, False,
-     lambda scalars, evals, analysis: layer_heatmaps(scalars, analysis)),
-    ("latents", "Latent health", True, False,
-     lambda scalars, evals, analysis: latent_health(scalars, evals, analysis)),
-    ("quality", "Loss and quality over time", False, True,
-     lambda scalars, evals, analysis: loss_vs_quality(evals, analysis)),
-    ("quality", "Rolling rank correlation", False, True,
-     lambda scalars, evals, analysis: correlation(analysis)),
-    ("quality", "Loss against quality", False, True,
-     lambda scalars, evals, analysis: loss_quality_scatter(evals)),
+@dataclass(frozen=True)
+class RunFigure:
+    """One of the report's figures of a run: its section, its title, how it is drawn
+    (``draw(scalars, evals, analysis) -> Figure or None``), and the columns it reads, so that
+    it is drawn only when the run has rows with them."""
+
+    section: str
+    title: str
+    draw: Callable[[pd.DataFrame, pd.DataFrame, Analysis], Figure | None]
+    #: the per-step columns it needs (none: it reads no per-step row)
+    step_columns: tuple[str, ...] = ()
+    #: the evaluation columns it needs (none: it reads no evaluation row)
+    eval_columns: tuple[str, ...] = ()
+
+    def drawable(self, scalars: pd.DataFrame, evals: pd.DataFrame) -> bool:
+        """Whether each table it reads has rows and the columns it needs."""
+        return all(not needs or (len(table) > 0 and all(c in table.columns for c in needs))
+                   for table, needs in ((scalars, self.step_columns),
+                                        (evals, self.eval_columns)))
+
+
+#: The report's figures of one run, in order. A new figure is a function above and one entry
+#: here; the report draws each once for the HTML and the PDF.
+RUN_FIGURES: tuple[RunFigure, ...] = (
+    RunFigure("timelines", "Losses over time", timelines, step_columns=(columns.STEP,)),
+    RunFigure("optimizer", "Per-layer heatmaps", layer_heatmaps, step_columns=(columns.STEP,)),
+    RunFigure("latents", "Latent health", latent_health, step_columns=(columns.STEP,)),
+    RunFigure("quality", "Loss and quality over time", loss_vs_quality,
+              eval_columns=(columns.STEP, columns.EVAL_RECON)),
+    RunFigure("quality", "Rolling rank correlation", correlation,
+              eval_columns=(columns.STEP,)),
+    RunFigure("quality", "Loss against quality", loss_quality_scatter,
+              eval_columns=(columns.STEP, columns.EVAL_RECON)),
 )
 
 
@@ -384,80 +406,5 @@ def grid_panel(images: list[tuple[str, Any]], title: str) -> Figure:
         ax.set_axis_off()
         ax.set_title(caption, fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-# -- comparing runs ---------------------------------------------------------------------------
-
-def _run_colour(k: int) -> str:
-    return f"C{k % 10}"
-
-
-#: line styles by run, so a run that repeats another (a replay before it branches) still shows
-_RUN_STYLES = ("-", "--", ":", "-.")
-
-
-def _run_style(k: int) -> str:
-    return _RUN_STYLES[k % len(_RUN_STYLES)]
-
-
-def _branch_marks(ax, branches: list[tuple[str, int]]) -> None:
-    for k, (_, step) in enumerate(branches):
-        ax.axvline(step, color="0.3", lw=0.7, ls=":", zorder=1,
-                   label="replayed from here" if k == 0 else None)
-
-
-@styled
-def compare_losses(runs: list[tuple[str, pd.DataFrame]],
-                   branches: list[tuple[str, int]]) -> Figure:
-    """Reconstruction, KL (log scale where positive) and the learning rate per step, one colour
-    per run, on the same step axis; dotted: where a replay branched off its parent."""
-    fig, axes = subplots(3, 1, figsize=(PAGE_WIDTH, 7.2), sharex=True,
-                             gridspec_kw={"height_ratios": [3, 3, 1.4]})
-    for ax, column, label in ((axes[0], "recon", "recon"), (axes[1], "kl", "KL"),
-                              (axes[2], "lr", "lr")):
-        positive = True
-        for k, (name, scalars) in enumerate(runs):
-            if _series(ax, scalars, column, name, _run_colour(k), _run_style(k)):
-                positive &= bool((scalars[column].dropna() > 0).all())
-        if positive and column != "lr" and ax.lines:
-            ax.set_yscale("log")
-        ax.set_ylabel(label)
-        _branch_marks(ax, branches)
-    axes[0].legend(loc="upper right", fontsize=7)
-    axes[-1].set_xlabel("step")
-    fig.suptitle("Losses per step, run against run (training batches)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-@styled
-def compare_quality(runs: list[tuple[str, pd.DataFrame]],
-                    branches: list[tuple[str, int]]) -> Figure | None:
-    """The evaluation loss and each quality metric at every evaluation, one panel per column,
-    one colour per run."""
-    drawn = {m for _, e in runs for m, _ in quality_metrics(e)}
-    shown = [("eval_recon", "eval recon (the 8 grid images)")] + \
-        [(m, facts.label) for m, facts in columns.QUALITY_METRICS.items() if m in drawn]
-    shown = [(c, label) for c, label in shown if any(c in e.columns for _, e in runs)]
-    if not shown:
-        return None
-    cols = 2
-    rows = math.ceil(len(shown) / cols)
-    fig, axes = subplots(rows, cols, figsize=(PAGE_WIDTH, 1.9 * rows + 0.6), sharex=True,
-                             squeeze=False)
-    for ax in axes.flat[len(shown):]:
-        ax.set_axis_off()
-    for ax, (column, label) in zip(axes.flat, shown, strict=False):
-        for k, (name, evals) in enumerate(runs):
-            if column in evals.columns and evals[column].notna().any():
-                _evals_line(ax, evals["step"], evals[column], ".", color=_run_colour(k), ms=3,
-                            lw=0.9, ls=_run_style(k), label=name)
-        ax.set_title(label, fontsize=8)
-        ax.tick_params(labelsize=7)
-        _branch_marks(ax, branches)
-    axes.flat[0].legend(fontsize=6, loc="best")
-    fig.suptitle("The loss and image quality at each evaluation, run against run", fontsize=10)
     fig.tight_layout()
     return fig
