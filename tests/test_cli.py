@@ -85,7 +85,8 @@ def test_command_line_choices_come_from_the_registries():
     config's help names every fault kind: one list each, nowhere copied."""
     from vaediag import inject, probes
     from vaediag.analysis.findings import SEVERITIES
-    from vaediag.config import PRESETS, all_keys
+    from vaediag.config import all_keys
+    from vaediag.presets import PRESETS
 
     options = {p.name: p for p in cli.commands["train"].params}
     assert list(options["probe_preset"].type.choices) == list(probes.PRESETS)

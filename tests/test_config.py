@@ -132,7 +132,7 @@ def test_docs_list_every_key_exactly():
 def test_every_preset_builds_and_is_described():
     from pathlib import Path
 
-    from vaediag.config import PRESET_HELP, PRESETS
+    from vaediag.presets import PRESET_HELP, PRESETS
 
     doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     assert set(PRESET_HELP) == set(PRESETS)

@@ -57,13 +57,13 @@ def _config_options(f):
 
 
 def _preset_names() -> list[str]:
-    from vaediag.config import PRESETS
+    from vaediag.presets import PRESETS
 
     return list(PRESETS)
 
 
 def _preset_help() -> dict[str, str]:
-    from vaediag.config import PRESET_HELP
+    from vaediag.presets import PRESET_HELP
 
     return PRESET_HELP
 

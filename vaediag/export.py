@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 
 from vaediag.analysis import FINDINGS_JSON
+from vaediag.columns import EPOCH, STEP, TIME
 from vaediag.errors import UserError
 from vaediag.rundir import CONFIG_TOML, Run, load_run
 
 #: columns that are the axis, not a series
-AXIS_COLUMNS = ("step", "time", "epoch")
+AXIS_COLUMNS = (STEP, TIME, EPOCH)
 
 
 class _EventWriter:
@@ -70,8 +71,8 @@ def _start_time(run: Run) -> float:
 def _scalars(writer: _EventWriter, prefix: str, frame: pd.DataFrame, start: float) -> int:
     if frame.empty:
         return 0
-    steps = frame["step"].to_numpy()
-    times = frame["time"].to_numpy(np.float64) + start if "time" in frame.columns else \
+    steps = frame[STEP].to_numpy()
+    times = frame[TIME].to_numpy(np.float64) + start if TIME in frame.columns else \
         np.full(len(frame), start)
     tags = [(f"{prefix}/{c}", c) for c in frame.columns if c not in AXIS_COLUMNS]
     block = frame[[c for _, c in tags]].to_numpy(np.float64)
@@ -120,7 +121,7 @@ def to_tensorboard(run_dir: str | Path, directory: str | Path, *,
     try:
         scalars = _scalars(writer, "train", run.scalars, start)
         scalars += _scalars(writer, "eval", run.evals, start)
-        times = dict(zip(run.evals["step"], run.evals.get("time", []), strict=False)) \
+        times = dict(zip(run.evals[STEP], run.evals.get("time", []), strict=False)) \
             if len(run.evals) else {}
         images = 0
         for step, path in run.grids:

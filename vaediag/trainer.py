@@ -8,21 +8,18 @@ per-step rows of an interrupted-and-resumed run equal those of an uninterrupted 
 from __future__ import annotations
 
 import contextlib
-import math
-import signal
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from vaediag import environment
 from vaediag import probes as probe_library
 from vaediag.config import Config, from_dict, resume_changes
+from vaediag.console import Progress, StopFlag
 from vaediag.data import Dataset, load_dataset, train_sample
 from vaediag.data.augment import augment, step_generator
 from vaediag.errors import RunDirError, TrainingStopped, UserError, first_line
@@ -83,34 +80,6 @@ class EpochOrder:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
-
-
-class _StopFlag:
-    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one aborts."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    @contextmanager
-    def installed(self) -> Iterator[_StopFlag]:
-        def handler(signum: int, frame: Any) -> None:
-            if self.signal is not None:
-                raise KeyboardInterrupt
-            self.signal = signum
-            print(f"\nvaediag: {signal.Signals(signum).name} received: finishing this step and "
-                  f"saving a checkpoint (again to abort)", file=sys.stderr)
-
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for s in previous:
-                signal.signal(s, handler)
-        except ValueError:  # not the main thread: no signal handling
-            previous = {}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 def _eval_loss_fn(model: ConvVAE, config: Config):
@@ -438,7 +407,7 @@ class TrainingLoop:
             self.checkpoint(0)
         self.model.train()
         step = start
-        with _StopFlag().installed() as stop, progress_line:
+        with StopFlag().installed() as stop, progress_line:
             while step < total_steps:
                 beta = self.settings(step, total_steps)
                 self.train_step(step, self.batch(step), beta)
@@ -455,44 +424,6 @@ class TrainingLoop:
                                        total_steps)
         monitor.close("finished", step)
         return TrainResult(Path(monitor.run_path), "finished", step, total_steps)
-
-
-class Progress:
-    """A tqdm bar, or a log line every 5% with steps/s, or nothing; new findings of the online
-    analysis printed past the bar."""
-
-    def __init__(self, monitor: Monitor, start: int, total_steps: int, steps_per_epoch: int,
-                 progress: bool | None, quiet: bool):
-        self.monitor, self.start, self.total = monitor, start, total_steps
-        self.steps_per_epoch, self.quiet = steps_per_epoch, quiet
-        self.use_bar = not quiet and (sys.stderr.isatty() if progress is None else progress)
-        self.bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
-                        disable=not self.use_bar, file=sys.stderr, desc="training")
-        self.log_every = max(1, total_steps // 20)
-        monitor.echo = (lambda text: None) if quiet else \
-            (lambda text: tqdm.write(f"vaediag: {text}", file=sys.stderr)) if self.use_bar \
-            else (lambda text: print(f"vaediag: {text}", file=sys.stderr, flush=True))
-        self.started_at = monitor.elapsed()  # steps/s of this session (a resume's clock goes on)
-
-    def __enter__(self) -> Progress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.__exit__(*exc)
-
-    def after(self, step: int) -> None:
-        row = {"recon": math.nan, "kl": math.nan, **self.monitor.last_read_row}
-        if self.use_bar:
-            self.bar.set_postfix_str(f"recon {row['recon']:.4g}  KL {row['kl']:.4g}",
-                                     refresh=False)
-            self.bar.update(1)
-        elif not self.quiet and (step % self.log_every == 0 or step == self.total):
-            elapsed = self.monitor.elapsed()
-            rate = (step - self.start) / max(elapsed - self.started_at, 1e-9)
-            print(f"step {step:,}/{self.total:,}  epoch {step / self.steps_per_epoch:.2f}  "
-                  f"recon {row['recon']:.4g}  KL {row['kl']:.4g}  ({elapsed:.0f} s, "
-                  f"{rate:.1f} steps/s)", file=sys.stderr, flush=True)
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:

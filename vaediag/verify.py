@@ -28,6 +28,7 @@ from vaediag.analysis import analyze
 from vaediag.analysis.causes import quality_lost
 from vaediag.analysis.data import RunData
 from vaediag.analysis.findings import Analysis, Finding, severity_rank
+from vaediag.columns import STEP
 from vaediag.config import RESUME_LOCKED, parse_override
 from vaediag.errors import ConfigError, RunDirError, TrainingStopped
 from vaediag.rundir import Run, list_checkpoints, load_run, remove_run
@@ -167,7 +168,7 @@ def _eval_every(run: Run) -> int:
     every = run.config.get("eval", {}).get("every_steps")
     if isinstance(every, int) and every > 0:
         return every
-    steps = sorted(int(s) for s in run.evals["step"])
+    steps = sorted(int(s) for s in run.evals[STEP])
     gaps = [b - a for a, b in itertools.pairwise(steps) if b > a]
     return min(gaps) if gaps else 100
 
@@ -222,7 +223,7 @@ def verify_finding(run: Run, finding: Finding, directory: Path,
         and f.last_step > out.from_step and f.first_step <= out.to_step
         for f in found.findings)
     before, after = _compared(finding, out.from_step, out.to_step,
-                              [int(s) for s in run.evals["step"]])
+                              [int(s) for s in run.evals[STEP]])
     out.compare = [before, after]
     named = set(finding.evidence.get("metrics", {})) | set(finding.evidence.get("quality_lost",
                                                                                  {}))
@@ -256,7 +257,7 @@ def _value(run: Run, column: str, step: int) -> float | None:
     evals = run.evals
     if column not in evals.columns:
         return None
-    rows = evals.loc[evals["step"] == step, column]
+    rows = evals.loc[evals[STEP] == step, column]
     return float(rows.iloc[0]) if len(rows) else None
 
 

@@ -16,6 +16,7 @@ from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.detectors import DETECTORS, KINDS
 from vaediag.analysis.findings import Analysis, Check, Finding, Incident, Signal, severity_rank
 from vaediag.analysis.timeline import fold_consequences, link
+from vaediag.columns import STEP
 from vaediag.rundir import Run, atomic_write, load_run
 
 FINDINGS_JSON = "findings.json"
@@ -77,7 +78,7 @@ def analyze(path: str | Path | Run) -> Analysis:
                             f"there"))
     remedies.check_all(findings, data)
     findings = fold_consequences(findings)
-    eval_steps = [int(s) for s in data.evals["step"]] if len(data.evals) else []
+    eval_steps = [int(s) for s in data.evals[STEP]] if len(data.evals) else []
     grouped = incidents.group(findings, eval_steps)
     incidents.grade(grouped, eval_steps)
     link(findings, signals)

@@ -16,7 +16,7 @@ import numpy as np
 
 from vaediag.analysis.data import RunData
 from vaediag.analysis.stats import badness, noise_scale
-from vaediag.columns import QUALITY_METRICS
+from vaediag.columns import BETA, EPS, EVAL_RECON, LR, QUALITY_METRICS, STEP, TRAIN_EVAL_RECON
 from vaediag.rundir import CHECKPOINTS_DIR, step_file
 
 #: a recorded setting changed when it moved by at least this factor from one step to the next
@@ -24,7 +24,7 @@ CHANGE_FACTOR = 1.5
 #: a metric got worse when it moved by this many of its noise units
 Z_HARM = 4.0
 #: what each recorded setting is called in findings
-SETTING_NAMES = {"lr": "the learning rate", "beta": "the KL weight", "eps": "Adam's eps"}
+SETTING_NAMES = {LR: "the learning rate", BETA: "the KL weight", EPS: "Adam's eps"}
 
 
 @dataclass
@@ -76,10 +76,10 @@ def first_change(data: RunData, columns: tuple[str, ...], start: int,
 
 def undo_remedy(data: RunData, change: SettingChange) -> str:
     """What to do about a jump of a recorded setting: make it gradually, or set it back."""
-    if change.column == "lr":
+    if change.column == LR:
         return (f"check the learning-rate schedule: it jumped {change.factor:.3g}x; warm the "
                 f"rate up instead of jumping it{knob(data, 'optim.warmup_steps')}")
-    if change.column == "eps":
+    if change.column == EPS:
         return (f"set Adam's eps back to {change.before:.3g}"
                 f"{knob(data, 'optim.eps', f'{change.before:.3g}')}: a different eps changes "
                 f"the step of every entry whose sqrt(v^) is near it, whatever its gradient")
@@ -107,17 +107,17 @@ def quality_lost(data: RunData, before: int, after: int,
     ``from_best`` the reference is the best value between the two steps (quality the model had
     and lost), not the value at ``before``."""
     ev = data.evals
-    steps = ev["step"].to_numpy()
+    steps = ev[STEP].to_numpy()
     if before not in steps or after not in steps:
         return {}
     i, j = np.flatnonzero(steps == before)[0], np.flatnonzero(steps == after)[0]
     out = {}
     judged = [m for m, facts in QUALITY_METRICS.items() if not facts.pixel]
-    for col in ["eval_recon", *judged]:
+    for col in [EVAL_RECON, *judged]:
         if not data.has(col, "evals"):
             continue
         raw = data.series(col, "evals")
-        b = raw if col == "eval_recon" else badness(col, raw)
+        b = raw if col == EVAL_RECON else badness(col, raw)
         seen = b[(steps <= after) & np.isfinite(b)]
         unit = noise_scale(seen) if seen.size >= 4 else np.nan
         ref = i
@@ -132,7 +132,7 @@ def quality_lost(data: RunData, before: int, after: int,
 #: by at least this many of its noise units (eval-to-eval changes)
 Z_GAP = 2.0
 #: columns of the fixed training images' losses, beside the grid's held-out ``eval_recon``
-TRAIN_LOSS = "train_eval_recon"
+TRAIN_LOSS = TRAIN_EVAL_RECON
 
 
 @dataclass
@@ -189,13 +189,13 @@ def memorisation(data: RunData, before: int, after: int,
     the training images' loss did not rise, and, of ``metrics`` (quality metrics the held-out
     images lost), the training images did not lose every one. None when they did not part, or
     the run scored no training images."""
-    if not (data.has(TRAIN_LOSS, "evals") and data.has("eval_recon", "evals")):
+    if not (data.has(TRAIN_LOSS, "evals") and data.has(EVAL_RECON, "evals")):
         return None
-    steps = data.evals["step"].to_numpy()
+    steps = data.evals[STEP].to_numpy()
     if before not in steps or after not in steps or after <= before:
         return None
     i, j = np.flatnonzero(steps == before)[0], np.flatnonzero(steps == after)[0]
-    held, train = data.series("eval_recon", "evals"), data.series(TRAIN_LOSS, "evals")
+    held, train = data.series(EVAL_RECON, "evals"), data.series(TRAIN_LOSS, "evals")
     gap = held - train
     seen = (steps <= after) & (steps >= data.burn_in_step) & np.isfinite(gap)
     unit = noise_scale(gap[seen]) if seen.sum() >= 4 else math.nan
@@ -227,10 +227,10 @@ def memorisation(data: RunData, before: int, after: int,
 def best_heldout_step(data: RunData, start: int, end: int) -> int:
     """The evaluation in [start, end] with the lowest held-out loss (``eval_recon``): where to
     compare from when asking whether the model memorised since (``start`` if none)."""
-    if not data.has("eval_recon", "evals"):
+    if not data.has(EVAL_RECON, "evals"):
         return start
-    steps = data.evals["step"].to_numpy()
-    held = data.series("eval_recon", "evals")
+    steps = data.evals[STEP].to_numpy()
+    held = data.series(EVAL_RECON, "evals")
     span = (steps >= max(start, data.burn_in_step)) & (steps <= end) & np.isfinite(held)
     return int(steps[span][np.argmin(held[span])]) if span.any() else start
 

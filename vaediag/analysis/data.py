@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from vaediag import columns
+from vaediag.columns import EVAL_KL, EVAL_RECON, KL, RECON, STEP, TRAIN_RECON_AVG
 from vaediag.rundir import Run
 
 #: Steps at the start of a run that spike and change-point detectors ignore: the first steps of
@@ -23,13 +24,13 @@ MIN_BURN_IN = 100
 #: What records a column a detector needs, in the words of the one who runs training: the
 #: Monitor's argument in a user's loop (``vaediag train`` records these by itself).
 HOW_TO_RECORD = {
-    "eval_recon": "the grid's images' own loss: pass eval_loss= to the Monitor (per-image "
+    EVAL_RECON: "the grid's images' own loss: pass eval_loss= to the Monitor (per-image "
                   "recon and KL of the grid's images)",
-    "eval_kl": "the grid's images' own KL: pass eval_loss= to the Monitor",
-    "train_recon_avg": "the training loss averaged between evaluations: pass recon= and kl= "
+    EVAL_KL: "the grid's images' own KL: pass eval_loss= to the Monitor",
+    TRAIN_RECON_AVG: "the training loss averaged between evaluations: pass recon= and kl= "
                        "to after_backward at every step",
-    "kl": "pass kl= to after_backward",
-    "recon": "pass recon= to after_backward",
+    KL: "pass kl= to after_backward",
+    RECON: "pass recon= to after_backward",
 }
 
 #: How many indexed-statistic matrices :meth:`RunData.matrix` keeps.
@@ -77,7 +78,7 @@ class RunData:
 
     @cached_property
     def steps(self) -> np.ndarray:
-        return self.scalars["step"].to_numpy()
+        return self.scalars[STEP].to_numpy()
 
     @property
     def n_steps(self) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vaediag.analysis import analyze
 from vaediag.analysis.findings import Finding, severity_rank
+from vaediag.columns import STEP
 from vaediag.rundir import load_run
 
 
@@ -76,7 +77,7 @@ class Follower:
         root, grouped as ``vaediag analyze`` groups them."""
         run = load_run(self.path)
         if step is None:
-            step = int(run.evals["step"].iloc[-1]) if len(run.evals) else 0
+            step = int(run.evals[STEP].iloc[-1]) if len(run.evals) else 0
         analysis = analyze(run.until(step))
         #: id(finding) -> the root of its incident, for the findings of the last analysis
         self.roots = {id(f): incident.root for incident in analysis.incidents
@@ -101,7 +102,7 @@ def follow(path: str | Path, echo: Callable[[str], None], interval: float = 2.0,
     while True:
         run = load_run(path)
         status = run.status
-        steps = run.evals["step"].to_numpy() if len(run.evals) else []
+        steps = run.evals[STEP].to_numpy() if len(run.evals) else []
         for step in (int(s) for s in steps if s > done_to):
             at, new = follower.new_findings(step)
             for f in new:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from vaediag.columns import QUALITY_METRICS
+from vaediag.columns import EVAL_RECON, QUALITY_METRICS, TRAIN_EVAL_RECON, TRAIN_RECON_AVG
 from vaediag.grid import COLS
 
 #: under each reconstruction: its own loss, then these metrics (with their digits)
@@ -28,15 +28,15 @@ def header(row: dict[str, Any]) -> list[str]:
     if "epoch" in row:
         where = f"epoch {row['epoch']:.2f}  ·  " + where
     lines = [where]
-    if "eval_recon" in row:
+    if EVAL_RECON in row:
         lines.append(f"these 8 held-out images, model as shown: recon {fmt(row['eval_recon'])}  ·  "
                      f"KL {fmt(row['eval_kl'])}")
     else:
         lines.append("these 8 images: no eval loss function given")
-    if "train_eval_recon" in row:
+    if TRAIN_EVAL_RECON in row:
         lines.append(f"8 training images, model as shown: recon {fmt(row['train_eval_recon'])}"
                      f"  ·  KL {fmt(row['train_eval_kl'])}")
-    if "train_recon_avg" in row:
+    if TRAIN_RECON_AVG in row:
         lines.append(f"training average of the last {row['train_avg_steps']:,} steps: "
                      f"recon {fmt(row['train_recon_avg'])}  ·  KL {fmt(row['train_kl_avg'])}")
     else:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from vaediag.columns import EPS, LR
 from vaediag.metrics import lpips as lpips_metric
 from vaediag.probes.base import Probe, ProbeSetup
 from vaediag.probes.context import StepContext
@@ -24,7 +25,7 @@ GRAD_LEVEL_ALPHA = 0.1
 #: ... or when one of these optimizer settings changed by more than ``SETTING_JUMP`` times (either
 #: way) since the previous step: a step decay or a spike, not a smooth schedule (a cosine decay
 #: moves the lr by far less per step; a linear warm-up by more only in its first 10 steps).
-WATCHED_SETTINGS = ("lr", "eps")
+WATCHED_SETTINGS = (LR, EPS)
 SETTING_JUMP = 1.1
 
 

@@ -51,11 +51,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vaediag.columns import LOSS_TERMS, TOTAL
 from vaediag.errors import UserError
 from vaediag.probes.sampling import is_dtensor
-
-#: the loss terms every rank contributes at each step, in this order
-TERMS = ("recon", "kl", "total")
 
 
 class Reduce(enum.Enum):
@@ -216,8 +214,8 @@ def nonfinite_ranks(values: list[list[float]]) -> dict[str, list[int]]:
     """{term: the ranks whose value was not finite}, from the gathered values on the host."""
     out: dict[str, list[int]] = {}
     for rank, row in enumerate(values):
-        for i, term in enumerate(TERMS):
-            if not math.isfinite(row[i]) and not (term == "total" and math.isnan(row[i])
+        for i, term in enumerate(LOSS_TERMS):
+            if not math.isfinite(row[i]) and not (term == TOTAL and math.isnan(row[i])
                                                   and all(math.isnan(r[i]) for r in values)):
                 out.setdefault(term, []).append(rank)
     return out

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from vaediag.columns import STEP, TIME
 from vaediag.monitor.readback import Packed, Pending, read_arrays
 from vaediag.monitor.roles import Core
 from vaediag.monitor.watch import StepCheck
@@ -90,7 +91,7 @@ class Blocking(Reader):
     pending = False
 
     def record(self, step: int, time: float, host: dict[str, Any], core: Core) -> StepRecord:
-        return StepRecord({"step": step, "time": time}, host, core)
+        return StepRecord({STEP: step, TIME: time}, host, core)
 
     def read(self, record: StepRecord) -> StepCheck:
         held, self._held = self._held, None
@@ -114,7 +115,7 @@ class Deferred(Reader):
     pending = True
 
     def record(self, step: int, time: float, host: dict[str, Any], core: Core) -> StepRecord:
-        return StepRecord({"step": step, "time": time, **host}, host, core)
+        return StepRecord({STEP: step, TIME: time, **host}, host, core)
 
     def read(self, record: StepRecord) -> StepCheck:
         self.flush()  # the step before: its copy has long finished

@@ -385,8 +385,8 @@ class Recorder:
         if evaluation.per_image is not None:
             recon_each, kl_each = (t.float().cpu() for t in evaluation.per_image)
             values[col.EVAL_RECON], values[col.EVAL_KL] = recon_each.mean(), kl_each.mean()
-            values.update(probe_library.per_index("img", "recon", recon_each))
-            values.update(probe_library.per_index("img", "kl", kl_each))
+            values.update(probe_library.per_index("img", col.RECON, recon_each))
+            values.update(probe_library.per_index("img", col.KL, kl_each))
         if evaluation.train_per_image is not None:
             recon_each, kl_each = (t.float().cpu() for t in evaluation.train_per_image)
             values[col.TRAIN_EVAL_RECON] = recon_each.mean()

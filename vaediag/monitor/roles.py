@@ -25,7 +25,7 @@ from torch import nn
 from vaediag import columns
 from vaediag.monitor.checks import StepInputs
 from vaediag.monitor.gradients import grad_norms
-from vaediag.monitor.ranks import TERMS, Ranks, Reduce, Shared, is_sharded, nonfinite_ranks
+from vaediag.monitor.ranks import Ranks, Reduce, Shared, is_sharded, nonfinite_ranks
 from vaediag.monitor.readback import Packed
 from vaediag.probes.context import no_reduce
 from vaediag.probes.latents import rank_summary
@@ -122,7 +122,7 @@ class Single(Role):
                 losses = [v.detach() for v in (recon, kl, total)  # type: ignore[union-attr]
                           if v is not None]
                 stacked = torch.stack([*torch._foreach_norm(grads), *losses])
-                names = TERMS if total is not None else TERMS[:2]
+                names = columns.LOSS_TERMS if total is not None else columns.LOSS_TERMS[:2]
                 return Core(Packed.vectors([(), names], [stacked]), stacked[:len(grads)],
                             fused=True)
         return _packed({}, recon, kl, total, grad_norms(self.params))
@@ -144,7 +144,7 @@ class Leader(Role):
         #: names under which every rank's loss terms are read with the step's other values,
         #: then taken out of the row (:meth:`after_read`)
         self.rank_names = tuple(f"_rank/{r}/{term}" for r in range(ranks.world)
-                                for term in TERMS)
+                                for term in columns.LOSS_TERMS)
 
     def reduce(self, sums: torch.Tensor) -> torch.Tensor:
         """A probe's sums over this rank's shards -> over every rank's (FSDP; unchanged under
@@ -173,7 +173,8 @@ class Leader(Role):
         """Take every rank's loss terms out of ``row``: on which ranks each term was
         non-finite, and whether some rank asked to stop."""
         world = self.ranks.world
-        values = [[row.pop(f"_rank/{r}/{term}") for term in TERMS] for r in range(world)]
+        values = [[row.pop(f"_rank/{r}/{term}") for term in columns.LOSS_TERMS]
+                  for r in range(world)]
         return nonfinite_ranks(values), row.pop("_stop") > 0
 
 

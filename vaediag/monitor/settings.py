@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from vaediag.columns import EPS, LR
+
 #: recorded at every step already (``lr``, ``eps`` columns): a schedule is no event
-PER_STEP = frozenset({"lr", "eps"})
+PER_STEP = frozenset({LR, EPS})
 
 
 def _toml(value: Any) -> Any:

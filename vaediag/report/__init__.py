@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from vaediag.analysis import DECOUPLING, verdict
 from vaediag.analysis.findings import Analysis, Finding
+from vaediag.columns import TIME
 from vaediag.report.content import (
     HTML_NAME,
     MAX_FILMSTRIP,
@@ -94,8 +95,8 @@ def header_rows(run: Run, analysis: Analysis) -> list[tuple[str, str]]:
                           f"{analysis.run.get('last_step')}), "
                           f"{analysis.run.get('evaluations', 0):,} evaluations"))
     scalars = run.scalars
-    if "time" in scalars.columns and len(scalars):
-        seconds = float(scalars["time"].max())
+    if TIME in scalars.columns and len(scalars):
+        seconds = float(scalars[TIME].max())
         rows.append(("wall time", f"{seconds / 60:.1f} min" if seconds >= 60 else
                      f"{seconds:.0f} s"))
     versions = env.get("versions", {})

@@ -9,6 +9,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from vaediag import columns
+from vaediag.columns import STEP
 from vaediag.report.figures import (
     PAGE_WIDTH,
     plot_evals,
@@ -44,13 +45,13 @@ def compare_losses(runs: list[tuple[str, pd.DataFrame]],
     per run, on the same step axis; dotted: where a replay branched off its parent."""
     fig, axes = subplots(3, 1, figsize=(PAGE_WIDTH, 7.2), sharex=True,
                              gridspec_kw={"height_ratios": [3, 3, 1.4]})
-    for ax, column, label in ((axes[0], "recon", "recon"), (axes[1], "kl", "KL"),
-                              (axes[2], "lr", "lr")):
+    for ax, column, label in ((axes[0], columns.RECON, "recon"), (axes[1], columns.KL, "KL"),
+                              (axes[2], columns.LR, "lr")):
         positive = True
         for k, (name, scalars) in enumerate(runs):
             if plot_series(ax, scalars, column, name, _run_colour(k), _run_style(k)):
                 positive &= bool((scalars[column].dropna() > 0).all())
-        if positive and column != "lr" and ax.lines:
+        if positive and column != columns.LR and ax.lines:
             ax.set_yscale("log")
         ax.set_ylabel(label)
         _branch_marks(ax, branches)
@@ -67,7 +68,7 @@ def compare_quality(runs: list[tuple[str, pd.DataFrame]],
     """The evaluation loss and each quality metric at every evaluation, one panel per column,
     one colour per run."""
     drawn = {m for _, e in runs for m, _ in quality_metrics(e)}
-    shown = [("eval_recon", "eval recon (the 8 grid images)")] + \
+    shown = [(columns.EVAL_RECON, "eval recon (the 8 grid images)")] + \
         [(m, facts.label) for m, facts in columns.QUALITY_METRICS.items() if m in drawn]
     shown = [(c, label) for c, label in shown if any(c in e.columns for _, e in runs)]
     if not shown:
@@ -81,7 +82,7 @@ def compare_quality(runs: list[tuple[str, pd.DataFrame]],
     for ax, (column, label) in zip(axes.flat, shown, strict=False):
         for k, (name, evals) in enumerate(runs):
             if column in evals.columns and evals[column].notna().any():
-                plot_evals(ax, evals["step"], evals[column], ".", color=_run_colour(k), ms=3,
+                plot_evals(ax, evals[STEP], evals[column], ".", color=_run_colour(k), ms=3,
                             lw=0.9, ls=_run_style(k), label=name)
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=7)

@@ -14,7 +14,7 @@ from vaediag import __version__
 from vaediag.analysis.detectors import KINDS
 from vaediag.analysis.findings import Finding
 from vaediag.analysis.kinds import SECTIONS as FIGURE_SECTIONS
-from vaediag.columns import QUALITY_METRICS
+from vaediag.columns import EVAL_KL, EVAL_RECON, QUALITY_METRICS, STEP
 
 HTML_NAME = "report.html"
 PDF_NAME = "report.pdf"
@@ -104,16 +104,16 @@ def grid_caption(evals, step: int, about: Sequence[str] = ()) -> list[str]:
     """A grid's caption lines: its step, the grid images' loss and KL and quality metrics;
     ``about``: the metrics a finding is about, first (a grid shown for a finding about the
     faces' pose shows the pose error)."""
-    row = evals[evals["step"] == step]
+    row = evals[evals[STEP] == step]
     if row.empty:
         return [f"step {step:,}"]
     row = row.iloc[0]
     parts = []
-    about = [m for m in about if m not in ("eval_recon", "eval_kl")]  # shown anyway
+    about = [m for m in about if m not in (EVAL_RECON, EVAL_KL)]  # shown anyway
     first = [(m, QUALITY_METRICS[m].short or m if m in QUALITY_METRICS else m) for m in about]
     captioned = [(m, facts.short) for m, facts in QUALITY_METRICS.items()
                  if facts.short and m not in about]
-    for col, label in (*first, ("eval_recon", "recon"), ("eval_kl", "KL"), *captioned):
+    for col, label in (*first, (EVAL_RECON, "recon"), (EVAL_KL, "KL"), *captioned):
         if col in row.index and row[col] == row[col]:  # not NaN
             parts.append(f"{label} {row[col]:.4g}")
     return [f"step {step:,}", ", ".join(parts[:3]), ", ".join(parts[3:])]

@@ -25,6 +25,7 @@ from vaediag import columns
 from vaediag.analysis import DECOUPLING
 from vaediag.analysis.detectors import KINDS
 from vaediag.analysis.findings import Analysis, Finding
+from vaediag.columns import BETA, EVAL_RECON, STEP
 
 PAGE_WIDTH = 8.3  # inches: A4 portrait
 MAX_POINTS = 1500  # drawn per series
@@ -93,7 +94,7 @@ def plot_series(ax, scalars: pd.DataFrame, column: str, label: str, colour: str,
             ls: str = "-") -> bool:
     if column not in scalars.columns:
         return False
-    x, med, lo, hi = _blocks(scalars["step"].to_numpy(), scalars[column].to_numpy(np.float64))
+    x, med, lo, hi = _blocks(scalars[STEP].to_numpy(), scalars[column].to_numpy(np.float64))
     if not len(x):
         return False
     if len(x) < len(scalars):
@@ -108,16 +109,16 @@ def timelines(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis) ->
     flagged spans shaded; the learning rate and beta below."""
     fig, axes = subplots(3, 1, figsize=(PAGE_WIDTH, 7.2), sharex=True,
                              gridspec_kw={"height_ratios": [3, 3, 1.4]})
-    for ax, term, colour in ((axes[0], "recon", "C0"), (axes[1], "kl", "C2")):
+    for ax, term, colour in ((axes[0], columns.RECON, "C0"), (axes[1], columns.KL, "C2")):
         drawn = plot_series(ax, scalars, term, f"{term} (training batch, per step)", colour)
         eval_col = f"eval_{term}"
         if eval_col in evals.columns and evals[eval_col].notna().any():
-            plot_evals(ax, evals["step"], evals[eval_col], "o", color="k", ms=3, lw=0.8,
+            plot_evals(ax, evals[STEP], evals[eval_col], "o", color="k", ms=3, lw=0.8,
                         label=f"{term} (the 8 held-out grid images, per evaluation)")
             drawn = True
         train_col = f"train_{eval_col}"  # the 8 fixed training images, scored alike
         if train_col in evals.columns and evals[train_col].notna().any():
-            plot_evals(ax, evals["step"], evals[train_col], "x", color="0.45", ms=3, lw=0.8,
+            plot_evals(ax, evals[STEP], evals[train_col], "x", color="0.45", ms=3, lw=0.8,
                         ls="--", label=f"{term} (8 fixed training images, per evaluation)")
         if drawn:
             positive = scalars[term] if term in scalars.columns else pd.Series([1.0])
@@ -127,11 +128,11 @@ def timelines(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis) ->
         ax.set_ylabel(term)
         shade(ax, analysis.findings)
     ax = axes[2]
-    if plot_series(ax, scalars, "lr", "learning rate", "C4"):
+    if plot_series(ax, scalars, columns.LR, "learning rate", "C4"):
         ax.set_ylabel("lr")
-        if "beta" in scalars.columns and scalars["beta"].nunique() > 1:
+        if BETA in scalars.columns and scalars[BETA].nunique() > 1:
             twin = ax.twinx()
-            plot_series(twin, scalars, "beta", "beta (KL weight)", "C5")
+            plot_series(twin, scalars, columns.BETA, "beta (KL weight)", "C5")
             twin.set_ylabel("beta")
             twin.grid(False)
     shade(ax, analysis.findings)
@@ -154,16 +155,16 @@ def loss_vs_quality(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analys
     """The evaluation loss (black) against each quality metric (colour) over time, one panel per
     metric with twin axes; decoupling findings shaded."""
     metrics = quality_metrics(evals)
-    if "eval_recon" not in evals.columns or not metrics:
+    if EVAL_RECON not in evals.columns or not metrics:
         return None
     cols = 2
     rows = math.ceil(len(metrics) / cols)
     fig, axes = subplots(rows, cols, figsize=(PAGE_WIDTH, 1.9 * rows + 0.6), sharex=True,
                              squeeze=False)
-    steps = evals["step"].to_numpy()
+    steps = evals[STEP].to_numpy()
     kinds = set(DECOUPLING)
     for ax, (metric, label) in zip(axes.flat, metrics, strict=False):
-        plot_evals(ax, steps, evals["eval_recon"], "o", color="k", ms=2, lw=0.8)
+        plot_evals(ax, steps, evals[EVAL_RECON], "o", color="k", ms=2, lw=0.8)
         ax.set_ylabel("eval recon", fontsize=7)
         twin = ax.twinx()
         plot_evals(twin, steps, evals[metric], "s", color="C3", ms=2, lw=0.8)
@@ -215,14 +216,14 @@ def loss_quality_scatter(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: A
     """Loss against quality at every evaluation, coloured by step: where the cloud bends away,
     the loss stopped tracking the metric."""
     metrics = quality_metrics(evals)[:4]
-    if "eval_recon" not in evals.columns or not metrics:
+    if EVAL_RECON not in evals.columns or not metrics:
         return None
     fig, axes = subplots(1, len(metrics), figsize=(PAGE_WIDTH, 2.6), squeeze=False)
     evals = evals.iloc[::math.ceil(len(evals) / MAX_SCATTER)]
     for ax, (metric, _) in zip(axes[0], metrics, strict=True):
-        points = ax.scatter(evals["eval_recon"], evals[metric], c=evals["step"], cmap="viridis",
+        points = ax.scatter(evals[EVAL_RECON], evals[metric], c=evals[STEP], cmap="viridis",
                             s=12)
-        ax.plot(evals["eval_recon"], evals[metric], color="grey", lw=0.4, alpha=0.6)
+        ax.plot(evals[EVAL_RECON], evals[metric], color="grey", lw=0.4, alpha=0.6)
         ax.set_xlabel("eval recon", fontsize=7)
         ax.set_ylabel(metric, fontsize=7)
         ax.tick_params(labelsize=6)
@@ -276,7 +277,7 @@ def layer_heatmaps(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysi
     height = 0.25 * n_layers + 0.9
     fig, axes = subplots(len(panels), 1, squeeze=False,  # at most one A4 page
                              figsize=(PAGE_WIDTH, min(height * len(panels) + 0.5, 11.5)))
-    steps = scalars["step"].to_numpy()
+    steps = scalars[STEP].to_numpy()
     channel_of = {"grad_norm": "grad_norm", "adam_update_rms": "adam_update_rms",
                   "update_ratio": "update_ratio", "adam_eps_frac": None}
     for ax, (stat, title, reduce, log, frame) in zip(axes[:, 0], panels, strict=True):
@@ -324,7 +325,7 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
     fig, axes = subplots(len(rows), 1, figsize=(PAGE_WIDTH, 1.6 * sum(
         ratios[r] for r in rows) + 0.4), sharex=True, squeeze=False,
         gridspec_kw={"height_ratios": [ratios[r] for r in rows]})
-    steps = scalars["step"].to_numpy()
+    steps = scalars[STEP].to_numpy()
     for ax, row in zip(axes[:, 0], rows, strict=True):
         if row == "dims":
             x, values = _decimated_matrix(steps, dims, "median")
@@ -338,7 +339,7 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
             ax.set_title("KL per latent dimension (nats; dark = unused)", fontsize=8)
             fig.colorbar(mesh, ax=ax, fraction=0.02, pad=0.01)
         elif row == "au":
-            plot_evals(ax, evals["step"], evals["active_units"], "o", ms=3, lw=0.8,
+            plot_evals(ax, evals[STEP], evals["active_units"], "o", ms=3, lw=0.8,
                         color="C1")
             ax.set_ylabel("active units", fontsize=7)
             ax.set_ylim(bottom=0)

@@ -58,6 +58,7 @@ from vaediag.analysis.stats import (
     trailing_median_at,
     trailing_median_where,
 )
+from vaediag.columns import EPS, LR
 
 NAME = "adam"
 #: its place among the detectors: they run, and are listed, in this order
@@ -218,8 +219,8 @@ def _updates_shrank(data: RunData, layers: list[str], step: int) -> float | None
 def _lr_note(data: RunData) -> tuple[str, bool]:
     """How the learning rate bears on agreeing gradients: (text, whether it is low)."""
     lr = data.setting("optim", "lr")
-    if lr is None and data.has("lr"):
-        lr = float(np.nanmedian(data.series("lr")))
+    if lr is None and data.has(LR):
+        lr = float(np.nanmedian(data.series(LR)))
     if lr is not None and lr <= LOW_LR:
         return (f"at this low learning rate ({lr:.3g}) the weights barely move between steps, "
                 f"so successive gradients agree: expected, and harmless unless spikes follow "
@@ -230,10 +231,10 @@ def _lr_note(data: RunData) -> tuple[str, bool]:
 
 def _setting_cause(data: RunData, start: int, end: int) -> tuple[str, list[str]] | None:
     """A jump of the recorded learning rate or eps in steps [start, end]."""
-    change = first_change(data, ("eps", "lr"), start, end)
+    change = first_change(data, (EPS, LR), start, end)
     if change is None:
         return None
-    what = "eps changed" if change.column == "eps" else "the learning rate itself changed"
+    what = "eps changed" if change.column == EPS else "the learning rate itself changed"
     return f"{change.describe()}: {what}", [undo_remedy(data, change)]
 
 
@@ -281,7 +282,7 @@ def _eps_dominated(data: RunData) -> Finding | None:
     began = {k: v for k, v in dominated.items()
              if _began(data, "adam_eps_frac", k, v[0], EPS_FRACTION)}
     first = min(v[0] for v in (began or dominated).values())
-    change = next((c for c in setting_changes(data, "eps", first - 4 * WINDOW_STEPS, first)
+    change = next((c for c in setting_changes(data, EPS, first - 4 * WINDOW_STEPS, first)
                    if c.rose), None)
     cause, remedies = _eps_cause(data, change, bool(began))
     shown = began or dominated

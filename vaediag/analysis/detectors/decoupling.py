@@ -59,7 +59,7 @@ from vaediag.analysis.stats import (
     expanding_noise_scale,
     rolling_spearman,
 )
-from vaediag.columns import QUALITY_METRICS
+from vaediag.columns import BETA, EVAL_KL, EVAL_RECON, QUALITY_METRICS, STEP
 
 NAME = "decoupling"
 #: its place among the detectors: they run, and are listed, in this order
@@ -105,14 +105,14 @@ def _describe(metric: str, before: float, after: float) -> str:
 def _between(data: RunData, before: int, after: int) -> dict[str, float]:
     """The KL weight (per-step ``beta``) and the evaluations' KL at two evaluation steps."""
     out: dict[str, float] = {}
-    if data.has("beta"):
-        steps, beta = data.steps, data.series("beta")
+    if data.has(BETA):
+        steps, beta = data.steps, data.series(BETA)
         for key, step in (("beta_before", before), ("beta_after", after)):
             at = np.flatnonzero(steps <= step)
             if at.size:
                 out[key] = float(beta[at[-1]])
-    if data.has("eval_kl", "evals"):
-        ev_steps, kl = data.evals["step"].to_numpy(), data.series("eval_kl", "evals")
+    if data.has(EVAL_KL, "evals"):
+        ev_steps, kl = data.evals[STEP].to_numpy(), data.series(EVAL_KL, "evals")
         out["kl_before"] = float(kl[ev_steps == before][0])
         out["kl_after"] = float(kl[ev_steps == after][0])
     return out
@@ -409,20 +409,20 @@ LOSS_REMEDIES = (
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
-    data.require("eval_recon", table="evals")
-    keep = data.evals["step"].to_numpy() >= data.burn_in_step
+    data.require(EVAL_RECON, table="evals")
+    keep = data.evals[STEP].to_numpy() >= data.burn_in_step
     if keep.sum() < MIN_EVALS:
         raise Skip(f"needs {MIN_EVALS} evaluations after the burn-in (step "
                    f"{data.burn_in_step:,}), has {int(keep.sum())}")
     metrics = data.judged_metrics()
     if not metrics:
         raise Skip("no image-quality metrics recorded (evaluation probes off)")
-    s = data.evals["step"].to_numpy()[keep]
+    s = data.evals[STEP].to_numpy()[keep]
     floor = None
     if data.setting("loss", "recon") == "bce" and "eval_images" in data.fixed:
         floor = bce_floor(data.fixed["eval_images"][:8])
     pairs = _Pairs.of(len(s))
-    loss = _LossTest.of(data.series("eval_recon", "evals")[keep], pairs)
+    loss = _LossTest.of(data.series(EVAL_RECON, "evals")[keep], pairs)
     tests = {m: t for m in metrics
              if (t := _MetricTest.of(m, data.series(m, "evals")[keep], loss, pairs))}
     data.derived["loss_quality_correlation"] = {

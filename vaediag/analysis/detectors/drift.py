@@ -19,6 +19,7 @@ from vaediag.analysis.causes import quality_lost
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
+from vaediag.columns import STEP
 
 NAME = "drift"
 #: its place among the detectors: they run, and are listed, in this order
@@ -38,7 +39,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     cols = [c for c in ("drift_fixed_rmse", "drift_zero_rmse") if data.has(c, "evals")]
     if not cols:
         raise Skip("no generation drift recorded (evaluation probes off)")
-    steps = data.evals["step"].to_numpy()
+    steps = data.evals[STEP].to_numpy()
     findings, signals = [], []
     for col in cols:
         x = data.series(col, "evals")

@@ -21,6 +21,7 @@ from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import noise_scale
+from vaediag.columns import EVAL_RECON, STEP, TRAIN_RECON_AVG
 
 NAME = "epoch_average"
 #: its place among the detectors: they run, and are listed, in this order
@@ -56,15 +57,15 @@ def _cause(data: RunData, s: np.ndarray, keep: np.ndarray, k: int, da: np.ndarra
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
-    data.require("eval_recon", "train_recon_avg", table="evals")
-    steps = data.evals["step"].to_numpy()
-    keep = (steps >= data.burn_in_step) & np.isfinite(data.series("train_recon_avg", "evals"))
+    data.require(EVAL_RECON, TRAIN_RECON_AVG, table="evals")
+    steps = data.evals[STEP].to_numpy()
+    keep = (steps >= data.burn_in_step) & np.isfinite(data.series(TRAIN_RECON_AVG, "evals"))
     if keep.sum() < MIN_EVALS:
         raise Skip(f"needs {MIN_EVALS} evaluations with a training average after the burn-in "
                    f"(step {data.burn_in_step:,}), has {int(keep.sum())}")
     s = steps[keep]
-    avg = data.series("train_recon_avg", "evals")[keep]
-    snap = data.series("eval_recon", "evals")[keep]
+    avg = data.series(TRAIN_RECON_AVG, "evals")[keep]
+    snap = data.series(EVAL_RECON, "evals")[keep]
     da, ds = np.diff(avg), np.diff(snap)
     ua, us = noise_scale(avg), noise_scale(snap)
     if not (ua > 0 and us > 0):

@@ -46,6 +46,7 @@ from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import badness, expanding_noise_scale, noise_scale
+from vaediag.columns import EVAL_KL, EVAL_RECON, STEP, TRAIN_EVAL_KL
 
 NAME = "generalisation"
 #: its place among the detectors: they run, and are listed, in this order
@@ -80,12 +81,12 @@ class Onset:
 
 
 def _series(data: RunData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    data.require("eval_recon", table="evals")
+    data.require(EVAL_RECON, table="evals")
     if not data.has(TRAIN_LOSS, "evals"):
         raise Skip("no training images were scored at evaluations (pass train_images= to the "
                    "Monitor): held-out cannot be compared with training images")
-    steps = data.evals["step"].to_numpy()
-    held, train = data.series("eval_recon", "evals"), data.series(TRAIN_LOSS, "evals")
+    steps = data.evals[STEP].to_numpy()
+    held, train = data.series(EVAL_RECON, "evals"), data.series(TRAIN_LOSS, "evals")
     keep = (steps >= data.burn_in_step) & np.isfinite(held) & np.isfinite(train)
     if keep.sum() < MIN_EVALS:
         raise Skip(f"needs {MIN_EVALS} evaluations after the burn-in (step "
@@ -142,7 +143,7 @@ def harm(data: RunData, best: int, last: int) -> dict[str, tuple[float, float]]:
     """Held-out quality metrics worse at evaluation ``last`` than at ``best`` (the model to
     keep) by ``Z_HARM`` of their noise units, measured from ``best`` on (the phase the parting
     happens in, not the first steps' fast learning): {metric: (at best, at last)}."""
-    steps = data.evals["step"].to_numpy()
+    steps = data.evals[STEP].to_numpy()
     span = (steps >= best) & (steps <= last)
     if span.sum() < 4:
         return {}
@@ -160,7 +161,7 @@ def harm(data: RunData, best: int, last: int) -> dict[str, tuple[float, float]]:
 def _at(data: RunData, column: str, step: int) -> float | None:
     if not data.has(column, "evals"):
         return None
-    steps = data.evals["step"].to_numpy()
+    steps = data.evals[STEP].to_numpy()
     value = data.series(column, "evals")[steps == step]
     return float(value[0]) if value.size and np.isfinite(value[0]) else None
 
@@ -213,8 +214,8 @@ def explain(data: RunData, s: np.ndarray, held: np.ndarray, train: np.ndarray,
         "heldout_loss_last": float(held[-1]), "train_loss_last": float(train[-1]),
         "last_step": int(s[-1]), "train_images": images,
         "epochs_seen": j / per_epoch if per_epoch else None,
-        "kl": {"heldout": [_at(data, "eval_kl", b), _at(data, "eval_kl", j)],
-               "train": [_at(data, "train_eval_kl", b), _at(data, "train_eval_kl", j)]},
+        "kl": {"heldout": [_at(data, EVAL_KL, b), _at(data, EVAL_KL, j)],
+               "train": [_at(data, TRAIN_EVAL_KL, b), _at(data, TRAIN_EVAL_KL, j)]},
         "quality_lost": lost, "kept_on_train": mem.kept_on_train if mem else {},
         "thresholds": {"z_rise": Z_RISE, "z_gap": Z_GAP, "z_fall": Z_FALL},
     }

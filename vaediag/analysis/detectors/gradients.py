@@ -24,13 +24,14 @@ from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import episodes, ewm_z, share_at_least
+from vaediag.columns import GRAD_NORM
 
 NAME = "gradients"
 #: its place among the detectors: they run, and are listed, in this order
 ORDER = 40
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
-    Kind("grad_explosion", "optimizer", instability=4, own_channels=frozenset({"grad_norm"}),
+    Kind("grad_explosion", "optimizer", instability=4, own_channels=frozenset({GRAD_NORM}),
          stage="backward", risk=True, aftermath=True),
     Kind("grad_vanishing", "optimizer", stage="backward", risk=True),
 )
@@ -48,8 +49,8 @@ WINDOW = 50
 
 def _log_norms(data: RunData) -> pd.DataFrame:
     layers = data.matrix("layer", "grad_norm")
-    if layers.empty and data.has("grad_norm"):
-        layers = pd.DataFrame({"(all)": data.series("grad_norm")})
+    if layers.empty and data.has(GRAD_NORM):
+        layers = pd.DataFrame({"(all)": data.series(GRAD_NORM)})
     if layers.empty:
         raise Skip("no gradient norms recorded")
     with np.errstate(divide="ignore", invalid="ignore"):

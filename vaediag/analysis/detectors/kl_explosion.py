@@ -30,6 +30,7 @@ from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import best_split, change_points, to_log
+from vaediag.columns import BETA, KL, LR, TOTAL
 
 NAME = "kl_explosion"
 #: its place among the detectors: they run, and are listed, in this order
@@ -37,7 +38,7 @@ ORDER = 30
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("kl_explosion", "timelines", instability=2,
-         own_channels=frozenset({"kl_level", "kl", "total"}), harm=True),
+         own_channels=frozenset({"kl_level", KL, TOTAL}), harm=True),
 )
 #: rise of the KL's level (after / before) that is an explosion
 MIN_FACTOR = 2.0
@@ -87,12 +88,12 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
 
 def _log_kl(data: RunData) -> tuple[np.ndarray, np.ndarray]:
     """(steps, log KL) after the burn-in; non-finite values are the nonfinite detector's."""
-    data.require("kl")
+    data.require(KL)
     steps = data.steps
     keep = steps >= data.burn_in_step
     if keep.sum() < MIN_STABLE + MIN_PERSIST:
         raise Skip(f"too short: needs {MIN_STABLE + MIN_PERSIST} steps after the burn-in")
-    kl = data.series("kl")[keep]
+    kl = data.series(KL)[keep]
     x, logged = to_log(np.where((kl > 0) & np.isfinite(kl), kl, np.nan))
     if not logged:
         raise Skip("the KL is never positive")
@@ -144,14 +145,14 @@ def _shift(s: np.ndarray, x: np.ndarray, segments: list, k: int,
 def _explanation(data: RunData, change) -> tuple[str, str, list[str], bool]:
     """(what, cause, remedies, whether the objective changed), from the KL weight or learning
     rate change recorded just before the shift (``change``, or None)."""
-    if change is not None and change.column == "beta" and not change.rose:
+    if change is not None and change.column == BETA and not change.rose:
         return ("KL level shift",
                 f"{change.describe()}: the KL became cheaper and the model spends more of it. "
                 f"A change of the objective, not an instability",
                 [f"if the KL weight was meant to stay, keep it at {change.before:.3g}"
                  f"{knob(data, 'loss.beta', change.before)}; otherwise this is the expected "
                  f"response to the new weight"], True)
-    if change is not None and change.column == "lr" and change.rose:
+    if change is not None and change.column == LR and change.rose:
         return ("KL exploded",
                 f"{change.describe()}, just before: the larger steps moved the posterior",
                 ["keep the learning rate where it was, or warm it up" + knob(data, "optim.lr"),
@@ -177,7 +178,7 @@ def _finding(data: RunData, s: np.ndarray, x: np.ndarray, shift: Shift) -> Findi
     ok = np.isfinite(tail)
     rising = ok.sum() > 2 and float(np.polyfit(np.arange(len(tail))[ok], tail[ok], 1)[0]) \
         * len(tail) > math.log(1.5)
-    change = first_change(data, ("beta", "lr"), shift.at - LOOKBACK, shift.at + 5)
+    change = first_change(data, (BETA, LR), shift.at - LOOKBACK, shift.at + 5)
     what, cause, remedies, objective = _explanation(data, change)
     severity = "warning" if objective or factor < HIGH_FACTOR else "high"
     return Finding(

@@ -19,6 +19,7 @@ import numpy as np
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
+from vaediag.columns import BETA, KL, RECON, TOTAL
 
 NAME = "kl_sign"
 #: its place among the detectors: they run, and are listed, in this order
@@ -36,10 +37,10 @@ TOTAL_RTOL = 1e-3
 def _loss_adds_it(data: RunData, kl: np.ndarray) -> bool | None:
     """Whether the recorded total is ``recon + beta * kl`` (True) or ``recon - beta * kl``
     (False) with the negative kl as recorded; None when no total says."""
-    if not (data.has("total") and data.has("recon")):
+    if not (data.has(TOTAL) and data.has(RECON)):
         return None
-    beta = data.series("beta") if data.has("beta") else np.ones_like(kl)
-    recon, total = data.series("recon"), data.series("total")
+    beta = data.series(BETA) if data.has(BETA) else np.ones_like(kl)
+    recon, total = data.series(RECON), data.series(TOTAL)
     ok = np.isfinite(recon) & np.isfinite(total) & np.isfinite(kl) & np.isfinite(beta) \
         & (np.abs(beta * kl) > TOTAL_RTOL * np.abs(total))
     if not ok.any():
@@ -55,9 +56,9 @@ def _loss_adds_it(data: RunData, kl: np.ndarray) -> bool | None:
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
-    if not data.has("kl"):
+    if not data.has(KL):
         raise Skip("no KL recorded")
-    kl = data.series("kl")
+    kl = data.series(KL)
     finite = np.isfinite(kl)
     if not finite.any():
         return [], []
@@ -90,5 +91,5 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         evidence={"negative_share": round(share, 4), "median_kl": median,
                   "loss_adds_negative_kl": adds},
         cause=cause, remedies=remedies, detector=NAME)
-    return [finding], [Signal(first, "kl", "", float(kl[np.flatnonzero(negative)[0]]), 0.0,
+    return [finding], [Signal(first, KL, "", float(kl[np.flatnonzero(negative)[0]]), 0.0,
                               "the KL is negative")]

@@ -31,6 +31,7 @@ from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import badness
+from vaediag.columns import BETA, EVAL_RECON, KL, LR, STEP
 
 NAME = "latents"
 #: its place among the detectors: they run, and are listed, in this order
@@ -53,7 +54,7 @@ SCALE_FACTOR = 2.0
 
 def _collapse_cause(data: RunData, peak_step: int, at: int) -> tuple[str, list[str]]:
     """Why the units died, from the recorded learning rate and KL weight, and what to do."""
-    lr_jump = first_change(data, ("lr",), peak_step, at)
+    lr_jump = first_change(data, (LR,), peak_step, at)
     if lr_jump is not None and lr_jump.rose:
         return (f"{lr_jump.describe()}: the oversized steps that followed pushed the encoder's "
                 f"means to the prior and the units did not come back",
@@ -62,8 +63,8 @@ def _collapse_cause(data: RunData, peak_step: int, at: int) -> tuple[str, list[s
                  "free bits keep units from being pushed to 0" + knob(data, "loss.free_bits",
                                                                       0.5)])
     beta_rose = False
-    if data.has("beta"):
-        beta, steps = data.series("beta"), data.steps
+    if data.has(BETA):
+        beta, steps = data.series(BETA), data.steps
         before, after = beta[steps <= peak_step], beta[steps <= at]
         beta_rose = bool(before.size and after.size and after[-1] > 1.5 * max(before[-1], 1e-12))
     if beta_rose:
@@ -88,7 +89,7 @@ def _unused_or_memorised(data: RunData, peak_step: int, last: int,
     remedies = ["fewer latent dimensions, or free bits if all should be used"
                 + knob(data, "loss.free_bits", 0.1)]
     later = {k: v for k, v in quality_lost(data, peak_step, last, from_best=True).items()
-             if k != "eval_recon"}
+             if k != EVAL_RECON}
     if not later:
         return (f"; the held-out reconstructions did not get worse: the model uses {final:.0f} "
                 f"dimensions and left the rest unused",
@@ -125,7 +126,7 @@ def _posterior_collapse(data: RunData) -> list[Finding]:
     if not data.has("active_units", "evals"):
         return []
     au = data.series("active_units", "evals")
-    ev_steps = data.evals["step"].to_numpy()
+    ev_steps = data.evals[STEP].to_numpy()
     ok = np.isfinite(au)
     if ok.sum() < 2:
         return []
@@ -144,7 +145,7 @@ def _posterior_collapse(data: RunData) -> list[Finding]:
     # memorisation, not to the collapse
     memorised = lost and memorisation(
         data, best_heldout_step(data, peak_step, at), at,
-        metrics=[k for k in lost if k != "eval_recon"])
+        metrics=[k for k in lost if k != EVAL_RECON])
     if final == 0:
         severity = "high"
     elif lost and not memorised:
@@ -173,12 +174,12 @@ def _best_before(data: RunData, lost: dict[str, tuple[float, float]], start: int
                  end: int) -> int:
     """The evaluation in [start, end) where the quality the collapse lost was best (its first
     image-quality metric, else the grid's loss); ``start`` when none was lost."""
-    metric = next((m for m in lost if m != "eval_recon"), "eval_recon" if lost else None)
+    metric = next((m for m in lost if m != EVAL_RECON), EVAL_RECON if lost else None)
     if metric is None:
         return start
-    steps = data.evals["step"].to_numpy()
+    steps = data.evals[STEP].to_numpy()
     raw = data.series(metric, "evals")
-    b = raw if metric == "eval_recon" else badness(metric, raw)
+    b = raw if metric == EVAL_RECON else badness(metric, raw)
     span = (steps >= start) & (steps < end) & np.isfinite(b)
     return int(steps[span][np.argmin(b[span])]) if span.any() else start
 
@@ -242,9 +243,9 @@ def _decoder_scale_shrinking(data: RunData) -> list[Finding]:
     """A learned decoder scale falling while the KL rises: the KL's effective weight fell."""
     steps = data.steps
     last = int(steps[-1]) if len(steps) else 0
-    if not (data.has("decoder_scale") and data.has("kl")):
+    if not (data.has("decoder_scale") and data.has(KL)):
         return []
-    sigma, kl = data.series("decoder_scale"), data.series("kl")
+    sigma, kl = data.series("decoder_scale"), data.series(KL)
     after = steps >= data.burn_in_step
     if after.sum() >= 20:
         n = max(5, after.sum() // 10)

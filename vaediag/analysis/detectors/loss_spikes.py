@@ -34,6 +34,7 @@ from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import MAD_TO_SIGMA, episodes, to_log, trailing_robust_z
+from vaediag.columns import BETA, EPS, GRAD_NORM, KL, LOSS_TERMS, LR, RECON, TOTAL
 
 NAME = "loss_spikes"
 #: its place among the detectors: they run, and are listed, in this order
@@ -41,9 +42,8 @@ ORDER = 20
 #: the kinds of finding this detector emits (see :mod:`vaediag.analysis.kinds`)
 KINDS = (
     Kind("loss_spike", "timelines", instability=3,
-         own_channels=frozenset({"recon", "kl", "total"}), harm=True, aftermath=True),
+         own_channels=frozenset(LOSS_TERMS), harm=True, aftermath=True),
 )
-TERMS = ("recon", "kl", "total")
 #: steps before each step whose median and MAD score its log loss
 WINDOW = 100
 #: robust z of a step's log loss at which it is a spike
@@ -78,7 +78,7 @@ def term_spikes(data: RunData, term: str) -> list[dict]:
         back = np.flatnonzero(x[peak + 1:] <= base + 2 * scale)
         recovered = int(steps[peak + 1 + back[0]]) if back.size else None
         collapsed = None
-        if recovered is not None and term == "kl" and logged:
+        if recovered is not None and term == KL and logged:
             k = peak + 1 + back[0]
             settled = np.nanmedian(x[k:k + 20])
             if settled < base - math.log(COLLAPSE_FACTOR):
@@ -110,22 +110,22 @@ def _size(spike: dict) -> float:
 
 def clip_suggestion(data: RunData, before_step: int) -> float | None:
     """The 99th percentile of the global gradient norm in the stable phase before a step."""
-    if not data.has("grad_norm"):
+    if not data.has(GRAD_NORM):
         return None
     steps = data.steps
-    g = data.series("grad_norm")
+    g = data.series(GRAD_NORM)
     ok = (steps >= data.burn_in_step) & (steps < before_step) & np.isfinite(g)
     return float(np.percentile(g[ok], 99)) if ok.sum() >= 20 else None
 
 
 def objective(data: RunData) -> np.ndarray:
     """The loss that is minimised: the recorded ``total``, else recon + beta * KL."""
-    if data.has("total"):
-        return data.series("total")
-    value = data.series("recon")
-    if data.has("kl"):
-        beta = data.series("beta") if data.has("beta") else 1.0
-        value = value + np.nan_to_num(beta, nan=1.0) * data.series("kl")
+    if data.has(TOTAL):
+        return data.series(TOTAL)
+    value = data.series(RECON)
+    if data.has(KL):
+        beta = data.series(BETA) if data.has(BETA) else 1.0
+        value = value + np.nan_to_num(beta, nan=1.0) * data.series(KL)
     return value
 
 
@@ -154,17 +154,17 @@ def _cause(data: RunData, onset: int, clip: float | None) -> tuple[str, list[str
     """What the recorded columns say came before a spike, and what to do about it."""
     # The loss at step s is computed before update s: a learning rate or eps (or a gradient)
     # of step s cannot have caused it; a KL weight of step s weighs it directly.
-    change = first_change(data, ("lr", "eps"), onset - LOOKBACK, onset - 1) \
-        or first_change(data, ("beta",), onset - LOOKBACK, onset)
-    if change is not None and (change.rose or change.column == "eps"):
+    change = first_change(data, (LR, EPS), onset - LOOKBACK, onset - 1) \
+        or first_change(data, (BETA,), onset - LOOKBACK, onset)
+    if change is not None and (change.rose or change.column == EPS):
         return (f"{change.describe()}, just before the spike: {SETTING_NAMES[change.column]} "
                 f"changed, and the loss followed", [undo_remedy(data, change)],
                 {"setting_change": change.__dict__})
     clip_text = ([f"clip gradients at {clip:.3g} (the 99th percentile of the gradient norm "
                   f"before the spike){knob(data, 'optim.grad_clip', f'{clip:.3g}')}"]
                  if clip else [])
-    if data.has("grad_norm"):
-        g, steps = data.series("grad_norm"), data.steps
+    if data.has(GRAD_NORM):
+        g, steps = data.series(GRAD_NORM), data.steps
         i, j = np.searchsorted(steps, [onset - LOOKBACK, onset])
         history = g[max(0, i - WINDOW):i]
         history = history[np.isfinite(history)]
@@ -234,7 +234,7 @@ def _summary(group: list[dict], main: dict, onset: int, cost: float) -> str:
 
 def _finding(data: RunData, cost: float, still_worse: bool, group: list[dict]) -> Finding:
     """One event: severity from what it cost, its cause and remedies."""
-    main = max((s for s in group if s["term"] != "total"), key=_size, default=group[0])
+    main = max((s for s in group if s["term"] != TOTAL), key=_size, default=group[0])
     onset = min(s["onset"] for s in group)
     recovered = main["recovered_at"] is not None and main["recovery_steps"] <= RECOVERY_LIMIT
     if cost < HARM_WARNING:
@@ -250,10 +250,10 @@ def _finding(data: RunData, cost: float, still_worse: bool, group: list[dict]) -
                  "one term paid for by the other (the KL leaving ~0 while the reconstruction "
                  "improves): not an instability")
         remedies = []
-    if main["term"] == "kl" and main["collapsed_to"] is not None:
+    if main["term"] == KL and main["collapsed_to"] is not None:
         remedies = ["free bits, so the KL cannot be pushed to 0 (e.g. 0.5 nats per "
                     "dimension)" + knob(data, "loss.free_bits", 0.5), *remedies]
-    elif main["term"] == "kl" and cost >= HARM_WARNING:
+    elif main["term"] == KL and cost >= HARM_WARNING:
         remedies.append("clamp the log-variance" + knob(data, "loss.logvar_clamp",
                                                         "[-30.0,20.0]"))
     return Finding(
@@ -270,7 +270,7 @@ def _finding(data: RunData, cost: float, still_worse: bool, group: list[dict]) -
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
-    terms = [t for t in TERMS if data.has(t)]
+    terms = [t for t in LOSS_TERMS if data.has(t)]
     if not terms:
         raise Skip("no loss terms recorded")
     if data.n_steps < data.burn_in_step - int(data.steps[0]) + 20:

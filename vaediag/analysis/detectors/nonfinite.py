@@ -28,6 +28,7 @@ from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import MAD_TO_SIGMA
+from vaediag.columns import BETA, EPS, KL, LOSS_TERMS, LR, RECON
 
 NAME = "nonfinite"
 #: its place among the detectors: they run, and are listed, in this order
@@ -45,11 +46,11 @@ EPISODE_GAP = 50
 
 #: remedies by where it started: (text, config key of ``vaediag train``, value)
 _REMEDIES: dict[str, list[tuple[str, str | None, object]]] = {
-    "kl": [("clamp the encoder's log-variance (e.g. to [-30, 20])", "loss.logvar_clamp",
+    KL: [("clamp the encoder's log-variance (e.g. to [-30, 20])", "loss.logvar_clamp",
             "[-30.0,20.0]"),
            ("use the analytic KL if the Monte Carlo estimate is used", "loss.kl", "analytic"),
            ("lower the learning rate or clip gradients", "optim.grad_clip", None)],
-    "recon": [("clip gradients and lower the learning rate", "optim.grad_clip", None),
+    RECON: [("clip gradients and lower the learning rate", "optim.grad_clip", None),
               ("with a learned decoder scale, bound it from below or fix it", None, None)],
     "grad": [("clip gradients at the 99th percentile of the stable phase", "optim.grad_clip",
               None),
@@ -106,7 +107,7 @@ def _bad_steps(data: RunData) -> tuple[dict[int, set[str]], dict[int, set[int]]]
     Monitor's ``nonfinite`` events, and {step: the ranks they went non-finite on} (under
     torch.distributed)."""
     bad: dict[int, set[str]] = {}
-    for term in ("recon", "kl"):
+    for term in (RECON, KL):
         if term in data.scalars.columns:
             for i in np.flatnonzero(~np.isfinite(data.series(term))):
                 bad.setdefault(int(data.steps[i]), set()).add(term)
@@ -136,7 +137,7 @@ class _Origin:
         weights = [t for t in ordered if t.startswith("weight:")]
         grads = [t for t in ordered if t.startswith("grad")]
         origin = weights[0] if weights else grads[0] if grads else ""
-        return cls(ordered, [t for t in ordered if t in ("recon", "kl", "total")],
+        return cls(ordered, [t for t in ordered if t in LOSS_TERMS],
                    weights[0] if weights else "", origin, _layer(origin), sorted(ranks))
 
     def remedies(self, before: list[dict]) -> list[tuple[str, str | None, object]]:
@@ -145,7 +146,7 @@ class _Origin:
         loss's arithmetic first, and none of the term's remedies that act on the update."""
         if self.weight:
             return _REMEDIES["weight"]
-        term = "kl" if "kl" in self.loss_terms else "recon" if "recon" in self.loss_terms \
+        term = KL if KL in self.loss_terms else RECON if RECON in self.loss_terms \
             else "grad"
         if self.loss_terms and not before:
             return [*_REMEDIES["forward"],
@@ -202,7 +203,7 @@ def episodes(steps: list[int], gap: int = EPISODE_GAP) -> list[list[int]]:
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     """The Monitor's ``nonfinite`` events are authoritative (each names its term); rows add
     NaN/Inf in ``recon`` and ``kl``, which every step records. One finding per episode."""
-    if "recon" not in data.scalars.columns and data.events_of("nonfinite").empty:
+    if RECON not in data.scalars.columns and data.events_of("nonfinite").empty:
         raise Skip("no loss terms recorded")
     bad, ranks = _bad_steps(data)
     parts = episodes(list(bad))
@@ -214,7 +215,7 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
         origin = _Origin.of(bad[first], ranks.get(first, set()))
         before = extremes_before(data, int(np.searchsorted(data.steps, first)))
         # a recorded setting that jumped just before (the learning rate, eps, the KL weight)
-        change = first_change(data, ("lr", "eps", "beta"), first - LOOKBACK, first)
+        change = first_change(data, (LR, EPS, BETA), first - LOOKBACK, first)
         remedies = [text + (knob(data, k_, v) if k_ else "")
                     for text, k_, v in origin.remedies(before)]
         if change is not None and not origin.weight:
