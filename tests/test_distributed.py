@@ -339,3 +339,34 @@ def test_a_whole_sharded_model_not_yet_run_is_refused_on_every_rank(tmp_path):
     for rank in range(WORLD):
         assert "first forward pass" in (tmp_path / f"rank{rank}.error").read_text()
     assert not (tmp_path / "run").exists()
+
+
+def _exchange_worker(rank: int, out: str, port: int, _: dict) -> None:
+    """Each rank contributes values of its own; every rank writes what the exchange gave."""
+    from vaediag.monitor.ranks import Ranks, Reduce, Shared
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        got = Ranks().exchange([
+            Shared("losses", torch.tensor([1.0 + rank, -2.0 * rank, 0.5]), Reduce.EACH),
+            Shared("stop", float(rank == 1), Reduce.MAX),
+            Shared("squares", torch.arange(4, dtype=torch.float32).reshape(2, 2) * (rank + 1),
+                   Reduce.SUM),
+        ], torch.device("cpu"))
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(
+            {name: value.tolist() for name, value in got.items()}))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_each_shared_value_is_combined_over_ranks_as_it_declares(tmp_path):
+    """The step's one collective: every rank's values (EACH: a row per rank), the largest
+    (MAX: a request to stop from any rank), the sum (SUM: shards' sums of squares), all in one
+    all-gather, and every rank gets the same."""
+    _spawn(tmp_path, worker=_exchange_worker)
+    expected = {"losses": [[1.0, 0.0, 0.5], [2.0, -2.0, 0.5]], "stop": [1.0],
+                "squares": [0.0, 3.0, 6.0, 9.0]}
+    for rank in range(WORLD):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected

@@ -250,3 +250,25 @@ def test_a_findings_grids_are_captioned_with_the_metrics_it_is_about():
     lines = grid_caption(evals, 1000, _about(pose))
     assert lines[0] == "step 1,000" and lines[1].startswith("factor_angle_err 10.1")
     assert "factor_angle_err" not in " ".join(grid_caption(evals, 1000))  # not by default
+
+
+def test_a_run_figure_is_drawn_only_when_the_run_has_the_columns_it_declares():
+    """Each figure declares the columns it reads (vaediag.columns); the report draws it only
+    when the run's tables have rows with them."""
+    import pandas as pd
+
+    from vaediag import columns
+    from vaediag.report.figures import RUN_FIGURES
+
+    by_title = {figure.title: figure for figure in RUN_FIGURES}
+    scatter, timelines = by_title["Loss against quality"], by_title["Losses over time"]
+    steps = pd.DataFrame({columns.STEP: [0, 1], columns.RECON: [1.0, 0.9]})
+    with_loss = pd.DataFrame({columns.STEP: [0, 100], columns.EVAL_RECON: [1.0, 0.8]})
+    without_loss = pd.DataFrame({columns.STEP: [0, 100], "ssim": [0.5, 0.6]})
+    assert scatter.eval_columns == (columns.STEP, columns.EVAL_RECON)
+    assert scatter.drawable(steps, with_loss) and not scatter.drawable(steps, without_loss)
+    assert not scatter.drawable(steps, with_loss.iloc[:0])  # the columns, but no rows
+    assert timelines.drawable(steps, without_loss.iloc[:0])  # reads no evaluation
+    assert not timelines.drawable(steps.iloc[:0], with_loss)
+    for figure in RUN_FIGURES:  # every figure reads some table
+        assert figure.step_columns or figure.eval_columns, figure.title

@@ -51,6 +51,31 @@ TRAIN_RECON_AVG = "train_recon_avg"
 TRAIN_KL_AVG = "train_kl_avg"
 TRAIN_AVG_STEPS = "train_avg_steps"
 
+# -- what probes record that a detector or a figure reads ----------------------------------
+
+#: the latents probe: the batch's posterior ranges and means (per step)
+MU_MIN = "mu_min"
+MU_MAX = "mu_max"
+MU_MEAN = "mu_mean"
+LOGVAR_MIN = "logvar_min"
+LOGVAR_MAX = "logvar_max"
+LOGVAR_MEAN = "logvar_mean"
+#: the latent-health probe: latent dimensions in use over the metric images (per evaluation)
+ACTIVE_UNITS = "active_units"
+#: the decoder's learned output scale, when it has one (per step)
+DECODER_SCALE = "decoder_scale"
+#: the Adam probe (whole model; per layer as ``layer.<stat>/<layer>``)
+ADAM_UPDATE_RMS = "adam_update_rms"
+ADAM_SIGN_FRAC = "adam_sign_frac"
+ADAM_RMS_T = "adam_rms_t"
+ADAM_EPS_FRAC = "adam_eps_frac"
+ADAM_EFF_LR = "adam_eff_lr"
+#: the update probe: |dW| / |W| (whole model; per layer)
+UPDATE_RATIO = "update_ratio"
+#: the drift probe: how far the decodes of the fixed z and of the zero vector moved
+DRIFT_FIXED_RMSE = "drift_fixed_rmse"
+DRIFT_ZERO_RMSE = "drift_zero_rmse"
+
 # -- indexed columns ------------------------------------------------------------------------
 
 KINDS = ("layer", "part", "dim", "img")

@@ -17,6 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
+from vaediag.columns import (
+    ACTIVE_UNITS,
+    ADAM_EFF_LR,
+    ADAM_EPS_FRAC,
+    ADAM_RMS_T,
+    ADAM_SIGN_FRAC,
+    ADAM_UPDATE_RMS,
+    DRIFT_FIXED_RMSE,
+    DRIFT_ZERO_RMSE,
+    LOGVAR_MAX,
+    LOGVAR_MEAN,
+    LOGVAR_MIN,
+    MU_MAX,
+    MU_MEAN,
+    MU_MIN,
+    UPDATE_RATIO,
+)
 from vaediag.config import build_config
 from vaediag.rundir import RunWriter
 
@@ -51,10 +68,10 @@ def standard_scalars(n: int, *, seed: int = 0, layers: Iterable[str] = LAYERS,
         "total": recon + kl, "beta": np.ones(n, np.float32),
         "lr": np.full(n, 1e-3, np.float32), "grad_norm": around(100.0, 0.25),
         "grad_nonfinite": np.zeros(n, np.float32),
-        "mu_min": around(3.0, 0.05) * -1, "mu_max": around(3.0, 0.05),
-        "mu_mean": (0.01 * rng.standard_normal(n)).astype(np.float32),
-        "logvar_min": -around(6.0, 0.05), "logvar_max": around(0.5, 0.1) - 0.5,
-        "logvar_mean": -around(3.0, 0.03),
+        MU_MIN: around(3.0, 0.05) * -1, MU_MAX: around(3.0, 0.05),
+        MU_MEAN: (0.01 * rng.standard_normal(n)).astype(np.float32),
+        LOGVAR_MIN: -around(6.0, 0.05), LOGVAR_MAX: around(0.5, 0.1) - 0.5,
+        LOGVAR_MEAN: -around(3.0, 0.03),
     }
     for d in range(latent_dim):
         cols[f"dim.kl/{d}"] = around(18.0 / latent_dim, 0.05)
@@ -81,8 +98,8 @@ def standard_scalars(n: int, *, seed: int = 0, layers: Iterable[str] = LAYERS,
             cols[name][v_rows] = np.nan
         if name.startswith(("layer.adam", "layer.update_ratio")):
             cols[name][off_cadence] = np.nan
-    for stat in ("adam_update_rms", "adam_eps_frac", "adam_sign_frac", "adam_rms_t",
-                 "adam_eff_lr", "update_ratio"):
+    for stat in (ADAM_UPDATE_RMS, ADAM_EPS_FRAC, ADAM_SIGN_FRAC, ADAM_RMS_T,
+                 ADAM_EFF_LR, UPDATE_RATIO):
         cols[stat] = np.median([cols[f"layer.{stat}/{la}"] for la in layers], axis=0)
     for part in PARTS:
         cols[f"part.grad_norm/{part}"] = around(70.0, 0.25)
@@ -105,9 +122,9 @@ def standard_evals(steps: np.ndarray, *, seed: int = 0, latent_dim: int = 16,
         "step": steps, "time": steps * 0.13, "epoch": steps // 128,
         "eval_recon": noisy(1870.0, 2.0), "eval_kl": noisy(18.0, 0.3),
         "train_recon_avg": noisy(1900.0, 2.0), "train_kl_avg": noisy(18.0, 0.3),
-        "drift_zero_rmse": np.abs(noisy(0.01, 0.002)),
-        "drift_fixed_rmse": np.abs(noisy(0.02, 0.003)),
-        "active_units": np.full(n, float(latent_dim), np.float32),
+        DRIFT_ZERO_RMSE: np.abs(noisy(0.01, 0.002)),
+        DRIFT_FIXED_RMSE: np.abs(noisy(0.02, 0.003)),
+        ACTIVE_UNITS: np.full(n, float(latent_dim), np.float32),
     }
     for metric, (level, noise) in QUALITY.items():
         cols[metric] = noisy(level, noise)

@@ -18,6 +18,7 @@ import torch
 
 from vaediag import environment
 from vaediag import probes as probe_library
+from vaediag.columns import DECODER_SCALE
 from vaediag.config import Config, from_dict, resume_changes
 from vaediag.console import Progress, StopFlag
 from vaediag.data import Dataset, load_dataset, train_sample
@@ -335,7 +336,7 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward(retain_graph=monitor.wants_graph(step))
         self.injector.after_backward(step, model)
-        extra = {"decoder_scale": model.log_scale.detach().exp()} \
+        extra = {DECODER_SCALE: model.log_scale.detach().exp()} \
             if self.config.loss.learn_decoder_scale and model.log_scale is not None else None
         check = monitor.after_backward(step, recon=terms.recon, kl=terms.kl, total=terms.total,
                                        beta=beta, epoch=step // self.order.steps_per_epoch,

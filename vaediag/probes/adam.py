@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from vaediag.columns import ADAM_EFF_LR, ADAM_EPS_FRAC, ADAM_RMS_T, ADAM_SIGN_FRAC, ADAM_UPDATE_RMS
 from vaediag.probes.base import Probe, ProbeSetup, per_index
 from vaediag.probes.context import StepContext, no_reduce
 from vaediag.probes.layers import LayerIndex
@@ -47,7 +48,7 @@ from vaediag.probes.sampling import EntrySample, local
 #: The statistics, in the order of the rows of :func:`moment_rows`: the first three every step
 #: the probe runs, the last two (v alone, ``V_STATS``) every ``V_EVERY`` steps, so that either
 #: set is one slice of the work buffer.
-ROWS = ("adam_update_rms", "adam_sign_frac", "adam_rms_t", "adam_eps_frac", "adam_eff_lr")
+ROWS = (ADAM_UPDATE_RMS, ADAM_SIGN_FRAC, ADAM_RMS_T, ADAM_EPS_FRAC, ADAM_EFF_LR)
 
 #: The statistics that depend on v alone. v is an exponential average with a time constant of
 #: 1 / (1 - beta2) steps (1000 at the default 0.999) that can fall by at most a factor beta2 per

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vaediag.columns import ACTIVE_UNITS
 from vaediag.losses import kl_per_dim
 from vaediag.probes.base import Probe, per_index
 from vaediag.probes.context import EvalContext
@@ -27,7 +28,7 @@ class LatentHealth(Probe[EvalContext]):
         mu, logvar = mu.detach().double().cpu(), logvar.detach().double().cpu()
         variance = mu.var(0, unbiased=False) if len(mu) > 1 else mu.new_zeros(mu.shape[1])
         out: dict[str, Any] = {
-            "active_units": (variance > ACTIVE_THRESHOLD).sum().double(),
+            ACTIVE_UNITS: (variance > ACTIVE_THRESHOLD).sum().double(),
             "eval_set_size": float(len(mu)),
         }
         out.update(per_index("dim", "mu_var", variance.float()))

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
+from vaediag.columns import LOGVAR_MAX, LOGVAR_MEAN, LOGVAR_MIN, MU_MAX, MU_MEAN, MU_MIN
 from vaediag.losses import kl_per_dim
 from vaediag.probes.base import Probe, per_index
 from vaediag.probes.context import StepContext
 
-RANGES = ("mu_min", "logvar_min", "mu_max", "logvar_max", "mu_mean", "logvar_mean")
+RANGES = (MU_MIN, LOGVAR_MIN, MU_MAX, LOGVAR_MAX, MU_MEAN, LOGVAR_MEAN)
 
 
 def rank_summary(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vaediag.columns import UPDATE_RATIO
 from vaediag.probes.adam import MAX_ENTRIES
 from vaediag.probes.base import Probe, per_index, safe_div
 from vaediag.probes.context import StepContext
@@ -40,8 +41,8 @@ class _Plan:
     @functools.cached_property
     def columns(self) -> tuple[str, ...]:
         """The names of the probe's vector: each layer's ratio, then the whole model's."""
-        (names,) = per_index("layer", "update_ratio", torch.zeros(len(self.names)), self.names)
-        return (*names, "update_ratio")
+        (names,) = per_index("layer", UPDATE_RATIO, torch.zeros(len(self.names)), self.names)
+        return (*names, UPDATE_RATIO)
 
     def gather(self, params: list[torch.Tensor], out: torch.Tensor) -> None:
         """The sampled entries of ``params`` into ``out``."""

@@ -25,7 +25,19 @@ from vaediag import columns
 from vaediag.analysis import DECOUPLING
 from vaediag.analysis.detectors import KINDS
 from vaediag.analysis.findings import Analysis, Finding
-from vaediag.columns import BETA, EVAL_RECON, STEP
+from vaediag.columns import (
+    ACTIVE_UNITS,
+    ADAM_EPS_FRAC,
+    ADAM_UPDATE_RMS,
+    BETA,
+    EVAL_RECON,
+    LOGVAR_MAX,
+    LOGVAR_MIN,
+    MU_MAX,
+    MU_MIN,
+    STEP,
+    UPDATE_RATIO,
+)
 
 PAGE_WIDTH = 8.3  # inches: A4 portrait
 MAX_POINTS = 1500  # drawn per series
@@ -257,10 +269,10 @@ def _decimated_matrix(steps: np.ndarray, frame: pd.DataFrame, reduce: str):
 
 #: per-layer statistics shown as heatmaps: (stat, title, reduce, log colour scale)
 LAYER_MAPS = (("grad_norm", "gradient norm", "max", True),
-              ("adam_update_rms", "Adam update RMS (healthy ~0.2-0.3; 1 = sign descent)", "max",
+              (ADAM_UPDATE_RMS, "Adam update RMS (healthy ~0.2-0.3; 1 = sign descent)", "max",
                False),
-              ("adam_eps_frac", "fraction of entries with sqrt(v^) < eps", "max", False),
-              ("update_ratio", "update-to-weight ratio |dW|/|W|", "max", True))
+              (ADAM_EPS_FRAC, "fraction of entries with sqrt(v^) < eps", "max", False),
+              (UPDATE_RATIO, "update-to-weight ratio |dW|/|W|", "max", True))
 
 
 @styled
@@ -278,8 +290,8 @@ def layer_heatmaps(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysi
     fig, axes = subplots(len(panels), 1, squeeze=False,  # at most one A4 page
                              figsize=(PAGE_WIDTH, min(height * len(panels) + 0.5, 11.5)))
     steps = scalars[STEP].to_numpy()
-    channel_of = {"grad_norm": "grad_norm", "adam_update_rms": "adam_update_rms",
-                  "update_ratio": "update_ratio", "adam_eps_frac": None}
+    channel_of = {"grad_norm": "grad_norm", ADAM_UPDATE_RMS: ADAM_UPDATE_RMS,
+                  UPDATE_RATIO: UPDATE_RATIO, ADAM_EPS_FRAC: None}
     for ax, (stat, title, reduce, log, frame) in zip(axes[:, 0], panels, strict=True):
         x, values = _decimated_matrix(steps, frame, reduce)
         finite = values[np.isfinite(values)]
@@ -315,8 +327,8 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
                   ) -> Figure | None:
     """KL per latent dimension over steps, active units per evaluation, mu/logvar ranges."""
     dims = columns.matrix(scalars, "dim", "kl")
-    has_ranges = "logvar_min" in scalars.columns
-    has_au = "active_units" in evals.columns and evals["active_units"].notna().any()
+    has_ranges = LOGVAR_MIN in scalars.columns
+    has_au = ACTIVE_UNITS in evals.columns and evals[ACTIVE_UNITS].notna().any()
     if dims.empty and not has_ranges and not has_au:
         return None
     rows = [r for r, ok in (("dims", not dims.empty), ("au", has_au), ("ranges", has_ranges))
@@ -339,15 +351,15 @@ def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
             ax.set_title("KL per latent dimension (nats; dark = unused)", fontsize=8)
             fig.colorbar(mesh, ax=ax, fraction=0.02, pad=0.01)
         elif row == "au":
-            plot_evals(ax, evals[STEP], evals["active_units"], "o", ms=3, lw=0.8,
+            plot_evals(ax, evals[STEP], evals[ACTIVE_UNITS], "o", ms=3, lw=0.8,
                         color="C1")
             ax.set_ylabel("active units", fontsize=7)
             ax.set_ylim(bottom=0)
         else:
-            for col, colour in (("logvar_min", "C0"), ("logvar_max", "C0"), ("mu_min", "C3"),
-                                ("mu_max", "C3")):
-                label = ("log-variance range" if col == "logvar_min" else
-                         "mu range" if col == "mu_min" else None)
+            for col, colour in ((LOGVAR_MIN, "C0"), (LOGVAR_MAX, "C0"), (MU_MIN, "C3"),
+                                (MU_MAX, "C3")):
+                label = ("log-variance range" if col == LOGVAR_MIN else
+                         "mu range" if col == MU_MIN else None)
                 if col in scalars.columns:
                     x, med, _, _ = _blocks(steps, scalars[col].to_numpy(np.float64))
                     ax.plot(x, med, color=colour, lw=0.8, label=label)

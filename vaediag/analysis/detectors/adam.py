@@ -58,7 +58,15 @@ from vaediag.analysis.stats import (
     trailing_median_at,
     trailing_median_where,
 )
-from vaediag.columns import EPS, LR
+from vaediag.columns import (
+    ADAM_EFF_LR,
+    ADAM_EPS_FRAC,
+    ADAM_RMS_T,
+    ADAM_UPDATE_RMS,
+    EPS,
+    LR,
+    UPDATE_RATIO,
+)
 
 NAME = "adam"
 #: its place among the detectors: they run, and are listed, in this order
@@ -199,7 +207,7 @@ def _before_after(data: RunData, stat: str, layer: str, step: int) -> dict | Non
 def _updates_shrank(data: RunData, layers: list[str], step: int) -> float | None:
     """How many times smaller the median update ratio of ``layers`` is over ``WINDOW_STEPS``
     steps from ``step`` than over as many steps before it (None when not recorded)."""
-    frame = data.matrix("layer", "update_ratio")
+    frame = data.matrix("layer", UPDATE_RATIO)
     cols = [c for c in layers if c in frame.columns]
     if not cols:
         return None
@@ -276,11 +284,11 @@ def _eps_cause(data: RunData, change: SettingChange | None, began: bool) -> tupl
 def _eps_dominated(data: RunData) -> Finding | None:
     """Layers where most entries have sqrt(v^) < eps; a warning only when their updates
     shrank ``EPS_SHRINK`` times or more (the harm: they stopped learning)."""
-    dominated = _sustained(data, "adam_eps_frac", EPS_FRACTION)
+    dominated = _sustained(data, ADAM_EPS_FRAC, EPS_FRACTION)
     if not dominated:
         return None
     began = {k: v for k, v in dominated.items()
-             if _began(data, "adam_eps_frac", k, v[0], EPS_FRACTION)}
+             if _began(data, ADAM_EPS_FRAC, k, v[0], EPS_FRACTION)}
     first = min(v[0] for v in (began or dominated).values())
     change = next((c for c in setting_changes(data, EPS, first - 4 * WINDOW_STEPS, first)
                    if c.rose), None)
@@ -304,7 +312,7 @@ def _eps_dominated(data: RunData) -> Finding | None:
 
 def _update_rms_high(data: RunData) -> Finding | None:
     """Layers whose update RMS stayed near 1: successive gradients agree."""
-    near_one = _sustained(data, "adam_update_rms", UPDATE_RMS_HIGH)
+    near_one = _sustained(data, ADAM_UPDATE_RMS, UPDATE_RMS_HIGH)
     if not near_one:
         return None
     lr_text, low_lr = _lr_note(data)
@@ -319,7 +327,7 @@ def _update_rms_high(data: RunData) -> Finding | None:
 
 def _rms_t_high(data: RunData) -> Finding | None:
     """Layers whose RMS_t stayed high: v^ lags the gradients."""
-    stale = _sustained(data, "adam_rms_t", RMS_T_HIGH)
+    stale = _sustained(data, ADAM_RMS_T, RMS_T_HIGH)
     if not stale:
         return None
     return _held(
@@ -336,7 +344,7 @@ def _rms_t_high(data: RunData) -> Finding | None:
 def _oversized_update(data: RunData, signals: list[Signal]) -> Finding | None:
     """Steps that changed a layer by far more than Adam's usual ~1e-3 of its weights; a jump
     to a few times a healthy step is info (harmless unless harm follows: timeline.grade)."""
-    hits = [s for s in signals if s.channel == "update_ratio"]
+    hits = [s for s in signals if s.channel == UPDATE_RATIO]
     if not hits:
         return None
     first, worst = min(hits, key=lambda s: s.step), max(hits, key=lambda s: s.value)
@@ -367,7 +375,7 @@ def _step_size_cause(data: RunData, step: int, at_first: list[Signal]
     """Why Adam's effective step size jumped at ``step``: a recorded change of lr or eps, the
     eps-dominated fraction moving with it (eps changed unrecorded), else v^ collapsing.
     Returns the reason, its remedies and the eps-dominated fraction before and after."""
-    eps_frac = {s.where: _before_after(data, "adam_eps_frac", s.where, s.step)
+    eps_frac = {s.where: _before_after(data, ADAM_EPS_FRAC, s.where, s.step)
                 for s in at_first}
     eps_moved = {k: v for k, v in eps_frac.items()
                  if v and abs(v["after"] - v["before"]) >= 0.01}
@@ -388,7 +396,7 @@ def _step_size_cause(data: RunData, step: int, at_first: list[Signal]
 
 def _step_size_jump(data: RunData, signals: list[Signal]) -> Finding | None:
     """Abrupt rises of lr / (sqrt(v^) + eps), which moves slowly in a healthy run."""
-    hits = [s for s in signals if s.channel == "adam_eff_lr"]
+    hits = [s for s in signals if s.channel == ADAM_EFF_LR]
     if not hits:
         return None
     first = min(hits, key=lambda s: s.step)
@@ -411,13 +419,13 @@ def _step_size_jump(data: RunData, signals: list[Signal]) -> Finding | None:
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
-    if data.matrix("layer", "adam_update_rms").empty and data.matrix("layer",
-                                                                      "update_ratio").empty:
+    if data.matrix("layer", ADAM_UPDATE_RMS).empty and data.matrix("layer",
+                                                                      UPDATE_RATIO).empty:
         raise Skip("no Adam statistics recorded (probes.preset 'standard' or 'full' with Adam)")
-    signals = (_spikes(data, "adam_rms_t", RMS_T_SPIKE)
-               + _spikes(data, "adam_update_rms", UPDATE_RMS_SPIKE)
-               + _spikes(data, "update_ratio", RATIO_SPIKE, jump=RATIO_JUMP)
-               + _rises(data, "adam_eff_lr", EFF_LR_FACTOR, EFF_LR_Z))
+    signals = (_spikes(data, ADAM_RMS_T, RMS_T_SPIKE)
+               + _spikes(data, ADAM_UPDATE_RMS, UPDATE_RMS_SPIKE)
+               + _spikes(data, UPDATE_RATIO, RATIO_SPIKE, jump=RATIO_JUMP)
+               + _rises(data, ADAM_EFF_LR, EFF_LR_FACTOR, EFF_LR_Z))
     found = [_eps_dominated(data), _update_rms_high(data), _rms_t_high(data),
              _oversized_update(data, signals), _step_size_jump(data, signals)]
     return [f for f in found if f is not None], signals

@@ -19,7 +19,7 @@ from vaediag.analysis.causes import quality_lost
 from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
-from vaediag.columns import STEP
+from vaediag.columns import DRIFT_FIXED_RMSE, DRIFT_ZERO_RMSE, STEP
 
 NAME = "drift"
 #: its place among the detectors: they run, and are listed, in this order
@@ -36,7 +36,7 @@ MIN_RMSE = 0.04  # about 10 grey levels of 255 over the whole image: visible
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
-    cols = [c for c in ("drift_fixed_rmse", "drift_zero_rmse") if data.has(c, "evals")]
+    cols = [c for c in (DRIFT_FIXED_RMSE, DRIFT_ZERO_RMSE) if data.has(c, "evals")]
     if not cols:
         raise Skip("no generation drift recorded (evaluation probes off)")
     steps = data.evals[STEP].to_numpy()

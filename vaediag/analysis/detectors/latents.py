@@ -31,7 +31,17 @@ from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import badness
-from vaediag.columns import BETA, EVAL_RECON, KL, LR, STEP
+from vaediag.columns import (
+    ACTIVE_UNITS,
+    BETA,
+    DECODER_SCALE,
+    EVAL_RECON,
+    KL,
+    LOGVAR_MAX,
+    LOGVAR_MIN,
+    LR,
+    STEP,
+)
 
 NAME = "latents"
 #: its place among the detectors: they run, and are listed, in this order
@@ -111,8 +121,8 @@ def _unused_or_memorised(data: RunData, peak_step: int, last: int,
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     """The latents' health, one kind at a time."""
-    has_any = (data.has("active_units", "evals") or not data.matrix("dim", "kl").empty
-               or data.has("logvar_min") or data.has("decoder_scale"))
+    has_any = (data.has(ACTIVE_UNITS, "evals") or not data.matrix("dim", "kl").empty
+               or data.has(LOGVAR_MIN) or data.has(DECODER_SCALE))
     if not has_any:
         raise Skip("no latent statistics recorded (probes.preset 'off')")
     collapse = _posterior_collapse(data)
@@ -123,9 +133,9 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
 
 def _posterior_collapse(data: RunData) -> list[Finding]:
     """Active units (evaluations) fell to half their peak or less; severity from the pictures."""
-    if not data.has("active_units", "evals"):
+    if not data.has(ACTIVE_UNITS, "evals"):
         return []
-    au = data.series("active_units", "evals")
+    au = data.series(ACTIVE_UNITS, "evals")
     ev_steps = data.evals[STEP].to_numpy()
     ok = np.isfinite(au)
     if ok.sum() < 2:
@@ -215,9 +225,9 @@ def _unused_dimensions(data: RunData) -> list[Finding]:
 def _logvar_saturation(data: RunData) -> list[Finding]:
     """The encoder's log-variance outside [LOGVAR_LOW, LOGVAR_HIGH] (a risk: harm grades it)."""
     steps = data.steps
-    if not (data.has("logvar_min") and data.has("logvar_max")):
+    if not (data.has(LOGVAR_MIN) and data.has(LOGVAR_MAX)):
         return []
-    lo, hi = data.series("logvar_min"), data.series("logvar_max")
+    lo, hi = data.series(LOGVAR_MIN), data.series(LOGVAR_MAX)
     bad = (lo <= LOGVAR_LOW) | (hi >= LOGVAR_HIGH)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -228,7 +238,7 @@ def _logvar_saturation(data: RunData) -> list[Finding]:
             first_step=int(steps[i]), last_step=int(steps[np.flatnonzero(bad)[-1]]),
             summary=f"log-variance reached [{worst_lo:.3g}, {worst_hi:.3g}] (from step "
                     f"{int(steps[i]):,})",
-            evidence={"logvar_min": worst_lo, "logvar_max": worst_hi,
+            evidence={LOGVAR_MIN: worst_lo, LOGVAR_MAX: worst_hi,
                       "warn_range": [LOGVAR_LOW, LOGVAR_HIGH],
                       "float32_limits": [LOGVAR_BREAK_LOW, LOGVAR_BREAK_HIGH]},
             cause="the encoder pushes variances toward 0 or infinity; exp(logvar) then "
@@ -243,9 +253,9 @@ def _decoder_scale_shrinking(data: RunData) -> list[Finding]:
     """A learned decoder scale falling while the KL rises: the KL's effective weight fell."""
     steps = data.steps
     last = int(steps[-1]) if len(steps) else 0
-    if not (data.has("decoder_scale") and data.has(KL)):
+    if not (data.has(DECODER_SCALE) and data.has(KL)):
         return []
-    sigma, kl = data.series("decoder_scale"), data.series(KL)
+    sigma, kl = data.series(DECODER_SCALE), data.series(KL)
     after = steps >= data.burn_in_step
     if after.sum() >= 20:
         n = max(5, after.sum() // 10)
