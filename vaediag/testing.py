@@ -24,14 +24,29 @@ from vaediag.columns import (
     ADAM_RMS_T,
     ADAM_SIGN_FRAC,
     ADAM_UPDATE_RMS,
+    BETA,
     DRIFT_FIXED_RMSE,
     DRIFT_ZERO_RMSE,
+    EPOCH,
+    EVAL_KL,
+    EVAL_RECON,
+    GRAD_NORM,
+    KL,
     LOGVAR_MAX,
     LOGVAR_MEAN,
     LOGVAR_MIN,
+    LR,
     MU_MAX,
     MU_MEAN,
     MU_MIN,
+    RECON,
+    STEP,
+    TIME,
+    TOTAL,
+    TRAIN_EVAL_KL,
+    TRAIN_EVAL_RECON,
+    TRAIN_KL_AVG,
+    TRAIN_RECON_AVG,
     UPDATE_RATIO,
 )
 from vaediag.config import build_config
@@ -64,9 +79,9 @@ def standard_scalars(n: int, *, seed: int = 0, layers: Iterable[str] = LAYERS,
     recon = around(1900.0, 0.02)
     kl = around(18.0, 0.05)
     cols: dict[str, np.ndarray] = {
-        "step": step, "time": step * 0.13, "epoch": step // 128, "recon": recon, "kl": kl,
-        "total": recon + kl, "beta": np.ones(n, np.float32),
-        "lr": np.full(n, 1e-3, np.float32), "grad_norm": around(100.0, 0.25),
+        STEP: step, TIME: step * 0.13, EPOCH: step // 128, RECON: recon, KL: kl,
+        TOTAL: recon + kl, BETA: np.ones(n, np.float32),
+        LR: np.full(n, 1e-3, np.float32), GRAD_NORM: around(100.0, 0.25),
         "grad_nonfinite": np.zeros(n, np.float32),
         MU_MIN: around(3.0, 0.05) * -1, MU_MAX: around(3.0, 0.05),
         MU_MEAN: (0.01 * rng.standard_normal(n)).astype(np.float32),
@@ -120,8 +135,8 @@ def standard_evals(steps: np.ndarray, *, seed: int = 0, latent_dim: int = 16,
 
     cols: dict[str, np.ndarray] = {
         "step": steps, "time": steps * 0.13, "epoch": steps // 128,
-        "eval_recon": noisy(1870.0, 2.0), "eval_kl": noisy(18.0, 0.3),
-        "train_recon_avg": noisy(1900.0, 2.0), "train_kl_avg": noisy(18.0, 0.3),
+        EVAL_RECON: noisy(1870.0, 2.0), EVAL_KL: noisy(18.0, 0.3),
+        TRAIN_RECON_AVG: noisy(1900.0, 2.0), TRAIN_KL_AVG: noisy(18.0, 0.3),
         DRIFT_ZERO_RMSE: np.abs(noisy(0.01, 0.002)),
         DRIFT_FIXED_RMSE: np.abs(noisy(0.02, 0.003)),
         ACTIVE_UNITS: np.full(n, float(latent_dim), np.float32),
@@ -129,8 +144,8 @@ def standard_evals(steps: np.ndarray, *, seed: int = 0, latent_dim: int = 16,
     for metric, (level, noise) in QUALITY.items():
         cols[metric] = noisy(level, noise)
     if train_images:
-        cols["train_eval_recon"] = noisy(1850.0, 2.0)
-        cols["train_eval_kl"] = noisy(18.0, 0.3)
+        cols[TRAIN_EVAL_RECON] = noisy(1850.0, 2.0)
+        cols[TRAIN_EVAL_KL] = noisy(18.0, 0.3)
         for metric, (level, noise) in QUALITY.items():
             cols[f"train_{metric}"] = noisy(level, noise)
     return cols

@@ -28,7 +28,7 @@ from vaediag.analysis import analyze
 from vaediag.analysis.causes import quality_lost
 from vaediag.analysis.data import RunData
 from vaediag.analysis.findings import Analysis, Finding, severity_rank
-from vaediag.columns import STEP
+from vaediag.columns import EVAL_RECON, STEP
 from vaediag.config import RESUME_LOCKED, parse_override
 from vaediag.errors import ConfigError, RunDirError, TrainingStopped
 from vaediag.rundir import Run, list_checkpoints, load_run, remove_run
@@ -230,7 +230,7 @@ def verify_finding(run: Run, finding: Finding, directory: Path,
     lost_run = named | set(quality_lost(RunData(run), before, after))
     lost_replay = set(quality_lost(RunData(replayed), before, after)) & lost_run
     out.lost_in_run, out.lost_in_replay = sorted(lost_run), sorted(lost_replay)
-    for column in sorted(lost_run | {"eval_recon"}):
+    for column in sorted(lost_run | {EVAL_RECON}):
         values = {name: [_value(r, column, before), _value(r, column, after)]
                   for name, r in (("run", run), ("replay", replayed))}
         if all(v is not None for pair in values.values() for v in pair):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from vaediag.analysis.detectors import KINDS
 from vaediag.analysis.findings import Finding, Signal
+from vaediag.columns import KL
 
 LOOKBACK = 50
 MAX_PRECURSORS = 8
@@ -42,7 +43,7 @@ def fold_consequences(findings: list[Finding]) -> list[Finding]:
             continue
         main = f.evidence.get("main_term") if f.kind == "loss_spike" else None
         near = [e for e in explosions if abs(e.first_step - f.first_step) <= LOOKBACK]
-        if main == "kl" and f.evidence.get("recovered") is False and near:
+        if main == KL and f.evidence.get("recovered") is False and near:
             explosion = near[0]
             explosion.first_step = min(explosion.first_step, f.first_step)
             explosion.evidence["onset_spike"] = f.summary

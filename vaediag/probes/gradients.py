@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from vaediag.columns import GRAD_NORM
 from vaediag.probes.base import Probe, per_index
 from vaediag.probes.context import StepContext
 
@@ -20,14 +21,14 @@ class GradientNorms(Probe[StepContext]):
     def compute(self, ctx: StepContext) -> dict[str, Any]:
         if ctx.host_grad_norms is not None:  # read already: a few numpy sums on the host
             host_sq = ctx.layers.per_layer_sum_host(np.square(ctx.host_grad_norms))
-            out = per_index("layer", "grad_norm", np.sqrt(host_sq), ctx.layers.layers)
-            out.update(per_index("part", "grad_norm",
+            out = per_index("layer", GRAD_NORM, np.sqrt(host_sq), ctx.layers.layers)
+            out.update(per_index("part", GRAD_NORM,
                                  np.sqrt(ctx.layers.per_part_sum_host(host_sq)),
                                  ctx.layers.parts))
         else:
             layer_sq = ctx.layers.per_layer_sum(ctx.param_grad_norms.double().pow(2))
-            out = per_index("layer", "grad_norm", layer_sq.sqrt().float(), ctx.layers.layers)
-            out.update(per_index("part", "grad_norm",
+            out = per_index("layer", GRAD_NORM, layer_sq.sqrt().float(), ctx.layers.layers)
+            out.update(per_index("part", GRAD_NORM,
                                  ctx.layers.per_part_sum(layer_sq).sqrt().float(),
                                  ctx.layers.parts))
         out["grad_nonfinite"] = ctx.nonfinite_grad_entries()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vaediag.columns import ACTIVE_UNITS
+from vaediag.columns import ACTIVE_UNITS, EVAL_KL
 from vaediag.losses import kl_per_dim
 from vaediag.probes.base import Probe, per_index
 from vaediag.probes.context import EvalContext
@@ -32,5 +32,5 @@ class LatentHealth(Probe[EvalContext]):
             "eval_set_size": float(len(mu)),
         }
         out.update(per_index("dim", "mu_var", variance.float()))
-        out.update(per_index("dim", "eval_kl", kl_per_dim(mu, logvar).mean(0).float()))
+        out.update(per_index("dim", EVAL_KL, kl_per_dim(mu, logvar).mean(0).float()))
         return out

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vaediag.columns import LOGVAR_MAX, LOGVAR_MEAN, LOGVAR_MIN, MU_MAX, MU_MEAN, MU_MIN
+from vaediag.columns import KL, LOGVAR_MAX, LOGVAR_MEAN, LOGVAR_MIN, MU_MAX, MU_MEAN, MU_MIN
 from vaediag.losses import kl_per_dim
 from vaediag.probes.base import Probe, per_index
 from vaediag.probes.context import StepContext
@@ -38,7 +38,7 @@ def combined_stats(summaries: torch.Tensor) -> dict[str, Any]:
     ((ranks, D + 7)): the KL and means weighted by each rank's batch, the extremes of all."""
     count = summaries[:, 0].sum()
     dims = summaries.shape[1] - 7
-    out: dict[Any, Any] = per_index("dim", "kl",
+    out: dict[Any, Any] = per_index("dim", KL,
                                     (summaries[:, 1:1 + dims].sum(0) / count).float())
     rest = summaries[:, 1 + dims:]
     out[RANGES] = torch.cat([rest[:, 0:2].amin(0), rest[:, 2:4].amax(0),
@@ -49,7 +49,7 @@ def combined_stats(summaries: torch.Tensor) -> dict[str, Any]:
 def latent_stats(mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, Any]:
     """Per-dimension batch-mean analytic KL, and min/max/mean of mu and logvar."""
     mu, logvar = mu.detach().float(), logvar.detach().float()
-    out: dict[Any, Any] = per_index("dim", "kl", kl_per_dim(mu, logvar).mean(0))
+    out: dict[Any, Any] = per_index("dim", KL, kl_per_dim(mu, logvar).mean(0))
     both = torch.stack([mu, logvar]).flatten(1)  # (2, B * D)
     low, high = both.amin(1), both.amax(1)  # exact either way; aminmax(dim=) is 3x slower
     out[RANGES] = torch.cat([low, high, both.mean(1)])

@@ -44,7 +44,7 @@ def compare_losses(runs: list[tuple[str, pd.DataFrame]],
     """Reconstruction, KL (log scale where positive) and the learning rate per step, one colour
     per run, on the same step axis; dotted: where a replay branched off its parent."""
     fig, axes = subplots(3, 1, figsize=(PAGE_WIDTH, 7.2), sharex=True,
-                             gridspec_kw={"height_ratios": [3, 3, 1.4]})
+                         gridspec_kw={"height_ratios": [3, 3, 1.4]})
     for ax, column, label in ((axes[0], columns.RECON, "recon"), (axes[1], columns.KL, "KL"),
                               (axes[2], columns.LR, "lr")):
         positive = True
@@ -76,7 +76,7 @@ def compare_quality(runs: list[tuple[str, pd.DataFrame]],
     cols = 2
     rows = math.ceil(len(shown) / cols)
     fig, axes = subplots(rows, cols, figsize=(PAGE_WIDTH, 1.9 * rows + 0.6), sharex=True,
-                             squeeze=False)
+                         squeeze=False)
     for ax in axes.flat[len(shown):]:
         ax.set_axis_off()
     for ax, (column, label) in zip(axes.flat, shown, strict=False):

@@ -103,7 +103,9 @@ def shade(ax, findings: list[Finding], kinds: set[str] | None = None) -> None:
 
 
 def plot_series(ax, scalars: pd.DataFrame, column: str, label: str, colour: str,
-            ls: str = "-") -> bool:
+                ls: str = "-") -> bool:
+    """One per-step column as a line (block medians with a min-max band when decimated);
+    whether anything was drawn."""
     if column not in scalars.columns:
         return False
     x, med, lo, hi = _blocks(scalars[STEP].to_numpy(), scalars[column].to_numpy(np.float64))
@@ -120,7 +122,7 @@ def timelines(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis) ->
     """Reconstruction and KL (log scale) per step with the evaluation values on the same axes,
     flagged spans shaded; the learning rate and beta below."""
     fig, axes = subplots(3, 1, figsize=(PAGE_WIDTH, 7.2), sharex=True,
-                             gridspec_kw={"height_ratios": [3, 3, 1.4]})
+                         gridspec_kw={"height_ratios": [3, 3, 1.4]})
     for ax, term, colour in ((axes[0], columns.RECON, "C0"), (axes[1], columns.KL, "C2")):
         drawn = plot_series(ax, scalars, term, f"{term} (training batch, per step)", colour)
         eval_col = f"eval_{term}"
@@ -172,7 +174,7 @@ def loss_vs_quality(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analys
     cols = 2
     rows = math.ceil(len(metrics) / cols)
     fig, axes = subplots(rows, cols, figsize=(PAGE_WIDTH, 1.9 * rows + 0.6), sharex=True,
-                             squeeze=False)
+                         squeeze=False)
     steps = evals[STEP].to_numpy()
     kinds = set(DECOUPLING)
     for ax, (metric, label) in zip(axes.flat, metrics, strict=False):
@@ -268,7 +270,7 @@ def _decimated_matrix(steps: np.ndarray, frame: pd.DataFrame, reduce: str):
 
 
 #: per-layer statistics shown as heatmaps: (stat, title, reduce, log colour scale)
-LAYER_MAPS = (("grad_norm", "gradient norm", "max", True),
+LAYER_MAPS = ((columns.GRAD_NORM, "gradient norm", "max", True),
               (ADAM_UPDATE_RMS, "Adam update RMS (healthy ~0.2-0.3; 1 = sign descent)", "max",
                False),
               (ADAM_EPS_FRAC, "fraction of entries with sqrt(v^) < eps", "max", False),
@@ -288,9 +290,9 @@ def layer_heatmaps(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysi
     n_layers = panels[0][4].shape[1]
     height = 0.25 * n_layers + 0.9
     fig, axes = subplots(len(panels), 1, squeeze=False,  # at most one A4 page
-                             figsize=(PAGE_WIDTH, min(height * len(panels) + 0.5, 11.5)))
+                         figsize=(PAGE_WIDTH, min(height * len(panels) + 0.5, 11.5)))
     steps = scalars[STEP].to_numpy()
-    channel_of = {"grad_norm": "grad_norm", ADAM_UPDATE_RMS: ADAM_UPDATE_RMS,
+    channel_of = {columns.GRAD_NORM: columns.GRAD_NORM, ADAM_UPDATE_RMS: ADAM_UPDATE_RMS,
                   UPDATE_RATIO: UPDATE_RATIO, ADAM_EPS_FRAC: None}
     for ax, (stat, title, reduce, log, frame) in zip(axes[:, 0], panels, strict=True):
         x, values = _decimated_matrix(steps, frame, reduce)
@@ -326,7 +328,7 @@ def layer_heatmaps(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysi
 def latent_health(scalars: pd.DataFrame, evals: pd.DataFrame, analysis: Analysis
                   ) -> Figure | None:
     """KL per latent dimension over steps, active units per evaluation, mu/logvar ranges."""
-    dims = columns.matrix(scalars, "dim", "kl")
+    dims = columns.matrix(scalars, "dim", columns.KL)
     has_ranges = LOGVAR_MIN in scalars.columns
     has_au = ACTIVE_UNITS in evals.columns and evals[ACTIVE_UNITS].notna().any()
     if dims.empty and not has_ranges and not has_au:

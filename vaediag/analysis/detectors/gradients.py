@@ -48,7 +48,7 @@ WINDOW = 50
 
 
 def _log_norms(data: RunData) -> pd.DataFrame:
-    layers = data.matrix("layer", "grad_norm")
+    layers = data.matrix("layer", GRAD_NORM)
     if layers.empty and data.has(GRAD_NORM):
         layers = pd.DataFrame({"(all)": data.series(GRAD_NORM)})
     if layers.empty:
@@ -77,7 +77,7 @@ def _jumps(data: RunData, logs: pd.DataFrame, after: np.ndarray
         mask = (z >= Z_EXPLODE) & (ratio >= MIN_RATIO) & after[idx]
         for k in np.flatnonzero(mask):
             hits.append((int(idx[k]), layer, float(z[k]), float(ratio[k])))
-            signals.append(Signal(int(steps[idx[k]]), "grad_norm", layer,
+            signals.append(Signal(int(steps[idx[k]]), GRAD_NORM, layer,
                                   float(math.exp(x[idx[k]])), float(math.exp(mean[k])),
                                   f"gradient norm {ratio[k]:.3g}x its moving mean"))
     return hits, signals

@@ -121,7 +121,7 @@ def _unused_or_memorised(data: RunData, peak_step: int, last: int,
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
     """The latents' health, one kind at a time."""
-    has_any = (data.has(ACTIVE_UNITS, "evals") or not data.matrix("dim", "kl").empty
+    has_any = (data.has(ACTIVE_UNITS, "evals") or not data.matrix("dim", KL).empty
                or data.has(LOGVAR_MIN) or data.has(DECODER_SCALE))
     if not has_any:
         raise Skip("no latent statistics recorded (probes.preset 'off')")
@@ -197,7 +197,7 @@ def _best_before(data: RunData, lost: dict[str, tuple[float, float]], start: int
 def _unused_dimensions(data: RunData) -> list[Finding]:
     """Latent dimensions whose KL stayed below ``COLLAPSED_KL`` over the last tenth."""
     steps = data.steps
-    dims = data.matrix("dim", "kl")
+    dims = data.matrix("dim", KL)
     if dims.empty or len(dims) < 10:
         return []
     tail = dims.iloc[-max(1, len(dims) // 10):].mean()
