@@ -203,3 +203,21 @@ def test_the_monitor_shows_its_real_signature_and_documents_every_parameter():
         if line and not line.startswith(" "):
             documented |= {name.strip() for name in line.split(",")}
     assert documented == set(params), set(params) ^ documented
+
+
+def test_a_model_in_fsdp1s_wrapper_is_refused_in_any_world(tmp_path):
+    """FSDP1 (``FullyShardedDataParallel``, also Lightning's FSDP strategy) holds flat
+    parameters that are not the model's own: refused with the reason, by its class's name,
+    in one process as on many (a stand-in class of that name: FSDP1 needs a process group)."""
+
+    class FullyShardedDataParallel(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    inner = TinyVAE(RES)
+    wrapped = torch.nn.Sequential(FullyShardedDataParallel(inner))
+    wrapped.encode, wrapped.decode = inner.encode, inner.decode
+    with pytest.raises(UserError, match=r"wrapped in FullyShardedDataParallel \(FSDP1"):
+        _monitor(tmp_path / "run", model=wrapped)
+    assert not (tmp_path / "run").exists()

@@ -64,9 +64,9 @@ class Core:
 
 def choose(model: nn.Module, ranks: Ranks) -> Role | None:
     """This process's role; None for a rank other than 0 under DDP (a Follower's)."""
+    sharded = is_sharded(model)  # (refuses FSDP1's wrapper, in any world)
     if not ranks.active:
-        return Single()
-    sharded = is_sharded(model)
+        return Single(sharded)
     if ranks.records:
         return Leader(ranks, sharded)
     return Shadow(ranks) if sharded else None
@@ -101,11 +101,14 @@ class Role:
 
 
 class Single(Role):
-    """One process: it records, and a step's values need no collective."""
+    """One process: it records, and a step's values need no collective (``sharded``: a model
+    sharded by FSDP2 in a job of one)."""
 
     records = True
     distributed = False
-    sharded = False
+
+    def __init__(self, sharded: bool = False):
+        self.sharded = sharded
 
     def reduce(self, sums: torch.Tensor) -> torch.Tensor:
         return no_reduce(sums)
@@ -125,7 +128,7 @@ class Single(Role):
                 names = columns.LOSS_TERMS if total is not None else columns.LOSS_TERMS[:2]
                 return Core(Packed.vectors([(), names], [stacked]), stacked[:len(grads)],
                             fused=True)
-        return _packed({}, recon, kl, total, grad_norms(self.params))
+        return _packed({}, recon, kl, total, grad_norms(self.params, self.sharded))
 
     def after_read(self, row: dict[str, Any]) -> tuple[dict[str, list[int]], bool]:
         """Nothing of other ranks to take out of the row."""
