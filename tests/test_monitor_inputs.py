@@ -190,7 +190,7 @@ def test_the_monitor_shows_its_real_signature_and_documents_every_parameter():
     params = signature.parameters
     assert list(params)[:3] == ["run_dir", "model", "optimizer"]
     assert not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values())
-    assert len(params) == 25
+    assert len(params) == 26
     assert all(p.annotation is not inspect.Parameter.empty for p in params.values())
     assert params["eval_images"].default is inspect.Parameter.empty
     assert params["eval_images"].kind is inspect.Parameter.KEYWORD_ONLY

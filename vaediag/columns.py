@@ -34,10 +34,16 @@ TOTAL = "total"
 LOSS_TERMS = (RECON, KL, TOTAL)
 #: the global L2 norm of the gradients
 GRAD_NORM = "grad_norm"
+#: the gradients probe: how many gradient entries were NaN or Inf
+GRAD_NONFINITE = "grad_nonfinite"
 #: the KL weight, and the optimizer's learning rate and eps (of its first group)
 BETA = "beta"
 LR = "lr"
 EPS = "eps"
+#: mixed precision (a torch.amp.GradScaler): the loss scale at the step, and whether the scaler
+#: skipped the step (its gradients overflowed float16: 1.0, else 0.0)
+LOSS_SCALE = "loss_scale"
+SCALER_SKIPPED = "scaler_skipped"
 #: under torch.distributed: the largest minus the smallest rank's loss term
 RECON_RANK_SPREAD = "recon_rank_spread"
 KL_RANK_SPREAD = "kl_rank_spread"
@@ -139,6 +145,13 @@ QUALITY_METRICS: dict[str, QualityMetric] = _metrics(
     QualityMetric("factor_angle_err", -1, "pose", "face angle error (deg)"),
     QualityMetric("factor_turn_err", -1, "pose", "face turn error"),
 )
+
+
+def gradient_columns(names: list[str] | pd.Index) -> list[str]:
+    """The columns measured on a step's gradients (their norms, their non-finite entries,
+    the recon/KL split): what a loss scaler's skipped step discards."""
+    return [c for c in names if c in (GRAD_NORM, GRAD_NONFINITE) or c.startswith(
+        (f"layer.{GRAD_NORM}/", f"part.{GRAD_NORM}/", "split_", "part.split_"))]
 
 
 def name(kind: str, stat: str, index: object) -> str:

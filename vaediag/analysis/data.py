@@ -11,7 +11,15 @@ import numpy as np
 import pandas as pd
 
 from vaediag import columns
-from vaediag.columns import EVAL_KL, EVAL_RECON, KL, RECON, STEP, TRAIN_RECON_AVG
+from vaediag.columns import (
+    EVAL_KL,
+    EVAL_RECON,
+    KL,
+    RECON,
+    SCALER_SKIPPED,
+    STEP,
+    TRAIN_RECON_AVG,
+)
 from vaediag.rundir import Run
 
 #: Steps at the start of a run that spike and change-point detectors ignore: the first steps of
@@ -56,7 +64,18 @@ class RunData:
 
     @cached_property
     def scalars(self) -> pd.DataFrame:
-        return self.run.scalars
+        """The per-step rows; under a loss scaler, without the gradients of the steps it
+        skipped (they overflowed float16 and never reached the optimizer: NaN here)."""
+        frame = self.run.scalars
+        if SCALER_SKIPPED not in frame.columns:
+            return frame
+        skipped = frame[SCALER_SKIPPED].to_numpy() == 1
+        if not skipped.any():
+            return frame
+        frame = frame.copy(deep=False)
+        for column in columns.gradient_columns(frame.columns):
+            frame[column] = frame[column].mask(skipped)
+        return frame
 
     @cached_property
     def evals(self) -> pd.DataFrame:

@@ -19,14 +19,10 @@ describes the model after s updates, and an evaluation at step S shows it after 
 What is recorded beyond the losses is decided by probes (:mod:`vaediag.probes`).
 
 The Monitor is the calls above and their arguments, checked (:mod:`.options`, :mod:`.checks`);
-the work is done by its part on this process, chosen once by the process's role
-(:mod:`.roles`): a :class:`~.recorder.Recorder` (one process, rank 0, a rank in step with it
-under FSDP) or a :class:`~.follower.Follower` (a rank other than 0 under DDP). The recorder's
-own parts each have a module: the step's one read (:mod:`.reading`), what a step's values say
-(:mod:`.watch`), the probes and unusual steps (:mod:`.probing`), what the gradients say
-(:mod:`.gradients`), the evaluations (:mod:`.evaluation`), the grid's text (:mod:`.captions`),
-the findings while training (:mod:`.online`) and the run's lifecycle
-(:class:`vaediag.session.RunSession`, :mod:`.lifetime`).
+its part on this process, chosen once by the process's role (:mod:`.roles`), does the work: a
+:class:`~.recorder.Recorder` (one process, rank 0, a rank in step with it under FSDP) or a
+:class:`~.follower.Follower` (a rank other than 0 under DDP). CONTRIBUTING.md lists the
+recorder's own parts, a module each.
 """
 
 from __future__ import annotations
@@ -134,6 +130,15 @@ class Monitor:
         runs its ``when_unusual`` probes one step later. Under torch.distributed (every rank
         passes the same value) the ranks learn a request to stop one step later too, all at
         the same step.
+    scaler
+        Mixed precision: the loop's ``torch.amp.GradScaler`` (float16). The gradient
+        statistics are then of the unscaled gradients, the ones the optimizer applies (divided
+        by the scale while the gradients carry it; as they are after the loop's own
+        ``scaler.unscale_(optimizer)``), the scale is a per-step column (``loss_scale``), and a
+        step whose gradients overflowed is the scaler's skip (``scaler_skipped``, a
+        ``scaler_skip`` event, ``StepCheck.scaler_skip``), not a non-finite fault. Call
+        :meth:`after_backward` after ``scaler.scale(loss).backward()`` and :meth:`after_step`
+        after ``scaler.step(optimizer)``. Not needed for bfloat16, which needs no scaler.
 
     Under torch.distributed every rank creates its Monitor with the same arguments: rank 0
     records; on the others it writes nothing and only takes part in each step's one collective
@@ -143,11 +148,8 @@ class Monitor:
     """
 
     def __init__(
-        self,
-        run_dir: str | Path | RunSession,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
-        *,
+        self, run_dir: str | Path | RunSession, model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None, *,
         eval_images: torch.Tensor | np.ndarray,
         encode: EncodeFn | None = None,
         decode: DecodeFn | None = None,
@@ -170,18 +172,19 @@ class Monitor:
         online: bool = True,
         stop_on: str = "never",
         read_before_step: bool = True,
+        scaler: torch.amp.GradScaler | None = None,
     ):
         options = Options.checked(
             eval_images=eval_images, encode=encode, decode=decode, eval_loss=eval_loss,
-            eval_every=eval_every, value_range=value_range, probes=probes, seed=seed,
+            eval_every=eval_every, value_range=value_range, probes=probes, seed=seed, config=config,
             extra_probes=extra_probes, metric_images=metric_images, train_images=train_images,
             train_factors=train_factors, lpips_weights=lpips_weights, overwrite=overwrite,
             lpips_download=lpips_download, recon_mode=recon_mode, eval_factors=eval_factors,
-            steps_per_epoch=steps_per_epoch, config=config, online=online, stop_on=stop_on,
+            steps_per_epoch=steps_per_epoch, online=online, stop_on=stop_on, scaler=scaler,
             read_before_step=read_before_step)
         self._part = _set_up(run_dir, model, optimizer, options)
-        if isinstance(self._part, Recorder) and self._part.owns_run and self._part.records:
-            lifetime.watch(self)  # a loop that never closes its run
+        if self._part.owns_run and self._part.records:  # a loop that never closes its run
+            lifetime.watch(self)
 
     # -- what a loop reads --------------------------------------------------------------------
 
@@ -375,7 +378,8 @@ def _set_up(run_dir: str | Path | RunSession, model: nn.Module,
         role = roles.choose(model, ranks)
         if role is None:
             start = run_dir.start_step if isinstance(run_dir, RunSession) else 0
-            part: Recorder | Follower = Follower(ranks, model, run_dir, options, start)
+            part: Recorder | Follower = Follower(ranks, model, optimizer, run_dir, options,
+                                                 start)
         else:
             part = Recorder(role, run_dir, model, optimizer, options)
     except BaseException:

@@ -20,7 +20,8 @@ from vaediag.monitor.gradients import grad_norms
 from vaediag.monitor.options import Options
 from vaediag.monitor.ranks import Ranks, StopState, unwrap
 from vaediag.monitor.readback import Pending
-from vaediag.monitor.roles import gather_device, shared_values
+from vaediag.monitor.roles import gather_device, shared_values, unscaled
+from vaediag.monitor.scaling import LossScaling
 from vaediag.monitor.watch import StepCheck
 from vaediag.probes.base import Probe
 from vaediag.session import RunSession
@@ -30,13 +31,15 @@ class Follower:
     """The Monitor's part on a DDP rank other than 0 (see the module's docstring)."""
 
     records = False
+    owns_run = False  # rank 0 made the run directory
     online = None
     closed = False
     stop_reason = None
 
     latent_dim = None  # rank 0 checks mu and logvar against the model
 
-    def __init__(self, ranks: Ranks, model: nn.Module, run_dir: str | Path | RunSession,
+    def __init__(self, ranks: Ranks, model: nn.Module,
+                 optimizer: torch.optim.Optimizer | None, run_dir: str | Path | RunSession,
                  options: Options, start_step: int):
         self.ranks, self.options = ranks, options
         self.eval_every, self.read_before_step = options.eval_every, options.read_before_step
@@ -45,6 +48,8 @@ class Follower:
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.device = self._params[0][1].device if self._params else torch.device("cpu")
         self.stop = StopState()
+        self.scaling = LossScaling(options.scaler, optimizer) \
+            if options.scaler is not None else None
         self.echo: Callable[[str], None] = lambda text: None
         self._t0 = time.monotonic()
         #: set by the Monitor: whether it raises TrainingStopped when the ranks agreed to stop
@@ -72,7 +77,8 @@ class Follower:
                 (before,) = flight.result()
                 self.stop.now = self.stop.now or bool((before > 0).any())
             return StepCheck(grad_norm=math.nan, pending=True)
-        norms = grad_norms(self._params)
+        scale = self.scaling.now() if self.scaling is not None else None
+        norms = unscaled(grad_norms(self._params), scale)
         norm = (norms.double().square().sum().sqrt() if norms is not None
                 else torch.tensor(math.nan, dtype=torch.float64))
         host = torch.cat([losses.reshape(-1), stop, norm.reshape(1).to(losses)]).tolist()
@@ -86,7 +92,10 @@ class Follower:
             if not math.isfinite(sum(v[i] for v in values)):
                 check.nonfinite.append(term)
         if not math.isfinite(check.grad_norm) and norms is not None:
-            check.nonfinite.append("grad")
+            if scale is not None:  # the scaler skips the step, on every rank
+                check.scaler_skip = True
+            else:
+                check.nonfinite.append("grad")
         return check
 
     @property

@@ -47,6 +47,7 @@ class Options:
     online: bool
     stop_on: str
     read_before_step: bool
+    scaler: Any = None
 
     @classmethod
     def checked(cls, **given: Any) -> Options:

@@ -32,6 +32,7 @@ from vaediag.monitor.ranks import DiscardWriter, StopState, unwrap
 from vaediag.monitor.readback import Packed, to_floats
 from vaediag.monitor.reading import NO_VALUES, Blocking, Deferred, StepRecord
 from vaediag.monitor.roles import Role, checkpoint
+from vaediag.monitor.scaling import GradScale, LossScaling
 from vaediag.monitor.settings import SettingsWatch, optimizer_settings
 from vaediag.monitor.setup import chosen_probes, open_session
 from vaediag.monitor.watch import StepCheck, StepWatch, grads_finite
@@ -66,6 +67,9 @@ class Recorder:
         #: whether this process writes the run (rank 0); under FSDP the others run in step
         self.records = role.records
         self.model, self.optimizer = unwrap(model), optimizer  # DDP's forward would wait
+        #: mixed precision: the loop's GradScaler (:mod:`.scaling`)
+        self.scaling = LossScaling(options.scaler, optimizer) \
+            if options.scaler is not None else None
         self.eval_every, self.read_before_step = options.eval_every, options.read_before_step
         self._warned: set[str] = set()
         encode, decode = self._functions(options)
@@ -243,7 +247,8 @@ class Recorder:
         self._last_step = given.step
         if given.step == 0 and not self._evaluated:
             self.evaluate(0)
-        core = self.role.core(given, self.stop.asked)
+        scale = self.scaling.now() if self.scaling is not None else None
+        core = self.role.core(given, self.stop.asked, scale)
         record = self.reader.record(given.step, self.elapsed(), self._host_fields(given), core)
         check = self.reader.read(record)
         self.stop.now = self.stop.now or self.stop.read
@@ -252,10 +257,11 @@ class Recorder:
         values: dict[Any, Any] = dict(given.extra)
         ctx = None
         if before or after:  # most steps of a sparse preset run none: no context to build
-            ctx = self._context(given, record, check)
+            ctx = self._context(given, record, check, scale)
             if before:
                 values.update(self.runner.run(before, ctx, given.step))
             ctx.kl_term = None  # release the graph
+            ctx.optimizer_stepped()  # (what the probes after it see)
             if after:
                 self.runner.before_step(after, ctx)
         self._step = StepInFlight(ctx, after, record, values)
@@ -283,7 +289,8 @@ class Recorder:
         where, stop = self.role.after_read(row)
         self.stop.read = self.stop.read or stop
         row.update(record.host)
-        check = self.watch.check(row[col.STEP], row, record.core.norms, where)
+        check = self.watch.check(row[col.STEP], row, record.core.norms, where,
+                                 scaled=col.LOSS_SCALE in row)
         self.watch.watch(row[col.STEP], row, check)
         self.last_read_row = row
         return check
@@ -294,8 +301,8 @@ class Recorder:
         self.writer.log_step_parts(row[col.STEP], [(tuple(row), list(row.values())),
                                                *record.probes.parts(arrays)])
 
-    def _context(self, given: checks.StepInputs, record: StepRecord,
-                 check: StepCheck) -> StepContext:
+    def _context(self, given: checks.StepInputs, record: StepRecord, check: StepCheck,
+                 scale: GradScale | None) -> StepContext:
         """What the step's probes compute from."""
         kl_term, row, norms = given.kl_term, record.row, record.core.norms
         local_kl = given.kl  # still attached to this rank's graph (the recon/KL split)
@@ -313,7 +320,9 @@ class Recorder:
                            kl_term=kl_term if isinstance(kl_term, torch.Tensor) else None,
                            latent_ranks=record.core.latent_ranks, grads_finite=finite,
                            host_grad_norms=record.host_norms, reduce=self.role.reduce,
-                           values_read=self.read_before_step)
+                           values_read=self.read_before_step,
+                           grad_scale=scale.value if scale is not None and scale.applied
+                           else None)
 
     def after_step(self, step: int, skipped: bool, evaluate: bool) -> None:
         pending, self._step = self._step, None

@@ -27,6 +27,7 @@ from vaediag.monitor.checks import StepInputs
 from vaediag.monitor.gradients import grad_norms
 from vaediag.monitor.ranks import Ranks, Reduce, Shared, is_sharded, nonfinite_ranks
 from vaediag.monitor.readback import Packed
+from vaediag.monitor.scaling import GradScale
 from vaediag.probes.context import no_reduce
 from vaediag.probes.latents import rank_summary
 
@@ -86,8 +87,9 @@ class Role:
         #: the parameters without their names (the per-step gradient read)
         self.tensors = [p for _, p in params]
 
-    def core(self, given: StepInputs, stop: bool) -> Core:
-        """The step's values on the device, packed for its one read."""
+    def core(self, given: StepInputs, stop: bool, scale: GradScale | None = None) -> Core:
+        """The step's values on the device, packed for its one read; with a loss ``scale``,
+        the gradient norms of the unscaled gradients and the scale itself."""
         raise NotImplementedError
 
     def after_read(self, row: dict[str, Any]) -> tuple[dict[str, list[int]], bool]:
@@ -113,22 +115,32 @@ class Single(Role):
     def reduce(self, sums: torch.Tensor) -> torch.Tensor:
         return no_reduce(sums)
 
-    def core(self, given: StepInputs, stop: bool) -> Core:
+    def core(self, given: StepInputs, stop: bool, scale: GradScale | None = None) -> Core:
         """In the usual case (every parameter's gradient there, the losses tensors on its
         device) two operations: one fused norm over the gradients and one stack of those
-        norms with the losses."""
+        norms with the losses (and the loss scale, which divides the norms in place while the
+        gradients carry it: one more)."""
         recon, kl, total = given.recon, given.kl, given.total
         grads: list[Any] = [p.grad for p in self.tensors]
         if grads and all(g is not None for g in grads):  # ("None in" compares tensors)
             device = grads[0].device
-            if _on(device, recon, kl, total):  # tensors, detached: read, not differentiated
+            if _on(device, recon, kl, total) and (scale is None
+                                                  or scale.value.device == device):
                 losses = [v.detach() for v in (recon, kl, total)  # type: ignore[union-attr]
                           if v is not None]
-                stacked = torch.stack([*torch._foreach_norm(grads), *losses])
                 names = columns.LOSS_TERMS if total is not None else columns.LOSS_TERMS[:2]
+                if scale is None:
+                    stacked = torch.stack([*torch._foreach_norm(grads), *losses])
+                else:
+                    stacked = torch.stack([*torch._foreach_norm(grads), *losses,
+                                           scale.value.to(losses[0].dtype)])
+                    if scale.applied:
+                        stacked[:len(grads)].div_(stacked[-1])
+                    names = (*names, columns.LOSS_SCALE)
                 return Core(Packed.vectors([(), names], [stacked]), stacked[:len(grads)],
                             fused=True)
-        return _packed({}, recon, kl, total, grad_norms(self.params, self.sharded))
+        norms = unscaled(grad_norms(self.params, self.sharded), scale)
+        return _packed(_scale_column(scale), recon, kl, total, norms)
 
     def after_read(self, row: dict[str, Any]) -> tuple[dict[str, list[int]], bool]:
         """Nothing of other ranks to take out of the row."""
@@ -154,8 +166,8 @@ class Leader(Role):
         DDP, where every rank holds whole tensors)."""
         return self.ranks.reduce(sums) if self.sharded else sums
 
-    def core(self, given: StepInputs, stop: bool) -> Core:
-        norms = grad_norms(self.params, self.sharded)
+    def core(self, given: StepInputs, stop: bool, scale: GradScale | None = None) -> Core:
+        norms = unscaled(grad_norms(self.params, self.sharded), scale)
         with torch.no_grad():  # the losses are attached to the graph: read, not differentiated
             shared = shared_values(given, stop, self.device, sharded=self.sharded, norms=norms,
                                    params=len(self.params))
@@ -165,9 +177,11 @@ class Leader(Role):
                 norms = got["shard_norms"].sqrt().float()
             recon, kl = losses[:, 0].mean(), losses[:, 1].mean()
             total = losses[:, 2].mean() if given.total is not None else None
-            extra = {columns.RECON_RANK_SPREAD: losses[:, 0].max() - losses[:, 0].min(),
-                     columns.KL_RANK_SPREAD: losses[:, 1].max() - losses[:, 1].min(),
-                     self.rank_names: losses.reshape(-1), "_stop": got["stop"][0]}
+            extra: dict[Any, Any] = {
+                columns.RECON_RANK_SPREAD: losses[:, 0].max() - losses[:, 0].min(),
+                columns.KL_RANK_SPREAD: losses[:, 1].max() - losses[:, 1].min(),
+                self.rank_names: losses.reshape(-1), "_stop": got["stop"][0],
+                **_scale_column(scale)}
             core = _packed(extra, recon, kl, total, norms)
         core.latent_ranks = got.get("latents")
         return core
@@ -214,6 +228,18 @@ def shared_values(given: StepInputs, stop: bool, device: torch.device, *,
                              torch.zeros(params, dtype=torch.float64, device=device),
                              Reduce.SUM))
     return shared
+
+
+def unscaled(norms: torch.Tensor | None, scale: GradScale | None) -> torch.Tensor | None:
+    """Gradient norms of the gradients the optimizer applies: divided by the loss scale while
+    the gradients carry it."""
+    if norms is None or scale is None or not scale.applied:
+        return norms
+    return norms / scale.value.to(norms.device, norms.dtype)
+
+
+def _scale_column(scale: GradScale | None) -> dict[str, torch.Tensor]:
+    return {} if scale is None else {columns.LOSS_SCALE: scale.value}
 
 
 def gather_device(given: StepInputs, device: torch.device) -> torch.device:

@@ -15,8 +15,10 @@ from torch import nn
 from vaediag.columns import (
     GRAD_NORM,
     KL,
+    LOSS_SCALE,
     LOSS_TERMS,
     RECON,
+    SCALER_SKIPPED,
     TRAIN_AVG_STEPS,
     TRAIN_KL_AVG,
     TRAIN_RECON_AVG,
@@ -34,6 +36,11 @@ class StepCheck:
     #: the step's values are not known yet: the Monitor reads nothing during a step
     #: (``read_before_step=False``); they are checked and recorded when the next step reads them
     pending: bool = False
+    #: mixed precision: the gradients overflowed the loss scale, so ``scaler.step()`` skips
+    #: this step and ``scaler.update()`` lowers the scale. The scaler at work, not a fault:
+    #: ``nonfinite`` stays empty (unless a loss term itself is not finite), so a loop that
+    #: skips non-finite steps still calls ``scaler.step()`` and ``scaler.update()``
+    scaler_skip: bool = False
 
 
 class StepWatch:
@@ -55,13 +62,18 @@ class StepWatch:
         self.sums = [0.0, 0.0, 0]  # recon, kl, count since the last evaluation
 
     def check(self, step: int, row: dict[str, Any], norms: torch.Tensor | None,
-              where: dict[str, list[int]]) -> StepCheck:
+              where: dict[str, list[int]], scaled: bool = False) -> StepCheck:
         """Whether a loss term or the gradients went non-finite, and where it started; each
-        such term recorded as a ``nonfinite`` event (naming the ranks it appeared on)."""
+        such term recorded as a ``nonfinite`` event (naming the ranks it appeared on).
+        ``scaled``: a loss scaler is on, and gradients that overflowed are its skip
+        (:meth:`_scaler_skip`), not a fault."""
         check = StepCheck(grad_norm=row.get(GRAD_NORM, math.nan))
         for term in LOSS_TERMS:
             if term in row and not math.isfinite(row[term]):
                 check.nonfinite.append(term)
+        if scaled and self._scaler_skip(step, row, norms, check) and not check.nonfinite:
+            self._say_nonfinite(step, [])
+            return check
         if check.nonfinite or not grads_finite(norms, check):
             check.nonfinite += nonfinite_origin(self.params, norms, self.order,
                                                 weights=self.scan_weights) or ["grad"]
@@ -71,6 +83,20 @@ class StepWatch:
                               grad_norm=check.grad_norm, **ranks)
         self._say_nonfinite(step, check.nonfinite)
         return check
+
+    def _scaler_skip(self, step: int, row: dict[str, Any], norms: torch.Tensor | None,
+                     check: StepCheck) -> bool:
+        """Under a loss scaler: whether the scaler skips this step (its gradients are not
+        finite), recorded in the row's ``scaler_skipped`` and, when it does, as a
+        ``scaler_skip`` event naming the gradient that overflowed first."""
+        skipped = not grads_finite(norms, check)
+        row[SCALER_SKIPPED] = float(skipped)
+        if skipped:
+            check.scaler_skip = True
+            origin = nonfinite_origin(self.params, norms, self.order, weights=False)
+            self.writer.event("scaler_skip", step, loss_scale=row.get(LOSS_SCALE),
+                              origin=origin[0] if origin else "grad")
+        return skipped
 
     def _say_nonfinite(self, step: int, terms: list[str]) -> None:
         """A non-finite step is said at once, once per episode (the first step after finite

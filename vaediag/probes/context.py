@@ -71,6 +71,10 @@ class StepContext:
     #: ``read_before_step=False``: ``recon``, ``kl`` and ``grads_finite`` are not known, and
     #: ``nonfinite_grad_entries`` is NaN rather than a count that would scan every gradient)
     values_read: bool = True
+    #: mixed precision: the loss scale the gradients carry before the optimizer step (a 0-d
+    #: tensor; None when they carry none). ``grads`` are divided by it; ``param_grad_norms``
+    #: are of the unscaled gradients already
+    grad_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.grads_finite is None:
@@ -78,9 +82,20 @@ class StepContext:
 
     @functools.cached_property
     def grads(self) -> list[torch.Tensor]:
-        """Each parameter's gradient, flattened (zeros where it has none), detached."""
-        return [local(p.grad).detach().reshape(-1) if p.grad is not None
-                else torch.zeros(local(p).numel(), device=p.device) for _, p in self.params]
+        """Each parameter's gradient, flattened (zeros where it has none), detached; unscaled
+        (divided by ``grad_scale``) under a loss scaler."""
+        grads = [local(p.grad).detach().reshape(-1) if p.grad is not None
+                 else torch.zeros(local(p).numel(), device=p.device) for _, p in self.params]
+        if self.grad_scale is not None:
+            grads = list(torch._foreach_div(grads, self.grad_scale))
+        return grads
+
+    def optimizer_stepped(self) -> None:
+        """After the optimizer step: a loss scaler's ``step()`` has unscaled the gradients in
+        place, so the scale is forgotten (and the gradients read before it)."""
+        if self.grad_scale is not None:
+            self.grad_scale = None
+            self.__dict__.pop("grads", None)
 
     def nonfinite_grad_entries(self) -> torch.Tensor | float:
         """Count of NaN/Inf gradient entries (0 without looking, when every norm is finite; NaN

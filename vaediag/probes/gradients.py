@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from vaediag.columns import GRAD_NORM
+from vaediag.columns import GRAD_NONFINITE, GRAD_NORM
 from vaediag.probes.base import Probe, per_index
 from vaediag.probes.context import StepContext
 
@@ -31,5 +31,5 @@ class GradientNorms(Probe[StepContext]):
             out.update(per_index("part", GRAD_NORM,
                                  ctx.layers.per_part_sum(layer_sq).sqrt().float(),
                                  ctx.layers.parts))
-        out["grad_nonfinite"] = ctx.nonfinite_grad_entries()
+        out[GRAD_NONFINITE] = ctx.nonfinite_grad_entries()
         return out

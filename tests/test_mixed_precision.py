@@ -1,0 +1,170 @@
+"""Mixed precision in a user's loop: float16 under ``torch.autocast`` with a
+``torch.amp.GradScaler`` (on the CPU, as on a GPU), the Monitor given the scaler."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+import vaediag
+from vaediag.rundir import load_run
+
+sys.path.insert(0, "examples")
+from own_loop import TinyVAE  # noqa: E402
+
+RES = 16
+STEPS = 40
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 3, RES, RES, generator=torch.Generator().manual_seed(seed))
+
+
+def _fp16_run(path, *, unscale_first: bool = False, read_before_step: bool = True,
+              tell_monitor: bool = True) -> dict:
+    """A float16 loop with a GradScaler; returns what the loop saw at each step: the norm of
+    the unscaled gradients (float64, computed here), the scale, and the StepCheck."""
+    torch.manual_seed(0)
+    model = TinyVAE(RES)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    data = _images(64, 2)
+    seen: dict[str, list] = {"norm": [], "scale": [], "check": []}
+    with vaediag.Monitor(path, model, optimizer, eval_images=_images(8, 1), eval_every=20,
+                         probes="standard", online=False,
+                         scaler=scaler if tell_monitor else None,
+                         read_before_step=read_before_step) as mon:
+        for step in range(STEPS):
+            x = data[(step * 16) % 64:(step * 16) % 64 + 16]
+            with torch.autocast("cpu", dtype=torch.float16):
+                mu, logvar = model.encode(x)
+                z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+                logits = model.decode_logits(z)
+            recon = F.binary_cross_entropy_with_logits(logits.float(), x,
+                                                       reduction="none").sum((1, 2, 3)).mean()
+            kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum(1).mean()
+            optimizer.zero_grad()
+            scaler.scale(recon + kl).backward(retain_graph=mon.wants_graph(step))
+            scale = scaler.get_scale()
+            if unscale_first:  # a clipping loop: the gradients are unscaled before it looks
+                scaler.unscale_(optimizer)
+                divide = 1.0
+            else:
+                divide = scale
+            grads = [p.grad.double() / divide for p in model.parameters()]
+            seen["norm"].append(torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+            seen["scale"].append(scale)
+            check = mon.after_backward(step, recon=recon, kl=kl, mu=mu.float(),
+                                       logvar=logvar.float())
+            seen["check"].append(check)
+            scaler.step(optimizer)
+            scaler.update()
+            mon.after_step(step)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def fp16_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("amp") / "run"
+    return path, _fp16_run(path)
+
+
+def test_gradient_norms_are_of_the_unscaled_gradients_and_the_scale_is_recorded(fp16_run):
+    path, seen = fp16_run
+    rows = load_run(path).scalars
+    finite = np.isfinite(seen["norm"])
+    assert finite.sum() >= STEPS // 2
+    np.testing.assert_allclose(rows["grad_norm"].to_numpy()[finite],
+                               np.asarray(seen["norm"])[finite], rtol=1e-5)
+    assert rows["loss_scale"].tolist() == seen["scale"]
+    assert seen["scale"][0] == 65536.0  # the scaler's first scale, before it calibrates
+
+
+def test_the_scalers_skips_are_recorded_as_skips_not_as_faults(fp16_run):
+    path, seen = fp16_run
+    run = load_run(path)
+    skipped = [s for s, c in enumerate(seen["check"]) if c.scaler_skip]
+    lowered = [s for s in range(STEPS - 1) if seen["scale"][s + 1] < seen["scale"][s]]
+    assert skipped and skipped == lowered  # each skip halved the scale; nothing else did
+    assert all(not c.nonfinite for c in seen["check"])
+    assert np.flatnonzero(run.scalars["scaler_skipped"].to_numpy() == 1).tolist() == skipped
+    events = run.events
+    assert (events["kind"] == "nonfinite").sum() == 0
+    skips = events[events["kind"] == "scaler_skip"]
+    assert skips["step"].tolist() == skipped
+    assert all(str(origin).startswith("grad:") for origin in skips["origin"])
+
+
+def test_a_loop_that_unscales_first_is_not_divided_twice(tmp_path):
+    seen = _fp16_run(tmp_path / "run", unscale_first=True)
+    rows = load_run(tmp_path / "run").scalars
+    finite = np.isfinite(seen["norm"])
+    np.testing.assert_allclose(rows["grad_norm"].to_numpy()[finite],
+                               np.asarray(seen["norm"])[finite], rtol=1e-5)
+
+
+def test_read_a_step_later_the_same_values_are_recorded(fp16_run, tmp_path):
+    path, _ = fp16_run
+    later = _fp16_run(tmp_path / "later", read_before_step=False)
+    assert all(c.pending and not c.scaler_skip for c in later["check"])
+    a, b = load_run(path).scalars, load_run(tmp_path / "later").scalars
+    for column in ("grad_norm", "loss_scale", "scaler_skipped", "recon", "kl"):
+        np.testing.assert_array_equal(a[column].to_numpy(), b[column].to_numpy(),
+                                      err_msg=column)
+    assert math.isnan(b["grad_nonfinite"].iloc[0])
+
+
+def _scaled_run(tmp_path, name: str, mark_skips: bool):
+    """A calm synthetic run under a GradScaler: nine calibration skips at the start (the
+    scale halving from 65,536) and two isolated skips later, each with overflowed (Inf)
+    gradients; ``mark_skips``: recorded as the Monitor records them (``scaler_skipped``)."""
+    from vaediag.testing import LAYERS, standard_evals, standard_scalars, write_run
+
+    n = 3000
+    cols = standard_scalars(n)
+    skips = [*range(9), 1200, 2400]
+    scale = np.full(n, 65536.0 / 2 ** 9, np.float32)
+    scale[:9] = 65536.0 / 2 ** np.arange(9)
+    for at in skips:
+        cols["grad_norm"][at] = np.inf
+        cols["grad_nonfinite"][at] = 12.0
+        for layer in LAYERS:
+            cols[f"layer.grad_norm/{layer}"][at] = np.inf
+    cols["loss_scale"] = scale
+    if mark_skips:
+        cols["scaler_skipped"] = np.isin(np.arange(n), skips).astype(np.float32)
+    return vaediag.analyze(load_run(write_run(tmp_path / name, cols,
+                                              standard_evals(cols["step"][::100]))))
+
+
+def test_a_healthy_scaled_run_has_no_finding_above_info(tmp_path):
+    """The scaler's calibration and its isolated skips are the scaler at work: nothing above
+    info, and the analysis reads no gradient of a step the scaler skipped."""
+    from vaediag.analysis.data import RunData
+
+    calm = _scaled_run(tmp_path, "marked", mark_skips=True)
+    assert [f for f in calm.findings if f.severity != "info"] == []
+    data = RunData(load_run(tmp_path / "marked"))
+    assert np.isnan(data.series("grad_norm")[[0, 8, 1200, 2400]]).all()
+    assert np.isfinite(data.series("grad_norm")[[9, 1199, 1201]]).all()
+    assert np.isnan(data.matrix("layer", "grad_norm").to_numpy()[1200]).all()
+    assert not np.isnan(data.series("recon")[[0, 1200]]).any()  # only the gradients
+
+
+def test_without_the_scaler_the_calibration_is_a_false_high_and_with_it_none(fp16_run,
+                                                                           tmp_path):
+    """The loop the issue reported: the same float16 loop with the Monitor not told of the
+    scaler records the scaler's first skip as a non-finite fault (HIGH); told, nothing."""
+    path, _ = fp16_run
+    _fp16_run(tmp_path / "untold", tell_monitor=False)
+    untold = vaediag.analyze(load_run(tmp_path / "untold"))
+    assert [(f.kind, f.severity, f.first_step) for f in untold.findings
+            if f.severity != "info"] == [("nonfinite", "high", 0)]
+    told = vaediag.analyze(load_run(path))
+    assert [f for f in told.findings if f.severity != "info"] == []
