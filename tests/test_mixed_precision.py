@@ -15,7 +15,7 @@ import vaediag
 from vaediag.rundir import load_run
 
 sys.path.insert(0, "examples")
-from own_loop import TinyVAE  # noqa: E402
+from own_loop import TinyVAE
 
 RES = 16
 STEPS = 40
