@@ -57,11 +57,15 @@ def test_every_python_block_of_the_readme_runs(index, tiny_run, tmp_path, monkey
     code = blocks("python")[index]
     namespace = _namespace()
     exec(compile(code, f"README.md python block {index + 1}", "exec"), namespace)
-    if "vaediag.Monitor(" in code:  # the own loop: 2 epochs of 3 batches, one global step each
+    if 'Monitor("runs/mine"' in code:  # the own loop: 2 epochs of 3 batches, a step each
         run = vaediag.load_run(tmp_path / "runs" / "mine")
         assert run.status == "finished"
         assert run.scalars["step"].tolist() == list(range(6))
         assert run.config["optim"]["name"] == "Adam"
+    if 'Monitor("runs/amp"' in code:  # mixed precision: one epoch, the scale recorded
+        run = vaediag.load_run(tmp_path / "runs" / "amp")
+        assert run.status == "finished" and run.scalars["step"].tolist() == list(range(3))
+        assert run.scalars["loss_scale"].iloc[0] == 65536.0
 
 
 def _command_lines() -> list[list[str]]:

@@ -124,6 +124,10 @@ class TrainConfig:
         "the update, or 'continue'; every occurrence is recorded as an event. With 'continue' "
         "and no optim.grad_clip nothing waits for a step's values (read a step later: no "
         "device synchronisation per step on a GPU)")
+    precision: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "the forward pass's precision: 'fp32'; 'bf16' (torch.autocast to bfloat16, on "
+        "a CPU too); 'fp16' (autocast to float16 with a GradScaler, whose skips and scale are "
+        "recorded). The loss terms stay float32; a replay may change it")
     online: bool = opt(True, "run the detectors at each evaluation while training (in a child "
                        "process: training does not wait) and print each new warning or high "
                        "finding as it appears; each is recorded as a 'finding' event")

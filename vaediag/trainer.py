@@ -26,9 +26,10 @@ from vaediag.data.augment import augment, step_generator
 from vaediag.errors import RunDirError, TrainingStopped, UserError, first_line
 from vaediag.inject import Injector, parse_all
 from vaediag.losses import kl_per_dim, loss_terms, recon_per_sample
-from vaediag.model import ConvVAE
+from vaediag.model import ConvVAE, VAEOutput
 from vaediag.monitor import Monitor
 from vaediag.monitor.ranks import ProcessGroup
+from vaediag.precision import Precision
 from vaediag.rundir import CHECKPOINTS_DIR, step_file
 from vaediag.schedules import beta_at, lr_at
 from vaediag.session import RunSession, load_latest_checkpoint
@@ -225,6 +226,7 @@ def _train(config: Config, run_dir: str | Path, ranks: ProcessGroup, *, resume: 
     model = ConvVAE.from_config(config).to(device)
     optimizer = build_optimizer(model, config)
     sampler = torch.Generator(device=device).manual_seed(tc.seed + 1 + 1000 * ranks.rank)
+    precision = Precision(tc.precision, device)
 
     if checkpoint is not None:  # before anything in the run directory changes: it must fit
         _restore_weights(run_dir, checkpoint, model, optimizer, config, new_optimizer)
@@ -265,7 +267,8 @@ def _train(config: Config, run_dir: str | Path, ranks: ProcessGroup, *, resume: 
                           recon_mode=config.eval.recon_mode, seed=tc.seed,
                           steps_per_epoch=spe, eval_factors=data.val_factors,
                           online=tc.online, stop_on=tc.stop_on,
-                          read_before_step=_reads_before_step(config))
+                          read_before_step=_reads_before_step(config),
+                          scaler=precision.scaler)
         monitor.stops_itself = False  # the loop below stops every rank, with a checkpoint
         step = int(checkpoint["step"]) if checkpoint is not None else 0
         if checkpoint is not None:  # the random state last: the Monitor may draw from it
@@ -274,12 +277,13 @@ def _train(config: Config, run_dir: str | Path, ranks: ProcessGroup, *, resume: 
             torch.set_rng_state(checkpoint.get("torch_rng_ranks", [checkpoint["torch_rng"]])
                                 [ranks.rank])
             monitor.load_state_dict(checkpoint["monitor"])
+            precision.load_state_dict(checkpoint)
         if step >= total_steps:
             if session is not None:
                 session.close("finished", step, "nothing to do: already at the last step")
             return TrainResult(Path(run_dir), "finished", step, total_steps)
         loop = TrainingLoop(config, data, order, model, optimizer, sampler, monitor, session,
-                            device, ranks)
+                            device, ranks, precision)
         return loop.run(step, total_steps, checkpoint_every, progress, quiet, resume)
 
 
@@ -291,8 +295,10 @@ class TrainingLoop:
 
     def __init__(self, config: Config, data: Dataset, order: EpochOrder, model: ConvVAE,
                  optimizer, sampler: torch.Generator, monitor: Monitor,
-                 session: RunSession | None, device: torch.device, ranks: ProcessGroup):
+                 session: RunSession | None, device: torch.device, ranks: ProcessGroup,
+                 precision: Precision):
         self.config, self.tc, self.order = config, config.train, order
+        self.precision = precision
         self.model, self.optimizer, self.sampler = model, optimizer, sampler
         self.monitor, self.session, self.device, self.ranks = monitor, session, device, ranks
         self.images = torch.from_numpy(data.train)
@@ -330,11 +336,14 @@ class TrainingLoop:
     def train_step(self, step: int, x: torch.Tensor, beta: float) -> None:
         """Forward, backward, the Monitor, the non-finite policy and the update."""
         model, monitor, tc = self.model, self.monitor, self.tc
-        out = self.net(x, generator=self.sampler)
+        with self.precision.forward():
+            out = self.net(x, generator=self.sampler)
+        if self.precision.dtype is not None:  # the loss terms in float32
+            out = VAEOutput(*(t.float() for t in out))
         terms = loss_terms(out.logits, x, out.mu, out.logvar, out.z, self.config.loss, beta,
                            model.log_scale)
         self.optimizer.zero_grad(set_to_none=True)
-        terms.total.backward(retain_graph=monitor.wants_graph(step))
+        self.precision.backward(terms.total, monitor.wants_graph(step))
         self.injector.after_backward(step, model)
         extra = {DECODER_SCALE: model.log_scale.detach().exp()} \
             if self.config.loss.learn_decoder_scale and model.log_scale is not None else None
@@ -353,12 +362,12 @@ class TrainingLoop:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             clip = self.config.optim.grad_clip
-            if clip and check.grad_norm > clip:
+            if clip and check.grad_norm > clip and not check.scaler_skip:
                 scale = clip / (check.grad_norm + 1e-6)
                 for p in model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(scale)
-            self.optimizer.step()
+            self.precision.step(self.optimizer)
         self.injector.after_update(step + 1, model)
         monitor.after_step(step, skipped=skip)
 
@@ -373,7 +382,8 @@ class TrainingLoop:
             "sampler_rng": samplers[0], "torch_rng": torch_rngs[0],
             **({"sampler_rng_ranks": samplers, "torch_rng_ranks": torch_rngs}
                if self.ranks.world > 1 else {}),
-            "monitor": self.monitor.state_dict()}, keep=self.tc.keep_checkpoints)
+            "monitor": self.monitor.state_dict(), **self.precision.state_dict()},
+            keep=self.tc.keep_checkpoints)
 
     def stopping(self, step: int, signal_received: int | None) -> bool:
         """Whether to stop after ``step`` updates: a signal, or ``train.stop_on`` (raises,
