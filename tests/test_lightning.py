@@ -46,3 +46,23 @@ def test_the_callback_under_ddp_writes_one_run_from_rank_0(tmp_path):
     # two ranks, two batches: each rank's own values, though the module logs with sync_dist
     assert run.scalars["recon_rank_spread"].gt(0).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_the_callback_in_lightnings_mixed_precision(tmp_path):
+    """``precision="bf16-mixed"`` (no scaler) and float16's plugin with a GradScaler on the
+    CPU, which the callback finds by itself: its scale recorded, its calibration skip not a
+    fault."""
+    import torch
+    from lightning.pytorch.plugins import MixedPrecision
+
+    fit(str(tmp_path / "bf16"), steps=20, devices=1, precision="bf16-mixed")
+    bf16 = load_run(tmp_path / "bf16")
+    assert bf16.status == "finished" and "loss_scale" not in bf16.scalars.columns
+    assert bf16.scalars["recon"].notna().all()
+    fit(str(tmp_path / "fp16"), steps=20, devices=1,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    fp16 = load_run(tmp_path / "fp16")
+    assert fp16.status == "finished" and fp16.scalars["loss_scale"].iloc[0] == 65536.0
+    skipped = fp16.scalars["scaler_skipped"].to_numpy() == 1
+    assert skipped.sum() >= 1 and (fp16.events["kind"] == "nonfinite").sum() == 0
+    assert (fp16.events["kind"] == "scaler_skip").sum() == skipped.sum()

@@ -80,6 +80,8 @@ class VaediagCallback(pl.Callback):
                                     f"'model' attribute): pass {name}= to the callback")
                 args[name] = found
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        # float16 ("16-mixed"): the precision plugin's GradScaler (bfloat16 has none)
+        args.setdefault("scaler", getattr(trainer.precision_plugin, "scaler", None))
         args.setdefault("config", {"lightning": {"max_steps": trainer.max_steps,
                                                  "world_size": trainer.world_size}})
         self.monitor = Monitor(self.run_dir, pl_module, optimizer,
