@@ -2,7 +2,7 @@
 # The checks that need a GPU, in one run of a few minutes on a machine with CUDA, PyTorch and
 # vaediag's dependencies installed (vaediag itself is taken from this checkout):
 #   1. the CUDA tests (device synchronisations per step: one with the blocking read, none with
-#      read_before_step=False);
+#      read_before_step=False; the same with float16's GradScaler; Lightning's "16-mixed");
 #   2. benchmarks/overhead.py on the GPU at 32 and 64 px: step ratios, the Monitor's own CPU
 #      time per step and per probe, warm calls, synchronisations per step;
 #   3. the same at 32 px with read_before_step=False (what `vaediag train` does with
@@ -37,6 +37,8 @@ sys.exit(0 if torch.cuda.is_available() else 1)"
 [ "$status" -eq 0 ] || exit "$status"  # nothing below means anything without a GPU
 part cuda-tests "$python" -m pytest -q -rs -p no:cacheprovider tests/test_monitor.py \
   -k device_synchronisations
+part mixed-precision "$python" -m pytest -q -rs -p no:cacheprovider tests/test_mixed_precision.py \
+  tests/test_lightning.py -k "synchronisation or gpu"
 part overhead "$python" benchmarks/overhead.py --device cuda --resolutions 32 64 --steps 1200 \
   --evals 1
 part overhead-read-after-step "$python" benchmarks/overhead.py --device cuda --resolutions 32 \

@@ -57,13 +57,13 @@ class LitVAE(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def fit(out: str, steps: int = 40, **trainer_args) -> None:
+def fit(out: str, steps: int = 40, accelerator: str = "cpu", **trainer_args) -> None:
     pl.seed_everything(0, verbose=False)
     data = TensorDataset(torch.rand(256, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
     images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     callback = VaediagCallback(out, eval_images=images, eval_every=10, online=False,
                                total_key="loss")
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False,
+    trainer = pl.Trainer(max_steps=steps, accelerator=accelerator, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[callback], **trainer_args)
     trainer.fit(LitVAE(), DataLoader(data, batch_size=16, shuffle=True))

@@ -66,3 +66,12 @@ def test_the_callback_in_lightnings_mixed_precision(tmp_path):
     skipped = fp16.scalars["scaler_skipped"].to_numpy() == 1
     assert skipped.sum() >= 1 and (fp16.events["kind"] == "nonfinite").sum() == 0
     assert (fp16.events["kind"] == "scaler_skip").sum() == skipped.sum()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_the_callback_in_float16_on_a_gpu(tmp_path):
+    """``precision="16-mixed"`` on CUDA: Lightning's own GradScaler, found by the callback."""
+    fit(str(tmp_path / "run"), steps=20, accelerator="gpu", devices=1, precision="16-mixed")
+    run = load_run(tmp_path / "run")
+    assert run.status == "finished" and run.scalars["loss_scale"].iloc[0] == 65536.0
+    assert (run.events["kind"] == "nonfinite").sum() == 0

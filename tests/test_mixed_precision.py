@@ -210,3 +210,44 @@ def test_vaediag_train_in_half_precision_resumes_exactly(tmp_path, precision):
     assert "loss_scale" not in c.columns
     # the same model and data: half precision trains close to float32 at the first step
     assert a.scalars["recon"].iloc[0] == pytest.approx(c["recon"].iloc[0], rel=0.02)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("read_before_step", "per_step"), [(True, 1), (False, 0)])
+def test_the_scaler_adds_no_device_synchronisation_on_a_gpu(tmp_path, read_before_step,
+                                                            per_step):
+    """float16 on CUDA with a GradScaler: the Monitor's calls synchronise as often as without
+    one (the scale is read with the step's values; ``get_scale()`` would synchronise)."""
+    import warnings
+
+    model = TinyVAE(RES).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda")
+    mon = vaediag.Monitor(tmp_path / "run", model, optimizer, eval_images=_images(8, 1),
+                          eval_every=10_000, probes="off", online=False, scaler=scaler,
+                          read_before_step=read_before_step)
+    data = torch.rand(64, 3, RES, RES, device="cuda")
+    syncs = []
+    for step in range(10):
+        x = data[step:step + 16]
+        with torch.autocast("cuda", dtype=torch.float16):
+            mu, logvar = model.encode(x)
+            logits = model.decode_logits(mu)
+        recon = F.binary_cross_entropy_with_logits(logits.float(), x)
+        kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum(1).mean()
+        optimizer.zero_grad()
+        scaler.scale(recon + kl).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            mon.after_backward(step, recon=recon, kl=kl, beta=1.0, mu=mu, logvar=logvar)
+            torch.cuda.set_sync_debug_mode("default")
+            scaler.step(optimizer)
+            scaler.update()
+            torch.cuda.set_sync_debug_mode("warn")
+            mon.after_step(step)
+            torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+    mon.close()
+    assert all(n == per_step for n in syncs[2:]), syncs
+    assert "loss_scale" in load_run(tmp_path / "run").scalars.columns
