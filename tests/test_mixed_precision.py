@@ -251,3 +251,90 @@ def test_the_scaler_adds_no_device_synchronisation_on_a_gpu(tmp_path, read_befor
     mon.close()
     assert all(n == per_step for n in syncs[2:]), syncs
     assert "loss_scale" in load_run(tmp_path / "run").scalars.columns
+
+
+def test_a_loss_scale_that_keeps_collapsing_is_high_and_names_the_gradient(tmp_path):
+    """Past its calibration, the scaler skipping step after step (a value overflowing float16
+    at every step): one high finding from the first of those skips, naming the gradient the
+    Monitor saw overflow first; the calibration and an isolated skip before it are not in it."""
+    from vaediag.testing import standard_evals, standard_scalars, write_run
+
+    n = 3000
+    cols = standard_scalars(n)
+    skips = np.zeros(n, np.float32)
+    skips[:6] = 1  # calibration
+    skips[900] = 1  # the scaler trying a larger scale
+    skips[2000:2120] = 1  # every step: the scale falls and falls
+    scale = 65536.0 / 2 ** np.cumsum(skips)
+    cols["loss_scale"], cols["scaler_skipped"] = scale.astype(np.float32), skips
+    cols["grad_norm"][skips == 1] = np.inf
+    events = [{"kind": "scaler_skip", "step": int(s), "loss_scale": float(scale[s]),
+               "origin": "grad:decoder.out.weight" if s >= 2000 else "grad:encoder.fc.weight"}
+              for s in np.flatnonzero(skips)]
+    run = load_run(write_run(tmp_path / "run", cols, standard_evals(cols["step"][::100]),
+                             events=events))
+    analysis = vaediag.analyze(run)
+    (f,) = [f for f in analysis.findings if f.kind == "loss_scale_collapse"]
+    assert f.severity == "high" and (f.first_step, f.last_step) == (2000, 2119)
+    assert f.evidence["skipped"] == 120 and f.evidence["origin"] == "grad:decoder.out.weight"
+    assert "decoder.out.weight overflowed first" in f.summary
+    assert any("bfloat16" in r for r in f.remedies)
+    # the healthy twin: calibration and the isolated skip only
+    skips[2000:2120] = 0
+    cols["scaler_skipped"] = skips
+    cols["grad_norm"] = standard_scalars(n)["grad_norm"]
+    twin = vaediag.analyze(load_run(write_run(tmp_path / "twin", cols,
+                                              standard_evals(cols["step"][::100]))))
+    assert [f for f in twin.findings if f.severity != "info"] == []
+
+
+def _overflow_run(path, kl_in_float32: bool) -> vaediag.Analysis:
+    """A float16 loop whose encoder's log-variance sits near 12 (its bias planted at step 30),
+    with the KL computed under autocast (exp(logvar) overflows float16) or in float32."""
+    torch.manual_seed(0)
+    model = TinyVAE(RES)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu")
+    data = _images(64, 2)
+    with vaediag.Monitor(path, model, optimizer, eval_images=_images(8, 1), eval_every=20,
+                         probes="cheap", online=False, scaler=scaler) as mon:
+        for step in range(60):
+            if step == 30:
+                with torch.no_grad():
+                    model.to_stats.bias[8:] = 12.0
+            x = data[(step * 16) % 64:(step * 16) % 64 + 16]
+            with torch.autocast("cpu", dtype=torch.float16):
+                mu, logvar = model.encode(x)
+                logits = model.decode_logits(mu)
+                if not kl_in_float32:
+                    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+            if kl_in_float32:
+                kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1
+                            - logvar.float()).sum(1).mean()
+            recon = F.binary_cross_entropy_with_logits(logits.float(), x,
+                                                       reduction="none").sum((1, 2, 3)).mean()
+            optimizer.zero_grad()
+            scaler.scale(recon + kl.float()).backward()
+            check = mon.after_backward(step, recon=recon, kl=kl.float(), mu=mu.float(),
+                                       logvar=logvar.float())
+            if check.nonfinite:  # the loop's policy: skip the step, keep the scaler's state
+                optimizer.zero_grad()
+                mon.after_step(step, skipped=True)
+                continue
+            scaler.step(optimizer)
+            scaler.update()
+            mon.after_step(step)
+    return vaediag.analyze(load_run(path))
+
+
+def test_a_forward_overflow_in_float16_names_exp_logvar_and_its_float32_twin_is_calm(tmp_path):
+    """The KL under autocast: exp(logvar) passes 65,504 once logvar exceeds 11, the KL is Inf
+    from the planted step on; the finding says so and says what to keep in float32. The same
+    loop with the KL in float32 has no non-finite value."""
+    overflow = _overflow_run(tmp_path / "half", kl_in_float32=False)
+    (f,) = [f for f in overflow.findings if f.kind == "nonfinite"]
+    assert f.first_step == 30 and f.severity == "high"
+    assert "exp(logvar) passes 65,504" in f.cause and "overflowed float16" in f.cause
+    assert any("float32" in r for r in f.remedies) and any("bfloat16" in r for r in f.remedies)
+    twin = _overflow_run(tmp_path / "float32", kl_in_float32=True)
+    assert not [f for f in twin.findings if f.kind == "nonfinite"]

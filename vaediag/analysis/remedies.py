@@ -69,6 +69,7 @@ RULES: dict[str, tuple[Callable[[Any, str], bool], Callable[[Any], str | None] |
     "optim.weight_decay": (_at_least, None),
     "optim.name": (_equal, None),
     "train.augment": (_equal, None),
+    "train.precision": (_equal, None),
     "model.activation": (_equal, None),
     "model.norm": (_equal, None),
 }

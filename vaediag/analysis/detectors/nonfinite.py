@@ -28,7 +28,7 @@ from vaediag.analysis.data import RunData, Skip
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 from vaediag.analysis.stats import MAD_TO_SIGMA
-from vaediag.columns import BETA, EPS, KL, LOSS_TERMS, LR, RECON
+from vaediag.columns import BETA, EPS, KL, LOGVAR_MAX, LOSS_SCALE, LOSS_TERMS, LR, RECON
 
 NAME = "nonfinite"
 #: its place among the detectors: they run, and are listed, in this order
@@ -43,6 +43,10 @@ LOOKBACK = 20
 #: non-finite steps further apart than this are separate episodes (the incidents' window: a
 #: cause inside training shows within it, so a later failure past it has a cause of its own)
 EPISODE_GAP = 50
+
+#: float16 (a loss scaler recorded): a log-variance above ln(65,504), float16's largest value,
+#: makes exp(logvar) overflow in a forward pass under autocast
+FP16_LOGVAR = 11.09
 
 #: remedies by where it started: (text, config key of ``vaediag train``, value)
 _REMEDIES: dict[str, list[tuple[str, str | None, object]]] = {
@@ -189,6 +193,34 @@ def _cause(origin: _Origin, first: int, before: list[dict],
             "a sudden event (a bad batch, one huge step, a corrupted weight)")
 
 
+def _half_precision(data: RunData, origin: _Origin, first: int
+                    ) -> tuple[str, list[tuple[str, str | None, object]]] | None:
+    """A loss term that went non-finite in a float16 run (a loss scaler recorded) from finite
+    weights: a forward overflow. The cause, with exp(logvar) named when the log-variance had
+    passed ``FP16_LOGVAR``, and what to keep in float32; None for another run."""
+    if not data.has(LOSS_SCALE) or not origin.loss_terms or origin.weight:
+        return None
+    at = int(np.searchsorted(data.steps, first))
+    logvar = data.series(LOGVAR_MAX)[max(0, at - LOOKBACK):at + 1] if data.has(LOGVAR_MAX) \
+        else np.zeros(0)
+    high = float(np.nanmax(logvar)) if np.isfinite(logvar).any() else math.nan
+    bf16 = ("train in bfloat16, whose range is float32's", "train.precision", "bf16")
+    if high >= FP16_LOGVAR:
+        return (f"{', '.join(origin.loss_terms)} overflowed float16 in the forward pass of "
+                f"step {first:,}: the log-variance reached {high:.3g}, and exp(logvar) passes "
+                f"65,504, float16's largest value, once it exceeds {FP16_LOGVAR:g}"), [
+            ("compute exp(logvar) and the KL in float32: mu.float(), logvar.float() before "
+             "them, or outside autocast", None, None),
+            ("clamp the encoder's log-variance below 11", "loss.logvar_clamp", "[-30.0,11.0]"),
+            bf16]
+    return (f"{', '.join(origin.loss_terms)} overflowed float16 in the forward pass of step "
+            f"{first:,}: a value computed in half precision under autocast passed 65,504 (a "
+            f"loss summed over pixels, a decoder logit); the gradients are non-finite because "
+            f"the loss is"), [
+        ("keep the loss terms in float32: cast the decoder's output, mu and logvar with "
+         ".float() before the loss", None, None), bf16]
+
+
 def episodes(steps: list[int], gap: int = EPISODE_GAP) -> list[list[int]]:
     """Sorted non-finite steps split where more than ``gap`` steps lie between two."""
     out: list[list[int]] = []
@@ -220,6 +252,9 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                     for text, k_, v in origin.remedies(before)]
         if change is not None and not origin.weight:
             remedies = [undo_remedy(data, change), *remedies]
+        half = _half_precision(data, origin, first) if change is None else None
+        if half is not None:
+            remedies = [text + (knob(data, k_, v) if k_ else "") for text, k_, v in half[1]]
         which = ""
         if len(parts) > 1:
             earlier = f"; an earlier one at step {parts[k - 1][0]:,}" if k else ""
@@ -235,7 +270,8 @@ def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
                                               & (skipped_steps <= last)).sum()),
                       "extreme_before": before,
                       **({"setting_change": change.describe()} if change else {})},
-            cause=_cause(origin, first, before, change if not origin.weight else None),
+            cause=half[0] if half is not None else
+            _cause(origin, first, before, change if not origin.weight else None),
             detector=NAME, remedies=remedies))
         signals.append(Signal(first, "nonfinite", origin.layer or ",".join(origin.loss_terms),
                               math.nan, math.nan, f"NaN/Inf in {', '.join(origin.terms)}"))
