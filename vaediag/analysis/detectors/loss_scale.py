@@ -19,7 +19,7 @@ from collections import Counter
 import numpy as np
 
 from vaediag.analysis.causes import knob
-from vaediag.analysis.data import RunData, Skip
+from vaediag.analysis.data import RunData
 from vaediag.analysis.findings import Finding, Signal
 from vaediag.analysis.kinds import Kind
 from vaediag.columns import LOSS_SCALE, SCALER_SKIPPED
@@ -65,16 +65,14 @@ def _origin(data: RunData, first: int, last: int) -> str:
 
 
 def detect(data: RunData) -> tuple[list[Finding], list[Signal]]:
-    if not data.has(SCALER_SKIPPED):
-        raise Skip("no loss scaler recorded (float32, bfloat16, or no scaler= given)")
+    if not data.has(SCALER_SKIPPED):  # float32, bfloat16, or no scaler: no scale to collapse
+        return [], []
     skipped = data.series(SCALER_SKIPPED) == 1
-    kept = np.flatnonzero(~skipped)
-    if not len(kept):
-        raise Skip("the scaler skipped every step")
+    kept = np.flatnonzero(~skipped)  # the calibration ends at the first step kept
     steps = data.steps
     scale = data.series(LOSS_SCALE) if data.has(LOSS_SCALE) else np.full(len(steps), np.nan)
     findings, signals = [], []
-    for a, b in _episodes(skipped, int(kept[0])):
+    for a, b in _episodes(skipped, int(kept[0]) if len(kept) else 0):
         first, last = int(steps[a]), int(steps[b])
         n = int(skipped[a:b + 1].sum())
         origin = _origin(data, first, last)
