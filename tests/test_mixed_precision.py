@@ -338,3 +338,45 @@ def test_a_forward_overflow_in_float16_names_exp_logvar_and_its_float32_twin_is_
     assert any("float32" in r for r in f.remedies) and any("bfloat16" in r for r in f.remedies)
     twin = _overflow_run(tmp_path / "float32", kl_in_float32=True)
     assert not [f for f in twin.findings if f.kind == "nonfinite"]
+
+
+def _bf16_weights_run(path, half_weights: bool) -> vaediag.Analysis:
+    """A loop whose model (weights and all) is moved to bfloat16 with ``.to()``, Adam at lr
+    1e-4; or the same model in float32. The Monitor's encode and decode take float32 images."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if half_weights else torch.float32
+    model = TinyVAE(RES).to(dtype)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    data = _images(64, 2)
+    with vaediag.Monitor(path, model, optimizer, eval_images=_images(8, 1), eval_every=40,
+                         probes="standard", online=False,
+                         encode=lambda x: tuple(t.float() for t in model.encode(x.to(dtype))),
+                         decode=lambda z: model.decode(z.to(dtype)).float()) as mon:
+        for step in range(80):
+            x = data[(step * 16) % 64:(step * 16) % 64 + 16]
+            mu, logvar = (t.float() for t in model.encode(x.to(dtype)))
+            logits = model.decode_logits(mu.to(dtype)).float()
+            recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(
+                (1, 2, 3)).mean()
+            kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+            optimizer.zero_grad()
+            (recon + kl).backward()
+            mon.after_backward(step, recon=recon, kl=kl, mu=mu, logvar=logvar)
+            optimizer.step()
+            mon.after_step(step)
+    return vaediag.analyze(load_run(path))
+
+
+def test_updates_lost_to_bfloat16_weights_are_a_finding_and_float32_weights_lose_none(tmp_path):
+    """Weights kept in bfloat16: most of Adam's small steps round away, which the update probe
+    measures (entries left unchanged) and the analysis names, with float32 weights under
+    autocast as the remedy. The same model in float32 records no such column."""
+    half = _bf16_weights_run(tmp_path / "bf16", half_weights=True)
+    (f,) = [f for f in half.findings if f.kind == "lost_updates"]
+    assert f.severity == "warning" and f.evidence["lost_share"] >= 0.5
+    assert "autocast" in f.remedies[0]
+    lost = load_run(tmp_path / "bf16").scalars["update_lost"].dropna()
+    assert len(lost) >= 10 and ((lost >= 0) & (lost <= 1)).all()
+    full = _bf16_weights_run(tmp_path / "fp32", half_weights=False)
+    assert not [f for f in full.findings if f.kind == "lost_updates"]
+    assert "update_lost" not in load_run(tmp_path / "fp32").scalars.columns

@@ -78,6 +78,9 @@ ADAM_EPS_FRAC = "adam_eps_frac"
 ADAM_EFF_LR = "adam_eff_lr"
 #: the update probe: |dW| / |W| (whole model; per layer)
 UPDATE_RATIO = "update_ratio"
+#: the update probe, for weights kept in half precision: the share of entries the optimizer
+#: step left unchanged (updates smaller than half the weight's resolution round away)
+UPDATE_LOST = "update_lost"
 #: the drift probe: how far the decodes of the fixed z and of the zero vector moved
 DRIFT_FIXED_RMSE = "drift_fixed_rmse"
 DRIFT_ZERO_RMSE = "drift_zero_rmse"

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vaediag.columns import UPDATE_RATIO
+from vaediag.columns import UPDATE_LOST, UPDATE_RATIO
 from vaediag.probes.adam import MAX_ENTRIES
 from vaediag.probes.base import Probe, per_index, safe_div
 from vaediag.probes.context import StepContext
@@ -43,6 +43,18 @@ class _Plan:
         """The names of the probe's vector: each layer's ratio, then the whole model's."""
         (names,) = per_index("layer", UPDATE_RATIO, torch.zeros(len(self.names)), self.names)
         return (*names, UPDATE_RATIO)
+
+    @functools.cached_property
+    def lost_columns(self) -> tuple[str, ...]:
+        """Weights in half precision: each layer's share of unchanged entries, then the
+        whole model's."""
+        (names,) = per_index("layer", UPDATE_LOST, torch.zeros(len(self.names)), self.names)
+        return (*names, UPDATE_LOST)
+
+    @property
+    def half(self) -> bool:
+        """Whether the weights are kept in half precision (their updates can round away)."""
+        return self.flat.dtype in (torch.bfloat16, torch.float16)
 
     def gather(self, params: list[torch.Tensor], out: torch.Tensor) -> None:
         """The sampled entries of ``params`` into ``out``."""
@@ -93,10 +105,22 @@ class UpdateRatio(Probe[StepContext]):
         plan = self._prepare(ctx)
         before, after = plan.flat[0], plan.flat[1]
         plan.gather([local(p) for _, p in ctx.params], after)
-        after.sub_(before).square_()  # the update, squared
+        after.sub_(before)
+        lost = (after == 0) if plan.half else None  # measured in the weights' own dtype
+        after.square_()  # the update, squared
         before.square_()
         sums = ctx.reduce(plan.sample.layer_sums(plan.flat))  # (2, L): |W|^2, |dW|^2
         # each layer in the model's order, then all of them: one ratio vector (L + 1)
         both = torch.cat([sums[:, plan.order], sums.sum(1, keepdim=True)], 1).sqrt_()
         out: dict[Any, Any] = {plan.columns: safe_div(both[1], both[0])}
+        if lost is not None:
+            out[plan.lost_columns] = _shares(plan, lost, ctx)
         return out
+
+
+def _shares(plan: _Plan, flags: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """Each layer's (then the whole model's) share of entries flagged, in float32."""
+    rows = torch.stack([flags.float(), torch.ones_like(flags, dtype=torch.float32)])
+    counts = ctx.reduce(plan.sample.layer_sums(rows))  # (2, L): flagged, all
+    counts = torch.cat([counts[:, plan.order], counts.sum(1, keepdim=True)], 1)
+    return safe_div(counts[0], counts[1])
