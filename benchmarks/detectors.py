@@ -14,7 +14,8 @@ Model styles (32x32 toyfaces, 1,200 steps, an evaluation every 50 steps):
 
 Healthy runs: every style with seeds 0-4, seed k at learning rate ``LRS[k]`` (the TensorFlow
 model at ``TFCVAE_LRS[k]``: at 5e-3 it never learns to encode, a natural failure scored as
-such). Fault runs plant
+such); and vaediag's seeds 0 and 2 again in mixed precision (``train.precision`` bf16 and fp16:
+autocast, and float16's GradScaler, whose calibration skips must not be findings). Fault runs plant
 one fault at step 700 in every style. Seeds 0 and 1 are the *tuning* seeds: thresholds were set
 looking at those runs only; seeds 2-4 are held out, and the scores are printed for both.
 
@@ -244,6 +245,11 @@ def scenarios(offset: int = 0) -> list[Scenario]:
                             [*VAEDIAG_VARIANTS[k]]))
         out.append(Scenario(f"stable-foreign-s{seed}", "foreign", seed, lr))
         out.append(Scenario(f"stable-tfcvae-s{seed}", "tfcvae", seed, TFCVAE_LRS[k]))
+    for precision in ("bf16", "fp16"):  # mixed precision: healthy twins of seeds 0 and 2
+        for k in (0, 2):
+            out.append(Scenario(f"stable-vaediag-{precision}-s{k + offset}", "vaediag",
+                                k + offset, LRS[k], [*VAEDIAG_VARIANTS[k],
+                                                     f"train.precision={precision}"]))
     for style in PUBLISHED:
         out.append(Scenario(f"published-{style}-s{offset}", style, offset, published=True))
     k = 0
