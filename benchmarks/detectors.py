@@ -38,7 +38,8 @@ blamed on memorisation.
 
     python benchmarks/detectors.py [--out DIR] [--reuse] [--only NAME ...] [--jobs 2]
 
-Takes about 25 minutes on 2 CPU cores (training; ``--reuse`` analyses kept runs in 2 minutes).
+Takes about 40 minutes on 2 CPU cores (training; float16 convolutions are slow on a CPU: its two
+runs take 15 of them; ``--reuse`` analyses kept runs in 2 minutes).
 """
 
 from __future__ import annotations
