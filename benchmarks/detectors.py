@@ -14,10 +14,13 @@ Model styles (32x32 toyfaces, 1,200 steps, an evaluation every 50 steps):
 
 Healthy runs: every style with seeds 0-4, seed k at learning rate ``LRS[k]`` (the TensorFlow
 model at ``TFCVAE_LRS[k]``: at 5e-3 it never learns to encode, a natural failure scored as
-such); and vaediag's seeds 0 and 2 again in mixed precision (``train.precision`` bf16 and fp16:
-autocast, and float16's GradScaler, whose calibration skips must not be findings). Fault runs plant
-one fault at step 700 in every style. Seeds 0 and 1 are the *tuning* seeds: thresholds were set
-looking at those runs only; seeds 2-4 are held out, and the scores are printed for both.
+such); and again in mixed precision (``MIXED``: every style's seeds 0 and 2 in bfloat16,
+vaediag's 0 and 2 and the own loops' 2 in float16 with a GradScaler, whose calibration skips
+must not be findings). Fault runs plant one fault at step 700 in every style, and half
+precision's own in the styles where it can happen: a log-variance lifted past what float16
+holds (``logvar_jump``) and the weights moved to bfloat16 (``half_weights``). Seeds 0 and 1
+are the *tuning* seeds: thresholds were set looking at those runs only; seeds 2-4 are held
+out, and the scores are printed for both.
 
 A fault counts as *found* when a detector meant to catch it raises a warning or high finding
 visible within ``WINDOW`` steps of the onset (sudden faults; the window opens one step early: a
@@ -107,6 +110,10 @@ class Fault:
     #: a planted change that may do no harm: right is no warning when none was measured (the
     #: loss and the pictures no worse after it), a warning naming the cause when some was
     may_be_harmless: bool = False
+    #: the run's precision (``train.precision``; own loops' ``--precision``)
+    precision: str = "fp32"
+    #: a learning rate of its own (None: the style's ``FAULT_LR``)
+    lr: float | None = None
 
 
 FAULTS = [
@@ -127,7 +134,23 @@ FAULTS = [
           r"colour|sat_ratio|skin|hair|_de\b", styles=("vaediag",)),
     Fault("fade", f"fade@{ONSET}:amount=0.8,steps=400", ("decoupling",),
           r"colour|sat_ratio|skin|hair|_de\b", gradual=True),
+    # half precision's own, in float16: the log-variance lifted by a weight edit; exp(logvar)
+    # overflows in the KL of the loop that computes it under autocast (vaediag's trainer and
+    # the TensorFlow model's MC KL never compute it), and the sample exp(logvar/2) past 22.2
+    Fault("logvar_jump", f"logvar_jump@{ONSET}:shift=12", ("nonfinite", "loss_scale"),
+          r"exp\(logvar\) passes", styles=("foreign",), precision="fp16"),
+    Fault("logvar_jump_z", f"logvar_jump@{ONSET}:shift=24", ("nonfinite", "loss_scale"),
+          r"exp\(logvar/2\)", settings=("train.on_nonfinite=stop",),
+          styles=("vaediag", "tfcvae"), precision="fp16"),
+    # updates lost to weights kept in bfloat16 (vaediag's trainer keeps float32 weights)
+    Fault("half_weights", f"half_weights@{ONSET}", ("lost_updates",), r"half precision",
+          styles=("foreign", "tfcvae"), precision="bf16", lr=1e-4),
 ]
+#: healthy mixed-precision twins: (precision, seeds) per style; float16 on a CPU is 20-40x
+#: slower than float32, so the loops of their own get one float16 seed (a held-out one)
+MIXED = {"vaediag": (("bf16", (0, 2)), ("fp16", (0, 2))),
+         "foreign": (("bf16", (0, 2)), ("fp16", (2,))),
+         "tfcvae": (("bf16", (0, 2)), ("fp16", (2,)))}
 
 
 @dataclass
@@ -149,6 +172,8 @@ class Scenario:
     #: a healthy run at the style's own published settings (``PUBLISHED``), not the shared
     #: 32 px setup
     published: bool = False
+    #: fp32, or mixed precision: bf16 (autocast) or fp16 (autocast and a GradScaler)
+    precision: str = "fp32"
 
     @property
     def stable(self) -> bool:
@@ -246,11 +271,14 @@ def scenarios(offset: int = 0) -> list[Scenario]:
                             [*VAEDIAG_VARIANTS[k]]))
         out.append(Scenario(f"stable-foreign-s{seed}", "foreign", seed, lr))
         out.append(Scenario(f"stable-tfcvae-s{seed}", "tfcvae", seed, TFCVAE_LRS[k]))
-    for precision in ("bf16", "fp16"):  # mixed precision: healthy twins of seeds 0 and 2
-        for k in (0, 2):
-            out.append(Scenario(f"stable-vaediag-{precision}-s{k + offset}", "vaediag",
-                                k + offset, LRS[k], [*VAEDIAG_VARIANTS[k],
-                                                     f"train.precision={precision}"]))
+    for style, mixed in MIXED.items():  # mixed precision: healthy twins
+        for precision, seeds in mixed:
+            for k in seeds:
+                lr = TFCVAE_LRS[k] if style == "tfcvae" else LRS[k]
+                out.append(Scenario(f"stable-{style}-{precision}-s{k + offset}", style,
+                                    k + offset, lr,
+                                    [*VAEDIAG_VARIANTS[k]] if style == "vaediag" else [],
+                                    precision=precision))
     for style in PUBLISHED:
         out.append(Scenario(f"published-{style}-s{offset}", style, offset, published=True))
     k = 0
@@ -258,9 +286,10 @@ def scenarios(offset: int = 0) -> list[Scenario]:
         for style in fault.styles:
             seed = 10 + k % 5 + offset  # fault runs: seeds 10-14 (see held_out)
             k += 1
-            out.append(Scenario(f"{fault.kind}-{style}", style, seed, FAULT_LR[style],
+            out.append(Scenario(f"{fault.kind}-{style}", style, seed,
+                                fault.lr or FAULT_LR[style],
                                 list(fault.settings) if style == "vaediag" else [], fault,
-                                expected=fault.expected))
+                                expected=fault.expected, precision=fault.precision))
     out.append(Scenario("collapse-tfcvae-lr5e-3", "tfcvae", 4 + offset, 5e-3, label=encodes_nothing,
                         expected=("latents",), pattern=r"unused|collapse"))
     out.append(Scenario("seed-decoupling", "preset", offset, preset="seed-decoupling",
@@ -302,6 +331,8 @@ def train(s: Scenario, run_dir: Path) -> None:
                     if s.published else
                     [*BASE, f"train.seed={s.seed}", f"data.seed={s.seed}", f"optim.lr={s.lr}"]
                     ) + s.settings
+        if s.precision != "fp32":
+            settings.append(f"train.precision={s.precision}")
         for setting in settings:
             command += ["--set", setting]
         if s.spec:
@@ -312,6 +343,8 @@ def train(s: Scenario, run_dir: Path) -> None:
         command += ["--published", *PUBLISHED[s.style]] if s.published else ["--lr", str(s.lr)]
         if s.spec:
             command += ["--fault", s.spec]
+        if s.precision != "fp32":
+            command += ["--precision", s.precision]
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode not in (0, 3):  # 3: stopped by the non-finite policy, still a run
         sys.exit(f"{s.name}: training failed ({proc.returncode}):\n{proc.stderr[-2000:]}")

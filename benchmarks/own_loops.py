@@ -10,6 +10,14 @@ as a bug or a bad setting would be, and recorded as ``inject`` events (the groun
   layer to (mu, logvar), a transposed-conv decoder to logits, the summed BCE and the
   single-sample Monte Carlo KL (log q(z|x) - log p(z)), Adam at 1e-4 by default.
 
+``--precision bf16|fp16`` trains as PyTorch's mixed-precision recipe does: the forward pass and
+the loss under ``torch.autocast`` (on a CPU, autocast computes exp, pow and sum in the half
+type; on CUDA in float32), and for float16 a ``torch.amp.GradScaler`` given to the Monitor.
+Two faults are half precision's own: ``logvar_jump`` (a weight edit that lifts the encoder's
+log-variance by ``shift``, so exp(logvar) passes float16's 65,504) and ``half_weights`` (the
+weights and the optimizer's state moved to bfloat16, as loading a checkpoint into a model
+``.to(torch.bfloat16)`` does).
+
     python benchmarks/own_loops.py foreign --out runs/foreign --lr 1e-3 --fault lr_spike@700
 """
 
@@ -40,7 +48,11 @@ FAULTS = {
     "adam_eps": {"eps": 1.0, "steps": 600},
     "desaturate": {"amount": 0.6, "steps": 1},
     "fade": {"amount": 0.8, "steps": 400},
+    "logvar_jump": {"shift": 12.0},
+    "half_weights": {},
 }
+#: ``--precision``: the autocast dtype (None: float32, no autocast)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _block(c_in: int, c_out: int, up: bool) -> nn.Sequential:
@@ -71,6 +83,10 @@ class ForeignVAE(nn.Module):
         self.final_layer = nn.Sequential(_block(back[-1], back[-1], True),
                                          nn.Conv2d(back[-1], 3, 3, padding=1), nn.Tanh())
         self.rgb = self.final_layer[1]  # the layer that makes the colours
+
+    def logvar_bias(self) -> torch.Tensor:
+        """The bias of the encoder's log-variance head."""
+        return self.fc_var.bias
 
     def encode(self, x):
         h = self.encoder(x).flatten(1)
@@ -104,6 +120,10 @@ class TFCVAE(nn.Module):
             nn.ConvTranspose2d(64, 32, 3, 2, 1, output_padding=1), nn.ReLU(),
             nn.ConvTranspose2d(32, 3, 3, 1, 1))
         self.rgb = self.deconv[4]
+
+    def logvar_bias(self) -> torch.Tensor:
+        """The bias of the encoder's log-variance half (its dense layer's second half)."""
+        return self.encoder[-1].bias[self.encoder[-1].out_features // 2:]
 
     def encode(self, x):
         return self.encoder(x).chunk(2, dim=1)
@@ -158,7 +178,8 @@ def parse_fault(spec: str | None) -> tuple[str, int, dict] | None:
 
 def train(style: str, out: Path, *, seed: int = 0, lr: float = 1e-3, steps: int = 1200,
           eval_every: int = 50, resolution: int = 32, batch: int = 32, fault: str | None = None,
-          layer: str | None = None, model_args: dict | None = None) -> Path:
+          layer: str | None = None, model_args: dict | None = None,
+          precision: str = "fp32") -> Path:
     """Train one run with the Monitor attached; plant ``fault`` (``KIND@STEP[:k=v]``)."""
     torch.manual_seed(seed)
     cls, beta0 = STYLES[style]
@@ -173,17 +194,35 @@ def train(style: str, out: Path, *, seed: int = 0, lr: float = 1e-3, steps: int 
     planted = parse_fault(fault)
     kind, at, params = planted if planted else ("", -1, {})
     layer = layer or ("decoder_input" if style == "foreign" else "dense")
+    half = PRECISIONS[precision]
+    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
+
+    def autocast():
+        return torch.autocast("cpu", dtype=half or torch.bfloat16, enabled=half is not None)
+
+    def weights() -> torch.dtype:  # float32, or bfloat16 once ``half_weights`` moved them
+        return next(model.parameters()).dtype
+
+    # the Monitor's evaluation hands float32 tensors: cast to the weights' dtype and back
+    def encode(x):
+        return tuple(t.float() for t in model.encode(x.to(weights())))
+
+    def decode(z):
+        return model.decode(z.to(weights())).float()
 
     def eval_loss(x, z, mu, logvar):
-        return model.losses(x, z, mu, logvar, per_image=True)
+        rec, kl = model.losses(*(t.to(weights()) for t in (x, z, mu, logvar)), per_image=True)
+        return rec.float(), kl.float()
 
     mon = vaediag.Monitor(out, model, optimizer, eval_images=val[:8], metric_images=val,
                           eval_loss=eval_loss, eval_every=eval_every, value_range=(lo, hi),
-                          seed=seed, overwrite=True,
+                          seed=seed, overwrite=True, encode=encode, decode=decode,
                           eval_factors=val_factors.table(), train_images=images[:8],
                           train_factors=train_factors.subset(slice(0, 8)).table(),
+                          scaler=scaler,
                           config={"loop": {"style": style, "seed": seed, "lr": lr,
-                                           "beta": beta0, "fault": fault or ""}})
+                                           "beta": beta0, "fault": fault or "",
+                                           "precision": precision}})
     g = torch.Generator().manual_seed(seed + 1)
     bad_in_a_row = 0
     for step in range(steps):
@@ -206,19 +245,20 @@ def train(style: str, out: Path, *, seed: int = 0, lr: float = 1e-3, steps: int 
             group["lr"] = lr_now
             group["eps"] = params["eps"] if active and kind == "adam_eps" else eps
 
-        mu, logvar = model.encode(x)
-        z = mu + torch.randn(mu.shape, generator=g) * torch.exp(0.5 * logvar)
-        recon, kl = model.losses(x, z, mu, logvar)
-        loss = recon + beta * kl
+        with autocast():  # PyTorch's recipe: the forward pass and the loss under autocast
+            mu, logvar = model.encode(x)
+            z = mu + torch.randn(mu.shape, generator=g) * torch.exp(0.5 * logvar)
+            recon, kl = model.losses(x, z, mu, logvar)
+            loss = recon + beta * kl
         optimizer.zero_grad()
-        loss.backward(retain_graph=mon.wants_graph(step))
+        (scaler.scale(loss) if scaler else loss).backward(retain_graph=mon.wants_graph(step))
         if active and kind == "grad_scale":
             for p in model.parameters():
                 p.grad.mul_(params["factor"])
         if planted and kind == "nan_grad" and step == at:
             getattr(model, layer).weight.grad.view(-1)[0] = float("nan")
-        check = mon.after_backward(step, recon=recon, kl=kl, total=loss, beta=beta, mu=mu,
-                                   logvar=logvar)
+        check = mon.after_backward(step, recon=recon.float(), kl=kl.float(), total=loss.float(),
+                                   beta=beta, mu=mu.float(), logvar=logvar.float())
         if check.nonfinite:  # this loop's policy: skip the update, stop after 20 in a row
             bad_in_a_row += 1
             mon.after_step(step, skipped=True, evaluate=False)
@@ -227,15 +267,32 @@ def train(style: str, out: Path, *, seed: int = 0, lr: float = 1e-3, steps: int 
                 return out
             continue
         bad_in_a_row = 0
-        optimizer.step()
+        if scaler:  # skipped when the gradients overflowed the scale, which it then lowers
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         if planted and kind == "desaturate" and at <= step + 1 < at + params["steps"]:
             desaturate(model.rgb, params["amount"])  # the model after step + 1 updates
-        if planted and kind == "inf_weight" and step + 1 == at:
-            with torch.no_grad():
-                getattr(model, layer).weight.view(-1)[0] = float("inf")
+        if planted and step + 1 == at:  # weight edits: the model after ``at`` updates
+            edit(model, optimizer, kind, params, layer)
         mon.after_step(step)
     mon.close()
     return out
+
+
+def edit(model: nn.Module, optimizer: torch.optim.Optimizer, kind: str, params: dict,
+         layer: str) -> None:
+    """The faults that edit the model between two steps."""
+    with torch.no_grad():
+        if kind == "inf_weight":
+            getattr(model, layer).weight.view(-1)[0] = float("inf")
+        if kind == "logvar_jump":
+            model.logvar_bias().add_(params["shift"])
+    if kind == "half_weights":  # as a checkpoint loaded into a model moved to bfloat16:
+        state = optimizer.state_dict()  # the optimizer's state follows the weights' dtype
+        model.to(torch.bfloat16)
+        optimizer.load_state_dict(state)
 
 
 def main() -> None:
@@ -249,6 +306,8 @@ def main() -> None:
     parser.add_argument("--published", action="store_true",
                         help="the style's published resolution, model size, batch and learning "
                              "rate (--lr is ignored)")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                        help="autocast in bfloat16, or float16 with a GradScaler")
     args = parser.parse_args()
     torch.set_num_threads(1)
     settings = {"lr": args.lr}
@@ -256,7 +315,8 @@ def main() -> None:
         published = PUBLISHED[args.style]
         settings = {"lr": published["lr"], "resolution": published["resolution"],
                     "batch": published["batch"], "model_args": published["model"]}
-    train(args.style, args.out, seed=args.seed, steps=args.steps, fault=args.fault, **settings)
+    train(args.style, args.out, seed=args.seed, steps=args.steps, fault=args.fault,
+          precision=args.precision, **settings)
     run = vaediag.load_run(args.out)
     print(f"{len(run.scalars)} steps, {len(run.evals)} evaluations in {args.out}; "
           f"{np.isfinite(run.scalars['recon']).mean():.0%} finite")

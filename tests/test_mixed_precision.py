@@ -380,3 +380,62 @@ def test_updates_lost_to_bfloat16_weights_are_a_finding_and_float32_weights_lose
     full = _bf16_weights_run(tmp_path / "fp32", half_weights=False)
     assert not [f for f in full.findings if f.kind == "lost_updates"]
     assert "update_lost" not in load_run(tmp_path / "fp32").scalars.columns
+
+
+def test_a_model_moved_to_bfloat16_mid_run_keeps_every_probe(tmp_path, capsys):
+    """A checkpoint loaded into a model moved to bfloat16 halfway: the probes follow the new
+    dtype (none fails), the update probe starts counting lost updates from then on, and the
+    recon/KL gradient split is still recorded."""
+    torch.manual_seed(0)
+    model = TinyVAE(RES)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    data = _images(64, 2)
+    dtype = lambda: next(model.parameters()).dtype  # noqa: E731
+    with vaediag.Monitor(tmp_path / "run", model, optimizer, eval_images=_images(8, 1),
+                         eval_every=10, probes="full", online=False,
+                         encode=lambda x: tuple(t.float() for t in model.encode(x.to(dtype()))),
+                         decode=lambda z: model.decode(z.to(dtype())).float()) as mon:
+        for step in range(40):
+            x = data[(step * 16) % 64:(step * 16) % 64 + 16].to(dtype())
+            mu, logvar = (t.float() for t in model.encode(x))
+            logits = model.decode_logits(mu.to(dtype())).float()
+            recon = F.binary_cross_entropy_with_logits(logits, x.float(), reduction="none").sum(
+                (1, 2, 3)).mean()
+            kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+            optimizer.zero_grad()
+            (recon + kl).backward(retain_graph=mon.wants_graph(step))
+            mon.after_backward(step, recon=recon, kl=kl, mu=mu, logvar=logvar, kl_term=kl)
+            optimizer.step()
+            if step == 19:  # the model after 20 updates, its optimizer state following
+                state = optimizer.state_dict()
+                model.to(torch.bfloat16)
+                optimizer.load_state_dict(state)
+            mon.after_step(step)
+    assert "failed" not in capsys.readouterr().err
+    s = load_run(tmp_path / "run").scalars.set_index("step")
+    lost = s["update_lost"]
+    assert lost.loc[:19].isna().all() and lost.loc[20:].notna().sum() >= 3
+    assert lost.loc[20:].dropna().between(0, 1).all()
+    assert s["update_ratio"].loc[:18].notna().any() and s["update_ratio"].loc[21:].notna().any()
+    assert np.isfinite(s["split_cos"].loc[21:].dropna()).sum() >= 1
+
+
+def test_a_sample_overflowing_float16_is_named_and_a_kl_in_float32_does_not_overflow(tmp_path):
+    """``vaediag train`` keeps the KL in float32, but the sample z = mu + eps * exp(logvar/2)
+    is computed under autocast: the log-variance lifted past 22.2 (``logvar_jump``) overflows
+    it, and the finding names the sample, not the KL, with the clamp as the first remedy.
+    Lifted by 12 only, exp(logvar) would overflow a float16 KL; in float32 nothing does."""
+    from vaediag.errors import TrainingStopped
+
+    with pytest.raises(TrainingStopped, match="at step 10"):
+        _train(tmp_path / "z", "train.steps=20", "train.precision=fp16",
+               "train.on_nonfinite=stop", "train.inject=['logvar_jump@10:shift=24']")
+    (f,) = [f for f in vaediag.analyze(load_run(tmp_path / "z")).findings
+            if f.kind == "nonfinite"]
+    assert f.first_step == 10 and "exp(logvar/2)" in f.cause and "recon" in f.cause
+    assert "loss.logvar_clamp=[-30.0,11.0]" in f.remedies[0]
+    _train(tmp_path / "kl", "train.steps=20", "train.precision=fp16",
+           "train.inject=['logvar_jump@10:shift=12']")
+    run = load_run(tmp_path / "kl")
+    assert np.isfinite(run.scalars["kl"]).all() and run.scalars["kl"].iloc[12] > 1e3
+    assert not [f for f in vaediag.analyze(run).findings if f.kind == "nonfinite"]

@@ -27,6 +27,11 @@ fade           the training images fade toward grey, by   amount (0.8), steps (4
                pipeline fault the optimizer cannot undo
                (the model learns greyer faces; the fixed
                validation images keep their colour)
+logvar_jump    adds ``shift`` to the bias of the           shift (12.0)
+               encoder's log-variance head after STEP
+               updates (a weight edit): in float16,
+               exp(logvar) passes 65,504 once logvar
+               exceeds 11.1, exp(logvar/2) past 22.2
 =============  ==========================================  ===================================
 
 ``desaturate`` is the honest way to make loss and quality part: a summed BCE on non-binary
@@ -52,6 +57,7 @@ KINDS: dict[str, dict[str, Any]] = {
     "inf_weight": {"layer": "decoder.fc"},
     "beta_scale": {"factor": 0.02, "steps": 0},
     "fade": {"amount": 0.8, "steps": 400},
+    "logvar_jump": {"shift": 12.0},
 }
 
 
@@ -185,6 +191,10 @@ class Injector:
                 param = _layer_params(model, f)[0]
                 with torch.no_grad():
                     param.view(-1)[0] = float("inf")
+            if f.kind == "logvar_jump" and f.step == state_step:
+                head = model.encoder.fc.bias  # (mu, logvar): its second half
+                with torch.no_grad():
+                    head[head.numel() // 2:] += f.params["shift"]
             if f.kind == "desaturate" and f.active(state_step):
                 out = model.decoder.out
                 a = f.params["amount"]

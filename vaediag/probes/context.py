@@ -85,7 +85,8 @@ class StepContext:
         """Each parameter's gradient, flattened (zeros where it has none), detached; unscaled
         (divided by ``grad_scale``) under a loss scaler."""
         grads = [local(p.grad).detach().reshape(-1) if p.grad is not None
-                 else torch.zeros(local(p).numel(), device=p.device) for _, p in self.params]
+                 else torch.zeros(local(p).numel(), device=p.device, dtype=p.dtype)
+                 for _, p in self.params]
         if self.grad_scale is not None:
             grads = list(torch._foreach_div(grads, self.grad_scale))
         return grads

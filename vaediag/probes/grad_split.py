@@ -30,6 +30,7 @@ def split_stats(total: list[torch.Tensor], kl: list[torch.Tensor],
     """
     sums = []
     for g, k in zip(total, kl, strict=True):
+        g, k = g.float(), k.float()  # half-precision gradients: the dot products in float32
         gg, gk, kk = torch.dot(g, g), torch.dot(g, k), torch.dot(k, k)
         sums.append(torch.stack([gg - 2 * gk + kk, kk, gk - kk]))
     per_param = torch.stack(sums).double()  # (P, 3): |r|^2, |k|^2, r.k
@@ -69,6 +70,7 @@ class GradSplit(Probe[StepContext]):
                     "loss.backward(retain_graph=monitor.wants_graph(step)) to record the "
                     "recon/KL gradient split") from None
             raise
-        kl = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=p.device)
+        kl = [g.reshape(-1) if g is not None
+              else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
               for g, p in zip(grads, params, strict=True)]
         return split_stats(ctx.grads, kl, ctx.layers)

@@ -89,8 +89,8 @@ class UpdateRatio(Probe[StepContext]):
         self._taken = False
 
     def _prepare(self, ctx: StepContext) -> _Plan:
-        if self._plan is None:
-            self._plan = _Plan.of(ctx, self.max_entries)
+        if self._plan is None or self._plan.flat.dtype != ctx.params[0][1].dtype:
+            self._plan = _Plan.of(ctx, self.max_entries)  # first, or the model moved with .to()
         return self._plan
 
     def before_step(self, ctx: StepContext) -> None:
@@ -102,7 +102,9 @@ class UpdateRatio(Probe[StepContext]):
         if not self._taken:
             return {}
         self._taken = False
-        plan = self._prepare(ctx)
+        plan = self._plan
+        if plan is None or plan.flat.dtype != ctx.params[0][1].dtype:
+            return {}  # the weights changed dtype since before the step: no update to compare
         before, after = plan.flat[0], plan.flat[1]
         plan.gather([local(p) for _, p in ctx.params], after)
         after.sub_(before)

@@ -45,8 +45,12 @@ LOOKBACK = 20
 EPISODE_GAP = 50
 
 #: float16 (a loss scaler recorded): a log-variance above ln(65,504), float16's largest value,
-#: makes exp(logvar) overflow in a forward pass under autocast
+#: makes exp(logvar) overflow where it is computed in float16 (under autocast on a CPU, or on
+#: float16 tensors outside it; CUDA's autocast computes exp in float32)
 FP16_LOGVAR = 11.09
+#: ... and above twice that, the sample's scale exp(logvar / 2), so z itself (or the decoder's
+#: input, cast to float16) overflows, whatever precision the KL is computed in
+FP16_SAMPLE_LOGVAR = 2 * FP16_LOGVAR
 
 #: remedies by where it started: (text, config key of ``vaediag train``, value)
 _REMEDIES: dict[str, list[tuple[str, str | None, object]]] = {
@@ -205,14 +209,22 @@ def _half_precision(data: RunData, origin: _Origin, first: int
         else np.zeros(0)
     high = float(np.nanmax(logvar)) if np.isfinite(logvar).any() else math.nan
     bf16 = ("train in bfloat16, whose range is float32's", "train.precision", "bf16")
-    if high >= FP16_LOGVAR:
-        return (f"{', '.join(origin.loss_terms)} overflowed float16 in the forward pass of "
-                f"step {first:,}: the log-variance reached {high:.3g}, and exp(logvar) passes "
-                f"65,504, float16's largest value, once it exceeds {FP16_LOGVAR:g}"), [
+    clamp = ("clamp the encoder's log-variance below 11", "loss.logvar_clamp", "[-30.0,11.0]")
+    terms = ", ".join(origin.loss_terms)
+    if high >= FP16_SAMPLE_LOGVAR:  # the sample itself
+        return (f"{terms} overflowed float16 in the forward pass of step {first:,}: the "
+                f"log-variance reached {high:.3g}, and the sample z = mu + eps * "
+                f"exp(logvar/2) passes 65,504, float16's largest value, once logvar exceeds "
+                f"{FP16_SAMPLE_LOGVAR:.3g} (exp(logvar) itself past {FP16_LOGVAR:g}); the "
+                f"decoder's float16 input is then Inf, whatever precision the KL is in"), [
+            clamp, ("sample z in float32 and keep the decoder's first layer in float32 "
+                    "(torch.autocast(..., enabled=False) around it)", None, None), bf16]
+    if high >= FP16_LOGVAR and KL in origin.loss_terms:
+        return (f"{terms} overflowed float16 in the forward pass of step {first:,}: the "
+                f"log-variance reached {high:.3g}, and exp(logvar) passes 65,504, float16's "
+                f"largest value, once it exceeds {FP16_LOGVAR:g}"), [
             ("compute exp(logvar) and the KL in float32: mu.float(), logvar.float() before "
-             "them, or outside autocast", None, None),
-            ("clamp the encoder's log-variance below 11", "loss.logvar_clamp", "[-30.0,11.0]"),
-            bf16]
+             "them, or outside autocast", None, None), clamp, bf16]
     return (f"{', '.join(origin.loss_terms)} overflowed float16 in the forward pass of step "
             f"{first:,}: a value computed in half precision under autocast passed 65,504 (a "
             f"loss summed over pixels, a decoder logit); the gradients are non-finite because "
