@@ -41,8 +41,9 @@ blamed on memorisation.
 
     python benchmarks/detectors.py [--out DIR] [--reuse] [--only NAME ...] [--jobs 2]
 
-Takes about 40 minutes on 2 CPU cores (training; float16 convolutions are slow on a CPU: its two
-runs take 15 of them; ``--reuse`` analyses kept runs in 2 minutes).
+Takes about 1 hour 45 minutes on 2 CPU cores (training; float16 convolutions are 20-40x slower
+than float32 on a CPU: its seven runs take 70 minutes of it; ``--reuse`` analyses kept runs in
+3 minutes).
 """
 
 from __future__ import annotations
